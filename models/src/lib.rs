@@ -1,0 +1,9 @@
+//! `sakuga-models`: the networks sakuga runs on candle, how their weights are found and
+//! loaded, the cache that keeps them resident under a byte budget, and device probes.
+//!
+//! Module map:
+//! - [`error`]: the crate's one error enum, [`ModelError`].
+
+pub mod error;
+
+pub use error::{ModelError, Result};

@@ -1,0 +1,1 @@
+//! sakuga composition root
