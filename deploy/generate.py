@@ -518,7 +518,9 @@ def alert_rule(
 ) -> dict:
     labels = {"severity": severity, "category": category}
     if workload is not None:
+        # Templates only see the expression's labels, not the rule's static ones.
         labels["workload"] = workload
+        summary = summary.replace("{{ $labels.workload }}", workload)
     labels.update(extra_labels or {})
     rule = {"alert": name, "expr": expr}
     if hold != "0m":
