@@ -90,7 +90,7 @@ SLOS = [
         category="latency",
     ),
     Slo(
-        name="animation_drops",
+        name="animation_dropped_frames",
         alert="SakugaAnimationDropBudgetBurn",
         workload="animation",
         objective=0.98,
@@ -156,7 +156,7 @@ SLOS = [
         category="latency",
     ),
     Slo(
-        name="timeout_oom",
+        name="timeouts_and_ooms",
         alert="SakugaTimeoutOomBudgetBurn",
         workload=None,
         objective=0.995,
@@ -807,6 +807,8 @@ def errors_row() -> tuple[str, list[Panel]]:
 
 def slo_row(slos: list[Slo]) -> tuple[str, list[Panel]]:
     names = "|".join(slo.name for slo in slos)
+    # sakuga also evaluates memory headroom as an SLO in-process; the system board shows it.
+    in_process = names + ("|memory_headroom" if len(slos) == len(SLOS) else "")
     burn_targets = [
         (
             f'{sli_record(window)}{{slo=~"{names}"}}\n'
@@ -820,14 +822,14 @@ def slo_row(slos: list[Slo]) -> tuple[str, list[Panel]]:
         [
             Panel(
                 "Error budget remaining (in-process, 30d)",
-                [("sakuga_slo_error_budget_remaining_ratio", "{{slo}}")],
+                [(f'sakuga_slo_error_budget_remaining_ratio{{slo=~"{in_process}"}}', "{{slo}}")],
                 unit="percentunit",
                 thresholds=[(0, "red")],
                 description="Evaluated inside sakuga over rolling windows; negative means overspent.",
             ),
             Panel(
                 "Burn rate (in-process)",
-                [("sakuga_slo_burn_rate", "{{slo}} {{window}}")],
+                [(f'sakuga_slo_burn_rate{{slo=~"{in_process}", window=~"5m|1h|6h|1d"}}', "{{slo}} {{window}}")],
                 thresholds=[(1, "yellow"), (6, "orange"), (14.4, "red")],
             ),
             Panel(
