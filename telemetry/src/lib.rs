@@ -1,1 +1,32 @@
-//! placeholder
+//! `sakuga-telemetry`: the operational signals of sakuga, built in.
+//!
+//! Module map:
+//! - [`catalogue`]: every metric name, type, label set and bucket edge; `describe_all()`.
+//! - [`labels`]: the closed label value sets (`Workload`, `Outcome`, `FrameKind`, ...).
+//! - [`record`]: one typed recorder function per metric.
+//! - [`prometheus`]: the process-wide Prometheus recorder, `/metrics`, rendering to a file.
+//! - [`events`]: stage event names, `EventFields`, the `job`/`node` spans, frame sampling.
+//! - [`logging`]: text or JSON logs and optional OTLP span export.
+//! - [`clock`], [`ring`], [`window`]: rolling 2/5/15-minute windows of the golden signals.
+//! - [`slo`]: SLO config, good/bad rings, error budgets and multi-window burn rates.
+//! - [`device`]: the `DeviceProbe` trait and the sampler thread.
+//! - [`quality`]: duplicate-frame detection and blank/NaN frame checks.
+//! - [`signals`]: the shared [`Signals`] handle tying the above together, and snapshots.
+//! - [`diagnosis`]: signal-pattern rules turning a snapshot into findings with runbooks.
+//! - [`error`]: the crate's one error enum, [`TelemetryError`].
+
+pub mod catalogue;
+pub mod clock;
+pub mod device;
+pub mod error;
+pub mod events;
+pub mod labels;
+pub mod logging;
+pub mod prometheus;
+pub mod quality;
+pub mod record;
+pub mod ring;
+pub mod slo;
+pub mod window;
+
+pub use error::{Result, TelemetryError};

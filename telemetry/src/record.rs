@@ -1,0 +1,226 @@
+//! Typed recorders: one function per catalogued metric, so no metric name or label string
+//! is spelled outside this crate.
+//!
+//! They write to whatever `metrics` recorder is current (the global Prometheus one in
+//! production, a local one in tests). Most callers go through [`crate::Signals`], which
+//! calls these *and* feeds the in-process windows; these exist on their own for code that
+//! only needs the exported series (model cache, I/O, errors).
+
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+
+use crate::catalogue::*;
+use crate::labels::*;
+
+/// A job was accepted by `Submit`.
+pub fn job_submitted(workload: Workload) {
+    counter!(JOBS_SUBMITTED_TOTAL, "workload" => workload.as_str()).increment(1);
+}
+
+/// A job reached a final state; `latency` is prompt received to final state.
+pub fn job_finished(workload: Workload, outcome: Outcome, latency: Duration) {
+    counter!(JOBS_FINISHED_TOTAL, "workload" => workload.as_str(), "outcome" => outcome.as_str())
+        .increment(1);
+    if outcome == Outcome::Success {
+        render_latency(workload, latency);
+    }
+}
+
+/// End-to-end render latency of a successful job.
+pub fn render_latency(workload: Workload, latency: Duration) {
+    histogram!(RENDER_LATENCY_SECONDS, "workload" => workload.as_str()).record(latency);
+}
+
+/// Admission control decided on a job.
+pub fn admission_decision(workload: Workload, decision: Decision, reason: AdmissionReason) {
+    counter!(
+        ADMISSION_DECISIONS_TOTAL,
+        "workload" => workload.as_str(),
+        "decision" => decision.as_str(),
+        "reason" => reason.as_str()
+    )
+    .increment(1);
+}
+
+/// Jobs currently queued for a workload.
+pub fn queue_depth(workload: Workload, depth: usize) {
+    gauge!(QUEUE_DEPTH, "workload" => workload.as_str()).set(depth as f64);
+}
+
+/// How long a job waited in the queue before it started.
+pub fn queue_wait(workload: Workload, wait: Duration) {
+    histogram!(QUEUE_WAIT_SECONDS, "workload" => workload.as_str()).record(wait);
+}
+
+/// Time a job spent in one pipeline stage.
+pub fn stage_finished(workload: Workload, stage: Stage, duration: Duration) {
+    histogram!(STAGE_DURATION_SECONDS, "workload" => workload.as_str(), "stage" => stage.as_str())
+        .record(duration);
+}
+
+/// Execution time of one node; `class_type` is the ComfyUI class (bounded by the registry).
+pub fn node_finished(class_type: &str, duration: Duration) {
+    histogram!(NODE_DURATION_SECONDS, "class_type" => class_type.to_owned()).record(duration);
+}
+
+/// Count `n` frames of one kind.
+pub fn frames(workload: Workload, kind: FrameKind, n: u64) {
+    counter!(FRAMES_TOTAL, "workload" => workload.as_str(), "kind" => kind.as_str()).increment(n);
+}
+
+/// Count one frame of one kind.
+pub fn frame(workload: Workload, kind: FrameKind) {
+    frames(workload, kind, 1);
+}
+
+/// Time between two consecutive frames of one stream, at one end.
+pub fn frame_interval(workload: Workload, side: FrameSide, interval: Duration) {
+    histogram!(FRAME_INTERVAL_SECONDS, "workload" => workload.as_str(), "side" => side.as_str())
+        .record(interval);
+}
+
+/// Delivered over produced FPS.
+pub fn fps_health(workload: Workload, ratio: f64) {
+    gauge!(FPS_HEALTH_RATIO, "workload" => workload.as_str()).set(ratio);
+}
+
+/// Count `n` rendered images.
+pub fn images(workload: Workload, n: u64) {
+    counter!(IMAGES_TOTAL, "workload" => workload.as_str()).increment(n);
+}
+
+/// Device gauges from one probe sample; headroom is derived here so it always agrees.
+pub fn device_sample(device: &str, used_bytes: u64, total_bytes: u64, utilization: f64) {
+    let device = device.to_owned();
+    gauge!(DEVICE_UTILIZATION_RATIO, "device" => device.clone()).set(utilization);
+    gauge!(DEVICE_MEMORY_USED_BYTES, "device" => device.clone()).set(used_bytes as f64);
+    gauge!(DEVICE_MEMORY_TOTAL_BYTES, "device" => device.clone()).set(total_bytes as f64);
+    gauge!(DEVICE_MEMORY_HEADROOM_RATIO, "device" => device)
+        .set(headroom_ratio(used_bytes, total_bytes));
+}
+
+/// Free over total memory; 0 when the total is unknown.
+pub fn headroom_ratio(used_bytes: u64, total_bytes: u64) -> f64 {
+    if total_bytes == 0 {
+        return 0.0;
+    }
+    total_bytes.saturating_sub(used_bytes) as f64 / total_bytes as f64
+}
+
+/// Time to load a model of one kind.
+pub fn model_loaded(kind: ModelKind, duration: Duration) {
+    histogram!(MODEL_LOAD_SECONDS, "kind" => kind.as_str()).record(duration);
+}
+
+/// One model cache lookup.
+pub fn model_cache_request(kind: ModelKind, result: CacheResult) {
+    counter!(MODEL_CACHE_REQUESTS_TOTAL, "kind" => kind.as_str(), "result" => result.as_str())
+        .increment(1);
+}
+
+/// Bytes resident in a device's model cache.
+pub fn model_cache_bytes(device: &str, bytes: u64) {
+    gauge!(MODEL_CACHE_BYTES, "device" => device.to_owned()).set(bytes as f64);
+}
+
+/// Bytes moved for one operation.
+pub fn io_bytes(op: IoOp, bytes: u64) {
+    counter!(IO_BYTES_TOTAL, "op" => op.as_str()).increment(bytes);
+}
+
+/// One error of a kind in a stage.
+pub fn error(kind: ErrorKind, stage: Stage) {
+    counter!(ERRORS_TOTAL, "kind" => kind.as_str(), "stage" => stage.as_str()).increment(1);
+}
+
+/// One retry.
+pub fn retry(reason: RetryReason) {
+    counter!(RETRIES_TOTAL, "reason" => reason.as_str()).increment(1);
+}
+
+/// One frame rejected by a QC check.
+pub fn qc_rejection(check: QcCheck) {
+    counter!(QC_REJECTIONS_TOTAL, "check" => check.as_str()).increment(1);
+}
+
+/// The target ratio of an SLO.
+pub fn slo_objective(slo: &'static str, objective: f64) {
+    gauge!(SLO_OBJECTIVE_RATIO, "slo" => slo).set(objective);
+}
+
+/// The error budget left of an SLO over its period.
+pub fn slo_error_budget_remaining(slo: &'static str, remaining: f64) {
+    gauge!(SLO_ERROR_BUDGET_REMAINING_RATIO, "slo" => slo).set(remaining);
+}
+
+/// The burn rate of an SLO over one window (`"5m"`, `"1h"`, ...).
+pub fn slo_burn_rate(slo: &'static str, window: &'static str, rate: f64) {
+    gauge!(SLO_BURN_RATE, "slo" => slo, "window" => window).set(rate);
+}
+
+/// Marks planned heavy load on or off (alerts are inhibited while it is on).
+pub fn planned_heavy_load(reason: PlannedLoad, active: bool) {
+    gauge!(PLANNED_HEAVY_LOAD, "reason" => reason.as_str()).set(if active { 1.0 } else { 0.0 });
+}
+
+/// The build info series, always 1.
+pub fn build_info(version: &str, config_hash: &str) {
+    gauge!(BUILD_INFO, "version" => version.to_owned(), "config_hash" => config_hash.to_owned())
+        .set(1.0);
+}
+
+/// How many config changes were applied; labelled with the config now in force.
+pub fn config_generation(version: &str, config_hash: &str, generation: u64) {
+    gauge!(
+        CONFIG_GENERATION,
+        "version" => version.to_owned(),
+        "config_hash" => config_hash.to_owned()
+    )
+    .set(generation as f64);
+}
+
+/// Records every catalogued metric once with plausible values.
+///
+/// Used by the exposition tests and by `sakuga doctor --self-test` style checks, so that a
+/// rendered exposition is known to contain every name.
+pub fn record_each_once() {
+    let w = Workload::Animation;
+    job_submitted(w);
+    job_finished(w, Outcome::Success, Duration::from_millis(1500));
+    admission_decision(w, Decision::Admit, AdmissionReason::Capacity);
+    queue_depth(w, 2);
+    queue_wait(w, Duration::from_millis(40));
+    stage_finished(w, Stage::Inference, Duration::from_millis(900));
+    node_finished("KSampler", Duration::from_millis(800));
+    frame(w, FrameKind::Produced);
+    frame_interval(w, FrameSide::Produced, Duration::from_millis(33));
+    fps_health(w, 1.0);
+    images(Workload::SingleImage, 1);
+    device_sample("cpu", 1 << 30, 4 << 30, 0.5);
+    model_loaded(ModelKind::Checkpoint, Duration::from_millis(250));
+    model_cache_request(ModelKind::Checkpoint, CacheResult::Miss);
+    model_cache_bytes("cpu", 1 << 28);
+    io_bytes(IoOp::ModelRead, 1 << 28);
+    error(ErrorKind::Timeout, Stage::Inference);
+    retry(RetryReason::OomSplit);
+    qc_rejection(QcCheck::Blank);
+    slo_objective("batch_success", 0.995);
+    slo_error_budget_remaining("batch_success", 1.0);
+    slo_burn_rate("batch_success", "1h", 0.0);
+    planned_heavy_load(PlannedLoad::CacheWarmup, false);
+    build_info(env!("CARGO_PKG_VERSION"), "0000000000000000");
+    config_generation(env!("CARGO_PKG_VERSION"), "0000000000000000", 0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headroom_is_free_over_total() {
+        assert_eq!(headroom_ratio(75, 100), 0.25);
+        assert_eq!(headroom_ratio(150, 100), 0.0);
+        assert_eq!(headroom_ratio(0, 0), 0.0);
+    }
+}
