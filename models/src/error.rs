@@ -51,6 +51,9 @@ pub enum ModelError {
     /// A candle operation failed while running a network.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
+    /// Sampling stopped because the job was cancelled between two steps.
+    #[error("cancelled before sampler step {step} of {steps}")]
+    Cancelled { step: usize, steps: usize },
 }
 
 impl ModelError {
@@ -61,6 +64,7 @@ impl ModelError {
             ModelError::Candle(e) if is_oom(e) => "oom",
             ModelError::Candle(_) => "device",
             ModelError::OverBudget { .. } => "oom",
+            ModelError::Cancelled { .. } => "cancelled",
             _ => "model_load",
         }
     }

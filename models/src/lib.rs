@@ -7,3 +7,7 @@
 pub mod error;
 
 pub use error::{ModelError, Result};
+pub mod cache;
+pub mod demo;
+pub mod diffusion;
+pub mod store;

@@ -1,0 +1,284 @@
+//! Small deterministic demo models in the real file formats and key layouts.
+//!
+//! `sakuga models demo` and the tests need models that load through exactly the code real
+//! ones use, run on a CPU in seconds and never download: a tiny SD 1.5-layout single-file
+//! checkpoint (`checkpoints/sakuga-demo-sd15.safetensors`, LDM key names, the real tokenizer
+//! vocabulary, [`SdConfig::demo`] widths) and a kohya-format LoRA for it
+//! (`loras/sakuga-demo-lora.safetensors`). Weights come from the seeded [`NoiseRng`] using
+//! each layer's usual initialisation, so every run writes identical bytes.
+//!
+//! Other model families add their demo writers to [`EXTRA_DEMO_WRITERS`] (the upscaler and
+//! interpolator owners: append `crate::upscale::demo::write_demo_models` and friends there).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+use parking_lot::Mutex;
+use std::sync::Arc;
+
+use crate::diffusion::clip::ClipTextModel;
+use crate::diffusion::config::{CONFIG_METADATA_KEY, SdConfig};
+use crate::diffusion::keymap::{clip_to_ldm, unet_to_ldm, vae_to_ldm};
+use crate::diffusion::rng::NoiseRng;
+use crate::diffusion::vae::VaeModel;
+use crate::error::{ModelError, Result};
+use crate::store::{ModelFolder, write_safetensors};
+
+/// File name of the demo checkpoint inside `checkpoints/`.
+pub const DEMO_CHECKPOINT: &str = "sakuga-demo-sd15.safetensors";
+/// File name of the demo LoRA inside `loras/`.
+pub const DEMO_LORA: &str = "sakuga-demo-lora.safetensors";
+
+/// Writes one family's demo models under a models root and returns the files written.
+pub type DemoWriter = fn(&Path) -> Result<Vec<PathBuf>>;
+
+/// Demo writers of other model families, run after the diffusion ones.
+pub const EXTRA_DEMO_WRITERS: &[DemoWriter] = &[];
+
+/// Writes every demo model under `dir` (a models root in ComfyUI layout) and returns the
+/// paths written. Rewriting gives byte-identical files.
+///
+/// # Errors
+/// [`ModelError::Io`] when a file cannot be written.
+pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut written = vec![write_demo_checkpoint(dir)?, write_demo_lora(dir)?];
+    for writer in EXTRA_DEMO_WRITERS {
+        written.extend(writer(dir)?);
+    }
+    Ok(written)
+}
+
+/// A VarBuilder backend that invents each requested tensor from its init hint with a
+/// seeded generator keyed by the tensor's name, and remembers it.
+struct SeededInit {
+    seed: u64,
+    created: Arc<Mutex<BTreeMap<String, Tensor>>>,
+}
+
+fn name_stream(name: &str) -> u64 {
+    // FNV-1a: a stable per-name stream id (std's hasher is not stable across releases).
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+impl SeededInit {
+    fn make(&self, shape: &Shape, name: &str, init: Init) -> candle_core::Result<Tensor> {
+        let dims = shape.dims();
+        let count = shape.elem_count();
+        let rng = NoiseRng::new(self.seed, name_stream(name));
+        let values: Vec<f32> = match init {
+            Init::Const(c) => vec![c as f32; count],
+            Init::Randn { mean, stdev } => rng
+                .normals(count)
+                .into_iter()
+                .map(|v| (mean + stdev * f64::from(v)) as f32)
+                .collect(),
+            Init::Uniform { lo, up } => uniform(&rng, count, lo, up),
+            Init::Kaiming { .. } => {
+                let fan_in: usize = dims.iter().skip(1).product::<usize>().max(1);
+                let bound = (3.0 / fan_in as f64).sqrt();
+                uniform(&rng, count, -bound, bound)
+            }
+        };
+        let tensor = Tensor::from_vec(values, dims, &Device::Cpu)?;
+        self.created.lock().insert(name.to_string(), tensor.clone());
+        Ok(tensor)
+    }
+}
+
+fn uniform(rng: &NoiseRng, count: usize, lo: f64, up: f64) -> Vec<f32> {
+    (0..count as u64)
+        .map(|i| (lo + (up - lo) * rng.uniform_at(i)) as f32)
+        .collect()
+}
+
+impl SimpleBackend for SeededInit {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        h: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        if let Some(existing) = self.created.lock().get(name) {
+            return existing.to_dtype(dtype)?.to_device(dev);
+        }
+        self.make(&s, name, h)?.to_dtype(dtype)?.to_device(dev)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Err(candle_core::Error::CannotFindTensor {
+            path: name.to_string(),
+        })
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        // Answer "diffusers names" questions the way a checkpoint would (the VAE attention
+        // asks whether `to_q` exists to pick its naming).
+        name.ends_with("to_q.weight")
+    }
+}
+
+/// Runs `build` against a seeded backend and returns every tensor it asked for.
+fn invent<T>(
+    seed: u64,
+    build: impl FnOnce(VarBuilder<'_>) -> candle_core::Result<T>,
+) -> Result<BTreeMap<String, Tensor>> {
+    let created = Arc::new(Mutex::new(BTreeMap::new()));
+    let backend = SeededInit {
+        seed,
+        created: created.clone(),
+    };
+    let vb = VarBuilder::from_backend(Box::new(backend), DType::F32, Device::Cpu);
+    build(vb)?;
+    let map = std::mem::take(&mut *created.lock());
+    Ok(map)
+}
+
+/// The demo checkpoint's tensors under their LDM names.
+///
+/// # Errors
+/// Tensor errors.
+pub fn demo_checkpoint_tensors(config: &SdConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+    let unet_config = config.unet.clone();
+    let unet = invent(seed, |vb| {
+        candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel::new(
+            vb,
+            unet_config.in_channels,
+            unet_config.out_channels,
+            false,
+            unet_config.to_candle(),
+        )
+    })?;
+    let vae = invent(seed.wrapping_add(1), |vb| VaeModel::new(vb, &config.vae))?;
+    let clip = invent(seed.wrapping_add(2), |vb| {
+        ClipTextModel::new(vb, &config.clip)
+    })?;
+    let unmapped = |name: &str| ModelError::InvalidInput(format!("no LDM name for {name}"));
+    let mut tensors = BTreeMap::new();
+    for (name, tensor) in unet {
+        let ldm = unet_to_ldm(&name, &config.unet).ok_or_else(|| unmapped(&name))?;
+        tensors.insert(ldm, tensor);
+    }
+    for (name, tensor) in vae {
+        let ldm = vae_to_ldm(&name, &config.vae).ok_or_else(|| unmapped(&name))?;
+        // The original VAE stores its attention projections as 1x1 convolutions.
+        let tensor = if ldm.contains(".attn_1.") && tensor.rank() == 2 {
+            let (o, i) = tensor.dims2()?;
+            tensor.reshape((o, i, 1, 1))?
+        } else {
+            tensor
+        };
+        tensors.insert(ldm, tensor);
+    }
+    for (name, tensor) in clip {
+        let ldm = clip_to_ldm(&name).remove(0);
+        tensors.insert(ldm, tensor);
+    }
+    Ok(tensors)
+}
+
+/// Seed of the demo checkpoint's weights.
+pub const DEMO_SEED: u64 = 0x5a6b_u64;
+
+/// Writes `checkpoints/sakuga-demo-sd15.safetensors`.
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_checkpoint(dir: &Path) -> Result<PathBuf> {
+    let config = SdConfig::demo();
+    let tensors = demo_checkpoint_tensors(&config, DEMO_SEED)?;
+    let mut metadata = BTreeMap::new();
+    metadata.insert(
+        CONFIG_METADATA_KEY.to_string(),
+        serde_json::to_string(&config).map_err(|e| ModelError::InvalidInput(e.to_string()))?,
+    );
+    metadata.insert("format".to_string(), "pt".to_string());
+    metadata.insert(
+        "sakuga.note".to_string(),
+        "tiny seeded demo model in SD 1.5 LDM layout; not trained".to_string(),
+    );
+    let path = dir
+        .join(ModelFolder::Checkpoints.dir_name())
+        .join(DEMO_CHECKPOINT);
+    write_safetensors(&path, &tensors, &metadata)?;
+    Ok(path)
+}
+
+/// Writes `loras/sakuga-demo-lora.safetensors`: rank-4 kohya factors for the demo UNet's
+/// attention projections and `proj_in` convolutions, and its CLIP attention projections.
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_lora(dir: &Path) -> Result<PathBuf> {
+    let config = SdConfig::demo();
+    let rank = 4usize;
+    let width = config.unet.levels[0].channels;
+    let context = config.unet.cross_attention_dim;
+    let clip_width = config.clip.width;
+    let mut modules: Vec<(String, Vec<usize>, Vec<usize>)> = Vec::new();
+    for block in ["down_blocks_0_attentions_0", "up_blocks_1_attentions_0"] {
+        let base = format!("lora_unet_{block}_transformer_blocks_0");
+        modules.push((
+            format!("{base}_attn1_to_q"),
+            vec![rank, width],
+            vec![width, rank],
+        ));
+        modules.push((
+            format!("{base}_attn1_to_v"),
+            vec![rank, width],
+            vec![width, rank],
+        ));
+        modules.push((
+            format!("{base}_attn2_to_k"),
+            vec![rank, context],
+            vec![width, rank],
+        ));
+        modules.push((
+            format!("lora_unet_{block}_proj_in"),
+            vec![rank, width, 1, 1],
+            vec![width, rank, 1, 1],
+        ));
+    }
+    for layer in 0..config.clip.layers {
+        for proj in ["q_proj", "v_proj"] {
+            modules.push((
+                format!("lora_te_text_model_encoder_layers_{layer}_self_attn_{proj}"),
+                vec![rank, clip_width],
+                vec![clip_width, rank],
+            ));
+        }
+    }
+    let mut tensors = BTreeMap::new();
+    for (base, down_shape, up_shape) in modules {
+        let stream = name_stream(&base);
+        let down =
+            NoiseRng::new(DEMO_SEED, stream).tensor(&down_shape, DType::F32, &Device::Cpu)?;
+        let up =
+            (NoiseRng::new(DEMO_SEED, stream ^ 1).tensor(&up_shape, DType::F32, &Device::Cpu)?
+                * 0.5)?;
+        tensors.insert(format!("{base}.lora_down.weight"), down);
+        tensors.insert(format!("{base}.lora_up.weight"), up);
+        tensors.insert(
+            format!("{base}.alpha"),
+            Tensor::new(&[rank as f32], &Device::Cpu)?.reshape(())?,
+        );
+    }
+    let mut metadata = BTreeMap::new();
+    metadata.insert("ss_network_module".to_string(), "networks.lora".to_string());
+    metadata.insert("ss_network_dim".to_string(), rank.to_string());
+    metadata.insert("ss_network_alpha".to_string(), rank.to_string());
+    let path = dir.join(ModelFolder::Loras.dir_name()).join(DEMO_LORA);
+    write_safetensors(&path, &tensors, &metadata)?;
+    Ok(path)
+}

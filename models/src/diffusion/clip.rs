@@ -1,0 +1,174 @@
+//! The CLIP text transformer that turns prompt tokens into UNet conditioning.
+//!
+//! Written here rather than taken from candle-transformers because candle's CLIP config has
+//! private fields (no custom sizes, so no demo model) and no way to stop at an earlier layer,
+//! which ComfyUI's `CLIPSetLastLayer` (clip skip) needs. Weight names follow transformers'
+//! `CLIPTextModel` (`text_model.embeddings.token_embedding.weight`, ...).
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+
+use super::config::{ClipActivation, ClipConfig};
+
+#[derive(Debug)]
+struct ClipAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl ClipAttention {
+    fn new(vb: VarBuilder<'_>, config: &ClipConfig) -> candle_core::Result<Self> {
+        let width = config.width;
+        Ok(Self {
+            q_proj: candle_nn::linear(width, width, vb.pp("q_proj"))?,
+            k_proj: candle_nn::linear(width, width, vb.pp("k_proj"))?,
+            v_proj: candle_nn::linear(width, width, vb.pp("v_proj"))?,
+            out_proj: candle_nn::linear(width, width, vb.pp("out_proj"))?,
+            heads: config.heads,
+            head_dim: width / config.heads,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, seq, width) = xs.dims3()?;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((batch, seq, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = split((self.q_proj.forward(xs)? * scale)?)?;
+        let k = split(self.k_proj.forward(xs)?)?;
+        let v = split(self.v_proj.forward(xs)?)?;
+        let scores = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let weights = candle_nn::ops::softmax_last_dim(&scores)?;
+        let out = weights
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((batch, seq, width))?;
+        self.out_proj.forward(&out)
+    }
+}
+
+#[derive(Debug)]
+struct ClipLayer {
+    layer_norm1: LayerNorm,
+    attention: ClipAttention,
+    layer_norm2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    activation: ClipActivation,
+}
+
+impl ClipLayer {
+    fn new(vb: VarBuilder<'_>, config: &ClipConfig) -> candle_core::Result<Self> {
+        Ok(Self {
+            layer_norm1: candle_nn::layer_norm(config.width, 1e-5, vb.pp("layer_norm1"))?,
+            attention: ClipAttention::new(vb.pp("self_attn"), config)?,
+            layer_norm2: candle_nn::layer_norm(config.width, 1e-5, vb.pp("layer_norm2"))?,
+            fc1: candle_nn::linear(config.width, config.intermediate_size, vb.pp("mlp.fc1"))?,
+            fc2: candle_nn::linear(config.intermediate_size, config.width, vb.pp("mlp.fc2"))?,
+            activation: config.activation,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let residual = xs;
+        let hidden = self
+            .attention
+            .forward(&self.layer_norm1.forward(xs)?, mask)?;
+        let xs = (residual + hidden)?;
+        let hidden = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
+        let hidden = match self.activation {
+            ClipActivation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
+            ClipActivation::Gelu => hidden.gelu()?,
+        };
+        xs + self.fc2.forward(&hidden)?
+    }
+}
+
+/// CLIP's text transformer.
+#[derive(Debug)]
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Tensor,
+    layers: Vec<ClipLayer>,
+    final_layer_norm: LayerNorm,
+    config: ClipConfig,
+}
+
+impl ClipTextModel {
+    /// Builds the model from `vb` (names under `text_model.`).
+    ///
+    /// # Errors
+    /// When a weight is missing or misshapen.
+    pub fn new(vb: VarBuilder<'_>, config: &ClipConfig) -> candle_core::Result<Self> {
+        let vb = vb.pp("text_model");
+        let embeddings = vb.pp("embeddings");
+        let token_embedding = candle_nn::embedding(
+            config.vocab_size,
+            config.width,
+            embeddings.pp("token_embedding"),
+        )?;
+        let position_embedding = embeddings.get(
+            (config.max_positions, config.width),
+            "position_embedding.weight",
+        )?;
+        let layers = (0..config.layers)
+            .map(|i| ClipLayer::new(vb.pp(format!("encoder.layers.{i}")), config))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let final_layer_norm =
+            candle_nn::layer_norm(config.width, 1e-5, vb.pp("final_layer_norm"))?;
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            config: config.clone(),
+        })
+    }
+
+    /// The architecture.
+    pub fn config(&self) -> &ClipConfig {
+        &self.config
+    }
+
+    /// Hidden states `[batch, seq, width]` for token ids `[batch, seq]` (u32).
+    ///
+    /// `stop_at_layer` follows ComfyUI's `CLIPSetLastLayer`: -1 runs every layer, -2 stops
+    /// one early ("clip skip 2"), and so on; the final layer norm is applied either way, as
+    /// ComfyUI does for SD 1.x.
+    ///
+    /// # Errors
+    /// When a tensor operation fails.
+    pub fn forward(&self, tokens: &Tensor, stop_at_layer: i64) -> candle_core::Result<Tensor> {
+        let (_, seq) = tokens.dims2()?;
+        let positions = self.position_embedding.narrow(0, 0, seq)?;
+        let mut xs = self
+            .token_embedding
+            .forward(tokens)?
+            .broadcast_add(&positions)?;
+        let mask = causal_mask(seq, xs.dtype(), xs.device())?;
+        let skip = (-stop_at_layer - 1).max(0) as usize;
+        let run = self.layers.len().saturating_sub(skip).max(1);
+        for layer in &self.layers[..run] {
+            xs = layer.forward(&xs, &mask)?;
+        }
+        self.final_layer_norm.forward(&xs)
+    }
+}
+
+fn causal_mask(seq: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    let values: Vec<f32> = (0..seq)
+        .flat_map(|i| (0..seq).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(values, (seq, seq), device)?
+        .to_dtype(dtype)?
+        .unsqueeze(0)?
+        .unsqueeze(0)
+}

@@ -1,0 +1,587 @@
+//! Stable Diffusion architecture descriptions.
+//!
+//! candle's stock `StableDiffusionConfig` only knows the released sizes, and its CLIP config
+//! has private fields, so sakuga keeps its own plain-data configs: [`SdConfig`] for a whole
+//! checkpoint, made of [`UnetConfig`], [`VaeConfig`] and [`ClipConfig`]. They come from
+//! named presets ([`SdConfig::v1_5`], [`SdConfig::v2_1`], [`SdConfig::demo`]), from the shapes
+//! of a single-file LDM checkpoint ([`SdConfig::infer_ldm`], as ComfyUI detects models), or
+//! from a diffusers folder's `config.json` files.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_transformers::models::stable_diffusion::{unet_2d, vae};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ModelError, Result};
+use crate::store::WeightFile;
+
+/// What the UNet predicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Prediction {
+    /// Noise (SD 1.x, SD 2.x base 512).
+    #[default]
+    Epsilon,
+    /// Velocity (SD 2.x 768-v).
+    V,
+}
+
+/// The CLIP text transformer's activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClipActivation {
+    /// `x * sigmoid(1.702 x)`, OpenAI CLIP (SD 1.x).
+    #[default]
+    QuickGelu,
+    /// tanh-approximated GELU, OpenCLIP (SD 2.x).
+    Gelu,
+}
+
+/// One resolution level of the UNet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnetLevel {
+    pub channels: usize,
+    /// Transformer blocks per attention layer at this level; `None` for no cross-attention.
+    pub transformer_depth: Option<usize>,
+    /// Attention heads at this level.
+    pub heads: usize,
+}
+
+/// The denoising UNet.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub levels: Vec<UnetLevel>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    pub cross_attention_dim: usize,
+    pub use_linear_projection: bool,
+}
+
+impl UnetConfig {
+    /// candle's config for this UNet.
+    pub fn to_candle(&self) -> unet_2d::UNet2DConditionModelConfig {
+        unet_2d::UNet2DConditionModelConfig {
+            blocks: self
+                .levels
+                .iter()
+                .map(|level| unet_2d::BlockConfig {
+                    out_channels: level.channels,
+                    use_cross_attn: level.transformer_depth,
+                    attention_head_dim: level.heads,
+                })
+                .collect(),
+            layers_per_block: self.layers_per_block,
+            norm_num_groups: self.norm_num_groups,
+            cross_attention_dim: self.cross_attention_dim,
+            use_linear_projection: self.use_linear_projection,
+            ..Default::default()
+        }
+    }
+}
+
+/// The KL autoencoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VaeConfig {
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    /// Latents are multiplied by this after encoding (0.18215 for SD 1.x/2.x).
+    pub scaling_factor: f64,
+}
+
+impl VaeConfig {
+    /// candle's config for this autoencoder.
+    pub fn to_candle(&self) -> vae::AutoEncoderKLConfig {
+        vae::AutoEncoderKLConfig {
+            block_out_channels: self.block_out_channels.clone(),
+            layers_per_block: self.layers_per_block,
+            latent_channels: self.latent_channels,
+            norm_num_groups: self.norm_num_groups,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+        }
+    }
+
+    /// Pixels per latent cell along one side.
+    pub fn downscale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len().saturating_sub(1))
+    }
+}
+
+/// The CLIP text transformer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub width: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub intermediate_size: usize,
+    pub max_positions: usize,
+    pub activation: ClipActivation,
+    /// Token id that pads windows to 77 (EOS for SD 1.x, `!` for SD 2.x).
+    pub pad_token: u32,
+}
+
+/// A whole Stable Diffusion checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SdConfig {
+    pub unet: UnetConfig,
+    pub vae: VaeConfig,
+    pub clip: ClipConfig,
+    pub prediction: Prediction,
+}
+
+/// Safetensors metadata key under which sakuga stores an [`SdConfig`] as JSON.
+pub const CONFIG_METADATA_KEY: &str = "sakuga.sd_config";
+
+impl SdConfig {
+    /// Stable Diffusion 1.5.
+    pub fn v1_5() -> Self {
+        let level = |channels, attn: bool| UnetLevel {
+            channels,
+            transformer_depth: attn.then_some(1),
+            heads: 8,
+        };
+        Self {
+            unet: UnetConfig {
+                in_channels: 4,
+                out_channels: 4,
+                levels: vec![
+                    level(320, true),
+                    level(640, true),
+                    level(1280, true),
+                    level(1280, false),
+                ],
+                layers_per_block: 2,
+                norm_num_groups: 32,
+                cross_attention_dim: 768,
+                use_linear_projection: false,
+            },
+            vae: sd_vae(),
+            clip: ClipConfig {
+                vocab_size: 49408,
+                width: 768,
+                layers: 12,
+                heads: 12,
+                intermediate_size: 3072,
+                max_positions: 77,
+                activation: ClipActivation::QuickGelu,
+                pad_token: super::tokenizer::EOS_TOKEN,
+            },
+            prediction: Prediction::Epsilon,
+        }
+    }
+
+    /// Stable Diffusion 2.1 (768-v).
+    pub fn v2_1() -> Self {
+        let level = |channels, attn: bool| UnetLevel {
+            channels,
+            transformer_depth: attn.then_some(1),
+            heads: channels / 64,
+        };
+        Self {
+            unet: UnetConfig {
+                in_channels: 4,
+                out_channels: 4,
+                levels: vec![
+                    level(320, true),
+                    level(640, true),
+                    level(1280, true),
+                    level(1280, false),
+                ],
+                layers_per_block: 2,
+                norm_num_groups: 32,
+                cross_attention_dim: 1024,
+                use_linear_projection: true,
+            },
+            vae: sd_vae(),
+            clip: ClipConfig {
+                vocab_size: 49408,
+                width: 1024,
+                layers: 23,
+                heads: 16,
+                intermediate_size: 4096,
+                max_positions: 77,
+                activation: ClipActivation::Gelu,
+                pad_token: super::tokenizer::EXCLAMATION_TOKEN,
+            },
+            prediction: Prediction::V,
+        }
+    }
+
+    /// The tiny demo model `sakuga models demo` writes: SD 1.5's layout (four VAE levels, so
+    /// latents are 1/8 of the image; the real tokenizer vocabulary) at toy widths, so a
+    /// 256x256 render takes seconds on a CPU.
+    pub fn demo() -> Self {
+        Self {
+            unet: UnetConfig {
+                in_channels: 4,
+                out_channels: 4,
+                levels: vec![
+                    UnetLevel {
+                        channels: 32,
+                        transformer_depth: Some(1),
+                        heads: 2,
+                    },
+                    UnetLevel {
+                        channels: 64,
+                        transformer_depth: None,
+                        heads: 2,
+                    },
+                ],
+                layers_per_block: 1,
+                norm_num_groups: 32,
+                cross_attention_dim: 64,
+                use_linear_projection: false,
+            },
+            vae: VaeConfig {
+                block_out_channels: vec![32, 32, 64, 64],
+                layers_per_block: 1,
+                latent_channels: 4,
+                norm_num_groups: 32,
+                scaling_factor: 0.18215,
+            },
+            clip: ClipConfig {
+                vocab_size: 49408,
+                width: 64,
+                layers: 2,
+                heads: 2,
+                intermediate_size: 128,
+                max_positions: 77,
+                activation: ClipActivation::QuickGelu,
+                pad_token: super::tokenizer::EOS_TOKEN,
+            },
+            prediction: Prediction::Epsilon,
+        }
+    }
+
+    /// Reads the architecture of a single-file LDM checkpoint.
+    ///
+    /// A config stored under [`CONFIG_METADATA_KEY`] wins; otherwise channel counts, depths
+    /// and widths come from tensor shapes, and what shapes cannot tell (head counts, group
+    /// counts, prediction type) follows the SD 1.x/2.x conventions: 8 heads with a 768-wide
+    /// context, 64-channel heads otherwise.
+    ///
+    /// # Errors
+    /// [`ModelError::Unsupported`] when the file is not an SD 1.x/2.x-style checkpoint,
+    /// [`ModelError::Corrupt`] when the stored config is not valid JSON.
+    pub fn infer_ldm(file: &WeightFile) -> Result<Self> {
+        let path = file.path();
+        if let Some(json) = file.metadata().get(CONFIG_METADATA_KEY) {
+            return serde_json::from_str(json).map_err(|e| ModelError::Corrupt {
+                path: path.to_path_buf(),
+                reason: format!("metadata {CONFIG_METADATA_KEY} is not a valid config: {e}"),
+            });
+        }
+        let shapes: BTreeMap<String, Vec<usize>> = file
+            .names()
+            .into_iter()
+            .filter_map(|n| file.info(&n).map(|i| (n, i.shape)))
+            .collect();
+        let unsupported = |reason: &str| ModelError::Unsupported {
+            path: path.to_path_buf(),
+            reason: reason.to_string(),
+        };
+        let dim = |name: &str, axis: usize| -> Result<usize> {
+            shapes
+                .get(name)
+                .and_then(|s| s.get(axis).copied())
+                .ok_or_else(|| ModelError::MissingTensor {
+                    path: path.to_path_buf(),
+                    tensor: name.to_string(),
+                })
+        };
+        const UNET: &str = "model.diffusion_model.";
+        if !shapes.contains_key(&format!("{UNET}input_blocks.0.0.weight")) {
+            return Err(unsupported(
+                "not a single-file Stable Diffusion checkpoint (no model.diffusion_model.*)",
+            ));
+        }
+        if shapes.contains_key(&format!("{UNET}label_emb.0.0.weight")) {
+            return Err(unsupported("SDXL checkpoints are not supported yet"));
+        }
+
+        // CLIP text encoder.
+        let (clip_prefix, open_clip) =
+            if shapes.contains_key("cond_stage_model.model.token_embedding.weight") {
+                ("cond_stage_model.model.", true)
+            } else {
+                let p = "cond_stage_model.transformer.text_model.";
+                if shapes.contains_key(&format!("{p}embeddings.token_embedding.weight")) {
+                    (p, false)
+                } else {
+                    return Err(unsupported("no CLIP text encoder (cond_stage_model.*)"));
+                }
+            };
+        if open_clip {
+            return Err(unsupported(
+                "OpenCLIP (SD 2.x) text encoders in LDM layout are not supported yet",
+            ));
+        }
+        let token_embedding = format!("{clip_prefix}embeddings.token_embedding.weight");
+        let clip_width = dim(&token_embedding, 1)?;
+        let clip_layers = count_indices(&shapes, &format!("{clip_prefix}encoder.layers."));
+        let clip = ClipConfig {
+            vocab_size: dim(&token_embedding, 0)?,
+            width: clip_width,
+            layers: clip_layers,
+            heads: (clip_width / 64).max(1),
+            intermediate_size: dim(&format!("{clip_prefix}encoder.layers.0.mlp.fc1.weight"), 0)?,
+            max_positions: dim(
+                &format!("{clip_prefix}embeddings.position_embedding.weight"),
+                0,
+            )?,
+            activation: ClipActivation::QuickGelu,
+            pad_token: super::tokenizer::EOS_TOKEN,
+        };
+
+        // UNet: walk input_blocks, splitting levels at downsamplers.
+        let n_input = count_indices(&shapes, &format!("{UNET}input_blocks."));
+        let mut levels = Vec::new();
+        let mut per_level = Vec::new();
+        let mut current: Option<(usize, Option<usize>)> = None;
+        let mut count = 0;
+        let mut linear_projection = false;
+        let mut context_dim = 0;
+        for index in 1..n_input {
+            let block = format!("{UNET}input_blocks.{index}.");
+            if shapes.contains_key(&format!("{block}0.op.weight")) {
+                if let Some(level) = current.take() {
+                    levels.push(level);
+                    per_level.push(count);
+                }
+                count = 0;
+                continue;
+            }
+            let channels = dim(&format!("{block}0.out_layers.3.weight"), 0)?;
+            let depth = {
+                let n = count_indices(&shapes, &format!("{block}1.transformer_blocks."));
+                (n > 0).then_some(n)
+            };
+            if depth.is_some() {
+                linear_projection = shapes
+                    .get(&format!("{block}1.proj_in.weight"))
+                    .is_some_and(|s| s.len() == 2);
+                context_dim = dim(
+                    &format!("{block}1.transformer_blocks.0.attn2.to_k.weight"),
+                    1,
+                )?;
+            }
+            current = Some((channels, depth));
+            count += 1;
+        }
+        if let Some(level) = current.take() {
+            levels.push(level);
+            per_level.push(count);
+        }
+        let layers_per_block = per_level.first().copied().unwrap_or(0);
+        if levels.is_empty() || per_level.iter().any(|&c| c != layers_per_block) {
+            return Err(unsupported("UNet levels have uneven block counts"));
+        }
+        if context_dim == 0 {
+            context_dim = dim(
+                &format!("{UNET}middle_block.1.transformer_blocks.0.attn2.to_k.weight"),
+                1,
+            )?;
+        }
+        let heads_for = |channels: usize| {
+            if context_dim == 768 {
+                8
+            } else {
+                (channels / 64).max(1)
+            }
+        };
+        let unet = UnetConfig {
+            in_channels: dim(&format!("{UNET}input_blocks.0.0.weight"), 1)?,
+            out_channels: dim(&format!("{UNET}out.2.weight"), 0)?,
+            levels: levels
+                .iter()
+                .map(|&(channels, depth)| UnetLevel {
+                    channels,
+                    transformer_depth: depth,
+                    heads: heads_for(channels),
+                })
+                .collect(),
+            layers_per_block,
+            norm_num_groups: 32,
+            cross_attention_dim: context_dim,
+            use_linear_projection: linear_projection,
+        };
+
+        // VAE.
+        const VAE: &str = "first_stage_model.";
+        let n_down = count_indices(&shapes, &format!("{VAE}encoder.down."));
+        if n_down == 0 {
+            return Err(unsupported("no VAE (first_stage_model.*)"));
+        }
+        let block_out_channels = (0..n_down)
+            .map(|i| dim(&format!("{VAE}encoder.down.{i}.block.0.conv2.weight"), 0))
+            .collect::<Result<Vec<_>>>()?;
+        let vae = VaeConfig {
+            block_out_channels,
+            layers_per_block: count_indices(&shapes, &format!("{VAE}encoder.down.0.block.")),
+            latent_channels: dim(&format!("{VAE}decoder.conv_in.weight"), 1)?,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+        };
+        Ok(Self {
+            unet,
+            vae,
+            clip,
+            prediction: Prediction::Epsilon,
+        })
+    }
+
+    /// Reads a diffusers folder's `unet/`, `vae/` and `text_encoder/` `config.json` files.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] / [`ModelError::Corrupt`] naming the config file.
+    pub fn from_diffusers_dir(dir: &Path) -> Result<Self> {
+        let unet = read_json(&dir.join("unet/config.json"))?;
+        let vae_json = read_json(&dir.join("vae/config.json"))?;
+        let text = read_json(&dir.join("text_encoder/config.json"))?;
+        let scheduler = read_json(&dir.join("scheduler/scheduler_config.json")).ok();
+        let usize_of = |v: &serde_json::Value, key: &str, default: usize| {
+            v.get(key)
+                .and_then(|x| x.as_u64())
+                .map_or(default, |x| x as usize)
+        };
+        let list_of = |v: &serde_json::Value, key: &str| -> Vec<usize> {
+            v.get(key)
+                .and_then(|x| x.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|x| x.as_u64())
+                        .map(|x| x as usize)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let channels = list_of(&unet, "block_out_channels");
+        let down_types: Vec<String> = unet
+            .get("down_block_types")
+            .and_then(|x| x.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let head_dims: Vec<usize> = match unet.get("attention_head_dim") {
+            Some(serde_json::Value::Array(a)) => a
+                .iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as usize)
+                .collect(),
+            Some(v) => vec![v.as_u64().unwrap_or(8) as usize; channels.len()],
+            None => vec![8; channels.len()],
+        };
+        let levels = channels
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| UnetLevel {
+                channels: c,
+                transformer_depth: down_types
+                    .get(i)
+                    .is_some_and(|t| t.starts_with("CrossAttn"))
+                    .then_some(1),
+                heads: head_dims.get(i).copied().unwrap_or(8),
+            })
+            .collect();
+        let hidden_act = text
+            .get("hidden_act")
+            .and_then(|x| x.as_str())
+            .unwrap_or("quick_gelu");
+        let width = usize_of(&text, "hidden_size", 768);
+        let v_prediction = scheduler
+            .as_ref()
+            .and_then(|s| s.get("prediction_type"))
+            .and_then(|p| p.as_str())
+            == Some("v_prediction");
+        Ok(Self {
+            unet: UnetConfig {
+                in_channels: usize_of(&unet, "in_channels", 4),
+                out_channels: usize_of(&unet, "out_channels", 4),
+                levels,
+                layers_per_block: usize_of(&unet, "layers_per_block", 2),
+                norm_num_groups: usize_of(&unet, "norm_num_groups", 32),
+                cross_attention_dim: usize_of(&unet, "cross_attention_dim", width),
+                use_linear_projection: unet
+                    .get("use_linear_projection")
+                    .and_then(|x| x.as_bool())
+                    .unwrap_or(false),
+            },
+            vae: VaeConfig {
+                block_out_channels: list_of(&vae_json, "block_out_channels"),
+                layers_per_block: usize_of(&vae_json, "layers_per_block", 2),
+                latent_channels: usize_of(&vae_json, "latent_channels", 4),
+                norm_num_groups: usize_of(&vae_json, "norm_num_groups", 32),
+                scaling_factor: vae_json
+                    .get("scaling_factor")
+                    .and_then(|x| x.as_f64())
+                    .unwrap_or(0.18215),
+            },
+            clip: ClipConfig {
+                vocab_size: usize_of(&text, "vocab_size", 49408),
+                width,
+                layers: usize_of(&text, "num_hidden_layers", 12),
+                heads: usize_of(&text, "num_attention_heads", 12),
+                intermediate_size: usize_of(&text, "intermediate_size", 3072),
+                max_positions: usize_of(&text, "max_position_embeddings", 77),
+                activation: if hidden_act == "quick_gelu" {
+                    ClipActivation::QuickGelu
+                } else {
+                    ClipActivation::Gelu
+                },
+                pad_token: if width == 768 {
+                    super::tokenizer::EOS_TOKEN
+                } else {
+                    super::tokenizer::EXCLAMATION_TOKEN
+                },
+            },
+            prediction: if v_prediction {
+                Prediction::V
+            } else {
+                Prediction::Epsilon
+            },
+        })
+    }
+}
+
+fn sd_vae() -> VaeConfig {
+    VaeConfig {
+        block_out_channels: vec![128, 256, 512, 512],
+        layers_per_block: 2,
+        latent_channels: 4,
+        norm_num_groups: 32,
+        scaling_factor: 0.18215,
+    }
+}
+
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let bytes = std::fs::read(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ModelError::Corrupt {
+        path: path.to_path_buf(),
+        reason: format!("not valid JSON: {e}"),
+    })
+}
+
+/// How many consecutive numeric indices `prefix{0,1,..}.` appear among the names.
+fn count_indices(shapes: &BTreeMap<String, Vec<usize>>, prefix: &str) -> usize {
+    let mut count = 0;
+    while shapes
+        .range(format!("{prefix}{count}.")..)
+        .next()
+        .is_some_and(|(k, _)| k.starts_with(&format!("{prefix}{count}.")))
+    {
+        count += 1;
+    }
+    count
+}

@@ -1,0 +1,178 @@
+//! Stable Diffusion 1.x/2.x on candle: configs, checkpoint loading (single-file LDM and
+//! diffusers folders), the CLIP tokenizer and text encoder, the VAE, LoRA merging, noise
+//! schedules, samplers and the `KSampler`-style entry point [`sample_latent`].
+//!
+//! Module map:
+//! - [`config`]: architecture descriptions and their inference from checkpoints.
+//! - [`keymap`]: LDM <-> diffusers tensor names; [`weights`]: the renaming VarBuilder
+//!   backend that loads through them.
+//! - [`tokenizer`], [`clip`]: prompt to conditioning.
+//! - [`vae`]: images <-> latents, tiled decode.
+//! - [`lora`]: kohya-format LoRA files.
+//! - [`model`]: [`Checkpoint`] and its parts, the guided denoiser.
+//! - [`schedule`], [`sampler`], [`rng`]: sigmas, sampling loops, seeded noise.
+
+pub mod clip;
+pub mod config;
+pub mod keymap;
+pub mod lora;
+pub mod model;
+pub mod rng;
+pub mod sampler;
+pub mod schedule;
+pub mod tokenizer;
+pub mod vae;
+pub mod weights;
+
+use candle_core::{DType, Device, Tensor};
+
+pub use config::{Prediction, SdConfig};
+pub use lora::LoraFile;
+pub use model::{AppliedLora, Checkpoint, ClipModel, GuidedDenoiser, UnetModel};
+pub use rng::NoiseRng;
+pub use sampler::{Denoiser, SamplerKind, StepHooks};
+pub use schedule::{ModelSampling, Scheduler};
+pub use vae::VaeModel;
+
+use crate::error::{ModelError, Result};
+
+/// Parses a device spec: `cpu`, `cuda` (device 0) or `cuda:N`.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] for an unknown spec, [`ModelError::Candle`] when the CUDA
+/// device cannot be opened (or sakuga was built without the `cuda` feature).
+pub fn device_from_spec(spec: &str) -> Result<Device> {
+    let spec = spec.trim().to_ascii_lowercase();
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.as_str() {
+        "cuda" | "gpu" => Some(0),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok()),
+    };
+    match ordinal {
+        Some(n) => Ok(Device::new_cuda(n)?),
+        None => Err(ModelError::InvalidInput(format!(
+            "unknown device {spec:?} (expected cpu, cuda or cuda:N)"
+        ))),
+    }
+}
+
+/// What `KSampler`/`KSamplerAdvanced` ask of a sampling run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleParams {
+    pub seed: u64,
+    pub steps: usize,
+    pub cfg: f64,
+    pub sampler: SamplerKind,
+    pub scheduler: Scheduler,
+    /// Fraction of the schedule to run (img2img strength); 1 starts from pure noise.
+    pub denoise: f64,
+    /// Whether to add seeded noise to the input latent first.
+    pub add_noise: bool,
+    /// First step to run (KSamplerAdvanced).
+    pub start_at_step: usize,
+    /// Step to stop at (KSamplerAdvanced; `usize::MAX` for the end).
+    pub end_at_step: usize,
+    /// Stop with the remaining noise instead of forcing the last sigma to 0.
+    pub return_with_leftover_noise: bool,
+}
+
+impl SampleParams {
+    /// ComfyUI's `KSampler` defaults for `seed`: 20 euler steps, normal schedule, cfg 8.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            steps: 20,
+            cfg: 8.0,
+            sampler: SamplerKind::Euler,
+            scheduler: Scheduler::Normal,
+            denoise: 1.0,
+            add_noise: true,
+            start_at_step: 0,
+            end_at_step: usize::MAX,
+            return_with_leftover_noise: false,
+        }
+    }
+
+    /// The sigmas this run visits, ComfyUI's way: `denoise < 1` takes the tail of a longer
+    /// schedule, start/end steps cut it, and unless leftover noise is wanted a cut end is
+    /// forced to 0.
+    pub fn sigmas(&self, sampling: &ModelSampling) -> Vec<f64> {
+        if self.steps == 0 || self.denoise <= 0.0 {
+            return Vec::new();
+        }
+        let mut sigmas = if self.denoise < 1.0 {
+            let total = (self.steps as f64 / self.denoise) as usize;
+            let full = sampling.sigmas(self.scheduler, total);
+            full[full.len() - (self.steps + 1)..].to_vec()
+        } else {
+            sampling.sigmas(self.scheduler, self.steps)
+        };
+        if self.end_at_step < self.steps {
+            sigmas.truncate(self.end_at_step + 1);
+            if !self.return_with_leftover_noise
+                && let Some(last) = sigmas.last_mut()
+            {
+                *last = 0.0;
+            }
+        }
+        if self.start_at_step > 0 {
+            if self.start_at_step >= sigmas.len().saturating_sub(1) {
+                return Vec::new();
+            }
+            sigmas.drain(..self.start_at_step);
+        }
+        sigmas
+    }
+}
+
+/// Latents of zeros for a `width` x `height` image batch, as `EmptyLatentImage` makes them.
+///
+/// # Errors
+/// Tensor errors.
+pub fn empty_latent(
+    width: usize,
+    height: usize,
+    batch: usize,
+    downscale: usize,
+    device: &Device,
+) -> Result<Tensor> {
+    Ok(Tensor::zeros(
+        (batch, 4, height / downscale, width / downscale),
+        DType::F32,
+        device,
+    )?)
+}
+
+/// Runs one `KSampler` pass: seeded noise on `latent`, then `params.sampler` along the
+/// schedule with classifier-free guidance. Returns the new latent (f32, on the latent's
+/// device). The seed's noise covers the whole batch, so a batch reproduces as a whole.
+///
+/// # Errors
+/// [`ModelError::Cancelled`] when `hooks` cancel; network errors.
+pub fn sample_latent(
+    unet: &UnetModel,
+    positive: &Tensor,
+    negative: &Tensor,
+    latent: &Tensor,
+    params: &SampleParams,
+    hooks: StepHooks<'_>,
+) -> Result<Tensor> {
+    let sigmas = params.sigmas(unet.sampling());
+    let latent = latent.to_dtype(DType::F32)?;
+    if sigmas.len() < 2 {
+        return Ok(latent);
+    }
+    let x = if params.add_noise {
+        let noise =
+            NoiseRng::new(params.seed, 0).tensor(latent.dims(), DType::F32, latent.device())?;
+        (&latent + (noise * sigmas[0])?)?
+    } else {
+        latent
+    };
+    let denoiser = GuidedDenoiser::new(unet, positive, negative, params.cfg)?;
+    sampler::sample(params.sampler, &denoiser, x, &sigmas, params.seed, hooks)
+}

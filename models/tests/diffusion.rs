@@ -1,0 +1,281 @@
+//! End-to-end tests of the diffusion stack on the demo checkpoint: determinism per seed,
+//! cancellation between steps, every sampler and scheduler, LoRA merging, img2img, tiling.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use candle_core::{DType, Device, Tensor};
+use sakuga_models::ModelError;
+use sakuga_models::demo::{DEMO_CHECKPOINT, DEMO_LORA, write_demo_models};
+use sakuga_models::diffusion::{
+    AppliedLora, Checkpoint, ClipModel, LoraFile, SampleParams, SamplerKind, Scheduler, StepHooks,
+    UnetModel, VaeModel, device_from_spec, empty_latent, sample_latent,
+};
+use sakuga_models::store::{ModelFolder, ModelStore};
+
+struct Demo {
+    _dir: tempfile::TempDir,
+    store: ModelStore,
+    checkpoint: Checkpoint,
+    unet: UnetModel,
+    clip: ClipModel,
+    vae: VaeModel,
+}
+
+fn demo() -> Demo {
+    let dir = tempfile::tempdir().unwrap();
+    write_demo_models(dir.path()).unwrap();
+    let store = ModelStore::new(dir.path());
+    let path = store
+        .resolve(ModelFolder::Checkpoints, DEMO_CHECKPOINT)
+        .unwrap();
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    let unet = checkpoint.load_unet(&[], &Device::Cpu, DType::F32).unwrap();
+    let clip = checkpoint.load_clip(&[], &Device::Cpu, DType::F32).unwrap();
+    let vae = checkpoint.load_vae(&Device::Cpu, DType::F32).unwrap();
+    Demo {
+        _dir: dir,
+        store,
+        checkpoint,
+        unet,
+        clip,
+        vae,
+    }
+}
+
+fn txt2img(
+    d: &Demo,
+    unet: &UnetModel,
+    clip: &ClipModel,
+    params: &SampleParams,
+    size: usize,
+) -> Tensor {
+    let positive = clip.encode("1girl, anime style, cherry blossoms").unwrap();
+    let negative = clip.encode("lowres, bad anatomy").unwrap();
+    let latent = empty_latent(size, size, 1, d.vae.downscale_factor(), &Device::Cpu).unwrap();
+    let latent = sample_latent(
+        unet,
+        &positive,
+        &negative,
+        &latent,
+        params,
+        StepHooks::none(),
+    )
+    .unwrap();
+    d.vae.decode(&latent).unwrap()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+fn params(seed: u64, steps: usize) -> SampleParams {
+    SampleParams {
+        steps,
+        cfg: 7.0,
+        ..SampleParams::new(seed)
+    }
+}
+
+#[test]
+fn same_seed_renders_identical_pixels_and_another_seed_differs() {
+    let d = demo();
+    let a = values(&txt2img(&d, &d.unet, &d.clip, &params(42, 4), 64));
+    let b = values(&txt2img(&d, &d.unet, &d.clip, &params(42, 4), 64));
+    let c = values(&txt2img(&d, &d.unet, &d.clip, &params(43, 4), 64));
+    assert_eq!(a.len(), 3 * 64 * 64);
+    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+    let differing = a.iter().zip(&c).filter(|(x, y)| x != y).count();
+    assert!(differing > a.len() / 2, "only {differing} pixels differ");
+    assert!(a.iter().all(|v| (0.0..=1.0).contains(v)));
+}
+
+#[test]
+fn cancel_mid_sampling_stops_within_one_step() {
+    let d = demo();
+    let positive = d.clip.encode("a photo of a cat").unwrap();
+    let negative = d.clip.encode("").unwrap();
+    let latent = empty_latent(64, 64, 1, 8, &Device::Cpu).unwrap();
+    let finished = AtomicUsize::new(0);
+    let progress = |step: usize, steps: usize| {
+        assert_eq!(steps, 10);
+        finished.store(step, Ordering::SeqCst);
+    };
+    let cancel_after = 3;
+    let cancelled = || finished.load(Ordering::SeqCst) >= cancel_after;
+    let hooks = StepHooks {
+        progress: &progress,
+        cancelled: &cancelled,
+    };
+    let err = sample_latent(
+        &d.unet,
+        &positive,
+        &negative,
+        &latent,
+        &params(1, 10),
+        hooks,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, ModelError::Cancelled { step: 4, steps: 10 }),
+        "{err}"
+    );
+    assert_eq!(finished.load(Ordering::SeqCst), cancel_after);
+    assert_eq!(err.kind(), "cancelled");
+}
+
+#[test]
+fn every_sampler_and_scheduler_produces_a_finite_image() {
+    let d = demo();
+    let positive = d.clip.encode("comic panel").unwrap();
+    let negative = d.clip.encode("").unwrap();
+    let latent = empty_latent(64, 64, 2, 8, &Device::Cpu).unwrap();
+    for sampler in SamplerKind::ALL {
+        for scheduler in [Scheduler::Normal, Scheduler::Karras, Scheduler::Simple] {
+            let p = SampleParams {
+                sampler,
+                scheduler,
+                ..params(5, 3)
+            };
+            let out = sample_latent(
+                &d.unet,
+                &positive,
+                &negative,
+                &latent,
+                &p,
+                StepHooks::none(),
+            )
+            .unwrap();
+            assert_eq!(out.dims(), &[2, 4, 8, 8]);
+            assert!(
+                values(&out).iter().all(|v| v.is_finite()),
+                "{sampler:?}/{scheduler:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn lora_changes_the_image_and_zero_strength_does_not() {
+    let d = demo();
+    let lora_path = d.store.resolve(ModelFolder::Loras, DEMO_LORA).unwrap();
+    let lora = Arc::new(LoraFile::open(&lora_path).unwrap());
+    assert!(lora.keys().count() >= 8);
+    let applied = |strength: f64| AppliedLora {
+        lora: lora.clone(),
+        strength_model: strength,
+        strength_clip: strength,
+    };
+    let base = values(&txt2img(&d, &d.unet, &d.clip, &params(9, 2), 64));
+    let unet = d
+        .checkpoint
+        .load_unet(&[applied(1.0)], &Device::Cpu, DType::F32)
+        .unwrap();
+    let clip = d
+        .checkpoint
+        .load_clip(&[applied(1.0)], &Device::Cpu, DType::F32)
+        .unwrap();
+    let patched = values(&txt2img(&d, &unet, &clip, &params(9, 2), 64));
+    assert_ne!(base, patched);
+    let unet0 = d
+        .checkpoint
+        .load_unet(&[applied(0.0)], &Device::Cpu, DType::F32)
+        .unwrap();
+    let clip0 = d
+        .checkpoint
+        .load_clip(&[applied(0.0)], &Device::Cpu, DType::F32)
+        .unwrap();
+    let unpatched = values(&txt2img(&d, &unet0, &clip0, &params(9, 2), 64));
+    assert_eq!(base, unpatched);
+}
+
+#[test]
+fn clip_skip_changes_conditioning() {
+    let d = demo();
+    let last = values(&d.clip.encode("a photo of a cat").unwrap());
+    let skipped = values(
+        &d.clip
+            .with_stop_at_layer(-2)
+            .encode("a photo of a cat")
+            .unwrap(),
+    );
+    assert_ne!(last, skipped);
+    let long = d.clip.encode(&"cat ".repeat(100)).unwrap();
+    assert_eq!(long.dims(), &[1, 154, 64]);
+}
+
+#[test]
+fn img2img_encodes_and_partially_denoises() {
+    let d = demo();
+    let image = Tensor::rand(0f32, 1f32, (1, 3, 64, 64), &Device::Cpu).unwrap();
+    let latent = d.vae.encode(&image).unwrap();
+    assert_eq!(latent.dims(), &[1, 4, 8, 8]);
+    assert_eq!(values(&latent), values(&d.vae.encode(&image).unwrap()));
+    let positive = d.clip.encode("watercolor").unwrap();
+    let negative = d.clip.encode("").unwrap();
+    let p = SampleParams {
+        denoise: 0.5,
+        ..params(3, 4)
+    };
+    assert_eq!(p.sigmas(d.unet.sampling()).len(), 5);
+    let out = sample_latent(
+        &d.unet,
+        &positive,
+        &negative,
+        &latent,
+        &p,
+        StepHooks::none(),
+    )
+    .unwrap();
+    assert_eq!(out.dims(), latent.dims());
+    let decoded = d.vae.decode(&out).unwrap();
+    assert_eq!(decoded.dims(), &[1, 3, 64, 64]);
+}
+
+#[test]
+fn tiled_decode_matches_shape_and_full_decode_when_one_tile() {
+    let d = demo();
+    let latent = Tensor::randn(0f32, 1f32, (1, 4, 24, 16), &Device::Cpu).unwrap();
+    let full = d.vae.decode(&latent).unwrap();
+    let one_tile = d.vae.decode_tiled(&latent, 32, 4).unwrap();
+    assert_eq!(values(&full), values(&one_tile));
+    let tiled = d.vae.decode_tiled(&latent, 12, 4).unwrap();
+    assert_eq!(tiled.dims(), &[1, 3, 192, 128]);
+    assert!(values(&tiled).iter().all(|v| (0.0..=1.0).contains(v)));
+    assert!(d.vae.decode_tiled(&latent, 4, 4).is_err());
+}
+
+#[test]
+fn device_specs_parse() {
+    assert!(matches!(device_from_spec("cpu").unwrap(), Device::Cpu));
+    assert!(matches!(
+        device_from_spec("tpu:0").unwrap_err(),
+        ModelError::InvalidInput(_)
+    ));
+}
+
+#[test]
+fn advanced_start_and_end_steps_cut_the_schedule() {
+    let d = demo();
+    let sampling = d.unet.sampling();
+    let full = params(0, 10).sigmas(sampling);
+    let head = SampleParams {
+        end_at_step: 4,
+        return_with_leftover_noise: true,
+        ..params(0, 10)
+    }
+    .sigmas(sampling);
+    assert_eq!(head, full[..5].to_vec());
+    let tail = SampleParams {
+        start_at_step: 4,
+        ..params(0, 10)
+    }
+    .sigmas(sampling);
+    assert_eq!(tail, full[4..].to_vec());
+    let forced = SampleParams {
+        end_at_step: 4,
+        ..params(0, 10)
+    }
+    .sigmas(sampling);
+    assert_eq!(*forced.last().unwrap(), 0.0);
+}
