@@ -359,18 +359,12 @@ impl Windows {
         latency: Duration,
         images: u64,
     ) {
-        self.ring.record(at, |slot| {
-            let w = &mut slot.workloads[workload.index()];
+        self.workload(at, workload, |w| {
             w.outcomes[outcome.index()] += 1;
             if outcome == Outcome::Success {
                 w.render_latency
                     .record(RENDER_LATENCY_BUCKETS, latency.as_secs_f64());
                 w.images += images;
-            }
-            match outcome {
-                Outcome::Oom => slot.system.ooms += 1,
-                Outcome::Timeout => slot.system.timeouts += 1,
-                _ => {}
             }
         });
     }
@@ -413,9 +407,14 @@ impl Windows {
             .record(at, |slot| slot.system.cache[result.index()] += 1);
     }
 
-    /// An OOM outside a job's final outcome (a split-and-retry, a failed load).
+    /// An out-of-memory error, whether or not it ended a job.
     pub fn oom(&self, at: Duration) {
         self.ring.record(at, |slot| slot.system.ooms += 1);
+    }
+
+    /// A timeout error.
+    pub fn timeout(&self, at: Duration) {
+        self.ring.record(at, |slot| slot.system.timeouts += 1);
     }
 
     /// A device sample.

@@ -1,0 +1,665 @@
+//! The [`Signals`] handle: one call per happening records the Prometheus series *and* the
+//! in-process windows and SLO rings, so the exported view and the one admission control and
+//! diagnosis read can never disagree.
+//!
+//! `Signals` is a cheap `Clone` (an `Arc` inside); hand one to the executor, the queue, the
+//! model cache and the gRPC service. Animation frames go through a [`FrameStream`] per
+//! stream, because frame intervals only mean something within one stream.
+//! [`Signals::snapshot`] freezes everything into a serde [`SignalsSnapshot`] for `GetSignals`,
+//! `sakuga run`'s summary and `sakuga doctor --from FILE`.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{Clock, MonotonicClock};
+use crate::device::{self, DeviceProbe, DeviceSample, DeviceSampler};
+use crate::error::{Result, TelemetryError};
+use crate::events::{self, FrameEventSampler};
+use crate::labels::*;
+use crate::quality::{QcReport, QualityConfig};
+use crate::record;
+use crate::slo::{SloConfig, SloId, SloStatus, SloTracker};
+use crate::window::{GoldenSignals, SystemSignals, Window, Windows};
+
+/// Configuration of the signals handle.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SignalsConfig {
+    pub slo: SloConfig,
+    /// `frame_emitted` events: keep one in this many (failing and slow frames always).
+    pub frame_events_every: Option<u64>,
+    pub quality: QualityConfig,
+}
+
+/// How a job ended, for [`Signals::job_finished`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct JobReport<'a> {
+    pub workload: Workload,
+    pub outcome: Outcome,
+    /// Prompt received to final state.
+    pub latency: Duration,
+    pub model_id: Option<&'a str>,
+    pub width: u32,
+    pub height: u32,
+    /// Images the job produced (0 for a failed job).
+    pub images: u64,
+}
+
+impl<'a> JobReport<'a> {
+    /// A report at the reference resolution with one image on success.
+    pub fn new(workload: Workload, outcome: Outcome, latency: Duration) -> Self {
+        JobReport {
+            workload,
+            outcome,
+            latency,
+            model_id: None,
+            width: 768,
+            height: 768,
+            images: u64::from(outcome == Outcome::Success),
+        }
+    }
+
+    pub fn with_model(mut self, model_id: &'a str) -> Self {
+        self.model_id = Some(model_id);
+        self
+    }
+
+    pub fn with_resolution(mut self, width: u32, height: u32) -> Self {
+        self.width = width;
+        self.height = height;
+        self
+    }
+
+    pub fn with_images(mut self, images: u64) -> Self {
+        self.images = images;
+        self
+    }
+}
+
+/// Configuration changes as diagnosis sees them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConfigChanges {
+    pub generation: u64,
+    pub config_hash: String,
+    /// Seconds between the last change and the snapshot; `None` when nothing changed.
+    pub seconds_since_change: Option<f64>,
+    /// OOMs counted since the last change.
+    pub ooms_since_change: u64,
+    /// OOMs in the same length of time before the change (the baseline).
+    pub ooms_before_change: u64,
+}
+
+#[derive(Debug, Default)]
+struct ConfigState {
+    generation: u64,
+    config_hash: String,
+    changed_at: Option<Duration>,
+    ooms_since_change: u64,
+    ooms_before_change: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: SignalsConfig,
+    clock: Arc<dyn Clock>,
+    windows: Windows,
+    slo: SloTracker,
+    device: Mutex<Option<DeviceSample>>,
+    changes: Mutex<ConfigState>,
+    /// Bit per `PlannedLoad` value that is on.
+    planned: AtomicU64,
+}
+
+/// The shared signals handle. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Signals {
+    inner: Arc<Inner>,
+}
+
+impl Signals {
+    /// Signals on the real clock.
+    pub fn new(config: SignalsConfig) -> Self {
+        Self::with_clock(config, Arc::new(MonotonicClock::new()))
+    }
+
+    /// Signals on a given clock (tests use `ManualClock`).
+    pub fn with_clock(config: SignalsConfig, clock: Arc<dyn Clock>) -> Self {
+        let origin = clock.now();
+        Signals {
+            inner: Arc::new(Inner {
+                config,
+                clock,
+                windows: Windows::new(origin),
+                slo: SloTracker::new(),
+                device: Mutex::new(None),
+                changes: Mutex::new(ConfigState::default()),
+                planned: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SignalsConfig {
+        &self.inner.config
+    }
+
+    /// Now, on the signals clock.
+    pub fn now(&self) -> Duration {
+        self.inner.clock.now()
+    }
+
+    /// A job was accepted by `Submit`.
+    pub fn job_submitted(&self, workload: Workload) {
+        record::job_submitted(workload);
+    }
+
+    /// Admission control decided on a job.
+    pub fn admission(&self, workload: Workload, decision: Decision, reason: AdmissionReason) {
+        record::admission_decision(workload, decision, reason);
+    }
+
+    /// The workload's queue now holds `depth` jobs.
+    pub fn queue_depth(&self, workload: Workload, depth: usize) {
+        record::queue_depth(workload, depth);
+        self.inner
+            .windows
+            .queue_depth(self.now(), workload, depth as u64);
+    }
+
+    /// A job left the queue and started after waiting `wait`.
+    pub fn job_started(&self, workload: Workload, model_id: Option<&str>, wait: Duration) {
+        let at = self.now();
+        record::queue_wait(workload, wait);
+        self.inner.windows.queue_wait(at, workload, wait);
+        if workload == Workload::Batch {
+            let target = self.inner.config.slo.queue_wait_target(workload, model_id);
+            self.inner
+                .slo
+                .event(at, SloId::BatchQueueWait, wait <= target);
+        }
+    }
+
+    /// A job spent `duration` in a stage. Inference and post-process also feed the windows.
+    pub fn stage_finished(&self, workload: Workload, stage: Stage, duration: Duration) {
+        record::stage_finished(workload, stage, duration);
+        let at = self.now();
+        match stage {
+            Stage::Inference => self.inner.windows.inference(at, workload, duration),
+            Stage::Postprocess => self.inner.windows.postprocess(at, workload, duration),
+            _ => {}
+        }
+    }
+
+    /// One workflow node ran for `duration`.
+    pub fn node_finished(&self, class_type: &str, duration: Duration) {
+        record::node_finished(class_type, duration);
+    }
+
+    /// A job reached its final state.
+    pub fn job_finished(&self, report: &JobReport<'_>) {
+        let at = self.now();
+        let inner = &self.inner;
+        record::job_finished(report.workload, report.outcome, report.latency);
+        if report.images > 0 {
+            record::images(report.workload, report.images);
+        }
+        inner.windows.job_finished(
+            at,
+            report.workload,
+            report.outcome,
+            report.latency,
+            report.images,
+        );
+        if report.outcome == Outcome::Cancelled {
+            return;
+        }
+        let timeout_or_oom = matches!(report.outcome, Outcome::Timeout | Outcome::Oom);
+        inner.slo.event(at, SloId::TimeoutsAndOoms, !timeout_or_oom);
+        match report.workload {
+            Workload::Batch => {
+                inner
+                    .slo
+                    .event(at, SloId::BatchSuccess, report.outcome == Outcome::Success);
+            }
+            Workload::SingleImage if report.outcome == Outcome::Success => {
+                let target = inner.config.slo.latency_target(
+                    report.workload,
+                    report.model_id,
+                    report.width,
+                    report.height,
+                );
+                inner
+                    .slo
+                    .event(at, SloId::SingleImageLatency, report.latency <= target);
+            }
+            _ => {}
+        }
+    }
+
+    fn count_oom(&self) {
+        let mut changes = self.inner.changes.lock();
+        if changes.changed_at.is_some() {
+            changes.ooms_since_change += 1;
+        }
+    }
+
+    /// An error of a kind in a stage. Report every error here, including the one that
+    /// ends a job (then also call [`Self::job_finished`]): OOM and timeout spikes are
+    /// counted from these, once each.
+    pub fn error(&self, kind: ErrorKind, stage: Stage) {
+        record::error(kind, stage);
+        match kind {
+            ErrorKind::Oom => {
+                self.inner.windows.oom(self.now());
+                self.count_oom();
+            }
+            ErrorKind::Timeout => self.inner.windows.timeout(self.now()),
+            _ => {}
+        }
+    }
+
+    /// A retry.
+    pub fn retry(&self, reason: RetryReason) {
+        record::retry(reason);
+    }
+
+    /// A model cache lookup.
+    pub fn model_cache(&self, kind: ModelKind, result: CacheResult) {
+        record::model_cache_request(kind, result);
+        self.inner.windows.cache(self.now(), result);
+    }
+
+    /// A model finished loading.
+    pub fn model_loaded(&self, kind: ModelKind, duration: Duration) {
+        record::model_loaded(kind, duration);
+    }
+
+    /// A device sample (the device sampler calls this; probes outside it may too).
+    pub fn device_sample(&self, sample: &DeviceSample) {
+        let at = self.now();
+        let headroom = sample.headroom_ratio();
+        self.inner
+            .windows
+            .device(at, sample.utilization_ratio, headroom);
+        let floor = self.inner.config.slo.system.min_headroom_ratio;
+        if sample.memory_total_bytes > 0 {
+            self.inner
+                .slo
+                .event(at, SloId::MemoryHeadroom, headroom >= floor);
+        }
+        *self.inner.device.lock() = Some(sample.clone());
+    }
+
+    /// Polls `probe` every `interval` on its own thread, feeding the device gauges, the
+    /// windows and the headroom SLO, and refreshing the derived gauges ([`Self::publish`]).
+    /// Keep the returned handle; dropping it stops the thread.
+    ///
+    /// # Errors
+    /// [`TelemetryError::SamplerThread`] when the thread cannot be spawned.
+    pub fn spawn_device_sampler(
+        &self,
+        probe: impl DeviceProbe,
+        interval: Duration,
+    ) -> Result<DeviceSampler> {
+        let signals = self.clone();
+        device::spawn_device_sampler_with(probe, interval, move |sample| {
+            signals.device_sample(sample);
+            signals.publish();
+        })
+    }
+
+    /// The latest device sample, if any.
+    pub fn latest_device(&self) -> Option<DeviceSample> {
+        self.inner.device.lock().clone()
+    }
+
+    /// Whether device memory headroom is at or over the floor (true before any sample).
+    pub fn headroom_ok(&self) -> bool {
+        self.fits_in_headroom(0)
+    }
+
+    /// Whether `extra_bytes` more device memory would keep headroom at or over the floor
+    /// (true before any sample: admission must not stall on a missing probe).
+    pub fn fits_in_headroom(&self, extra_bytes: u64) -> bool {
+        let floor = self.inner.config.slo.system.min_headroom_ratio;
+        match &*self.inner.device.lock() {
+            Some(s) if s.memory_total_bytes > 0 => {
+                record::headroom_ratio(
+                    s.memory_used_bytes.saturating_add(extra_bytes),
+                    s.memory_total_bytes,
+                ) >= floor
+            }
+            _ => true,
+        }
+    }
+
+    /// Whether a workload's FPS is degraded over the last 2 minutes: delivered FPS more
+    /// than the allowed deviation under produced FPS, or under the FPS floor while frames
+    /// are flowing. Admission defers batch starts while animation is degraded.
+    pub fn is_fps_degraded(&self, workload: Workload) -> bool {
+        let g = self
+            .inner
+            .windows
+            .golden(self.now(), workload, Window::TwoMinutes);
+        let animation = &self.inner.config.slo.animation;
+        match g.fps_health {
+            None => false,
+            Some(health) => {
+                health < 1.0 - animation.max_fps_deviation || g.delivered_fps < animation.min_fps
+            }
+        }
+    }
+
+    /// Golden signals of one workload over one window, now.
+    pub fn golden(&self, workload: Workload, window: Window) -> GoldenSignals {
+        self.inner.windows.golden(self.now(), workload, window)
+    }
+
+    /// Status of one SLO, now.
+    pub fn slo_status(&self, slo: SloId) -> SloStatus {
+        self.inner
+            .slo
+            .status(self.now(), slo, &self.inner.config.slo)
+    }
+
+    /// The running configuration changed; OOMs after it are attributed to it.
+    pub fn config_changed(&self, version: &str, config_hash: &str) {
+        let at = self.now();
+        let mut changes = self.inner.changes.lock();
+        // Baseline: OOMs in the 15 minutes before the change.
+        changes.ooms_before_change = self.inner.windows.system(at, Window::FifteenMinutes).ooms;
+        changes.generation += 1;
+        changes.config_hash = config_hash.to_owned();
+        changes.changed_at = Some(at);
+        changes.ooms_since_change = 0;
+        let generation = changes.generation;
+        drop(changes);
+        record::config_generation(version, config_hash, generation);
+        events::config_changed(config_hash, generation);
+    }
+
+    /// Marks planned heavy load on or off.
+    pub fn planned_heavy_load(&self, reason: PlannedLoad, active: bool) {
+        let bit = 1u64 << reason.index();
+        if active {
+            self.inner.planned.fetch_or(bit, Ordering::Relaxed);
+        } else {
+            self.inner.planned.fetch_and(!bit, Ordering::Relaxed);
+        }
+        record::planned_heavy_load(reason, active);
+    }
+
+    /// Counts a frame's QC results: rejections by check, and a duplicate as a frame kind.
+    pub fn frame_checked(&self, workload: Workload, report: &QcReport) {
+        for check in report.failed_checks() {
+            record::qc_rejection(check);
+        }
+        if report.duplicate {
+            record::frame(workload, FrameKind::Duplicated);
+            self.inner
+                .windows
+                .frames(self.now(), workload, FrameKind::Duplicated, 1);
+        }
+    }
+
+    /// Opens a frame stream of `workload` whose delivered FPS floor is `min_fps`.
+    pub fn stream(&self, workload: Workload, min_fps: f64) -> FrameStream {
+        let sampler = self
+            .inner
+            .config
+            .frame_events_every
+            .map(FrameEventSampler::new)
+            .unwrap_or_default();
+        FrameStream {
+            signals: self.clone(),
+            workload,
+            min_fps,
+            sampler,
+            state: Arc::new(StreamState::default()),
+        }
+    }
+
+    /// Refreshes the derived gauges: FPS health per workload (2 minutes) and every SLO's
+    /// objective, error budget and burn rates. The device sampler calls it each tick;
+    /// without one, call it periodically (every few seconds).
+    pub fn publish(&self) {
+        let now = self.now();
+        for &workload in Workload::ALL {
+            let g = self.inner.windows.golden(now, workload, Window::TwoMinutes);
+            if let Some(health) = g.fps_health {
+                record::fps_health(workload, health);
+            }
+        }
+        for status in self.inner.slo.all(now, &self.inner.config.slo) {
+            let name = status.slo.as_str();
+            record::slo_objective(name, status.objective);
+            record::slo_error_budget_remaining(name, status.error_budget_remaining);
+            for (window, rate) in &status.burn_rates {
+                record::slo_burn_rate(name, window.as_str(), *rate);
+            }
+        }
+    }
+
+    /// Everything, frozen now; also refreshes the derived gauges.
+    pub fn snapshot(&self) -> SignalsSnapshot {
+        self.publish();
+        let now = self.now();
+        let inner = &self.inner;
+        let mut golden = Vec::new();
+        let mut system = Vec::new();
+        for &window in Window::ALL {
+            let (g, s) = inner.windows.all(now, window);
+            golden.extend(g);
+            system.push(s);
+        }
+        let device = inner.device.lock().clone();
+        let changes = inner.changes.lock();
+        let config = ConfigChanges {
+            generation: changes.generation,
+            config_hash: changes.config_hash.clone(),
+            seconds_since_change: changes
+                .changed_at
+                .map(|at| now.saturating_sub(at).as_secs_f64()),
+            ooms_since_change: changes.ooms_since_change,
+            ooms_before_change: changes.ooms_before_change,
+        };
+        drop(changes);
+        SignalsSnapshot {
+            taken_at_s: now.as_secs_f64(),
+            golden,
+            system,
+            slos: inner.slo.all(now, &inner.config.slo),
+            device_headroom_ratio: device.as_ref().map(DeviceSample::headroom_ratio),
+            device,
+            config,
+            planned_heavy_load: inner.planned.load(Ordering::Relaxed) != 0,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct StreamState {
+    /// Clock nanos + 1 of the last frame at each end; 0 before the first.
+    last_produced: AtomicU64,
+    last_delivered: AtomicU64,
+    produced: AtomicU64,
+}
+
+/// What [`FrameStream::frame_produced`] measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProducedFrame {
+    /// 0-based frame number in the stream.
+    pub index: u64,
+    /// Time since the previous produced frame.
+    pub interval: Option<Duration>,
+    /// The interval is longer than the stream's FPS floor allows.
+    pub slow: bool,
+}
+
+/// One animation stream's frames: counts, intervals, FPS SLOs and `frame_emitted` sampling.
+///
+/// Cheap to clone; the producing side (the StreamFrames node) and the delivering side
+/// (the `Watch` stream) may hold clones on different threads.
+#[derive(Debug, Clone)]
+pub struct FrameStream {
+    signals: Signals,
+    workload: Workload,
+    min_fps: f64,
+    sampler: FrameEventSampler,
+    state: Arc<StreamState>,
+}
+
+/// Swaps in `at` as the last timestamp and returns the interval since the previous one.
+fn interval_since(last: &AtomicU64, at: Duration) -> Option<Duration> {
+    let stamp = at.as_nanos() as u64 + 1;
+    let previous = last.swap(stamp, Ordering::Relaxed);
+    (previous != 0).then(|| Duration::from_nanos(stamp.saturating_sub(previous)))
+}
+
+impl FrameStream {
+    /// The generator emitted a frame now.
+    pub fn frame_produced(&self) -> ProducedFrame {
+        self.frame_produced_at(self.signals.now())
+    }
+
+    /// The generator emitted a frame at `at` (signals clock time).
+    pub fn frame_produced_at(&self, at: Duration) -> ProducedFrame {
+        let index = self.state.produced.fetch_add(1, Ordering::Relaxed);
+        let interval = interval_since(&self.state.last_produced, at);
+        record::frame(self.workload, FrameKind::Produced);
+        if let Some(interval) = interval {
+            record::frame_interval(self.workload, FrameSide::Produced, interval);
+        }
+        self.signals
+            .inner
+            .windows
+            .frame(at, self.workload, FrameSide::Produced, interval);
+        ProducedFrame {
+            index,
+            interval,
+            slow: interval.is_some_and(|i| !self.meets_floor(i)),
+        }
+    }
+
+    /// A frame reached the client now.
+    pub fn frame_delivered(&self) -> Option<Duration> {
+        self.frame_delivered_at(self.signals.now())
+    }
+
+    /// A frame reached the client at `at`; returns the delivered interval.
+    pub fn frame_delivered_at(&self, at: Duration) -> Option<Duration> {
+        let interval = interval_since(&self.state.last_delivered, at);
+        record::frame(self.workload, FrameKind::Delivered);
+        if let Some(interval) = interval {
+            record::frame_interval(self.workload, FrameSide::Delivered, interval);
+        }
+        let inner = &self.signals.inner;
+        inner
+            .windows
+            .frame(at, self.workload, FrameSide::Delivered, interval);
+        if self.workload == Workload::Animation {
+            inner.slo.event(at, SloId::AnimationDroppedFrames, true);
+            if let Some(interval) = interval {
+                inner
+                    .slo
+                    .event(at, SloId::AnimationFps, self.meets_floor(interval));
+            }
+        }
+        interval
+    }
+
+    /// `n` produced frames will never be delivered.
+    pub fn frames_dropped(&self, n: u64) {
+        let at = self.signals.now();
+        record::frames(self.workload, FrameKind::Dropped, n);
+        let inner = &self.signals.inner;
+        inner
+            .windows
+            .frames(at, self.workload, FrameKind::Dropped, n);
+        if self.workload == Workload::Animation {
+            inner.slo.record(at, SloId::AnimationDroppedFrames, 0, n);
+        }
+    }
+
+    /// Whether to log `frame_emitted` for this frame (see [`FrameEventSampler`]).
+    pub fn should_log(&self, frame: &ProducedFrame, job_failing: bool) -> bool {
+        self.sampler
+            .should_emit(frame.index, job_failing, frame.slow)
+    }
+
+    fn meets_floor(&self, interval: Duration) -> bool {
+        // A hair of slack so a stream paced at exactly min_fps is not judged late by rounding.
+        self.min_fps <= 0.0 || interval.as_secs_f64() <= 1.0 / self.min_fps + 1e-6
+    }
+}
+
+/// Everything [`Signals`] knows, frozen at one moment; serde JSON for APIs and files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignalsSnapshot {
+    /// Signals clock time of the snapshot (seconds since start).
+    pub taken_at_s: f64,
+    /// Golden signals for every workload and window.
+    pub golden: Vec<GoldenSignals>,
+    /// System signals for every window.
+    pub system: Vec<SystemSignals>,
+    pub slos: Vec<SloStatus>,
+    pub device: Option<DeviceSample>,
+    pub device_headroom_ratio: Option<f64>,
+    pub config: ConfigChanges,
+    pub planned_heavy_load: bool,
+}
+
+impl SignalsSnapshot {
+    /// The golden signals of one workload over one window.
+    pub fn golden(&self, workload: Workload, window: Window) -> Option<&GoldenSignals> {
+        self.golden
+            .iter()
+            .find(|g| g.workload == workload && g.window == window)
+    }
+
+    /// The system signals over one window.
+    pub fn system(&self, window: Window) -> Option<&SystemSignals> {
+        self.system.iter().find(|s| s.window == window)
+    }
+
+    /// The status of one SLO.
+    pub fn slo(&self, slo: SloId) -> Option<&SloStatus> {
+        self.slos.iter().find(|s| s.slo == slo)
+    }
+
+    /// Pretty JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a snapshot always serializes")
+    }
+
+    /// Writes the snapshot as JSON.
+    ///
+    /// # Errors
+    /// [`TelemetryError::Io`] naming `path`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_json()).map_err(|source| TelemetryError::Io {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Loads a snapshot saved with [`Self::save`] (`sakuga doctor --from FILE`).
+    ///
+    /// # Errors
+    /// [`TelemetryError::Io`] or [`TelemetryError::Snapshot`] naming `path`.
+    pub fn load(path: &Path) -> Result<SignalsSnapshot> {
+        let text = std::fs::read_to_string(path).map_err(|source| TelemetryError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        serde_json::from_str(&text).map_err(|source| TelemetryError::Snapshot {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
