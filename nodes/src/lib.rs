@@ -1,1 +1,33 @@
-//! placeholder
+//! `sakuga-nodes`: the node model sakuga executes.
+//!
+//! Module map:
+//! - [`port`]: port types (`IMAGE`, `MODEL`, `INT`...), spelled as ComfyUI spells them.
+//! - [`schema`]: a node's inputs, outputs, defaults, ranges and choices, declared once for
+//!   both validation and the catalogue.
+//! - [`value`]: values that flow along links at run time.
+//! - [`node`]: the [`Node`] trait and what a running node sees (inputs, environment, sink,
+//!   cancellation).
+//! - [`registry`]: node classes by name; crates above extend it.
+//! - [`files`]: names resolved inside their folder, folder listings for combos.
+//! - [`image`]: conversions between image tensors, pixels and PNG files.
+//! - [`builtin`]: the built-in nodes.
+
+pub mod builtin;
+pub mod error;
+pub mod files;
+pub mod image;
+pub mod node;
+pub mod port;
+pub mod registry;
+pub mod schema;
+pub mod value;
+
+pub use error::NodeError;
+pub use node::{
+    CancelToken, ExecContext, Inputs, JobSink, Node, NodeEnv, NullSink, OutputFile, Resources,
+    StreamFrame,
+};
+pub use port::PortType;
+pub use registry::NodeRegistry;
+pub use schema::{ComboOptions, InputKind, InputSpec, NodeSchema, OutputSpec};
+pub use value::Value;

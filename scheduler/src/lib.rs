@@ -1,1 +1,24 @@
-//! placeholder
+//! `sakuga-scheduler`: from workflow text to finished jobs.
+//!
+//! Module map:
+//! - [`workflow`]: parsing ComfyUI API-format JSON (bare or as a `POST /prompt` body).
+//! - [`validate`]: checking a workflow against the node registry, reporting every problem
+//!   in ComfyUI's `node_errors` shape; yields a [`ValidWorkflow`].
+//! - [`plan`]: compiling a valid workflow into a flat [`ExecutionPlan`].
+//! - [`executor`]: running plans on worker threads with an output cache.
+//! - [`cache`]: the bounded LRU of node outputs.
+//! - [`error`]: the crate's one error enum, [`SchedulerError`].
+
+pub mod cache;
+pub mod error;
+pub mod executor;
+pub mod plan;
+pub mod validate;
+pub mod workflow;
+
+pub use cache::{OutputCache, OutputCacheConfig};
+pub use error::SchedulerError;
+pub use executor::{ExecutionObserver, Executor, ExecutorConfig, JobReport, JobRun, NodeRun};
+pub use plan::ExecutionPlan;
+pub use validate::{NodeErrors, ValidWorkflow, ValidationError, ValidationReport, validate};
+pub use workflow::Workflow;

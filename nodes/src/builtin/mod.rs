@@ -1,0 +1,15 @@
+//! The built-in nodes, one family per file, and the list that registers them.
+
+mod image;
+mod output;
+
+use crate::registry::NodeRegistry;
+
+/// ComfyUI's `MAX_RESOLUTION`.
+pub const MAX_RESOLUTION: i64 = 16384;
+
+/// Registers every built-in node.
+pub fn register_all(registry: &mut NodeRegistry) {
+    image::register(registry);
+    output::register(registry);
+}

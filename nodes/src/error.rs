@@ -1,0 +1,68 @@
+//! The one error type of `sakuga-nodes`: what a node reports when it cannot produce its
+//! outputs. The executor adds the node id and class around it.
+
+use std::path::PathBuf;
+
+/// Why a node failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// An input the node needs was not bound (the validator should have caught it).
+    #[error("input {name:?} is missing")]
+    MissingInput { name: String },
+    /// An input held a value of another type than the node asked for.
+    #[error("input {name:?} is {found}, expected {expected}")]
+    WrongInputType {
+        name: String,
+        expected: &'static str,
+        found: &'static str,
+    },
+    /// A value was acceptable to the schema but not to the node (incompatible shapes...).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A file named by an input resolves outside the folder it must stay in.
+    #[error("{name:?} is outside {root}")]
+    PathEscapes { name: String, root: PathBuf },
+    /// A file could not be read or written.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An image file could not be decoded or encoded.
+    #[error("image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
+    /// A model could not be loaded or run.
+    #[error(transparent)]
+    Model(#[from] sakuga_models::ModelError),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Tensor(#[from] candle_core::Error),
+    /// The job was cancelled while the node ran (checked between steps).
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl NodeError {
+    /// Low-cardinality label for `sakuga_errors_total{kind}`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeError::MissingInput { .. }
+            | NodeError::WrongInputType { .. }
+            | NodeError::InvalidInput(_)
+            | NodeError::PathEscapes { .. }
+            | NodeError::Image { .. } => "invalid_input",
+            NodeError::Io { .. } => "internal",
+            NodeError::Model(e) => e.kind(),
+            NodeError::Tensor(e) => {
+                if e.to_string().to_ascii_lowercase().contains("out of memory") {
+                    "oom"
+                } else {
+                    "device"
+                }
+            }
+            NodeError::Cancelled => "cancelled",
+        }
+    }
+}

@@ -1,0 +1,140 @@
+//! Files named by workflow inputs: resolving a name inside its folder (never outside it)
+//! and listing a folder's files for combo choices.
+
+use std::path::{Component, Path, PathBuf};
+
+use crate::error::NodeError;
+use crate::node::NodeEnv;
+use crate::schema::ComboOptions;
+
+/// Image files LoadImage offers.
+const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp"];
+/// Model files the model loaders offer.
+const MODEL_EXTENSIONS: &[&str] = &[
+    "safetensors",
+    "ckpt",
+    "pt",
+    "pth",
+    "bin",
+    "param",
+    "pkl",
+    "sft",
+];
+
+/// Resolves `name` (may contain `/` subfolders) inside `root`; rejects absolute paths, `..`
+/// and symlinks that lead out of `root`.
+///
+/// # Errors
+/// [`NodeError::PathEscapes`] for names that leave `root`.
+pub fn resolve_inside(root: &Path, name: &str) -> Result<PathBuf, NodeError> {
+    let escapes = || NodeError::PathEscapes {
+        name: name.to_string(),
+        root: root.to_path_buf(),
+    };
+    let relative = Path::new(name);
+    if name.is_empty()
+        || relative
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(escapes());
+    }
+    let joined = root.join(relative);
+    // A symlink may point anywhere: compare canonical forms when the file exists.
+    if let (Ok(real), Ok(real_root)) = (joined.canonicalize(), root.canonicalize())
+        && !real.starts_with(&real_root)
+    {
+        return Err(escapes());
+    }
+    Ok(joined)
+}
+
+/// The choices of a combo input, sorted; file lists are relative names with `/`.
+pub fn list_options(env: &NodeEnv, options: &ComboOptions) -> Vec<String> {
+    match options {
+        ComboOptions::Static(list) => list.iter().map(|s| (*s).to_string()).collect(),
+        ComboOptions::InputFiles => list_files(&env.input_dir, IMAGE_EXTENSIONS),
+        ComboOptions::ModelFolder(folder) => {
+            list_files(&env.models_dir.join(folder), MODEL_EXTENSIONS)
+        }
+    }
+}
+
+/// Files under `root` (recursively, without following symlinked folders) with one of
+/// `extensions`, as sorted relative names.
+pub fn list_files(root: &Path, extensions: &[&str]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(file_type) = entry.file_type() else {
+                continue;
+            };
+            if file_type.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let wanted = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| extensions.iter().any(|x| x.eq_ignore_ascii_case(e)));
+            if wanted && let Ok(rel) = path.strip_prefix(root) {
+                let parts: Vec<_> = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect();
+                found.push(parts.join("/"));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_names_that_leave_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["../x.png", "/etc/passwd", "a/../../x", "", "./x/../../y"] {
+            assert!(
+                matches!(resolve_inside(dir.path(), bad), Err(NodeError::PathEscapes { .. })),
+                "{bad} accepted"
+            );
+        }
+        assert_eq!(
+            resolve_inside(dir.path(), "sub/x.png").unwrap(),
+            dir.path().join("sub/x.png")
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn rejects_symlinks_out_of_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.png"), b"x").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret.png"), root.path().join("link.png"))
+            .unwrap();
+        assert!(matches!(
+            resolve_inside(root.path(), "link.png"),
+            Err(NodeError::PathEscapes { .. })
+        ));
+    }
+
+    #[test]
+    fn lists_matching_files_sorted_with_subfolders() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("sub")).unwrap();
+        for name in ["b.png", "a.JPG", "notes.txt", "sub/c.webp"] {
+            std::fs::write(root.path().join(name), b"x").unwrap();
+        }
+        assert_eq!(
+            list_files(root.path(), IMAGE_EXTENSIONS),
+            vec!["a.JPG", "b.png", "sub/c.webp"]
+        );
+    }
+}

@@ -1,0 +1,58 @@
+//! Port types: the type names that flow along links, spelled as ComfyUI spells them so that
+//! exported workflows and `/object_info`-style catalogues read the same.
+
+use std::fmt;
+
+/// The type of a node input or output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PortType {
+    Model,
+    Clip,
+    Vae,
+    Conditioning,
+    Latent,
+    Image,
+    Mask,
+    UpscaleModel,
+    InterpolationModel,
+    Int,
+    Float,
+    String,
+    Boolean,
+    /// A choice from a list; carried as a string.
+    Combo,
+}
+
+impl PortType {
+    /// ComfyUI's spelling of the type.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            PortType::Model => "MODEL",
+            PortType::Clip => "CLIP",
+            PortType::Vae => "VAE",
+            PortType::Conditioning => "CONDITIONING",
+            PortType::Latent => "LATENT",
+            PortType::Image => "IMAGE",
+            PortType::Mask => "MASK",
+            PortType::UpscaleModel => "UPSCALE_MODEL",
+            PortType::InterpolationModel => "INTERPOLATION_MODEL",
+            PortType::Int => "INT",
+            PortType::Float => "FLOAT",
+            PortType::String => "STRING",
+            PortType::Boolean => "BOOLEAN",
+            PortType::Combo => "COMBO",
+        }
+    }
+
+    /// Whether a link from an output of type `self` may feed an input of type `input`.
+    /// A combo input accepts a string output, as ComfyUI's primitive nodes rely on.
+    pub fn feeds(self, input: PortType) -> bool {
+        self == input || (self == PortType::String && input == PortType::Combo)
+    }
+}
+
+impl fmt::Display for PortType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

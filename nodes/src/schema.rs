@@ -1,0 +1,301 @@
+//! Node schemas: a node's inputs, outputs, defaults, ranges and choice lists, declared once
+//! and read by both the validator and the `sakuga nodes` catalogue (ComfyUI's
+//! `/object_info` shape).
+
+use serde_json::{Map, Value as Json, json};
+
+use crate::port::PortType;
+
+/// Where the choices of a combo input come from.
+#[derive(Debug, Clone)]
+pub enum ComboOptions {
+    /// A fixed list (sampler names, resize methods).
+    Static(&'static [&'static str]),
+    /// Image files in the input dir, like ComfyUI's `input/` folder.
+    InputFiles,
+    /// Model files in a folder of the models dir (`checkpoints`, `loras`...).
+    ModelFolder(&'static str),
+}
+
+/// What an input accepts: a widget literal with its constraints, or a link of a port type.
+#[derive(Debug, Clone)]
+pub enum InputKind {
+    Int {
+        default: i64,
+        min: i64,
+        max: i64,
+        step: i64,
+    },
+    Float {
+        default: f64,
+        min: f64,
+        max: f64,
+        step: f64,
+    },
+    String {
+        default: &'static str,
+        multiline: bool,
+    },
+    Boolean {
+        default: bool,
+    },
+    Combo {
+        options: ComboOptions,
+        default: Option<&'static str>,
+    },
+    /// Only a link can feed it (IMAGE, MODEL, LATENT...).
+    Link(PortType),
+}
+
+impl InputKind {
+    /// The port type a link into this input must carry.
+    pub fn port_type(&self) -> PortType {
+        match self {
+            InputKind::Int { .. } => PortType::Int,
+            InputKind::Float { .. } => PortType::Float,
+            InputKind::String { .. } => PortType::String,
+            InputKind::Boolean { .. } => PortType::Boolean,
+            InputKind::Combo { .. } => PortType::Combo,
+            InputKind::Link(t) => *t,
+        }
+    }
+}
+
+/// One named input.
+#[derive(Debug, Clone)]
+pub struct InputSpec {
+    pub name: &'static str,
+    pub kind: InputKind,
+    pub required: bool,
+    pub tooltip: &'static str,
+}
+
+impl InputSpec {
+    fn new(name: &'static str, kind: InputKind) -> Self {
+        Self {
+            name,
+            kind,
+            required: true,
+            tooltip: "",
+        }
+    }
+
+    /// A required link input of `port` type.
+    pub fn link(name: &'static str, port: PortType) -> Self {
+        Self::new(name, InputKind::Link(port))
+    }
+
+    /// A required integer widget.
+    pub fn int(name: &'static str, default: i64, min: i64, max: i64) -> Self {
+        Self::new(
+            name,
+            InputKind::Int {
+                default,
+                min,
+                max,
+                step: 1,
+            },
+        )
+    }
+
+    /// A required float widget.
+    pub fn float(name: &'static str, default: f64, min: f64, max: f64, step: f64) -> Self {
+        Self::new(
+            name,
+            InputKind::Float {
+                default,
+                min,
+                max,
+                step,
+            },
+        )
+    }
+
+    /// A required string widget.
+    pub fn string(name: &'static str, default: &'static str, multiline: bool) -> Self {
+        Self::new(name, InputKind::String { default, multiline })
+    }
+
+    /// A required boolean widget.
+    pub fn boolean(name: &'static str, default: bool) -> Self {
+        Self::new(name, InputKind::Boolean { default })
+    }
+
+    /// A required choice from a fixed list; the first entry is the default.
+    pub fn combo(name: &'static str, options: &'static [&'static str]) -> Self {
+        Self::new(
+            name,
+            InputKind::Combo {
+                options: ComboOptions::Static(options),
+                default: options.first().copied(),
+            },
+        )
+    }
+
+    /// A required choice of a file (input image or model), listed at validation time.
+    pub fn files(name: &'static str, options: ComboOptions) -> Self {
+        Self::new(
+            name,
+            InputKind::Combo {
+                options,
+                default: None,
+            },
+        )
+    }
+
+    /// Marks the input optional.
+    pub fn optional(mut self) -> Self {
+        self.required = false;
+        self
+    }
+
+    /// Attaches a tooltip for the catalogue.
+    pub fn tooltip(mut self, tooltip: &'static str) -> Self {
+        self.tooltip = tooltip;
+        self
+    }
+}
+
+/// One output slot.
+#[derive(Debug, Clone)]
+pub struct OutputSpec {
+    pub name: &'static str,
+    pub port: PortType,
+}
+
+/// Everything the validator and the catalogue need to know about a node class.
+#[derive(Debug, Clone)]
+pub struct NodeSchema {
+    pub class_type: &'static str,
+    pub display_name: &'static str,
+    pub category: &'static str,
+    pub description: &'static str,
+    pub inputs: Vec<InputSpec>,
+    pub outputs: Vec<OutputSpec>,
+    /// Output nodes are the roots of execution: only what they depend on runs.
+    pub output_node: bool,
+}
+
+impl NodeSchema {
+    /// Starts a schema for `class_type`.
+    pub fn new(class_type: &'static str, display_name: &'static str, category: &'static str) -> Self {
+        Self {
+            class_type,
+            display_name,
+            category,
+            description: "",
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            output_node: false,
+        }
+    }
+
+    /// Sets the description shown in the catalogue.
+    pub fn description(mut self, description: &'static str) -> Self {
+        self.description = description;
+        self
+    }
+
+    /// Adds an input.
+    pub fn input(mut self, input: InputSpec) -> Self {
+        self.inputs.push(input);
+        self
+    }
+
+    /// Adds an output named after its type, as most ComfyUI nodes do.
+    pub fn output(self, port: PortType) -> Self {
+        self.named_output(port.as_str(), port)
+    }
+
+    /// Adds an output with its own name.
+    pub fn named_output(mut self, name: &'static str, port: PortType) -> Self {
+        self.outputs.push(OutputSpec { name, port });
+        self
+    }
+
+    /// Marks the node as an output node.
+    pub fn output_node(mut self) -> Self {
+        self.output_node = true;
+        self
+    }
+
+    /// Looks an input up by name.
+    pub fn find_input(&self, name: &str) -> Option<&InputSpec> {
+        self.inputs.iter().find(|i| i.name == name)
+    }
+
+    /// The `/object_info` entry for this class; `list` resolves file-backed combos.
+    pub fn to_object_info(&self, list: &dyn Fn(&ComboOptions) -> Vec<String>) -> Json {
+        let mut required = Map::new();
+        let mut optional = Map::new();
+        for input in &self.inputs {
+            let entry = input_info(input, list);
+            if input.required {
+                required.insert(input.name.to_string(), entry);
+            } else {
+                optional.insert(input.name.to_string(), entry);
+            }
+        }
+        let order = |req: bool| -> Vec<&str> {
+            self.inputs
+                .iter()
+                .filter(|i| i.required == req)
+                .map(|i| i.name)
+                .collect()
+        };
+        json!({
+            "input": {"required": required, "optional": optional},
+            "input_order": {"required": order(true), "optional": order(false)},
+            "output": self.outputs.iter().map(|o| o.port.as_str()).collect::<Vec<_>>(),
+            "output_is_list": self.outputs.iter().map(|_| false).collect::<Vec<_>>(),
+            "output_name": self.outputs.iter().map(|o| o.name).collect::<Vec<_>>(),
+            "name": self.class_type,
+            "display_name": self.display_name,
+            "description": self.description,
+            "category": self.category,
+            "output_node": self.output_node,
+        })
+    }
+}
+
+fn input_info(input: &InputSpec, list: &dyn Fn(&ComboOptions) -> Vec<String>) -> Json {
+    let mut extra = match &input.kind {
+        InputKind::Int {
+            default,
+            min,
+            max,
+            step,
+        } => json!({"default": default, "min": min, "max": max, "step": step}),
+        InputKind::Float {
+            default,
+            min,
+            max,
+            step,
+        } => json!({"default": default, "min": min, "max": max, "step": step}),
+        InputKind::String { default, multiline } => {
+            json!({"default": default, "multiline": multiline})
+        }
+        InputKind::Boolean { default } => json!({ "default": default }),
+        InputKind::Combo { options, default } => {
+            let choices = list(options);
+            let mut extra = Map::new();
+            if let Some(d) = default {
+                extra.insert("default".into(), json!(d));
+            }
+            if !input.tooltip.is_empty() {
+                extra.insert("tooltip".into(), json!(input.tooltip));
+            }
+            return json!([choices, extra]);
+        }
+        InputKind::Link(port) => {
+            if input.tooltip.is_empty() {
+                return json!([port.as_str()]);
+            }
+            return json!([port.as_str(), {"tooltip": input.tooltip}]);
+        }
+    };
+    if !input.tooltip.is_empty() {
+        extra["tooltip"] = json!(input.tooltip);
+    }
+    json!([input.kind.port_type().as_str(), extra])
+}

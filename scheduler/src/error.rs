@@ -1,0 +1,52 @@
+//! The one error type of `sakuga-scheduler`: workflows that cannot be read or are invalid,
+//! and jobs that fail, panic or are cancelled while they execute.
+
+use std::time::Duration;
+
+use sakuga_nodes::NodeError;
+
+use crate::validate::ValidationReport;
+
+/// Everything that can stop a workflow from being accepted or finishing.
+#[derive(Debug, thiserror::Error)]
+pub enum SchedulerError {
+    /// The text is not a workflow at all (not JSON, not an object of nodes).
+    #[error("malformed workflow: {reason}")]
+    Malformed { reason: String },
+    /// The workflow parsed but failed validation; the report names every problem.
+    #[error("{}", .0.summary())]
+    Invalid(Box<ValidationReport>),
+    /// A node returned an error.
+    #[error("node {node_id} ({class_type}) failed: {source}")]
+    NodeFailed {
+        node_id: String,
+        class_type: String,
+        #[source]
+        source: NodeError,
+    },
+    /// A node panicked; the worker survived and the job failed.
+    #[error("node {node_id} ({class_type}) panicked: {message}")]
+    NodePanicked {
+        node_id: String,
+        class_type: String,
+        message: String,
+    },
+    /// The job was cancelled; `node_id` is where it stopped, if a node was running.
+    #[error("job cancelled after {elapsed:?}{}", .node_id.as_deref().map(|n| format!(" at node {n}")).unwrap_or_default())]
+    Cancelled {
+        node_id: Option<String>,
+        elapsed: Duration,
+    },
+}
+
+impl SchedulerError {
+    /// Low-cardinality label for `sakuga_errors_total{kind}` and status codes.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SchedulerError::Malformed { .. } | SchedulerError::Invalid(_) => "invalid_input",
+            SchedulerError::NodeFailed { source, .. } => source.kind(),
+            SchedulerError::NodePanicked { .. } => "internal",
+            SchedulerError::Cancelled { .. } => "cancelled",
+        }
+    }
+}
