@@ -312,7 +312,7 @@ pub fn load_state_dict(param_path: &Path, device: &Device) -> Result<StateDict> 
     } else if has("Concat") && has("Eltwise") && prelus.is_empty() {
         let names = rrdb_conv_names(convs.len()).ok_or_else(|| ModelError::Unsupported {
             path: param_path.to_path_buf(),
-            reason: format!("{} convolutions do not form an RRDBNet (5 + 15 per block)", convs.len()),
+            reason: format!("{} convolutions do not form an RRDBNet (6 + 15 per block)", convs.len()),
         })?;
         for (name, conv) in names.into_iter().zip(convs) {
             insert_conv(&mut tensors, &name, conv);
@@ -336,10 +336,10 @@ fn insert_conv(tensors: &mut BTreeMap<String, Tensor>, prefix: &str, conv: ConvW
 
 /// RRDBNet's convolution names in forward order, for `count` convolutions.
 fn rrdb_conv_names(count: usize) -> Option<Vec<String>> {
-    if count < 20 || (count - 5) % 15 != 0 {
+    if count < 21 || (count - 6) % 15 != 0 {
         return None;
     }
-    let blocks = (count - 5) / 15;
+    let blocks = (count - 6) / 15;
     let mut names = vec!["conv_first".to_string()];
     for block in 0..blocks {
         for rdb in 1..=3 {

@@ -1,0 +1,212 @@
+//! RIFE frame interpolation: the backward warp against hand-computed cases, and the IFNet
+//! architecture on the demo weights (loading, padding, timestep endpoints, sequences).
+//!
+//! Run with `cargo test -p sakuga-models --test interpolate`.
+
+use candle_core::{DType, Device, Tensor};
+use sakuga_models::ModelError;
+use sakuga_models::interpolate::warp::{warp, warp_with_gather};
+use sakuga_models::interpolate::{Interpolator, write_demo_rife};
+
+/// A 1x1x3x4 image with distinct values: `v(y, x) = 10 y + x`.
+fn ramp() -> Tensor {
+    let values: Vec<f32> = (0..3).flat_map(|y| (0..4).map(move |x| (10 * y + x) as f32)).collect();
+    Tensor::from_vec(values, (1, 1, 3, 4), &Device::Cpu).unwrap()
+}
+
+fn constant_flow(fx: f32, fy: f32, h: usize, w: usize) -> Tensor {
+    let x = Tensor::full(fx, (1, 1, h, w), &Device::Cpu).unwrap();
+    let y = Tensor::full(fy, (1, 1, h, w), &Device::Cpu).unwrap();
+    Tensor::cat(&[x, y], 1).unwrap()
+}
+
+fn rows(t: &Tensor) -> Vec<Vec<f32>> {
+    t.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap()
+}
+
+fn assert_close(got: &Tensor, want: &[Vec<f32>]) {
+    let got = rows(got);
+    for (gr, wr) in got.iter().zip(want) {
+        for (g, w) in gr.iter().zip(wr) {
+            assert!((g - w).abs() < 1e-5, "got {got:?}, want {want:?}");
+        }
+    }
+}
+
+/// Both implementations must give the hand-computed answer.
+fn check_warp(flow: &Tensor, want: &[Vec<f32>]) {
+    assert_close(&warp(&ramp(), flow).unwrap(), want);
+    assert_close(&warp_with_gather(&ramp(), flow).unwrap(), want);
+}
+
+#[test]
+fn zero_flow_is_identity() {
+    check_warp(
+        &constant_flow(0.0, 0.0, 3, 4),
+        &[vec![0., 1., 2., 3.], vec![10., 11., 12., 13.], vec![20., 21., 22., 23.]],
+    );
+}
+
+#[test]
+fn integer_shift_moves_content_and_clamps_at_the_border() {
+    // Sample one to the right: each pixel takes its right neighbour, the last column repeats.
+    check_warp(
+        &constant_flow(1.0, 0.0, 3, 4),
+        &[vec![1., 2., 3., 3.], vec![11., 12., 13., 13.], vec![21., 22., 23., 23.]],
+    );
+    // Sample one up: the first row repeats.
+    check_warp(
+        &constant_flow(0.0, -1.0, 3, 4),
+        &[vec![0., 1., 2., 3.], vec![0., 1., 2., 3.], vec![10., 11., 12., 13.]],
+    );
+}
+
+#[test]
+fn far_out_of_range_flow_clamps_to_the_edge_pixel() {
+    check_warp(
+        &constant_flow(-100.0, 100.0, 3, 4),
+        &[vec![20., 20., 20., 20.], vec![20., 20., 20., 20.], vec![20., 20., 20., 20.]],
+    );
+}
+
+#[test]
+fn sub_pixel_flow_is_bilinear() {
+    // (x + 0.25, y + 0.5): 10 (y + 0.5) + (x + 0.25) inside the image; the bottom row clamps
+    // y to 2 and the last column clamps x to 3.
+    check_warp(
+        &constant_flow(0.25, 0.5, 3, 4),
+        &[vec![5.25, 6.25, 7.25, 8.0], vec![15.25, 16.25, 17.25, 18.0], vec![20.25, 21.25, 22.25, 23.0]],
+    );
+}
+
+#[test]
+fn per_pixel_flow_and_channels_are_independent() {
+    // Two channels (second = negated), and a flow that differs per pixel.
+    let image = Tensor::cat(&[ramp(), ramp().neg().unwrap()], 1).unwrap();
+    let fx: Vec<f32> = (0..12).map(|i| if i % 2 == 0 { 0.5 } else { -1.0 }).collect();
+    let fx = Tensor::from_vec(fx, (1, 1, 3, 4), &Device::Cpu).unwrap();
+    let flow = Tensor::cat(&[fx, Tensor::zeros((1, 1, 3, 4), DType::F32, &Device::Cpu).unwrap()], 1).unwrap();
+    let out = warp(&image, &flow).unwrap();
+    let want = [vec![0.5, 0., 2.5, 2.], vec![10.5, 10., 12.5, 12.], vec![20.5, 20., 22.5, 22.]];
+    assert_close(&out.narrow(1, 0, 1).unwrap(), &want);
+    let negated: Vec<Vec<f32>> = want.iter().map(|r| r.iter().map(|v| -v).collect()).collect();
+    assert_close(&out.narrow(1, 1, 1).unwrap(), &negated);
+    let gathered = warp_with_gather(&image, &flow).unwrap();
+    let diff: f32 = (out - gathered).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    assert!(diff < 1e-6);
+}
+
+#[test]
+fn mismatched_flow_is_an_error() {
+    assert!(warp(&ramp(), &constant_flow(0.0, 0.0, 2, 4)).is_err());
+}
+
+fn demo_interpolator() -> (tempfile::TempDir, Interpolator) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rife-demo.safetensors");
+    write_demo_rife(&path).unwrap();
+    let interpolator = Interpolator::load(&path, &Device::Cpu).unwrap();
+    (dir, interpolator)
+}
+
+/// Two smooth frames, the second shifted right by 2 px, BHWC.
+fn frame_pair(h: usize, w: usize) -> (Tensor, Tensor) {
+    let make = |shift: f32| {
+        let values: Vec<f32> = (0..h)
+            .flat_map(|y| {
+                (0..w).flat_map(move |x| {
+                    let u = (x as f32 - shift) / 7.0;
+                    let v = y as f32 / 5.0;
+                    [0.5 + 0.4 * u.sin(), 0.5 + 0.4 * v.cos(), 0.5 + 0.3 * (u + v).sin()]
+                })
+            })
+            .collect();
+        Tensor::from_vec(values, (1, h, w, 3), &Device::Cpu).unwrap()
+    };
+    (make(0.0), make(2.0))
+}
+
+#[test]
+fn demo_rife_loads_with_the_real_key_layout() {
+    let (dir, interpolator) = demo_interpolator();
+    let configs = interpolator.net().block_configs();
+    assert_eq!(configs.map(|c| c.channels), [16, 16, 8, 8]);
+    assert_eq!(configs.map(|c| c.in_channels), [7, 12, 12, 12]);
+    assert!(interpolator.approx_bytes() > 10_000);
+    // The file is deterministic: writing it twice gives identical bytes.
+    let again = dir.path().join("again.safetensors");
+    write_demo_rife(&again).unwrap();
+    assert_eq!(
+        std::fs::read(dir.path().join("rife-demo.safetensors")).unwrap(),
+        std::fs::read(again).unwrap()
+    );
+}
+
+#[test]
+fn interpolation_pads_crops_and_stays_in_range() {
+    let (_dir, interpolator) = demo_interpolator();
+    // 40x52 is not a multiple of 32: padded to 64x64 inside, cropped back.
+    let (a, b) = frame_pair(40, 52);
+    let mid = interpolator.interpolate(&a, &b, 0.5).unwrap();
+    assert_eq!(mid.dims(), &[1, 40, 52, 3]);
+    let values: Vec<f32> = mid.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(values.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
+    // The middle frame lies between the inputs on average (both are blends of the warped
+    // frames), not far outside them.
+    let mean = |t: &Tensor| -> f32 { t.mean_all().unwrap().to_scalar().unwrap() };
+    let (lo, hi) = (mean(&a).min(mean(&b)), mean(&a).max(mean(&b)));
+    assert!(mean(&mid) > lo - 0.1 && mean(&mid) < hi + 0.1);
+    // Deterministic.
+    let again = interpolator.interpolate(&a, &b, 0.5).unwrap();
+    assert_eq!(values, again.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+}
+
+#[test]
+fn sequence_inserts_multiplier_minus_one_frames_per_pair() {
+    let (_dir, interpolator) = demo_interpolator();
+    let (a, b) = frame_pair(32, 32);
+    let (c, _) = frame_pair(32, 32);
+    let frames = Tensor::cat(&[&a, &b, &c], 0).unwrap();
+    let out = interpolator.interpolate_sequence(&frames, 3).unwrap();
+    assert_eq!(out.dims(), &[7, 32, 32, 3]);
+    // Originals stay at positions 0, 3, 6.
+    for (index, original) in [(0, &a), (3, &b), (6, &c)] {
+        let diff: f32 = (out.narrow(0, index, 1).unwrap() - original)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_keepdim(0)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert_eq!(diff, 0.0, "frame {index} should be the original");
+    }
+    let same = interpolator.interpolate_sequence(&frames, 1).unwrap();
+    assert_eq!(same.dims(), &[3, 32, 32, 3]);
+    assert!(matches!(interpolator.interpolate_sequence(&frames, 0), Err(ModelError::InvalidInput(_))));
+}
+
+#[test]
+fn bad_frames_and_times_are_invalid_input() {
+    let (_dir, interpolator) = demo_interpolator();
+    let (a, _) = frame_pair(32, 32);
+    let (b, _) = frame_pair(32, 64);
+    assert_eq!(interpolator.interpolate(&a, &b, 0.5).unwrap_err().kind(), "invalid_input");
+    assert_eq!(interpolator.interpolate(&a, &a, 1.5).unwrap_err().kind(), "invalid_input");
+}
+
+#[test]
+fn foreign_weights_are_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("not-rife.safetensors");
+    let mut tensors = std::collections::BTreeMap::new();
+    tensors.insert("encode.0.weight".to_string(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap());
+    sakuga_models::upscale::StateDict::from_tensors(&path, tensors).save_safetensors(&path).unwrap();
+    let err = Interpolator::load(&path, &Device::Cpu).unwrap_err();
+    assert!(matches!(err, ModelError::Unsupported { .. }), "{err:?}");
+    assert!(err.to_string().contains("encode.0.weight"));
+}
