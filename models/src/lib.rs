@@ -11,3 +11,6 @@ pub mod cache;
 pub mod demo;
 pub mod diffusion;
 pub mod store;
+pub mod conv;
+pub mod interpolate;
+pub mod upscale;
