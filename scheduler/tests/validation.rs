@@ -1,0 +1,142 @@
+//! Validation reports every problem in ComfyUI's vocabulary, names cycle members, and
+//! never recurses.
+
+mod common;
+
+use sakuga_scheduler::SchedulerError;
+use serde_json::json;
+
+fn report(result: Result<sakuga_scheduler::ExecutionPlan, SchedulerError>) -> sakuga_scheduler::ValidationReport {
+    match result {
+        Err(SchedulerError::Invalid(report)) => *report,
+        Err(other) => panic!("expected a validation report, got {other}"),
+        Ok(_) => panic!("expected a validation report, the workflow validated"),
+    }
+}
+
+fn kinds_of(report: &sakuga_scheduler::ValidationReport, node: &str) -> Vec<&'static str> {
+    report.node_errors.get(node).map(|n| n.errors.iter().map(|e| e.kind).collect()).unwrap_or_default()
+}
+
+#[test]
+fn five_mistakes_are_all_reported_with_node_ids_and_types() {
+    let f = common::fixture(1);
+    let wf = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 512, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "cubic-ish",
+              "width": 99999, "height": 64, "crop": "disabled"}},
+        "3": {"class_type": "ImageInvert", "inputs": {}},
+        "4": {"class_type": "NoSuchNode", "inputs": {}},
+        "5": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+        "6": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "y"}},
+    });
+    let r = report(f.plan(&wf));
+    assert_eq!(r.error.kind, "prompt_outputs_failed_validation");
+    assert_eq!(kinds_of(&r, "1"), ["value_smaller_than_min"]);
+    let mut two = kinds_of(&r, "2");
+    two.sort();
+    assert_eq!(two, ["value_bigger_than_max", "value_not_in_list"]);
+    assert_eq!(kinds_of(&r, "3"), ["required_input_missing"]);
+    assert_eq!(kinds_of(&r, "4"), ["missing_node_type"]);
+    assert_eq!(r.node_errors["1"].class_type, "EmptyImage");
+    assert_eq!(r.node_errors["1"].dependent_outputs, ["5"]);
+    assert_eq!(r.node_errors["3"].dependent_outputs, ["6"]);
+    // The JSON shape clients read.
+    let j = r.to_json();
+    assert_eq!(j["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"].is_string(), true);
+    assert_eq!(j["error"]["type"], "prompt_outputs_failed_validation");
+}
+
+#[test]
+fn link_problems_are_reported() {
+    let f = common::fixture(1);
+    let wf = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 3]}},
+        "3": {"class_type": "ImageInvert", "inputs": {"image": ["missing", 0]}},
+        "4": {"class_type": "ImageInvert", "inputs": {"image": ["1"]}},
+        "5": {"class_type": "TestIntSink", "inputs": {"value": ["1", 0]}},
+        "6": {"class_type": "TestIntSink", "inputs": {"value": "seven"}},
+        "7": {"class_type": "ImageBatch", "inputs": {"image1": ["2", 0], "image2": ["3", 0]}},
+        "8": {"class_type": "ImageBatch", "inputs": {"image1": ["4", 0], "image2": 5}},
+        "9": {"class_type": "SaveImage", "inputs": {"images": ["7", 0], "filename_prefix": "a"}},
+        "10": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "b"}},
+    });
+    let r = report(f.plan(&wf));
+    assert_eq!(kinds_of(&r, "2"), ["bad_linked_input"]);
+    assert_eq!(kinds_of(&r, "3"), ["bad_linked_input"]);
+    assert_eq!(kinds_of(&r, "4"), ["bad_linked_input"]);
+    assert_eq!(kinds_of(&r, "5"), ["return_type_mismatch"]);
+    assert_eq!(kinds_of(&r, "6"), ["invalid_input_type"]);
+    assert_eq!(kinds_of(&r, "8"), ["invalid_input_type"]);
+    assert!(r.node_errors["5"].errors[0].details.contains("received_type(IMAGE) mismatch input_type(INT)"));
+}
+
+#[test]
+fn a_three_node_cycle_names_all_three_nodes() {
+    let f = common::fixture(1);
+    let wf = json!({
+        "a": {"class_type": "TestCounter", "inputs": {"value": ["c", 0]}},
+        "b": {"class_type": "TestCounter", "inputs": {"value": ["a", 0]}},
+        "c": {"class_type": "TestCounter", "inputs": {"value": ["b", 0]}},
+        "out": {"class_type": "TestIntSink", "inputs": {"value": ["c", 0]}},
+    });
+    let r = report(f.plan(&wf));
+    for id in ["a", "b", "c"] {
+        assert_eq!(kinds_of(&r, id), ["dependency_cycle"], "node {id}");
+        let details = &r.node_errors[id].errors[0].details;
+        for member in ["a", "b", "c"] {
+            assert!(details.contains(member), "{details} does not name {member}");
+        }
+    }
+    assert!(!r.node_errors.contains_key("out"));
+}
+
+#[test]
+fn a_workflow_without_outputs_is_rejected() {
+    let f = common::fixture(1);
+    let wf = json!({"1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}}});
+    let r = report(f.plan(&wf));
+    assert_eq!(r.error.kind, "prompt_no_outputs");
+}
+
+#[test]
+fn nodes_no_output_depends_on_are_neither_checked_nor_run() {
+    let f = common::fixture(1);
+    let wf = json!({
+        "dangling": {"class_type": "ImageInvert", "inputs": {}},
+        "1": {"class_type": "TestCounter", "inputs": {"value": 1}},
+        "2": {"class_type": "TestIntSink", "inputs": {"value": ["1", 0]}},
+    });
+    let plan = f.plan(&wf).expect("dangling node is ignored");
+    assert_eq!(plan.len(), 2);
+}
+
+#[test]
+fn literals_convert_like_comfyui() {
+    let f = common::fixture(1);
+    let wf = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": "16", "height": 16.0, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "area", "scale_by": "0.5"}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    });
+    assert!(f.plan(&wf).is_ok());
+}
+
+#[test]
+fn a_100000_node_chain_validates_without_recursion() {
+    let f = common::fixture(1);
+    let plan = f.plan(&common::counter_chain(100_000, 0)).unwrap();
+    assert_eq!(plan.len(), 100_001);
+}
+
+#[test]
+fn post_prompt_bodies_and_malformed_text() {
+    let f = common::fixture(1);
+    let body = json!({"prompt": common::counter_chain(3, 0), "client_id": "abc"});
+    assert_eq!(f.plan(&body).unwrap().len(), 4);
+    assert!(matches!(sakuga_scheduler::Workflow::from_json_str("{oops"), Err(SchedulerError::Malformed { .. })));
+    let r = report(f.plan(&json!({"1": 5, "2": {"inputs": {}}})));
+    assert_eq!(kinds_of(&r, "1"), ["invalid_prompt"]);
+    assert_eq!(kinds_of(&r, "2"), ["invalid_prompt"]);
+}
