@@ -26,22 +26,20 @@ pub struct DiagnosisConfig {
     pub fps_window: Window,
     /// Mean utilization at or over this is "high".
     pub high_utilization: f64,
-    /// Short and long windows compared for "growing" signals.
-    pub short_window: Window,
-    pub long_window: Window,
-    /// Short-window p99 latency at least this times the long-window p99 is a growing tail.
+    /// Last-2-minute p99 latency at least this times the baseline p99 (the 13 minutes
+    /// before) is a growing tail.
     pub tail_growth_factor: f64,
-    /// Queue depth must have grown by at least this many jobs over the long window.
+    /// Queue depth must have grown by at least this many jobs over 15 minutes.
     pub min_queue_growth: u64,
     /// OOMs after a config change needed to call it a spike...
     pub min_ooms_after_change: u64,
     /// ...within this many seconds of the change.
     pub config_change_lookback_s: f64,
-    /// Short-window post-process mean at least this times the long-window mean is high...
+    /// Last-2-minute post-process mean at least this times the baseline mean is high...
     pub postprocess_growth_factor: f64,
     /// ...or post-process taking at least this share of inference + post-process time...
     pub max_postprocess_share: f64,
-    /// ...while inference stayed under this times its long-window mean ("on its own").
+    /// ...while inference stayed under this times its baseline mean ("on its own").
     pub inference_stable_factor: f64,
     /// Percentiles from fewer samples than this are not trusted.
     pub min_samples: u64,
@@ -56,8 +54,6 @@ impl Default for DiagnosisConfig {
             max_fps_deviation: 0.20,
             fps_window: Window::FiveMinutes,
             high_utilization: 0.90,
-            short_window: Window::TwoMinutes,
-            long_window: Window::FifteenMinutes,
             tail_growth_factor: 1.5,
             min_queue_growth: 5,
             min_ooms_after_change: 3,
@@ -234,16 +230,20 @@ fn scheduler_saturation(
 ) -> Vec<(Option<Workload>, Vec<Evidence>)> {
     let mut found = Vec::new();
     for &workload in Workload::ALL {
-        let (Some(short), Some(long)) = (
-            snap.golden(workload, cfg.short_window),
-            snap.golden(workload, cfg.long_window),
+        let (Some(short), Some(long), Some(before)) = (
+            snap.golden(workload, Window::TwoMinutes),
+            snap.golden(workload, Window::FifteenMinutes),
+            snap.baseline(workload),
         ) else {
             continue;
         };
-        if short.render_latency.count < cfg.min_samples {
+        if short.render_latency.count < cfg.min_samples
+            || before.render_latency.count < cfg.min_samples
+        {
             continue;
         }
-        let (Some(p99_short), Some(p99_long)) = (short.render_latency.p99, long.render_latency.p99)
+        let (Some(p99_short), Some(p99_long)) =
+            (short.render_latency.p99, before.render_latency.p99)
         else {
             continue;
         };
@@ -258,7 +258,7 @@ fn scheduler_saturation(
                 Some(workload),
                 vec![
                     ev("latency_p99_short_s", p99_short),
-                    ev("latency_p99_long_s", p99_long),
+                    ev("latency_p99_baseline_s", p99_long),
                     ev("queue_depth_start", depth_start as f64),
                     ev("queue_depth_end", depth_end as f64),
                 ],
@@ -300,12 +300,12 @@ fn postprocess_slow(
     let mut found = Vec::new();
     for &workload in Workload::ALL {
         let (Some(short), Some(long)) = (
-            snap.golden(workload, cfg.short_window),
-            snap.golden(workload, cfg.long_window),
+            snap.golden(workload, Window::TwoMinutes),
+            snap.baseline(workload),
         ) else {
             continue;
         };
-        if short.postprocess.count < cfg.min_samples {
+        if short.postprocess.count < cfg.min_samples || long.postprocess.count < cfg.min_samples {
             continue;
         }
         let (Some(post_short), Some(post_long)) = (short.postprocess.mean, long.postprocess.mean)
@@ -328,13 +328,13 @@ fn postprocess_slow(
                 Some(workload),
                 vec![
                     ev("postprocess_mean_short_s", post_short),
-                    ev("postprocess_mean_long_s", post_long),
+                    ev("postprocess_mean_baseline_s", post_long),
                     ev(
                         "postprocess_p95_short_s",
                         short.postprocess.p95.unwrap_or(0.0),
                     ),
                     ev("inference_mean_short_s", infer_short),
-                    ev("inference_mean_long_s", infer_long),
+                    ev("inference_mean_baseline_s", infer_long),
                     ev("postprocess_share", share),
                 ],
             ));

@@ -103,8 +103,18 @@ impl<T: SlotData> SlotRing<T> {
 
     /// Visits the last `count` slots (oldest first) that hold data of this lap, with their
     /// slot number.
-    pub fn for_each_recent(&self, now: Duration, count: usize, mut visit: impl FnMut(u64, &T)) {
-        let newest = self.slot_number(now);
+    pub fn for_each_recent(&self, now: Duration, count: usize, visit: impl FnMut(u64, &T)) {
+        self.for_each_ending_at(self.slot_number(now), count, visit);
+    }
+
+    /// Sums `count` slots ending with slot number `newest` (inclusive).
+    pub fn sum_ending_at(&self, newest: u64, count: usize) -> T {
+        let mut total = T::default();
+        self.for_each_ending_at(newest, count, |_, data| total.merge(data));
+        total
+    }
+
+    fn for_each_ending_at(&self, newest: u64, count: usize, mut visit: impl FnMut(u64, &T)) {
         let count = count.min(self.slots.len()) as u64;
         let oldest = (newest + 1).saturating_sub(count);
         let len = self.slots.len() as u64;

@@ -457,6 +457,14 @@ impl Signals {
             golden.extend(g);
             system.push(s);
         }
+        let baseline = Workload::ALL
+            .iter()
+            .map(|&w| {
+                inner
+                    .windows
+                    .golden_before(now, w, Window::TwoMinutes, Window::FifteenMinutes)
+            })
+            .collect();
         let device = inner.device.lock().clone();
         let changes = inner.changes.lock();
         let config = ConfigChanges {
@@ -472,6 +480,7 @@ impl Signals {
         SignalsSnapshot {
             taken_at_s: now.as_secs_f64(),
             golden,
+            baseline,
             system,
             slos: inner.slo.all(now, &inner.config.slo),
             device_headroom_ratio: device.as_ref().map(DeviceSample::headroom_ratio),
@@ -605,6 +614,9 @@ pub struct SignalsSnapshot {
     pub taken_at_s: f64,
     /// Golden signals for every workload and window.
     pub golden: Vec<GoldenSignals>,
+    /// Each workload over the 13 minutes before the last 2 (the 15-minute window minus
+    /// the 2-minute one): the baseline "growing" signals are judged against.
+    pub baseline: Vec<GoldenSignals>,
     /// System signals for every window.
     pub system: Vec<SystemSignals>,
     pub slos: Vec<SloStatus>,
@@ -620,6 +632,11 @@ impl SignalsSnapshot {
         self.golden
             .iter()
             .find(|g| g.workload == workload && g.window == window)
+    }
+
+    /// The baseline (13 minutes before the last 2) of one workload.
+    pub fn baseline(&self, workload: Workload) -> Option<&GoldenSignals> {
+        self.baseline.iter().find(|g| g.workload == workload)
     }
 
     /// The system signals over one window.

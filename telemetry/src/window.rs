@@ -436,6 +436,29 @@ impl Windows {
         (self.ring.sum_recent(now, window.slots()), covered)
     }
 
+    /// Golden signals of one workload over `long` minus its last `recent` part: what
+    /// "normal" looked like just before now, for comparing against the `recent` window.
+    pub fn golden_before(
+        &self,
+        now: Duration,
+        workload: Workload,
+        recent: Window,
+        long: Window,
+    ) -> GoldenSignals {
+        let newest_recent = self.ring.slot_number(now);
+        let first_recent = (newest_recent + 1).saturating_sub(recent.slots() as u64);
+        let count = long.slots().saturating_sub(recent.slots());
+        let first = first_recent.saturating_sub(count as u64);
+        let start = self.ring.slot_start(first).max(self.origin);
+        let end = self.ring.slot_start(first_recent).max(start);
+        let covered_s = end.saturating_sub(start).as_secs_f64();
+        let slot = match first_recent.checked_sub(1) {
+            Some(newest) if count > 0 => self.ring.sum_ending_at(newest, count),
+            _ => WindowSlot::default(),
+        };
+        golden_from(&slot.workloads[workload.index()], workload, long, covered_s)
+    }
+
     /// Golden signals of one workload over one window ending at `now`.
     pub fn golden(&self, now: Duration, workload: Workload, window: Window) -> GoldenSignals {
         let (slot, covered_s) = self.read(now, window);
