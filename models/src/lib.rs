@@ -14,3 +14,4 @@ pub mod store;
 pub mod conv;
 pub mod interpolate;
 pub mod upscale;
+pub mod device;
