@@ -7,9 +7,8 @@
 //! hits, misses, load and unload time and bytes, both as Prometheus metrics (DESIGN.md
 //! section 5 names) and as [`CacheStats`] for tests and the CLI summary.
 //!
-//! The metric calls go through the small private shim at the bottom of this file because
-//! the telemetry crate's typed recorders were not written yet when this was; the names and
-//! labels are the contract ones, so swapping the shim for the recorders changes no series.
+//! Metrics go through the telemetry crate's typed recorders, so the names and label values
+//! are the contract ones.
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -17,6 +16,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+use sakuga_telemetry::labels::{CacheResult, IoOp};
+use sakuga_telemetry::record;
+
+pub use sakuga_telemetry::labels::ModelKind;
 
 use crate::error::{ModelError, Result};
 
@@ -41,7 +44,7 @@ pub struct CacheStats {
 
 struct CacheEntry {
     value: Arc<dyn Any + Send + Sync>,
-    kind: &'static str,
+    kind: ModelKind,
     bytes: u64,
     last_used: u64,
 }
@@ -135,7 +138,7 @@ impl ModelCache {
     /// # Errors
     /// Whatever `load` returns; [`ModelError::OverBudget`] when the value alone exceeds the
     /// budget; [`ModelError::InvalidInput`] when `key` holds a value of another type.
-    pub fn get_or_load<T, F>(&self, key: &str, kind: &'static str, load: F) -> Result<Arc<T>>
+    pub fn get_or_load<T, F>(&self, key: &str, kind: ModelKind, load: F) -> Result<Arc<T>>
     where
         T: Any + Send + Sync,
         F: FnOnce() -> Result<(T, u64)>,
@@ -149,17 +152,17 @@ impl ModelCache {
                 let value = entry.value.clone();
                 state.stats.hits += 1;
                 drop(state);
-                record_cache_request(kind, "hit");
+                record::model_cache_request(kind, CacheResult::Hit);
                 return downcast_entry(key, value);
             }
             state.stats.misses += 1;
         }
-        record_cache_request(kind, "miss");
+        record::model_cache_request(kind, CacheResult::Miss);
 
         let started = Instant::now();
         let (value, bytes) = load()?;
         let load_time = started.elapsed();
-        record_load_seconds(kind, load_time.as_secs_f64());
+        record::model_loaded(kind, load_time);
         if bytes > self.budget_bytes {
             return Err(ModelError::OverBudget {
                 name: key.to_string(),
@@ -193,7 +196,7 @@ impl ModelCache {
                     if let Some(entry) = state.entries.remove(&oldest) {
                         state.resident_bytes -= entry.bytes;
                         state.stats.evictions += 1;
-                        tracing::debug!(key = %oldest, kind = entry.kind, bytes = entry.bytes, "model evicted");
+                        tracing::debug!(key = %oldest, kind = entry.kind.as_str(), bytes = entry.bytes, "model evicted");
                         evicted.push(entry);
                     }
                 }
@@ -209,7 +212,7 @@ impl ModelCache {
                 );
                 value
             };
-            record_cache_bytes(&self.device_label, state.resident_bytes);
+            record::model_cache_bytes(&self.device_label, state.resident_bytes);
             stored
         };
         if !evicted.is_empty() {
@@ -228,7 +231,7 @@ impl ModelCache {
             let removed = state.entries.remove(key);
             if let Some(entry) = &removed {
                 state.resident_bytes -= entry.bytes;
-                record_cache_bytes(&self.device_label, state.resident_bytes);
+                record::model_cache_bytes(&self.device_label, state.resident_bytes);
             }
             removed
         };
@@ -244,7 +247,7 @@ impl ModelCache {
         let entries = {
             let mut state = self.state.lock();
             state.resident_bytes = 0;
-            record_cache_bytes(&self.device_label, 0);
+            record::model_cache_bytes(&self.device_label, 0);
             std::mem::take(&mut state.entries)
         };
         let started = Instant::now();
@@ -264,22 +267,7 @@ fn downcast_entry<T: Any + Send + Sync>(
     })
 }
 
-// Metric shim: DESIGN.md section 5 names, called until the telemetry crate's recorders land.
-
-fn record_cache_request(kind: &'static str, result: &'static str) {
-    metrics::counter!("sakuga_model_cache_requests_total", "kind" => kind, "result" => result)
-        .increment(1);
-}
-
-fn record_load_seconds(kind: &'static str, seconds: f64) {
-    metrics::histogram!("sakuga_model_load_seconds", "kind" => kind).record(seconds);
-}
-
-fn record_cache_bytes(device: &str, bytes: u64) {
-    metrics::gauge!("sakuga_model_cache_bytes", "device" => device.to_string()).set(bytes as f64);
-}
-
-/// Counts bytes read from or written to model files (`op` = `read` | `write`).
-pub(crate) fn record_io_bytes(op: &'static str, bytes: u64) {
-    metrics::counter!("sakuga_io_bytes_total", "op" => op).increment(bytes);
+/// Counts bytes of model weights read from the models dir.
+pub(crate) fn record_model_read(bytes: u64) {
+    record::io_bytes(IoOp::ModelRead, bytes);
 }

@@ -16,7 +16,7 @@ use std::path::{Component, Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::cache::record_io_bytes;
+use crate::cache::{ModelKind, record_model_read};
 use crate::error::{ModelError, Result};
 
 /// One of the ComfyUI model folders.
@@ -50,14 +50,14 @@ impl ModelFolder {
         }
     }
 
-    /// The low-cardinality `kind` label used in cache and load metrics.
-    pub fn kind(self) -> &'static str {
+    /// The `kind` label of models from this folder in cache and load metrics.
+    pub fn kind(self) -> ModelKind {
         match self {
-            ModelFolder::Checkpoints => "checkpoint",
-            ModelFolder::Vae => "vae",
-            ModelFolder::Loras => "lora",
-            ModelFolder::UpscaleModels => "upscaler",
-            ModelFolder::InterpolationModels => "interpolator",
+            ModelFolder::Checkpoints => ModelKind::Checkpoint,
+            ModelFolder::Vae => ModelKind::Vae,
+            ModelFolder::Loras => ModelKind::Lora,
+            ModelFolder::UpscaleModels => ModelKind::Upscale,
+            ModelFolder::InterpolationModels => ModelKind::Interpolation,
         }
     }
 
@@ -356,7 +356,7 @@ impl SafetensorsFile {
                 tensor: name.to_string(),
             })?;
         let bytes = &self.mmap[self.data_start + entry.begin..self.data_start + entry.end];
-        record_io_bytes("read", bytes.len() as u64);
+        record_model_read(bytes.len() as u64);
         Ok(Tensor::from_raw_buffer(
             bytes,
             entry.info.dtype,
@@ -484,7 +484,7 @@ impl PthFile {
             .values()
             .map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64)
             .sum();
-        record_io_bytes("read", bytes);
+        record_model_read(bytes);
         Ok(Self {
             path: path.to_path_buf(),
             tensors,
@@ -671,7 +671,6 @@ pub fn write_safetensors(
     out.extend_from_slice(&data);
     std::fs::write(&tmp, &out).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;
-    record_io_bytes("write", out.len() as u64);
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use candle_core::{DType, Device};
 use sakuga_models::ModelError;
-use sakuga_models::cache::ModelCache;
+use sakuga_models::cache::{ModelCache, ModelKind};
 use sakuga_models::demo::{DEMO_CHECKPOINT, write_demo_models};
 use sakuga_models::diffusion::keymap::Part;
 use sakuga_models::diffusion::{Checkpoint, VaeModel};
@@ -20,14 +20,14 @@ fn budget_smaller_than_two_models_evicts_and_reloads() {
         loads.fetch_add(1, Ordering::SeqCst);
         Ok((value.to_string(), 100))
     };
-    let a: Arc<String> = cache.get_or_load("a", "checkpoint", || load("A")).unwrap();
+    let a: Arc<String> = cache.get_or_load("a", ModelKind::Checkpoint, || load("A")).unwrap();
     assert_eq!(*a, "A");
-    let again: Arc<String> = cache.get_or_load("a", "checkpoint", || load("A")).unwrap();
+    let again: Arc<String> = cache.get_or_load("a", ModelKind::Checkpoint, || load("A")).unwrap();
     assert!(Arc::ptr_eq(&a, &again));
-    let _b: Arc<String> = cache.get_or_load("b", "checkpoint", || load("B")).unwrap();
+    let _b: Arc<String> = cache.get_or_load("b", ModelKind::Checkpoint, || load("B")).unwrap();
     assert!(!cache.contains("a"), "a should have been evicted for b");
     assert!(cache.contains("b"));
-    let _a2: Arc<String> = cache.get_or_load("a", "checkpoint", || load("A")).unwrap();
+    let _a2: Arc<String> = cache.get_or_load("a", ModelKind::Checkpoint, || load("A")).unwrap();
 
     let stats = cache.stats();
     assert_eq!(stats.hits, 1);
@@ -45,11 +45,11 @@ fn budget_smaller_than_two_models_evicts_and_reloads() {
 fn least_recently_used_goes_first() {
     let cache = ModelCache::new(300, "cpu");
     for key in ["a", "b", "c"] {
-        let _: Arc<u32> = cache.get_or_load(key, "vae", || Ok((1u32, 100))).unwrap();
+        let _: Arc<u32> = cache.get_or_load(key, ModelKind::Vae, || Ok((1u32, 100))).unwrap();
     }
     // Touch "a" so "b" is now the oldest.
     let _: Option<Arc<u32>> = cache.get("a");
-    let _: Arc<u32> = cache.get_or_load("d", "vae", || Ok((4u32, 100))).unwrap();
+    let _: Arc<u32> = cache.get_or_load("d", ModelKind::Vae, || Ok((4u32, 100))).unwrap();
     assert!(cache.contains("a") && cache.contains("c") && cache.contains("d"));
     assert!(!cache.contains("b"));
 }
@@ -58,7 +58,7 @@ fn least_recently_used_goes_first() {
 fn over_budget_and_wrong_type_are_errors() {
     let cache = ModelCache::new(10, "cpu");
     let err = cache
-        .get_or_load::<u8, _>("huge", "checkpoint", || Ok((0u8, 11)))
+        .get_or_load::<u8, _>("huge", ModelKind::Checkpoint, || Ok((0u8, 11)))
         .unwrap_err();
     assert!(
         matches!(
@@ -72,12 +72,12 @@ fn over_budget_and_wrong_type_are_errors() {
         "{err}"
     );
     assert_eq!(err.kind(), "oom");
-    let _: Arc<u8> = cache.get_or_load("k", "lora", || Ok((1u8, 1))).unwrap();
+    let _: Arc<u8> = cache.get_or_load("k", ModelKind::Lora, || Ok((1u8, 1))).unwrap();
     let err = cache
-        .get_or_load::<String, _>("k", "lora", || Ok((String::new(), 1)))
+        .get_or_load::<String, _>("k", ModelKind::Lora, || Ok((String::new(), 1)))
         .unwrap_err();
     assert!(err.to_string().contains("\"k\""), "{err}");
-    let failed = cache.get_or_load::<u8, _>("bad", "lora", || {
+    let failed = cache.get_or_load::<u8, _>("bad", ModelKind::Lora, || {
         Err(ModelError::InvalidInput("nope".to_string()))
     });
     assert!(failed.is_err());
@@ -104,17 +104,17 @@ fn demo_vae_is_cached_and_reloaded_under_a_small_budget() {
             .load_vae(&Device::Cpu, DType::F32)
             .map(|v| (v, vae_bytes))
     };
-    let vae: Arc<VaeModel> = cache.get_or_load("demo/vae", "vae", load_vae).unwrap();
-    let _: Arc<VaeModel> = cache.get_or_load("demo/vae", "vae", load_vae).unwrap();
+    let vae: Arc<VaeModel> = cache.get_or_load("demo/vae", ModelKind::Vae, load_vae).unwrap();
+    let _: Arc<VaeModel> = cache.get_or_load("demo/vae", ModelKind::Vae, load_vae).unwrap();
     let _unet: Arc<sakuga_models::diffusion::UnetModel> = cache
-        .get_or_load("demo/unet", "checkpoint", || {
+        .get_or_load("demo/unet", ModelKind::Checkpoint, || {
             checkpoint
                 .load_unet(&[], &Device::Cpu, DType::F32)
                 .map(|u| (u, unet_bytes))
         })
         .unwrap();
     assert!(!cache.contains("demo/vae"));
-    let _: Arc<VaeModel> = cache.get_or_load("demo/vae", "vae", load_vae).unwrap();
+    let _: Arc<VaeModel> = cache.get_or_load("demo/vae", ModelKind::Vae, load_vae).unwrap();
     let stats = cache.stats();
     assert_eq!((stats.hits, stats.misses, stats.loads), (1, 3, 3));
     assert!(stats.evictions >= 2);

@@ -28,11 +28,11 @@ pub enum Part {
 
 impl Part {
     /// The `kind` label for cache metrics.
-    pub fn kind(self) -> &'static str {
+    pub fn kind(self) -> crate::cache::ModelKind {
         match self {
-            Part::Unet => "unet",
-            Part::Vae => "vae",
-            Part::Clip => "clip",
+            Part::Unet => crate::cache::ModelKind::Checkpoint,
+            Part::Vae => crate::cache::ModelKind::Vae,
+            Part::Clip => crate::cache::ModelKind::Clip,
         }
     }
 }

@@ -1,5 +1,6 @@
 //! The built-in nodes, one family per file, and the list that registers them.
 
+pub mod diffusion;
 mod image;
 mod output;
 
@@ -10,6 +11,7 @@ pub const MAX_RESOLUTION: i64 = 16384;
 
 /// Registers every built-in node.
 pub fn register_all(registry: &mut NodeRegistry) {
+    diffusion::register(registry);
     image::register(registry);
     output::register(registry);
 }
