@@ -17,7 +17,8 @@ use crate::error::{ModelError, Result};
 /// System RAM and this process's CPU share.
 #[derive(Debug)]
 pub struct CpuProbe {
-    system: Mutex<System>,
+    /// `None` when sysinfo cannot read this platform; samples then read zero.
+    system: Option<Mutex<System>>,
     pid: Option<Pid>,
     cores: f64,
     last_rss_bytes: Mutex<u64>,
@@ -26,7 +27,7 @@ pub struct CpuProbe {
 impl CpuProbe {
     pub fn new() -> Self {
         CpuProbe {
-            system: Mutex::new(System::new()),
+            system: System::new().ok().map(Mutex::new),
             pid: sysinfo::get_current_pid().ok(),
             cores: std::thread::available_parallelism().map_or(1.0, |n| n.get() as f64),
             last_rss_bytes: Mutex::new(0),
@@ -51,7 +52,15 @@ impl DeviceProbe for CpuProbe {
     }
 
     fn sample(&self) -> DeviceSample {
-        let mut system = self.system.lock();
+        let Some(system) = &self.system else {
+            return DeviceSample {
+                device: self.device(),
+                memory_used_bytes: 0,
+                memory_total_bytes: 0,
+                utilization_ratio: 0.0,
+            };
+        };
+        let mut system = system.lock();
         system.refresh_memory();
         let mut utilization = 0.0;
         if let Some(pid) = self.pid {
