@@ -1,1 +1,15 @@
-//! sakuga composition root
+//! `sakuga`: a render scheduler for AI anime, comic and style pipelines, with the ops
+//! signals that keep such a pipeline healthy built in.
+//!
+//! This crate is the composition root: it reads configuration, builds the node
+//! environment (folders, device, model store and cache) and wires the member crates into
+//! the `sakuga` command line.
+//!
+//! Module map:
+//! - [`config`]: the TOML/env/flag configuration, plain data.
+//! - [`runtime`]: building the node environment and registry from a config.
+//! - [`cli`]: the `sakuga` commands.
+
+pub mod cli;
+pub mod config;
+pub mod runtime;

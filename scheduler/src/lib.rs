@@ -7,12 +7,22 @@
 //! - [`plan`]: compiling a valid workflow into a flat [`ExecutionPlan`].
 //! - [`executor`]: running plans on worker threads with an output cache.
 //! - [`cache`]: the bounded LRU of node outputs.
+//! - [`observe`]: stage events and metrics around execution.
+//! - [`engine`]: the job runtime behind an [`EngineHandle`]: submit, watch, cancel, demand.
+//! - [`admission`]: estimates, size caps, admit/deny/defer decisions.
+//! - [`queue`]: priority order with aging.
+//! - [`journal`]: the durable redb job journal with group commit.
 //! - [`error`]: the crate's one error enum, [`SchedulerError`].
 
+pub mod admission;
 pub mod cache;
+pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod journal;
+pub mod observe;
 pub mod plan;
+pub mod queue;
 pub mod validate;
 pub mod workflow;
 
@@ -22,3 +32,4 @@ pub use executor::{ExecutionObserver, Executor, ExecutorConfig, JobReport, JobRu
 pub use plan::ExecutionPlan;
 pub use validate::{NodeErrors, ValidWorkflow, ValidationError, ValidationReport, validate};
 pub use workflow::Workflow;
+pub use engine::{EngineConfig, EngineHandle, SubmitRequest, Submitted};

@@ -1,0 +1,90 @@
+//! `sakuga validate` and `sakuga nodes`: pipeline authoring without running anything.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use sakuga_scheduler::{SchedulerError, validate as validate_workflow};
+
+use super::{CommonArgs, EXIT_INVALID, read_workflow};
+use crate::runtime;
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Workflow in ComfyUI API format (or a `POST /prompt` body).
+    pub workflow: PathBuf,
+    /// Print ComfyUI's `{error, node_errors}` JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn validate(common: &CommonArgs, args: &ValidateArgs) -> anyhow::Result<ExitCode> {
+    let config = common.resolve()?;
+    let env = runtime::node_env(&config)?;
+    let registry = runtime::registry();
+    let workflow = read_workflow(&args.workflow)?;
+    match validate_workflow(&workflow, &registry, &env) {
+        Ok(valid) => {
+            if args.json {
+                println!("{}", serde_json::json!({"valid": true, "nodes": valid.nodes.len(), "outputs": valid.outputs.len()}));
+            } else {
+                println!(
+                    "{}: valid ({} nodes run, {} outputs)",
+                    args.workflow.display(),
+                    valid.nodes.len(),
+                    valid.outputs.len()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(SchedulerError::Invalid(report)) => {
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+            } else {
+                eprintln!("{}: {}", args.workflow.display(), report.summary());
+                for line in report.lines() {
+                    eprintln!("  {line}");
+                }
+            }
+            Ok(ExitCode::from(EXIT_INVALID))
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// Print the full catalogue as JSON (ComfyUI's /object_info shape).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn nodes(common: &CommonArgs, args: &NodesArgs) -> anyhow::Result<ExitCode> {
+    let config = common.resolve()?;
+    let env = runtime::node_env(&config)?;
+    let registry = runtime::registry();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&registry.object_info(&env))?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let width = registry.iter().map(|n| n.schema().class_type.len()).max().unwrap_or(0);
+    for node in registry.iter() {
+        let s = node.schema();
+        let inputs: Vec<String> = s
+            .inputs
+            .iter()
+            .map(|i| format!("{}{}:{}", i.name, if i.required { "" } else { "?" }, i.kind.port_type()))
+            .collect();
+        let outputs: Vec<&str> = s.outputs.iter().map(|o| o.port.as_str()).collect();
+        let marker = if s.output_node { " [output]" } else { "" };
+        println!(
+            "{:width$}  {} -> {}{marker}   ({})",
+            s.class_type,
+            inputs.join(", "),
+            if outputs.is_empty() { "-".to_string() } else { outputs.join(", ") },
+            s.category,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
