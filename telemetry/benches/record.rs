@@ -1,7 +1,8 @@
 //! Hot-path recording cost: one counter increment, one histogram record, one window record.
 //!
 //! Run with `cargo bench -p sakuga-telemetry --bench record`. Target: under 100 ns each.
-//! The Prometheus recorder is installed globally first, as in production.
+//! The Prometheus recorder is installed globally first, as in production. `*_handle`
+//! variants use pre-registered handles (`record::FrameMetrics`, what `Signals` uses per frame).
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -15,7 +16,12 @@ fn record_benches(c: &mut Criterion) {
     let _handle = prometheus::install(&PrometheusConfig::in_process()).expect("recorder installs");
 
     c.bench_function("counter_increment", |b| {
-        b.iter(|| record::frame(black_box(Workload::Animation), black_box(FrameKind::Produced)))
+        b.iter(|| {
+            record::frame(
+                black_box(Workload::Animation),
+                black_box(FrameKind::Produced),
+            )
+        })
     });
 
     let interval = Duration::from_micros(33_333);
@@ -25,6 +31,20 @@ fn record_benches(c: &mut Criterion) {
                 black_box(Workload::Animation),
                 black_box(FrameSide::Produced),
                 black_box(interval),
+            )
+        })
+    });
+
+    let handles = record::FrameMetrics::new();
+    c.bench_function("counter_increment_handle", |b| {
+        b.iter(|| handles.frames(black_box(Workload::Animation), FrameKind::Produced, 1))
+    });
+    c.bench_function("histogram_record_handle", |b| {
+        b.iter(|| {
+            handles.interval(
+                black_box(Workload::Animation),
+                FrameSide::Produced,
+                interval,
             )
         })
     });

@@ -122,8 +122,12 @@ pub fn install(config: &PrometheusConfig) -> Result<MetricsHandle> {
     if let Some(handle) = INSTALLED.get() {
         return Ok(handle.clone());
     }
-    // Two threads racing here would both build; only one `set_global_recorder` wins and the
-    // loser reports `RecorderTaken`, which is the truth.
+    // Serialise installers so racing callers (parallel tests) all get the one recorder.
+    static INSTALLING: parking_lot::Mutex<()> = parking_lot::Mutex::new(());
+    let _installing = INSTALLING.lock();
+    if let Some(handle) = INSTALLED.get() {
+        return Ok(handle.clone());
+    }
     let handle = match config.listen {
         Some(addr) => install_with_listener(addr)?,
         None => install_in_process()?,

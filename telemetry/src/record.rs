@@ -224,3 +224,62 @@ mod tests {
         assert_eq!(headroom_ratio(0, 0), 0.0);
     }
 }
+
+/// Pre-registered handles for the per-frame series, so a frame costs atomic adds instead
+/// of a registry lookup. Handles bind to the recorder current when this is built: build it
+/// after `prometheus::install` (`Signals::new` does, so create `Signals` after installing).
+#[derive(Debug, Clone)]
+pub struct FrameMetrics {
+    frames: [[metrics::Counter; 4]; 3],
+    intervals: [[metrics::Histogram; 2]; 3],
+}
+
+impl FrameMetrics {
+    pub fn new() -> Self {
+        FrameMetrics {
+            frames: Workload::ALL.map_array(|w| {
+                [
+                    FrameKind::Produced,
+                    FrameKind::Delivered,
+                    FrameKind::Dropped,
+                    FrameKind::Duplicated,
+                ]
+                .map(|k| counter!(FRAMES_TOTAL, "workload" => w.as_str(), "kind" => k.as_str()))
+            }),
+            intervals: Workload::ALL.map_array(|w| {
+                [FrameSide::Produced, FrameSide::Delivered].map(|s| {
+                    histogram!(FRAME_INTERVAL_SECONDS, "workload" => w.as_str(), "side" => s.as_str())
+                })
+            }),
+        }
+    }
+
+    /// Count `n` frames of one kind.
+    #[inline]
+    pub fn frames(&self, workload: Workload, kind: FrameKind, n: u64) {
+        self.frames[workload.index()][kind.index()].increment(n);
+    }
+
+    /// One frame interval.
+    #[inline]
+    pub fn interval(&self, workload: Workload, side: FrameSide, interval: Duration) {
+        self.intervals[workload.index()][side.index()].record(interval.as_secs_f64());
+    }
+}
+
+impl Default for FrameMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `[Workload; 3]`-shaped arrays from the `ALL` slice.
+trait MapArray {
+    fn map_array<T>(&self, f: impl FnMut(Workload) -> T) -> [T; 3];
+}
+
+impl MapArray for &[Workload] {
+    fn map_array<T>(&self, mut f: impl FnMut(Workload) -> T) -> [T; 3] {
+        [f(self[0]), f(self[1]), f(self[2])]
+    }
+}

@@ -113,6 +113,7 @@ struct Inner {
     changes: Mutex<ConfigState>,
     /// Bit per `PlannedLoad` value that is on.
     planned: AtomicU64,
+    frame_metrics: record::FrameMetrics,
 }
 
 /// The shared signals handle. See the module docs.
@@ -122,7 +123,8 @@ pub struct Signals {
 }
 
 impl Signals {
-    /// Signals on the real clock.
+    /// Signals on the real clock. Install the Prometheus recorder first: per-frame metric
+    /// handles are registered here.
     pub fn new(config: SignalsConfig) -> Self {
         Self::with_clock(config, Arc::new(MonotonicClock::new()))
     }
@@ -139,6 +141,7 @@ impl Signals {
                 device: Mutex::new(None),
                 changes: Mutex::new(ConfigState::default()),
                 planned: AtomicU64::new(0),
+                frame_metrics: record::FrameMetrics::new(),
             }),
         }
     }
@@ -540,9 +543,10 @@ impl FrameStream {
     pub fn frame_produced_at(&self, at: Duration) -> ProducedFrame {
         let index = self.state.produced.fetch_add(1, Ordering::Relaxed);
         let interval = interval_since(&self.state.last_produced, at);
-        record::frame(self.workload, FrameKind::Produced);
+        let metrics = &self.signals.inner.frame_metrics;
+        metrics.frames(self.workload, FrameKind::Produced, 1);
         if let Some(interval) = interval {
-            record::frame_interval(self.workload, FrameSide::Produced, interval);
+            metrics.interval(self.workload, FrameSide::Produced, interval);
         }
         self.signals
             .inner
@@ -563,9 +567,10 @@ impl FrameStream {
     /// A frame reached the client at `at`; returns the delivered interval.
     pub fn frame_delivered_at(&self, at: Duration) -> Option<Duration> {
         let interval = interval_since(&self.state.last_delivered, at);
-        record::frame(self.workload, FrameKind::Delivered);
+        let metrics = &self.signals.inner.frame_metrics;
+        metrics.frames(self.workload, FrameKind::Delivered, 1);
         if let Some(interval) = interval {
-            record::frame_interval(self.workload, FrameSide::Delivered, interval);
+            metrics.interval(self.workload, FrameSide::Delivered, interval);
         }
         let inner = &self.signals.inner;
         inner
@@ -585,7 +590,10 @@ impl FrameStream {
     /// `n` produced frames will never be delivered.
     pub fn frames_dropped(&self, n: u64) {
         let at = self.signals.now();
-        record::frames(self.workload, FrameKind::Dropped, n);
+        self.signals
+            .inner
+            .frame_metrics
+            .frames(self.workload, FrameKind::Dropped, n);
         let inner = &self.signals.inner;
         inner
             .windows
