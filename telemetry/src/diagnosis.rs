@@ -106,6 +106,9 @@ pub struct Finding {
     pub runbook_url: String,
 }
 
+/// What a rule's check returns: one evidence list per match, with the workload it concerns.
+pub type RuleMatches = Vec<(Option<Workload>, Vec<Evidence>)>;
+
 /// A rule as data: identity and words, plus the check that finds its evidence.
 #[derive(Debug, Clone, Copy)]
 pub struct Rule {
@@ -114,7 +117,7 @@ pub struct Rule {
     pub probable_cause: &'static str,
     pub action: &'static str,
     /// Returns one evidence list per match (per workload for workload rules).
-    pub check: fn(&SignalsSnapshot, &DiagnosisConfig) -> Vec<(Option<Workload>, Vec<Evidence>)>,
+    pub check: fn(&SignalsSnapshot, &DiagnosisConfig) -> RuleMatches,
 }
 
 pub const DELIVERED_FPS_DEVIATION: &str = "SakugaDeliveredFpsDeviation";
@@ -169,10 +172,7 @@ fn ev(name: &str, value: f64) -> Evidence {
     }
 }
 
-fn delivered_fps_deviation(
-    snap: &SignalsSnapshot,
-    cfg: &DiagnosisConfig,
-) -> Vec<(Option<Workload>, Vec<Evidence>)> {
+fn delivered_fps_deviation(snap: &SignalsSnapshot, cfg: &DiagnosisConfig) -> RuleMatches {
     let Some(g) = snap.golden(Workload::Animation, cfg.fps_window) else {
         return Vec::new();
     };
@@ -196,10 +196,7 @@ fn delivered_fps_deviation(
     )]
 }
 
-fn produced_fps_low_high_utilization(
-    snap: &SignalsSnapshot,
-    cfg: &DiagnosisConfig,
-) -> Vec<(Option<Workload>, Vec<Evidence>)> {
+fn produced_fps_low_high_utilization(snap: &SignalsSnapshot, cfg: &DiagnosisConfig) -> RuleMatches {
     let (Some(g), Some(sys)) = (
         snap.golden(Workload::Animation, cfg.fps_window),
         snap.system(cfg.fps_window),
@@ -224,10 +221,7 @@ fn produced_fps_low_high_utilization(
     vec![(Some(Workload::Animation), evidence)]
 }
 
-fn scheduler_saturation(
-    snap: &SignalsSnapshot,
-    cfg: &DiagnosisConfig,
-) -> Vec<(Option<Workload>, Vec<Evidence>)> {
+fn scheduler_saturation(snap: &SignalsSnapshot, cfg: &DiagnosisConfig) -> RuleMatches {
     let mut found = Vec::new();
     for &workload in Workload::ALL {
         let (Some(short), Some(long), Some(before)) = (
@@ -268,10 +262,7 @@ fn scheduler_saturation(
     found
 }
 
-fn oom_spike_after_config_change(
-    snap: &SignalsSnapshot,
-    cfg: &DiagnosisConfig,
-) -> Vec<(Option<Workload>, Vec<Evidence>)> {
+fn oom_spike_after_config_change(snap: &SignalsSnapshot, cfg: &DiagnosisConfig) -> RuleMatches {
     let changes = &snap.config;
     let Some(since) = changes.seconds_since_change else {
         return Vec::new();
@@ -293,10 +284,7 @@ fn oom_spike_after_config_change(
     )]
 }
 
-fn postprocess_slow(
-    snap: &SignalsSnapshot,
-    cfg: &DiagnosisConfig,
-) -> Vec<(Option<Workload>, Vec<Evidence>)> {
+fn postprocess_slow(snap: &SignalsSnapshot, cfg: &DiagnosisConfig) -> RuleMatches {
     let mut found = Vec::new();
     for &workload in Workload::ALL {
         let (Some(short), Some(long)) = (

@@ -349,7 +349,7 @@ impl FrameEventSampler {
 
     /// Whether frame `frame_index` (0-based) should be logged.
     pub fn should_emit(&self, frame_index: u64, job_failing: bool, slower_than_slo: bool) -> bool {
-        job_failing || slower_than_slo || frame_index % self.every_n == 0
+        job_failing || slower_than_slo || frame_index.is_multiple_of(self.every_n)
     }
 
     /// [`Self::should_emit`] with slowness judged from the frame interval and the stream's

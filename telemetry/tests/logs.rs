@@ -93,7 +93,7 @@ fn json_lines_carry_stage_events_in_order_with_one_trace_id() {
         assert_eq!(line["model_id"], "anime.safetensors");
         assert_eq!(line["steps"], 8);
         assert_eq!(line["width"], 512);
-        assert_eq!(line["span"]["name"].as_str().is_some(), true);
+        assert!(line["span"]["name"].as_str().is_some());
     }
     assert_eq!(lines[4]["duration"], 0.9);
     assert_eq!(lines[3]["span"]["name"], "node");
