@@ -161,3 +161,38 @@ fn vae_decode_matches_numpy() {
     eprintln!("vae decode: max abs diff {diff:e}");
     assert!(diff < 1e-4, "vae decode differs by {diff}");
 }
+
+fn wave(count: usize, scale: f64) -> Vec<f32> {
+    (0..count)
+        .map(|i| ((i as f64 * 0.37 + 0.1).sin() * 1.3 * scale) as f32)
+        .collect()
+}
+
+#[test]
+fn unet_step_matches_numpy() {
+    let g = goldens();
+    let (_dir, checkpoint) = demo_checkpoint();
+    let unet = checkpoint.load_unet(&[], &Device::Cpu, DType::F32).unwrap();
+    let width = unet.config().unet.cross_attention_dim;
+    let x = Tensor::from_vec(wave(256, 1.0), (1, 4, 8, 8), &Device::Cpu).unwrap();
+    let context = Tensor::from_vec(wave(77 * width, 0.5), (1, 77, width), &Device::Cpu).unwrap();
+    let case = &g["unet_8x8_t500"];
+    let eps = unet
+        .forward(&x, case["t"].as_f64().unwrap(), &context)
+        .unwrap();
+    let got: Vec<f64> = eps
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let diff = max_abs_diff(&got, &floats(&case["values"]));
+    eprintln!("unet step: max abs diff {diff:e}");
+    // candle's GEGLU uses the tanh approximation of GELU where diffusers (and the numpy
+    // reference) use the exact erf form. With a tanh GELU in the reference the difference
+    // drops from 3.0e-4 to 2.2e-6, so the rest of the network (and the LDM key mapping)
+    // matches to float precision.
+    assert!(diff < 5e-3, "unet step differs by {diff}");
+}
