@@ -205,9 +205,7 @@ pub fn probe_for(device_spec: &str) -> Result<Box<dyn DeviceProbe>> {
         Some(rest) => rest
             .strip_prefix(':')
             .and_then(|n| n.parse::<u32>().ok())
-            .ok_or_else(|| {
-                ModelError::InvalidInput(format!("bad device spec {device_spec:?}"))
-            })?,
+            .ok_or_else(|| ModelError::InvalidInput(format!("bad device spec {device_spec:?}")))?,
         None => {
             return Err(ModelError::InvalidInput(format!(
                 "unknown device spec {device_spec:?} (expected cpu, cuda or cuda:N)"
