@@ -1,0 +1,164 @@
+//! End-to-end tests of the `sakuga` binary: run, validate, nodes, doctor, and the errors a
+//! user meets (missing file, bad JSON, invalid workflow, unwritable output dir).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{Value as Json, json};
+
+fn sakuga(dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sakuga"))
+        .current_dir(dir)
+        .args(args)
+        .env_remove("SAKUGA_CONFIG")
+        .output()
+        .expect("the sakuga binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn write(dir: &Path, name: &str, workflow: &Json) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, serde_json::to_string_pretty(workflow).unwrap()).unwrap();
+    path
+}
+
+fn image_workflow() -> Json {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 24, "batch_size": 2, "color": 0x336699}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "ImageScaleBy", "inputs": {"image": ["2", 0], "upscale_method": "bicubic", "scale_by": 2.0}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "cli/test"}},
+    })
+}
+
+#[test]
+fn run_saves_images_and_writes_metrics_and_signals() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = write(dir.path(), "wf.json", &image_workflow());
+    let out = sakuga(
+        dir.path(),
+        &[
+            "--models-dir", "models", "run", wf.to_str().unwrap(), "--out", "rendered",
+            "--metrics-out", "metrics.prom", "--signals-out", "signals.json", "--no-progress",
+        ],
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("node timing"), "{stdout}");
+    assert!(stdout.contains("ImageScaleBy"), "{stdout}");
+    for i in 1..=2 {
+        let png = dir.path().join(format!("rendered/cli/test_0000{i}_.png"));
+        assert!(png.exists(), "{} missing", png.display());
+    }
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.prom")).unwrap();
+    assert!(metrics.contains("sakuga_jobs_finished_total"), "{metrics}");
+    assert!(metrics.contains("sakuga_node_duration_seconds_bucket"), "{metrics}");
+
+    let doctor = sakuga(dir.path(), &["doctor", "--from", "signals.json"]);
+    assert!(doctor.status.success(), "stderr: {}", text(&doctor.stderr));
+}
+
+#[test]
+fn validate_exits_2_and_reports_every_mistake() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = write(
+        dir.path(),
+        "bad.json",
+        &json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 0, "height": 64, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "magic", "width": 64, "height": 64, "crop": "disabled"}},
+            "3": {"class_type": "ImageInvert", "inputs": {}},
+            "4": {"class_type": "Nope", "inputs": {}},
+            "5": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}},
+            "6": {"class_type": "PreviewImage", "inputs": {"images": ["3", 0]}},
+            "7": {"class_type": "PreviewImage", "inputs": {"images": ["1", 5]}},
+        }),
+    );
+    let out = sakuga(dir.path(), &["validate", wf.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(2), "stderr: {}", text(&out.stderr));
+    let report: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let kinds = |id: &str| -> Vec<String> {
+        report["node_errors"][id]["errors"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(kinds("1"), ["value_smaller_than_min"]);
+    assert_eq!(kinds("2"), ["value_not_in_list"]);
+    assert_eq!(kinds("3"), ["required_input_missing"]);
+    assert_eq!(kinds("4"), ["missing_node_type"]);
+    assert_eq!(kinds("7"), ["bad_linked_input"]);
+
+    let text_out = sakuga(dir.path(), &["validate", wf.to_str().unwrap()]);
+    assert_eq!(text_out.status.code(), Some(2));
+    let stderr = text(&text_out.stderr);
+    for needle in ["node 1 (EmptyImage): value_smaller_than_min", "node 4 (Nope): missing_node_type"] {
+        assert!(stderr.contains(needle), "{stderr}");
+    }
+
+    let good = write(dir.path(), "good.json", &image_workflow());
+    assert!(sakuga(dir.path(), &["validate", good.to_str().unwrap()]).status.success());
+}
+
+#[test]
+fn clear_errors_for_missing_files_bad_json_and_unwritable_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = sakuga(dir.path(), &["validate", "nope.json"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(text(&missing.stderr).contains("cannot read workflow nope.json"), "{}", text(&missing.stderr));
+
+    std::fs::write(dir.path().join("broken.json"), "{\"1\": {").unwrap();
+    let broken = sakuga(dir.path(), &["run", "broken.json", "--models-dir", "m", "--no-progress"]);
+    assert_eq!(broken.status.code(), Some(1));
+    assert!(text(&broken.stderr).contains("not valid JSON"), "{}", text(&broken.stderr));
+
+    // A file where the output dir should be: nothing can be created under it.
+    std::fs::write(dir.path().join("blocker"), "").unwrap();
+    let wf = write(dir.path(), "wf.json", &image_workflow());
+    let blocked = sakuga(dir.path(), &["run", wf.to_str().unwrap(), "--models-dir", "m", "--out", "blocker/out", "--no-progress"]);
+    assert_eq!(blocked.status.code(), Some(1));
+    assert!(text(&blocked.stderr).contains("output dir blocker/out"), "{}", text(&blocked.stderr));
+
+    let invalid = write(dir.path(), "invalid.json", &json!({"1": {"class_type": "Nope", "inputs": {}}}));
+    let out = sakuga(dir.path(), &["run", invalid.to_str().unwrap(), "--models-dir", "m", "--no-progress"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn nodes_lists_the_catalogue_as_object_info() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = sakuga(dir.path(), &["--models-dir", "m", "nodes", "--json"]);
+    assert!(out.status.success());
+    let info: Json = serde_json::from_slice(&out.stdout).unwrap();
+    let scale = &info["ImageScale"];
+    assert_eq!(scale["output"], json!(["IMAGE"]));
+    assert_eq!(scale["input"]["required"]["width"], json!(["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}]));
+    assert_eq!(scale["input"]["required"]["upscale_method"][0], json!(["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]));
+    assert_eq!(info["SaveImage"]["output_node"], json!(true));
+    let plain = sakuga(dir.path(), &["--models-dir", "m", "nodes"]);
+    assert!(text(&plain.stdout).contains("EmptyImage"));
+}
+
+#[test]
+fn json_logs_carry_the_stage_events_in_order_with_one_trace_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let wf = write(dir.path(), "wf.json", &image_workflow());
+    let out = sakuga(
+        dir.path(),
+        &["--log-format", "json", "--log-filter", "info", "--models-dir", "m", "run", wf.to_str().unwrap(), "--no-progress"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let logs = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    let events: Vec<Json> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Json>(l).ok())
+        .filter(|j| j.get("job_id").is_some())
+        .collect();
+    let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    let first = names.iter().position(|n| *n == "prompt_received").expect("prompt_received logged");
+    let post = names.iter().position(|n| *n == "postprocess_done").expect("postprocess_done logged");
+    let last = names.iter().position(|n| *n == "deliver_complete").expect("deliver_complete logged");
+    assert!(first < post && post < last, "{names:?}");
+    let traces: std::collections::BTreeSet<&str> = events.iter().filter_map(|e| e["trace_id"].as_str()).collect();
+    assert_eq!(traces.len(), 1, "{traces:?}");
+}
