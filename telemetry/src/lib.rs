@@ -14,6 +14,44 @@
 //! - [`signals`]: the shared [`Signals`] handle tying the above together, and snapshots.
 //! - [`diagnosis`]: signal-pattern rules turning a snapshot into findings with runbooks.
 //! - [`error`]: the crate's one error enum, [`TelemetryError`].
+//!
+//! Wiring, once at start-up and then per job:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use sakuga_telemetry::{prometheus, logging, events, diagnosis};
+//! use sakuga_telemetry::{
+//!     EventFields, JobReport, LogConfig, Outcome, PrometheusConfig, Signals, SignalsConfig,
+//!     Stage, TraceContext, Workload,
+//! };
+//!
+//! # fn main() -> sakuga_telemetry::Result<()> {
+//! let _logs = logging::init_logging(&LogConfig::default())?;
+//! // `serve`: PrometheusConfig::default() serves 127.0.0.1:9464; `run`: in_process().
+//! let metrics = prometheus::install(&PrometheusConfig::in_process())?;
+//! let signals = Signals::new(SignalsConfig::default()); // after install
+//!
+//! let trace = TraceContext::new_root(); // or TraceContext::from_traceparent(header)
+//! let fields = EventFields::new("job-1", Workload::Animation, &trace).with_sampler("euler", 8);
+//! let _job = events::job_span(&fields).entered();
+//! events::prompt_received(&fields);
+//! signals.job_submitted(Workload::Animation);
+//! let stream = signals.stream(Workload::Animation, 24.0);
+//! let frame = stream.frame_produced();
+//! if stream.should_log(&frame, false) {
+//!     events::frame_emitted(&fields, frame.index, frame.interval);
+//! }
+//! stream.frame_delivered();
+//! signals.stage_finished(Workload::Animation, Stage::Inference, Duration::from_millis(900));
+//! signals.job_finished(&JobReport::new(Workload::Animation, Outcome::Success, Duration::from_secs(2)));
+//!
+//! let snapshot = signals.snapshot();
+//! print!("{}", snapshot.render_text());
+//! print!("{}", diagnosis::render_findings(&diagnosis::diagnose(&snapshot, &Default::default())));
+//! metrics.write_to(std::path::Path::new("metrics.prom"))?;
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod catalogue;
 pub mod clock;

@@ -201,3 +201,43 @@ pub(crate) fn join_trace(span: &tracing::Span, trace_id: &str, parent_span_id: &
     // Fails only when the span is disabled or already started; both mean "nothing to join".
     let _ = span.set_parent(context);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn otlp_pipeline_builds_and_shuts_down_without_a_runtime() {
+        // Nothing listens there: the gRPC channel connects lazily, so building succeeds and
+        // shutting down with no spans queued returns at once.
+        let (provider, runtime) = otlp_provider("http://127.0.0.1:1", "sakuga-test").unwrap();
+        assert!(
+            runtime.is_some(),
+            "a runtime is made when the caller has none"
+        );
+        let guard = LoggingGuard {
+            provider: Some(provider),
+            runtime,
+        };
+        drop(guard);
+    }
+
+    #[test]
+    fn job_spans_join_the_w3c_trace() {
+        let provider = SdkTracerProvider::builder().build();
+        let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
+        let subscriber = Registry::default().with(layer);
+        let trace = crate::events::TraceContext::from_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .unwrap();
+        let fields = crate::events::EventFields::new("job-9", crate::Workload::Batch, &trace);
+        tracing::subscriber::with_default(subscriber, || {
+            let span = crate::events::job_span(&fields);
+            let context = span.context();
+            let otel_span = context.span();
+            let trace_id = otel_span.span_context().trace_id();
+            assert_eq!(trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        });
+    }
+}
