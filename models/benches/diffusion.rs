@@ -28,20 +28,33 @@ fn stages(c: &mut Criterion) {
     group.bench_function("load_checkpoint", |b| {
         b.iter(|| {
             let checkpoint = Checkpoint::open(&path).expect("open");
-            let unet = checkpoint.load_unet(&[], &device, DType::F32).expect("unet");
-            let clip = checkpoint.load_clip(&[], &device, DType::F32).expect("clip");
+            let unet = checkpoint
+                .load_unet(&[], &device, DType::F32)
+                .expect("unet");
+            let clip = checkpoint
+                .load_clip(&[], &device, DType::F32)
+                .expect("clip");
             let vae = checkpoint.load_vae(&device, DType::F32).expect("vae");
             black_box((unet, clip, vae));
         })
     });
 
     let checkpoint = Checkpoint::open(&path).expect("open");
-    let unet = checkpoint.load_unet(&[], &device, DType::F32).expect("unet");
-    let clip = checkpoint.load_clip(&[], &device, DType::F32).expect("clip");
+    let unet = checkpoint
+        .load_unet(&[], &device, DType::F32)
+        .expect("unet");
+    let clip = checkpoint
+        .load_clip(&[], &device, DType::F32)
+        .expect("clip");
     let vae = checkpoint.load_vae(&device, DType::F32).expect("vae");
 
     group.bench_function("encode_prompt", |b| {
-        b.iter(|| black_box(clip.encode("1girl, anime style, cherry blossoms").expect("encode")))
+        b.iter(|| {
+            black_box(
+                clip.encode("1girl, anime style, cherry blossoms")
+                    .expect("encode"),
+            )
+        })
     });
 
     let positive = clip.encode("1girl, anime style").expect("encode");

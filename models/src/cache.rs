@@ -115,7 +115,7 @@ impl ModelCache {
             .iter()
             .map(|(k, e)| (k, e.last_used))
             .collect();
-        keys.sort_by(|a, b| b.1.cmp(&a.1));
+        keys.sort_by_key(|&(_, last_used)| std::cmp::Reverse(last_used));
         keys.into_iter().map(|(k, _)| k.clone()).collect()
     }
 

@@ -20,14 +20,22 @@ fn budget_smaller_than_two_models_evicts_and_reloads() {
         loads.fetch_add(1, Ordering::SeqCst);
         Ok((value.to_string(), 100))
     };
-    let a: Arc<String> = cache.get_or_load("a", ModelKind::Checkpoint, || load("A")).unwrap();
+    let a: Arc<String> = cache
+        .get_or_load("a", ModelKind::Checkpoint, || load("A"))
+        .unwrap();
     assert_eq!(*a, "A");
-    let again: Arc<String> = cache.get_or_load("a", ModelKind::Checkpoint, || load("A")).unwrap();
+    let again: Arc<String> = cache
+        .get_or_load("a", ModelKind::Checkpoint, || load("A"))
+        .unwrap();
     assert!(Arc::ptr_eq(&a, &again));
-    let _b: Arc<String> = cache.get_or_load("b", ModelKind::Checkpoint, || load("B")).unwrap();
+    let _b: Arc<String> = cache
+        .get_or_load("b", ModelKind::Checkpoint, || load("B"))
+        .unwrap();
     assert!(!cache.contains("a"), "a should have been evicted for b");
     assert!(cache.contains("b"));
-    let _a2: Arc<String> = cache.get_or_load("a", ModelKind::Checkpoint, || load("A")).unwrap();
+    let _a2: Arc<String> = cache
+        .get_or_load("a", ModelKind::Checkpoint, || load("A"))
+        .unwrap();
 
     let stats = cache.stats();
     assert_eq!(stats.hits, 1);
@@ -45,11 +53,15 @@ fn budget_smaller_than_two_models_evicts_and_reloads() {
 fn least_recently_used_goes_first() {
     let cache = ModelCache::new(300, "cpu");
     for key in ["a", "b", "c"] {
-        let _: Arc<u32> = cache.get_or_load(key, ModelKind::Vae, || Ok((1u32, 100))).unwrap();
+        let _: Arc<u32> = cache
+            .get_or_load(key, ModelKind::Vae, || Ok((1u32, 100)))
+            .unwrap();
     }
     // Touch "a" so "b" is now the oldest.
     let _: Option<Arc<u32>> = cache.get("a");
-    let _: Arc<u32> = cache.get_or_load("d", ModelKind::Vae, || Ok((4u32, 100))).unwrap();
+    let _: Arc<u32> = cache
+        .get_or_load("d", ModelKind::Vae, || Ok((4u32, 100)))
+        .unwrap();
     assert!(cache.contains("a") && cache.contains("c") && cache.contains("d"));
     assert!(!cache.contains("b"));
 }
@@ -72,7 +84,9 @@ fn over_budget_and_wrong_type_are_errors() {
         "{err}"
     );
     assert_eq!(err.kind(), "oom");
-    let _: Arc<u8> = cache.get_or_load("k", ModelKind::Lora, || Ok((1u8, 1))).unwrap();
+    let _: Arc<u8> = cache
+        .get_or_load("k", ModelKind::Lora, || Ok((1u8, 1)))
+        .unwrap();
     let err = cache
         .get_or_load::<String, _>("k", ModelKind::Lora, || Ok((String::new(), 1)))
         .unwrap_err();
@@ -104,8 +118,12 @@ fn demo_vae_is_cached_and_reloaded_under_a_small_budget() {
             .load_vae(&Device::Cpu, DType::F32)
             .map(|v| (v, vae_bytes))
     };
-    let vae: Arc<VaeModel> = cache.get_or_load("demo/vae", ModelKind::Vae, load_vae).unwrap();
-    let _: Arc<VaeModel> = cache.get_or_load("demo/vae", ModelKind::Vae, load_vae).unwrap();
+    let vae: Arc<VaeModel> = cache
+        .get_or_load("demo/vae", ModelKind::Vae, load_vae)
+        .unwrap();
+    let _: Arc<VaeModel> = cache
+        .get_or_load("demo/vae", ModelKind::Vae, load_vae)
+        .unwrap();
     let _unet: Arc<sakuga_models::diffusion::UnetModel> = cache
         .get_or_load("demo/unet", ModelKind::Checkpoint, || {
             checkpoint
@@ -114,7 +132,9 @@ fn demo_vae_is_cached_and_reloaded_under_a_small_budget() {
         })
         .unwrap();
     assert!(!cache.contains("demo/vae"));
-    let _: Arc<VaeModel> = cache.get_or_load("demo/vae", ModelKind::Vae, load_vae).unwrap();
+    let _: Arc<VaeModel> = cache
+        .get_or_load("demo/vae", ModelKind::Vae, load_vae)
+        .unwrap();
     let stats = cache.stats();
     assert_eq!((stats.hits, stats.misses, stats.loads), (1, 3, 3));
     assert!(stats.evictions >= 2);

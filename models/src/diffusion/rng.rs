@@ -54,7 +54,7 @@ impl NoiseRng {
         let u2 = self.uniform(2 * pair + 1);
         let radius = (-2.0 * u1.ln()).sqrt();
         let angle = 2.0 * std::f64::consts::PI * u2;
-        if index % 2 == 0 {
+        if index.is_multiple_of(2) {
             radius * angle.cos()
         } else {
             radius * angle.sin()
