@@ -400,16 +400,19 @@ impl SloConfig {
     }
 }
 
+/// Number of SLOs, for per-SLO arrays.
+const SLO_COUNT: usize = SloId::ALL.len();
+
 /// Good and bad counts of every SLO in one minute.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SloSlot {
-    good: [u64; 7],
-    bad: [u64; 7],
+    good: [u64; SLO_COUNT],
+    bad: [u64; SLO_COUNT],
 }
 
 impl SlotData for SloSlot {
     fn merge(&mut self, other: &Self) {
-        for i in 0..7 {
+        for i in 0..SLO_COUNT {
             self.good[i] += other.good[i];
             self.bad[i] += other.bad[i];
         }

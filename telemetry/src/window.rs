@@ -473,29 +473,33 @@ impl Windows {
     /// System signals over one window ending at `now`.
     pub fn system(&self, now: Duration, window: Window) -> SystemSignals {
         let (slot, covered_s) = self.read(now, window);
-        let s = slot.system;
-        let requests = s.cache[0] + s.cache[1];
-        SystemSignals {
-            window,
-            covered_s,
-            cache_hit_rate: ratio(s.cache[CacheResult::Hit.index()], requests),
-            cache_requests: requests,
-            utilization_mean: (s.device_samples > 0)
-                .then(|| s.utilization_sum / s.device_samples as f64),
-            utilization_max: (s.device_samples > 0).then_some(s.utilization_max),
-            headroom_min: s.headroom_min,
-            ooms: s.ooms,
-            timeouts: s.timeouts,
-        }
+        system_from(&slot.system, window, covered_s)
     }
 
     /// Every workload and the system over one window, from one pass over the slots.
     pub fn all(&self, now: Duration, window: Window) -> (Vec<GoldenSignals>, SystemSignals) {
+        let (slot, covered_s) = self.read(now, window);
         let golden = Workload::ALL
             .iter()
-            .map(|&w| self.golden(now, w, window))
+            .map(|&w| golden_from(&slot.workloads[w.index()], w, window, covered_s))
             .collect();
-        (golden, self.system(now, window))
+        (golden, system_from(&slot.system, window, covered_s))
+    }
+}
+
+fn system_from(s: &SystemSlot, window: Window, covered_s: f64) -> SystemSignals {
+    let requests = s.cache[0] + s.cache[1];
+    SystemSignals {
+        window,
+        covered_s,
+        cache_hit_rate: ratio(s.cache[CacheResult::Hit.index()], requests),
+        cache_requests: requests,
+        utilization_mean: (s.device_samples > 0)
+            .then(|| s.utilization_sum / s.device_samples as f64),
+        utilization_max: (s.device_samples > 0).then_some(s.utilization_max),
+        headroom_min: s.headroom_min,
+        ooms: s.ooms,
+        timeouts: s.timeouts,
     }
 }
 
