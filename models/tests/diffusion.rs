@@ -200,6 +200,11 @@ fn clip_skip_changes_conditioning() {
             .unwrap(),
     );
     assert_ne!(last, skipped);
+    let plain = values(&d.clip.encode("a cat in the rain").unwrap());
+    let unit = values(&d.clip.encode("a (cat:1.0) in the rain").unwrap());
+    let emphasised = values(&d.clip.encode("a (cat:1.5) in the rain").unwrap());
+    assert_eq!(plain, unit);
+    assert_ne!(plain, emphasised);
     let long = d.clip.encode(&"cat ".repeat(100)).unwrap();
     assert_eq!(long.dims(), &[1, 154, 64]);
 }

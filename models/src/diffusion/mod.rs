@@ -6,7 +6,7 @@
 //! - [`config`]: architecture descriptions and their inference from checkpoints.
 //! - [`keymap`]: LDM <-> diffusers tensor names; [`weights`]: the renaming VarBuilder
 //!   backend that loads through them.
-//! - [`tokenizer`], [`clip`]: prompt to conditioning.
+//! - [`tokenizer`], [`prompt`], [`clip`]: prompt (with ComfyUI emphasis) to conditioning.
 //! - [`vae`]: images <-> latents, tiled decode.
 //! - [`lora`]: kohya-format LoRA files.
 //! - [`model`]: [`Checkpoint`] and its parts, the guided denoiser.
@@ -17,6 +17,7 @@ pub mod config;
 pub mod keymap;
 pub mod lora;
 pub mod model;
+pub mod prompt;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;

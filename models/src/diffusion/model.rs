@@ -311,22 +311,44 @@ impl ClipModel {
     }
 
     /// Conditioning `[1, 77 * windows, width]` (f32) for `prompt`: long prompts are split into
-    /// 75-token windows encoded separately and concatenated, as ComfyUI does.
+    /// 75-token windows encoded separately and concatenated, and `(text:1.2)` emphasis is
+    /// applied per token as ComfyUI does (`z_empty + (z - z_empty) * weight`).
     ///
     /// # Errors
     /// Tensor errors.
     pub fn encode(&self, prompt: &str) -> Result<Tensor> {
-        let windows = ClipTokenizer::shared().encode_windows(prompt, self.model.config().pad_token);
+        let pad = self.model.config().pad_token;
+        let tokenizer = ClipTokenizer::shared();
+        let windows = tokenizer.encode_weighted_windows(prompt, pad);
+        let weighted = windows.iter().flatten().any(|&(_, w)| w != 1.0);
+        let empty = if weighted {
+            Some(self.encode_window(&tokenizer.encode_windows("", pad)[0])?)
+        } else {
+            None
+        };
         let mut encoded = Vec::with_capacity(windows.len());
         for window in windows {
-            let tokens = Tensor::new(window.as_slice(), &self.device)?.unsqueeze(0)?;
-            encoded.push(
-                self.model
-                    .forward(&tokens, self.stop_at_layer)?
-                    .to_dtype(DType::F32)?,
-            );
+            let ids: Vec<u32> = window.iter().map(|&(id, _)| id).collect();
+            let z = self.encode_window(&ids)?;
+            let z = match &empty {
+                Some(empty) => {
+                    let weights: Vec<f32> = window.iter().map(|&(_, w)| w).collect();
+                    let weights = Tensor::from_vec(weights, (1, ids.len(), 1), z.device())?;
+                    (empty + (&z - empty)?.broadcast_mul(&weights)?)?
+                }
+                None => z,
+            };
+            encoded.push(z);
         }
         Ok(Tensor::cat(&encoded, 1)?)
+    }
+
+    fn encode_window(&self, ids: &[u32]) -> Result<Tensor> {
+        let tokens = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
+        Ok(self
+            .model
+            .forward(&tokens, self.stop_at_layer)?
+            .to_dtype(DType::F32)?)
     }
 
     /// Hidden states for explicit token windows `[B, 77]` (u32), for tests and tools.

@@ -153,6 +153,37 @@ impl ClipTokenizer {
         windows
     }
 
+    /// Like [`ClipTokenizer::encode_windows`] but honouring ComfyUI's `(text:weight)`
+    /// emphasis: every id carries the weight of the span it came from (BOS, EOS and padding
+    /// weigh 1).
+    pub fn encode_weighted_windows(&self, text: &str, pad: u32) -> Vec<Vec<(u32, f32)>> {
+        let mut words = Vec::new();
+        for (segment, weight) in super::prompt::parse_weighted(text) {
+            words.extend(
+                self.encode_words(&segment)
+                    .into_iter()
+                    .map(|id| (id, weight)),
+            );
+        }
+        let chunk = CONTEXT_LENGTH - 2;
+        let mut windows = Vec::new();
+        let mut start = 0;
+        loop {
+            let end = (start + chunk).min(words.len());
+            let mut window = Vec::with_capacity(CONTEXT_LENGTH);
+            window.push((BOS_TOKEN, 1.0));
+            window.extend_from_slice(&words[start..end]);
+            window.push((EOS_TOKEN, 1.0));
+            window.resize(CONTEXT_LENGTH, (pad, 1.0));
+            windows.push(window);
+            start = end;
+            if start >= words.len() {
+                break;
+            }
+        }
+        windows
+    }
+
     fn bpe_word(&self, word: &str, ids: &mut Vec<u32>) {
         let mut symbols: Vec<String> = word
             .bytes()
