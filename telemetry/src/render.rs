@@ -47,27 +47,30 @@ impl SignalsSnapshot {
             }
             let _ = writeln!(out, "{workload}");
             for g in active {
-                let _ = write!(out, "  {:>3}: ", g.window.as_str());
+                let mut parts = Vec::new();
                 if g.frames_produced + g.frames_delivered > 0 {
-                    let _ = write!(
-                        out,
-                        "fps produced {} delivered {} health {} dropped {} duplicated {}; ",
+                    parts.push(format!(
+                        "fps produced {} delivered {} health {} dropped {} duplicated {}",
                         fmt_num(g.produced_fps),
                         fmt_num(g.delivered_fps),
                         opt(g.fps_health),
                         pct(g.dropped_ratio),
                         pct(g.duplicated_ratio),
-                    );
+                    ));
                 }
-                let _ = writeln!(
-                    out,
-                    "jobs {} success {} latency {} queue wait p95 {}s images/s {}",
-                    g.jobs_finished,
-                    pct(g.success_ratio),
-                    dist(&g.render_latency),
-                    opt(g.queue_wait.p95),
-                    fmt_num(g.images_per_second),
-                );
+                if g.jobs_finished > 0 {
+                    parts.push(format!(
+                        "jobs {} success {} latency {} images/s {}",
+                        g.jobs_finished,
+                        pct(g.success_ratio),
+                        dist(&g.render_latency),
+                        fmt_num(g.images_per_second),
+                    ));
+                }
+                if g.queue_wait.count > 0 {
+                    parts.push(format!("queue wait p95 {}s", opt(g.queue_wait.p95)));
+                }
+                let _ = writeln!(out, "  {:>3}: {}", g.window.as_str(), parts.join("; "));
                 if g.postprocess.count > 0 {
                     let _ = writeln!(out, "       post-process {}", dist(&g.postprocess));
                 }
