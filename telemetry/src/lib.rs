@@ -80,6 +80,8 @@ pub use labels::*;
 pub use logging::{LogConfig, LogFormat, LoggingGuard, init_logging};
 pub use prometheus::{MetricsHandle, PrometheusConfig};
 pub use quality::{FrameChecker, QcReport, QualityConfig};
-pub use signals::{FrameStream, JobReport, ProducedFrame, Signals, SignalsConfig, SignalsSnapshot};
+pub use signals::{
+    FrameStream, JobReport, PlaybackReport, ProducedFrame, Signals, SignalsConfig, SignalsSnapshot,
+};
 pub use slo::{SloConfig, SloId, SloStatus};
 pub use window::{GoldenSignals, Window};

@@ -81,6 +81,19 @@ impl<'a> JobReport<'a> {
     }
 }
 
+/// What a client said about playback (`ReportPlayback`) since its previous report.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaybackReport {
+    /// Frames the client displayed.
+    pub delivered_frames: u64,
+    /// Frames it never got or skipped.
+    pub dropped_frames: u64,
+    /// Frames identical to the one before.
+    pub duplicated_frames: u64,
+    /// Displayed frames that came later than the FPS floor allows after the previous one.
+    pub late_frames: u64,
+}
+
 /// Configuration changes as diagnosis sees them.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ConfigChanges {
@@ -395,6 +408,44 @@ impl Signals {
             self.inner.planned.fetch_and(!bit, Ordering::Relaxed);
         }
         record::planned_heavy_load(reason, active);
+    }
+
+    /// Client-side playback counts for a stream whose delivery the server cannot see.
+    /// Do not also call [`FrameStream::frame_delivered`] for the same frames.
+    pub fn playback_report(&self, workload: Workload, report: &PlaybackReport) {
+        let at = self.now();
+        let inner = &self.inner;
+        let counts = [
+            (FrameKind::Delivered, report.delivered_frames),
+            (FrameKind::Dropped, report.dropped_frames),
+            (FrameKind::Duplicated, report.duplicated_frames),
+        ];
+        for (kind, n) in counts {
+            if n > 0 {
+                inner.frame_metrics.frames(workload, kind, n);
+                inner.windows.frames(at, workload, kind, n);
+            }
+        }
+        if workload == Workload::Animation {
+            inner.slo.record(
+                at,
+                SloId::AnimationDroppedFrames,
+                report.delivered_frames,
+                report.dropped_frames,
+            );
+            let late = report.late_frames.min(report.delivered_frames);
+            inner.slo.record(
+                at,
+                SloId::AnimationFps,
+                report.delivered_frames - late,
+                late,
+            );
+        }
+    }
+
+    /// Whether any planned heavy load is marked on (alerts are inhibited meanwhile).
+    pub fn is_planned_heavy_load(&self) -> bool {
+        self.inner.planned.load(Ordering::Relaxed) != 0
     }
 
     /// Counts a frame's QC results: rejections by check, and a duplicate as a frame kind.

@@ -358,3 +358,32 @@ fn frame_stream_samples_events_and_flags_slow_frames() {
     }
     assert_eq!(logged, [0, 10, 13]);
 }
+
+#[test]
+fn client_playback_reports_feed_fps_and_drop_slos() {
+    let (signals, clock) = signals();
+    let stream = signals.stream(Workload::Animation, 24.0);
+    let start = clock.now();
+    for i in 0..3000 {
+        stream.frame_produced_at(start + secs(i as f64 / 30.0));
+    }
+    clock.advance(secs(100.0));
+    let report = sakuga_telemetry::PlaybackReport {
+        delivered_frames: 2900,
+        dropped_frames: 100,
+        duplicated_frames: 0,
+        late_frames: 29,
+    };
+    signals.playback_report(Workload::Animation, &report);
+    let dropped = signals.slo_status(SloId::AnimationDroppedFrames);
+    assert_eq!((dropped.total, dropped.bad), (3000, 100));
+    let fps = signals.slo_status(SloId::AnimationFps);
+    assert_eq!((fps.total, fps.bad), (2900, 29));
+    let g = signals.golden(Workload::Animation, Window::TwoMinutes);
+    assert!((g.dropped_ratio.unwrap() - 100.0 / 3000.0).abs() < 1e-9);
+    assert!((g.fps_health.unwrap() - 2900.0 / 3000.0).abs() < 1e-9);
+    assert!(!signals.is_planned_heavy_load());
+    signals.planned_heavy_load(sakuga_telemetry::PlannedLoad::CacheWarmup, true);
+    assert!(signals.is_planned_heavy_load());
+    assert!(signals.snapshot().planned_heavy_load);
+}
