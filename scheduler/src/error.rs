@@ -1,9 +1,11 @@
 //! The one error type of `sakuga-scheduler`: workflows that cannot be read or are invalid,
 //! and jobs that fail, panic or are cancelled while they execute.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use sakuga_nodes::NodeError;
+use sakuga_telemetry::{AdmissionReason, Workload};
 
 use crate::validate::ValidationReport;
 
@@ -37,6 +39,33 @@ pub enum SchedulerError {
         node_id: Option<String>,
         elapsed: Duration,
     },
+    /// Admission control refused the job; retry after `retry_after`.
+    #[error("{workload} job denied ({reason}): {detail}")]
+    Denied {
+        workload: Workload,
+        reason: AdmissionReason,
+        detail: String,
+        retry_after: Duration,
+    },
+    /// The workflow is over one of the server's size caps.
+    #[error("workflow too large: {what} is {actual}, the limit is {limit}")]
+    TooLarge {
+        what: &'static str,
+        actual: u64,
+        limit: u64,
+    },
+    /// No job has this id.
+    #[error("no job {job_id}")]
+    JobNotFound { job_id: String },
+    /// The engine is draining or stopped and takes no new work.
+    #[error("the engine is shutting down")]
+    ShuttingDown,
+    /// The journal in the data dir could not be opened, read or written.
+    #[error("journal {path}: {reason}")]
+    Journal { path: PathBuf, reason: String },
+    /// A queued job's deadline passed before it could start.
+    #[error("job {job_id} missed its deadline before it started")]
+    DeadlineExceeded { job_id: String },
 }
 
 impl SchedulerError {
@@ -47,6 +76,12 @@ impl SchedulerError {
             SchedulerError::NodeFailed { source, .. } => source.kind(),
             SchedulerError::NodePanicked { .. } => "internal",
             SchedulerError::Cancelled { .. } => "cancelled",
+            SchedulerError::Denied { .. } => "resource_exhausted",
+            SchedulerError::TooLarge { .. } => "invalid_input",
+            SchedulerError::JobNotFound { .. } => "not_found",
+            SchedulerError::ShuttingDown => "unavailable",
+            SchedulerError::Journal { .. } => "internal",
+            SchedulerError::DeadlineExceeded { .. } => "timeout",
         }
     }
 }

@@ -1,0 +1,589 @@
+//! The job runtime: submission, admission, the queue, the device worker and the journal,
+//! wired together behind one cheap-to-clone [`EngineHandle`].
+//!
+//! Shape (as TGI's router queue): the handle holds a sender; a `queue_worker` thread owns
+//! every job's state and the [`JobQueue`], answering each [`Command`] through a oneshot; a
+//! `device_worker` thread owns the [`Executor`] and runs one plan at a time; the journal
+//! has its own group-commit thread. Compute never runs on tokio: callers on tokio await
+//! replies, blocking callers (`sakuga run`) use the `*_blocking` twins.
+//!
+//! Parsing, size caps, validation and estimation happen on the caller's side of the
+//! channel so the queue worker stays a fast bookkeeper.
+
+pub mod feed;
+mod jobs;
+mod worker;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use crossbeam_channel::Sender;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+use tokio::sync::oneshot;
+
+use sakuga_nodes::{NodeEnv, NodeRegistry};
+use sakuga_telemetry::{Signals, TraceContext, Workload};
+
+use crate::admission::{AdmissionConfig, Estimate, Estimator, WorkloadValues, check_limits};
+use crate::error::SchedulerError;
+use crate::executor::ExecutorConfig;
+use crate::journal::{Journal, RecordState};
+use crate::observe::workload_of;
+use crate::plan::ExecutionPlan;
+use crate::validate::validate;
+use crate::workflow::Workflow;
+
+pub use feed::{FeedConfig, Frame, JobEvent, JobFeed, JobWatch, TimedEvent, WatchItem};
+
+/// A job's state; the journal's record states are the public ones.
+pub type JobState = RecordState;
+
+/// Feature flags per workload: the "isolate and toggle" remedy for post-process regressions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FeatureFlags {
+    /// Bypass `ImageUpscaleWithModel` nodes (their input image passes through).
+    pub upscaler_off: WorkloadValues<bool>,
+    /// Bypass `FrameInterpolate` nodes (the frames pass through uninterpolated).
+    pub interpolator_off: WorkloadValues<bool>,
+}
+
+/// The part of the configuration a reload may change without dropping work.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineTunables {
+    pub admission: AdmissionConfig,
+    pub features: FeatureFlags,
+}
+
+/// Engine settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default)]
+pub struct EngineConfig {
+    pub tunables: EngineTunables,
+    pub executor: ExecutorConfig,
+    /// Where the journal lives; `None` keeps jobs in memory only (`sakuga run`).
+    pub data_dir: Option<PathBuf>,
+    /// Final journal records older than this are pruned at start-up.
+    pub journal_retention: Duration,
+    pub feed: FeedConfig,
+    /// Finished jobs kept in memory for `GetJob`, `ListJobs` and late `Watch`.
+    pub finished_kept: usize,
+    /// Finished jobs whose frames are kept for replay.
+    pub finished_frames_kept: usize,
+    /// A job that crashed the server this many times while running is failed on recovery.
+    pub max_attempts: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            tunables: EngineTunables::default(),
+            executor: ExecutorConfig::default(),
+            data_dir: None,
+            journal_retention: Duration::from_secs(7 * 24 * 3600),
+            feed: FeedConfig::default(),
+            finished_kept: 4096,
+            finished_frames_kept: 16,
+            max_attempts: 2,
+        }
+    }
+}
+
+/// A job as a client submits it.
+#[derive(Debug, Clone, Default)]
+pub struct SubmitRequest {
+    /// API-format workflow (or a `POST /prompt` body).
+    pub workflow: Json,
+    /// Size of the workflow text as received, for the size cap; measured when `None`.
+    pub workflow_bytes: Option<u64>,
+    /// `None` infers it: animation if it streams frames, batch if batch size > 1.
+    pub workload: Option<Workload>,
+    /// Higher starts earlier within its class (clamped to ±100).
+    pub priority: i32,
+    /// The job must start before this, or it is denied (at submit) or times out (queued).
+    pub deadline: Option<SystemTime>,
+    /// Submissions with a key already seen return the first job instead of a new one.
+    pub idempotency_key: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// The client's trace (from `traceparent`); a new root trace when `None`.
+    pub trace: Option<TraceContext>,
+}
+
+impl SubmitRequest {
+    /// A request for `workflow` with every other field at its default.
+    pub fn new(workflow: Json) -> Self {
+        Self {
+            workflow,
+            ..Self::default()
+        }
+    }
+}
+
+/// What `Submit` answers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submitted {
+    pub job_id: String,
+    /// 1-based position in the queue (0 once running or finished).
+    pub queue_position: usize,
+    pub estimate: Estimate,
+    pub workload: Workload,
+    pub trace_id: String,
+    /// The idempotency key matched an earlier job; this is that job.
+    pub deduplicated: bool,
+}
+
+/// A file a job produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobOutput {
+    pub node_id: String,
+    pub path: PathBuf,
+    pub kind: String,
+}
+
+/// A job as `GetJob` and `ListJobs` show it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobInfo {
+    pub job_id: String,
+    pub workload: Workload,
+    pub state: JobState,
+    pub priority: i32,
+    pub labels: BTreeMap<String, String>,
+    pub trace_id: String,
+    pub idempotency_key: Option<String>,
+    pub submitted_at: SystemTime,
+    pub started_at: Option<SystemTime>,
+    pub finished_at: Option<SystemTime>,
+    pub deadline: Option<SystemTime>,
+    /// 1-based, while queued.
+    pub queue_position: Option<usize>,
+    pub estimate: Option<Estimate>,
+    pub error: Option<String>,
+    pub outputs: Vec<JobOutput>,
+    /// Times it started running (more than 1 after a crash recovery).
+    pub attempts: u32,
+    /// It was found unfinished in the journal after a restart.
+    pub recovered: bool,
+}
+
+/// `ListJobs` filter; `None` fields match everything.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ListFilter {
+    pub workload: Option<Workload>,
+    pub state: Option<JobState>,
+    /// Every pair must be present among the job's labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One page of `ListJobs`, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobPage {
+    pub jobs: Vec<JobInfo>,
+    /// Pass back to get the next page; `None` on the last page.
+    pub next_page_token: Option<String>,
+}
+
+/// Demand for autoscaling: work queued and running, weighted by estimated cost.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Demand {
+    pub queued_jobs: usize,
+    pub running_jobs: usize,
+    /// Sum of per-job weights (expected duration over the reference job, clamped).
+    pub weighted: f64,
+    /// Expected seconds of queued plus running work.
+    pub work_s: f64,
+    pub queued_by_workload: [usize; 3],
+}
+
+/// A configuration change applied by [`EngineHandle::reload`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reloaded {
+    pub generation: u64,
+    pub config_hash: String,
+}
+
+/// Requests the queue worker answers.
+pub(crate) enum Command {
+    Submit(
+        Box<jobs::PreparedJob>,
+        oneshot::Sender<Result<Submitted, SchedulerError>>,
+    ),
+    Cancel(String, oneshot::Sender<Result<JobInfo, SchedulerError>>),
+    Get(String, oneshot::Sender<Result<JobInfo, SchedulerError>>),
+    Watch(String, oneshot::Sender<Result<JobWatch, SchedulerError>>),
+    List(ListFilter, usize, Option<String>, oneshot::Sender<JobPage>),
+    Demand(oneshot::Sender<Demand>),
+    /// Stop admitting; answer once nothing is running.
+    Drain(oneshot::Sender<()>),
+    /// From the device worker: the running job ended.
+    Finished(Box<worker::Finished>),
+    /// Stop the queue worker (the device worker follows once its job ends).
+    Shutdown,
+}
+
+/// State shared by every handle clone, read without going through the queue worker.
+pub(crate) struct Shared {
+    pub registry: Arc<NodeRegistry>,
+    pub env: Arc<NodeEnv>,
+    pub signals: Signals,
+    pub estimator: Estimator,
+    pub tunables: RwLock<EngineTunables>,
+    pub generation: AtomicU64,
+    pub ready: AtomicBool,
+    pub draining: AtomicBool,
+    pub threads: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// The engine's front door. Cheap to clone; every clone talks to the same workers.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for EngineHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineHandle")
+            .field("ready", &self.is_ready())
+            .field("draining", &self.is_draining())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Commands waiting for the queue worker; senders wait when it is full.
+const COMMAND_CAPACITY: usize = 8192;
+
+impl EngineHandle {
+    /// Starts the journal (when `config.data_dir` is set), the device worker and the queue
+    /// worker, recovers unfinished jobs from the journal, and returns once the device
+    /// worker is ready.
+    ///
+    /// # Errors
+    /// [`SchedulerError::Journal`] when the journal cannot be opened.
+    pub fn start(
+        config: EngineConfig,
+        registry: Arc<NodeRegistry>,
+        env: Arc<NodeEnv>,
+        signals: Signals,
+    ) -> Result<EngineHandle, SchedulerError> {
+        let (journal, records) = match &config.data_dir {
+            Some(dir) => {
+                let (journal, records) = Journal::open(dir, config.journal_retention)?;
+                (Some(journal), records)
+            }
+            None => (None, Vec::new()),
+        };
+        let shared = Arc::new(Shared {
+            registry,
+            env: env.clone(),
+            signals: signals.clone(),
+            estimator: Estimator::new(),
+            tunables: RwLock::new(config.tunables.clone()),
+            generation: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+        });
+        let (tx, rx) = crossbeam_channel::bounded(COMMAND_CAPACITY);
+        let device = worker::spawn_device_worker(env, config.executor.clone(), tx.clone())?;
+        let handle = EngineHandle { tx, shared };
+        let mut state = jobs::QueueState::new(config, handle.shared.clone(), journal, device.jobs);
+        state.recover(records, &handle);
+        let queue = std::thread::Builder::new()
+            .name("sakuga-queue".into())
+            .spawn(move || jobs::queue_worker(state, rx))
+            .map_err(|e| SchedulerError::Journal {
+                path: PathBuf::new(),
+                reason: format!("spawning the queue thread: {e}"),
+            })?;
+        handle.shared.threads.lock().extend([device.thread, queue]);
+        handle.shared.ready.store(true, Ordering::Release);
+        Ok(handle)
+    }
+
+    /// Whether the device worker is up and the engine takes work.
+    pub fn is_ready(&self) -> bool {
+        self.shared.ready.load(Ordering::Acquire) && !self.is_draining()
+    }
+
+    /// Whether the engine stopped admitting (shutdown in progress).
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::Acquire)
+    }
+
+    /// The signals handle the engine records to.
+    pub fn signals(&self) -> &Signals {
+        &self.shared.signals
+    }
+
+    /// The node registry workflows are validated against.
+    pub fn registry(&self) -> &Arc<NodeRegistry> {
+        &self.shared.registry
+    }
+
+    /// The node environment (folders, device).
+    pub fn env(&self) -> &Arc<NodeEnv> {
+        &self.shared.env
+    }
+
+    /// The current tunables.
+    pub fn tunables(&self) -> EngineTunables {
+        self.shared.tunables.read().clone()
+    }
+
+    /// Configuration generation (bumped by each reload that changed something).
+    pub fn config_generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Relaxed)
+    }
+
+    /// Parses, caps, validates and estimates a workflow without submitting it.
+    ///
+    /// # Errors
+    /// [`SchedulerError::Malformed`], [`SchedulerError::TooLarge`] or
+    /// [`SchedulerError::Invalid`] with every problem.
+    pub fn check(
+        &self,
+        workflow: &Json,
+        workflow_bytes: Option<u64>,
+    ) -> Result<(ExecutionPlan, Estimate), SchedulerError> {
+        let tunables = self.shared.tunables.read().clone();
+        let bytes = workflow_bytes
+            .unwrap_or_else(|| serde_json::to_vec(workflow).map_or(0, |v| v.len() as u64));
+        check_limits(workflow, bytes, &tunables.admission.limits)?;
+        let parsed = Workflow::from_json(workflow.clone())?;
+        let valid = validate(&parsed, &self.shared.registry, &self.shared.env)?;
+        let estimate = self.shared.estimator.estimate(
+            &valid,
+            &self.shared.env.models_dir,
+            &tunables.admission,
+        );
+        Ok((ExecutionPlan::compile(valid), estimate))
+    }
+
+    fn prepare(&self, request: SubmitRequest) -> Result<jobs::PreparedJob, SchedulerError> {
+        if self.is_draining() {
+            return Err(SchedulerError::ShuttingDown);
+        }
+        let features = self.shared.tunables.read().features;
+        let workload_hint = request.workload;
+        let mut workflow = request.workflow;
+        if let Some(w) = workload_hint {
+            workflow = jobs::apply_features(workflow, features, w);
+        }
+        let (plan, estimate) = self.check(&workflow, request.workflow_bytes)?;
+        let workload = workload_hint.unwrap_or_else(|| workload_of(&plan));
+        let (plan, estimate, workflow) =
+            if workload_hint.is_none() && features != FeatureFlags::default() {
+                let toggled = jobs::apply_features(workflow.clone(), features, workload);
+                if toggled == workflow {
+                    (plan, estimate, workflow)
+                } else {
+                    let (plan, estimate) = self.check(&toggled, None)?;
+                    (plan, estimate, toggled)
+                }
+            } else {
+                (plan, estimate, workflow)
+            };
+        Ok(jobs::PreparedJob {
+            job_id: jobs::new_job_id(),
+            workflow,
+            plan,
+            estimate,
+            workload,
+            priority: request.priority,
+            deadline: request.deadline,
+            idempotency_key: request.idempotency_key,
+            labels: request.labels,
+            trace: request.trace.unwrap_or_else(TraceContext::new_root),
+            submitted_at: SystemTime::now(),
+        })
+    }
+
+    fn send(&self, command: Command) -> Result<(), SchedulerError> {
+        self.tx
+            .send(command)
+            .map_err(|_| SchedulerError::ShuttingDown)
+    }
+
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<oneshot::Receiver<T>, SchedulerError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(make(reply))?;
+        Ok(rx)
+    }
+
+    /// Submits a job: validates, estimates, admits or denies, journals, enqueues. Returns
+    /// once the job is durable.
+    ///
+    /// # Errors
+    /// Invalid or too large workflows, [`SchedulerError::Denied`] with a retry hint,
+    /// [`SchedulerError::ShuttingDown`], or a journal failure.
+    pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, SchedulerError> {
+        let prepared = self.prepare(request)?;
+        let rx = self.ask(|reply| Command::Submit(Box::new(prepared), reply))?;
+        rx.await.map_err(|_| SchedulerError::ShuttingDown)?
+    }
+
+    /// [`Self::submit`] for threads outside tokio.
+    ///
+    /// # Errors
+    /// As [`Self::submit`].
+    pub fn submit_blocking(&self, request: SubmitRequest) -> Result<Submitted, SchedulerError> {
+        let prepared = self.prepare(request)?;
+        let rx = self.ask(|reply| Command::Submit(Box::new(prepared), reply))?;
+        rx.blocking_recv()
+            .map_err(|_| SchedulerError::ShuttingDown)?
+    }
+
+    /// Requests cancellation: a queued job ends now, a running one at its next node or step.
+    ///
+    /// # Errors
+    /// [`SchedulerError::JobNotFound`].
+    pub async fn cancel(&self, job_id: &str) -> Result<JobInfo, SchedulerError> {
+        let rx = self.ask(|reply| Command::Cancel(job_id.to_owned(), reply))?;
+        rx.await.map_err(|_| SchedulerError::ShuttingDown)?
+    }
+
+    /// A job's current state.
+    ///
+    /// # Errors
+    /// [`SchedulerError::JobNotFound`].
+    pub async fn get(&self, job_id: &str) -> Result<JobInfo, SchedulerError> {
+        let rx = self.ask(|reply| Command::Get(job_id.to_owned(), reply))?;
+        rx.await.map_err(|_| SchedulerError::ShuttingDown)?
+    }
+
+    /// [`Self::get`] for threads outside tokio.
+    ///
+    /// # Errors
+    /// [`SchedulerError::JobNotFound`].
+    pub fn get_blocking(&self, job_id: &str) -> Result<JobInfo, SchedulerError> {
+        let rx = self.ask(|reply| Command::Get(job_id.to_owned(), reply))?;
+        rx.blocking_recv()
+            .map_err(|_| SchedulerError::ShuttingDown)?
+    }
+
+    /// A watcher over the job's feed: replay of what it holds, then live items.
+    ///
+    /// # Errors
+    /// [`SchedulerError::JobNotFound`].
+    pub async fn watch(&self, job_id: &str) -> Result<JobWatch, SchedulerError> {
+        let rx = self.ask(|reply| Command::Watch(job_id.to_owned(), reply))?;
+        rx.await.map_err(|_| SchedulerError::ShuttingDown)?
+    }
+
+    /// [`Self::watch`] for threads outside tokio.
+    ///
+    /// # Errors
+    /// [`SchedulerError::JobNotFound`].
+    pub fn watch_blocking(&self, job_id: &str) -> Result<JobWatch, SchedulerError> {
+        let rx = self.ask(|reply| Command::Watch(job_id.to_owned(), reply))?;
+        rx.blocking_recv()
+            .map_err(|_| SchedulerError::ShuttingDown)?
+    }
+
+    /// Jobs matching `filter`, newest first, `page_size` at a time (capped at 1000).
+    ///
+    /// # Errors
+    /// [`SchedulerError::ShuttingDown`].
+    pub async fn list(
+        &self,
+        filter: ListFilter,
+        page_size: usize,
+        page_token: Option<String>,
+    ) -> Result<JobPage, SchedulerError> {
+        let rx = self.ask(|reply| Command::List(filter, page_size, page_token, reply))?;
+        rx.await.map_err(|_| SchedulerError::ShuttingDown)
+    }
+
+    /// Queued and running work weighted by estimated cost (the KEDA metric).
+    ///
+    /// # Errors
+    /// [`SchedulerError::ShuttingDown`] when the queue worker is gone (callers must not
+    /// report zero demand then).
+    pub async fn demand(&self) -> Result<Demand, SchedulerError> {
+        let rx = self.ask(Command::Demand)?;
+        rx.await.map_err(|_| SchedulerError::ShuttingDown)
+    }
+
+    /// [`Self::demand`] for threads outside tokio.
+    ///
+    /// # Errors
+    /// As [`Self::demand`].
+    pub fn demand_blocking(&self) -> Result<Demand, SchedulerError> {
+        let rx = self.ask(Command::Demand)?;
+        rx.blocking_recv().map_err(|_| SchedulerError::ShuttingDown)
+    }
+
+    /// Applies new tunables (queue caps, priorities, limits, feature flags) to jobs
+    /// submitted and started from now on; queued and running work is kept. Bumps the
+    /// configuration generation and emits `config_changed` when anything changed.
+    pub fn reload(&self, tunables: EngineTunables, version: &str) -> Reloaded {
+        let hash = jobs::config_hash(&tunables);
+        let mut current = self.shared.tunables.write();
+        if *current != tunables {
+            *current = tunables;
+            drop(current);
+            self.shared.generation.fetch_add(1, Ordering::Relaxed);
+            self.shared.signals.config_changed(version, &hash);
+        }
+        Reloaded {
+            generation: self.config_generation(),
+            config_hash: hash,
+        }
+    }
+
+    /// Stops admitting and waits until no job is running; queued jobs stay journaled and
+    /// run after the next start.
+    pub async fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        if let Ok(rx) = self.ask(Command::Drain) {
+            let _ = rx.await;
+        }
+    }
+
+    /// [`Self::drain`] for threads outside tokio.
+    pub fn drain_blocking(&self) {
+        self.shared.draining.store(true, Ordering::Release);
+        if let Ok(rx) = self.ask(Command::Drain) {
+            let _ = rx.blocking_recv();
+        }
+    }
+
+    /// Drains, then stops the workers and commits the journal; queued jobs stay journaled.
+    /// Other handle clones get [`SchedulerError::ShuttingDown`] afterwards.
+    pub fn shutdown_blocking(&self) {
+        self.drain_blocking();
+        let _ = self.send(Command::Shutdown);
+        let threads: Vec<JoinHandle<()>> = self.shared.threads.lock().drain(..).collect();
+        for thread in threads {
+            let _ = thread.join();
+        }
+    }
+
+    /// Submits, follows the job to its end calling `on_item` for everything it produces,
+    /// and returns its final state: what `sakuga run` does in-process.
+    ///
+    /// # Errors
+    /// As [`Self::submit`].
+    pub fn run_to_completion(
+        &self,
+        request: SubmitRequest,
+        mut on_item: impl FnMut(&WatchItem),
+    ) -> Result<JobInfo, SchedulerError> {
+        let submitted = self.submit_blocking(request)?;
+        let mut watch = self.watch_blocking(&submitted.job_id)?;
+        while let Some(item) = watch.next_blocking() {
+            on_item(&item);
+        }
+        self.get_blocking(&submitted.job_id)
+    }
+}

@@ -1,0 +1,272 @@
+//! The durable job journal (DESIGN.md section 9): one redb file in the data dir holding a
+//! record per accepted job, so that after a crash every accepted, unfinished job runs again
+//! or is reported failed, and idempotency keys keep deduplicating.
+//!
+//! Writes go through one `journal_worker` thread that commits in groups: it takes every
+//! write waiting in its channel, puts them in one transaction, commits once (fsync), then
+//! runs each write's acknowledgement. A `Submit` returns only after its acknowledgement,
+//! so a job is durable before the client hears about it, and concurrent submissions share
+//! one fsync instead of paying one each.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crossbeam_channel::{Receiver, Sender};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use crate::error::SchedulerError;
+
+const JOBS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("jobs");
+
+/// File name of the journal inside the data dir.
+pub const JOURNAL_FILE: &str = "journal.redb";
+
+/// Writes waiting for the worker; a full channel makes writers wait (back-pressure).
+const CHANNEL_CAPACITY: usize = 16 * 1024;
+/// Most writes folded into one transaction.
+const MAX_GROUP: usize = 4096;
+
+/// Where a journaled job stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+impl RecordState {
+    /// Whether the job reached a final state.
+    pub fn is_final(self) -> bool {
+        !matches!(self, RecordState::Queued | RecordState::Running)
+    }
+}
+
+/// One job as journaled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    /// The API-format workflow as submitted; dropped once the job is final.
+    pub workflow: Option<Json>,
+    /// `animation`, `single_image` or `batch`.
+    pub workload: String,
+    pub priority: i32,
+    pub deadline_unix_ms: Option<u64>,
+    pub idempotency_key: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub trace_id: String,
+    pub submitted_unix_ms: u64,
+    pub state: RecordState,
+    /// Times the job started running (a crash mid-run leaves `Running` with this count).
+    pub attempts: u32,
+    pub finished_unix_ms: Option<u64>,
+    /// Why it failed, was cancelled or timed out.
+    pub error: Option<String>,
+    /// Files it produced.
+    pub outputs: Vec<PathBuf>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// What to run after the write is durable (or failed).
+pub type JournalAck = Box<dyn FnOnce(Result<(), SchedulerError>) + Send>;
+
+enum JournalOp {
+    Put(Box<JobRecord>, Option<JournalAck>),
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// Handle to the journal worker. Dropping it commits what is pending and stops the worker.
+pub struct Journal {
+    path: PathBuf,
+    tx: Option<Sender<JournalOp>>,
+    worker: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Journal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Journal")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Journal {
+    /// Opens (or creates) the journal in `data_dir` and returns every record in it; final
+    /// records older than `retention` are deleted on the way.
+    ///
+    /// # Errors
+    /// [`SchedulerError::Journal`] when the dir or file cannot be created, opened or read.
+    pub fn open(
+        data_dir: &Path,
+        retention: Duration,
+    ) -> Result<(Journal, Vec<JobRecord>), SchedulerError> {
+        let path = data_dir.join(JOURNAL_FILE);
+        let err = |reason: String| SchedulerError::Journal {
+            path: path.clone(),
+            reason,
+        };
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| err(format!("creating the data dir: {e}")))?;
+        let db = Database::create(&path).map_err(|e| err(e.to_string()))?;
+        let records = load_and_prune(&db, retention).map_err(err)?;
+        let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
+        let worker_path = path.clone();
+        let worker = std::thread::Builder::new()
+            .name("sakuga-journal".into())
+            .spawn(move || journal_worker(db, rx, worker_path))
+            .map_err(|e| err(format!("spawning the journal thread: {e}")))?;
+        Ok((
+            Journal {
+                path,
+                tx: Some(tx),
+                worker: Some(worker),
+            },
+            records,
+        ))
+    }
+
+    /// The journal file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `record` (replacing the job's earlier record) in the next group commit and
+    /// then runs `ack`. Blocks only while the worker's channel is full.
+    pub fn put(&self, record: JobRecord, ack: Option<JournalAck>) {
+        let op = JournalOp::Put(Box::new(record), ack);
+        if let Some(tx) = &self.tx
+            && let Err(crossbeam_channel::SendError(JournalOp::Put(_, Some(ack)))) = tx.send(op)
+        {
+            ack(Err(SchedulerError::Journal {
+                path: self.path.clone(),
+                reason: "the journal worker stopped".into(),
+            }));
+        }
+    }
+
+    /// Blocks until everything written before this call is committed.
+    pub fn flush(&self) {
+        let (done_tx, done_rx) = std::sync::mpsc::sync_channel(1);
+        if let Some(tx) = &self.tx
+            && tx.send(JournalOp::Flush(done_tx)).is_ok()
+        {
+            let _ = done_rx.recv();
+        }
+    }
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
+}
+
+fn load_and_prune(db: &Database, retention: Duration) -> Result<Vec<JobRecord>, String> {
+    let mut records = Vec::new();
+    let mut expired = Vec::new();
+    let cutoff = unix_ms(SystemTime::now()).saturating_sub(retention.as_millis() as u64);
+    {
+        let read = db.begin_read().map_err(|e| e.to_string())?;
+        match read.open_table(JOBS) {
+            Ok(table) => {
+                for row in table.iter().map_err(|e| e.to_string())? {
+                    let (key, value) = row.map_err(|e| e.to_string())?;
+                    match serde_json::from_slice::<JobRecord>(value.value()) {
+                        Ok(r)
+                            if r.state.is_final()
+                                && r.finished_unix_ms.is_some_and(|f| f < cutoff) =>
+                        {
+                            expired.push(key.value().to_owned());
+                        }
+                        Ok(r) => records.push(r),
+                        Err(e) => {
+                            tracing::warn!(job_id = key.value(), error = %e, "skipping an unreadable journal record");
+                        }
+                    }
+                }
+            }
+            Err(redb::TableError::TableDoesNotExist(_)) => {}
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let write = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = write.open_table(JOBS).map_err(|e| e.to_string())?;
+        for key in &expired {
+            table.remove(key.as_str()).map_err(|e| e.to_string())?;
+        }
+    }
+    write.commit().map_err(|e| e.to_string())?;
+    records.sort_by_key(|r| r.submitted_unix_ms);
+    Ok(records)
+}
+
+fn commit_group(db: &Database, records: &[Box<JobRecord>]) -> Result<(), String> {
+    let write = db.begin_write().map_err(|e| e.to_string())?;
+    {
+        let mut table = write.open_table(JOBS).map_err(|e| e.to_string())?;
+        for record in records {
+            let bytes = serde_json::to_vec(record).map_err(|e| e.to_string())?;
+            table
+                .insert(record.job_id.as_str(), bytes.as_slice())
+                .map_err(|e| e.to_string())?;
+        }
+    }
+    write.commit().map_err(|e| e.to_string())
+}
+
+fn journal_worker(db: Database, rx: Receiver<JournalOp>, path: PathBuf) {
+    let mut records: Vec<Box<JobRecord>> = Vec::new();
+    let mut acks: Vec<JournalAck> = Vec::new();
+    let mut flushes = Vec::new();
+    while let Ok(first) = rx.recv() {
+        let mut next = Some(first);
+        while let Some(op) = next {
+            match op {
+                JournalOp::Put(record, ack) => {
+                    records.push(record);
+                    acks.extend(ack);
+                }
+                JournalOp::Flush(done) => flushes.push(done),
+            }
+            next = if records.len() < MAX_GROUP {
+                rx.try_recv().ok()
+            } else {
+                None
+            };
+        }
+        let result = if records.is_empty() {
+            Ok(())
+        } else {
+            commit_group(&db, &records)
+        };
+        if let Err(reason) = &result {
+            tracing::error!(path = %path.display(), %reason, "journal commit failed");
+        }
+        records.clear();
+        for ack in acks.drain(..) {
+            ack(result.clone().map_err(|reason| SchedulerError::Journal {
+                path: path.clone(),
+                reason,
+            }));
+        }
+        for done in flushes.drain(..) {
+            let _ = done.send(());
+        }
+    }
+}

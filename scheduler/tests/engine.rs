@@ -1,0 +1,372 @@
+//! The engine end to end, in-process: submit and watch to completion with frames,
+//! priorities, cancellation, queue caps, idempotency, deadlines, demand and the feature
+//! flags. A gate node holds the device so queued states can be observed without sleeps.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Condvar, Mutex};
+use serde_json::{Value as Json, json};
+
+use sakuga_nodes::{
+    ExecContext, InputSpec, Inputs, Node, NodeEnv, NodeError, NodeRegistry, NodeSchema, PortType,
+    Value,
+};
+use sakuga_scheduler::admission::{AdmissionConfig, WorkloadValues};
+use sakuga_scheduler::engine::{EngineTunables, JobEvent, JobState, ListFilter, WatchItem};
+use sakuga_scheduler::{EngineConfig, EngineHandle, SchedulerError, SubmitRequest};
+use sakuga_telemetry::{AdmissionReason, Signals, SignalsConfig, Workload};
+
+/// Blocks until its gate (by name) opens; returns its `value`.
+struct Gate;
+static GATES: LazyLock<(Mutex<Vec<String>>, Condvar)> = LazyLock::new(Default::default);
+static GATE_RUNNING: AtomicBool = AtomicBool::new(false);
+static GATE: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("TestGate", "Gate", "test")
+        .input(InputSpec::string("name", "", false))
+        .input(InputSpec::link("images", PortType::Image))
+        .output(PortType::Image)
+});
+impl Node for Gate {
+    fn schema(&self) -> &NodeSchema {
+        &GATE
+    }
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let name = inputs.str("name")?.to_owned();
+        GATE_RUNNING.store(true, Ordering::SeqCst);
+        let (open, cv) = &*GATES;
+        let mut open = open.lock();
+        while !open.contains(&name) {
+            if ctx.cancel.is_cancelled() {
+                return Err(NodeError::Cancelled);
+            }
+            cv.wait_for(&mut open, Duration::from_millis(20));
+        }
+        Ok(vec![Value::Image(inputs.image("images")?.clone())])
+    }
+    fn cacheable(&self) -> bool {
+        false
+    }
+}
+
+fn open_gate(name: &str) {
+    GATES.0.lock().push(name.to_owned());
+    GATES.1.notify_all();
+}
+
+fn engine_with(dir: &std::path::Path, config: EngineConfig) -> EngineHandle {
+    let mut registry = NodeRegistry::with_builtins();
+    registry.register(Gate);
+    let env = NodeEnv::new(dir.join("input"), dir.join("output"), dir.join("models"));
+    std::fs::create_dir_all(&env.input_dir).unwrap();
+    EngineHandle::start(
+        config,
+        Arc::new(registry),
+        Arc::new(env),
+        Signals::new(SignalsConfig::default()),
+    )
+    .unwrap()
+}
+
+fn frames_workflow(frames: u32) -> Json {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": frames, "color": 16777215}},
+        "2": {"class_type": "ImageInvert", "inputs": {"image": ["1", 0]}},
+        "3": {"class_type": "StreamFrames", "inputs": {"images": ["2", 0], "fps": 24.0, "pace": false}},
+    })
+}
+
+/// No frames: an unwatched animation stream would (rightly) read as degraded FPS and
+/// defer batch starts, which this test is not about.
+fn preview_workflow(color: u32) -> Json {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": color}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    })
+}
+
+fn gated_workflow(gate: &str) -> Json {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "TestGate", "inputs": {"images": ["1", 0], "name": gate}},
+        "3": {"class_type": "StreamFrames", "inputs": {"images": ["2", 0], "fps": 24.0, "pace": false}},
+    })
+}
+
+fn request(workflow: Json, workload: Workload) -> SubmitRequest {
+    SubmitRequest {
+        workload: Some(workload),
+        ..SubmitRequest::new(workflow)
+    }
+}
+
+fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_job_streams_its_frames_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with(dir.path(), EngineConfig::default());
+    let mut items = Vec::new();
+    let info = engine
+        .run_to_completion(SubmitRequest::new(frames_workflow(5)), |item| {
+            items.push(item.clone())
+        })
+        .unwrap();
+    assert_eq!(info.state, JobState::Succeeded);
+    assert_eq!(
+        info.workload,
+        Workload::Animation,
+        "inferred from StreamFrames"
+    );
+    let frames: Vec<u64> = items
+        .iter()
+        .filter_map(|i| match i {
+            WatchItem::Frame(f) => Some(f.index),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(frames, [0, 1, 2, 3, 4]);
+    let first = items.iter().find_map(|i| match i {
+        WatchItem::Frame(f) => Some(f.clone()),
+        _ => None,
+    });
+    let first = first.unwrap();
+    assert_eq!(
+        (first.width, first.height, first.rgb8.len()),
+        (8, 8, 8 * 8 * 3)
+    );
+    assert!(
+        first.rgb8.iter().all(|&v| v == 0),
+        "white inverted is black"
+    );
+    let stages: Vec<&str> = items
+        .iter()
+        .filter_map(|i| match i {
+            WatchItem::Event(e) => match &e.event {
+                JobEvent::Stage { name, .. } => Some(*name),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(stages.first(), Some(&"prompt_received"));
+    assert_eq!(stages.last(), Some(&"deliver_complete"));
+    assert!(
+        matches!(items.last(), Some(WatchItem::Event(e)) if matches!(e.event, JobEvent::Finished { state: JobState::Succeeded, .. }))
+    );
+    engine.shutdown_blocking();
+}
+
+#[test]
+fn priorities_cancel_caps_idempotency_and_demand() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::default();
+    config.tunables.admission.queue_caps = WorkloadValues {
+        animation: 4,
+        single_image: 4,
+        batch: 2,
+    };
+    let engine = engine_with(dir.path(), config);
+    // Hold the device with a gated job.
+    let blocker = engine
+        .submit_blocking(request(gated_workflow("prio"), Workload::SingleImage))
+        .unwrap();
+    wait_until("the gate to run", || GATE_RUNNING.load(Ordering::SeqCst));
+
+    let batch = engine
+        .submit_blocking(request(preview_workflow(1), Workload::Batch))
+        .unwrap();
+    let batch2 = engine
+        .submit_blocking(request(preview_workflow(2), Workload::Batch))
+        .unwrap();
+    // The batch queue is at its cap of 2: denied with a retry hint.
+    match engine.submit_blocking(request(preview_workflow(3), Workload::Batch)) {
+        Err(SchedulerError::Denied {
+            reason,
+            retry_after,
+            ..
+        }) => {
+            assert_eq!(reason, AdmissionReason::QueueFull);
+            assert!(retry_after >= Duration::from_secs(1));
+        }
+        other => panic!("expected a deny, got {other:?}"),
+    }
+    let anim = engine
+        .submit_blocking(request(preview_workflow(4), Workload::Animation))
+        .unwrap();
+    assert_eq!(anim.queue_position, 1, "animation jumps ahead of batch");
+    assert_eq!(
+        engine.get_blocking(&batch.job_id).unwrap().queue_position,
+        Some(2)
+    );
+
+    // Idempotency: the same key returns the same job.
+    let keyed = SubmitRequest {
+        idempotency_key: Some("k1".into()),
+        ..request(preview_workflow(5), Workload::SingleImage)
+    };
+    let first = engine.submit_blocking(keyed.clone()).unwrap();
+    let again = engine.submit_blocking(keyed).unwrap();
+    assert_eq!(first.job_id, again.job_id);
+    assert!(again.deduplicated);
+
+    let demand = engine.demand_blocking().unwrap();
+    assert_eq!((demand.queued_jobs, demand.running_jobs), (4, 1));
+    assert!(demand.weighted >= 0.5, "every job weighs at least 0.1");
+
+    // Cancel a queued job: final at once.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let cancelled = rt.block_on(engine.cancel(&batch2.job_id)).unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+
+    open_gate("prio");
+    for id in [&blocker.job_id, &batch.job_id, &anim.job_id, &first.job_id] {
+        let mut watch = engine.watch_blocking(id).unwrap();
+        while watch.next_blocking().is_some() {}
+        assert_eq!(
+            engine.get_blocking(id).unwrap().state,
+            JobState::Succeeded,
+            "{id}"
+        );
+    }
+    // Animation ran before the earlier batch job.
+    let started = |id: &str| engine.get_blocking(id).unwrap().started_at.unwrap();
+    assert!(started(&anim.job_id) < started(&batch.job_id));
+
+    let page = rt
+        .block_on(engine.list(
+            ListFilter {
+                state: Some(JobState::Succeeded),
+                ..ListFilter::default()
+            },
+            2,
+            None,
+        ))
+        .unwrap();
+    assert_eq!(page.jobs.len(), 2);
+    let rest = rt
+        .block_on(engine.list(
+            ListFilter {
+                state: Some(JobState::Succeeded),
+                ..ListFilter::default()
+            },
+            2,
+            page.next_page_token,
+        ))
+        .unwrap();
+    assert_eq!(rest.jobs.len(), 2);
+    assert!(rest.next_page_token.is_none());
+    engine.shutdown_blocking();
+}
+
+#[test]
+fn cancelling_a_running_job_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with(dir.path(), EngineConfig::default());
+    let job = engine
+        .submit_blocking(request(gated_workflow("never"), Workload::SingleImage))
+        .unwrap();
+    wait_until("the job to run", || {
+        engine.get_blocking(&job.job_id).unwrap().state == JobState::Running
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(engine.cancel(&job.job_id)).unwrap();
+    let mut watch = engine.watch_blocking(&job.job_id).unwrap();
+    while watch.next_blocking().is_some() {}
+    assert_eq!(
+        engine.get_blocking(&job.job_id).unwrap().state,
+        JobState::Cancelled
+    );
+    engine.shutdown_blocking();
+}
+
+#[test]
+fn invalid_and_oversized_workflows_are_refused_before_queueing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = EngineConfig::default();
+    config.tunables.admission = AdmissionConfig::default();
+    config.tunables.admission.limits.max_resolution = 256;
+    let engine = engine_with(dir.path(), config);
+    let bad = json!({"1": {"class_type": "PreviewImage", "inputs": {}}});
+    match engine.submit_blocking(SubmitRequest::new(bad)) {
+        Err(SchedulerError::Invalid(report)) => assert!(report.node_errors.contains_key("1")),
+        other => panic!("expected invalid, got {other:?}"),
+    }
+    let big = json!({"1": {"class_type": "EmptyImage", "inputs": {"width": 4096, "height": 8, "batch_size": 1, "color": 0}}});
+    assert!(matches!(
+        engine.submit_blocking(SubmitRequest::new(big)),
+        Err(SchedulerError::TooLarge {
+            what: "resolution",
+            ..
+        })
+    ));
+    assert_eq!(engine.demand_blocking().unwrap().queued_jobs, 0);
+    engine.shutdown_blocking();
+}
+
+#[test]
+fn a_deadline_that_passes_in_the_queue_times_the_job_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with(dir.path(), EngineConfig::default());
+    let blocker = engine
+        .submit_blocking(request(gated_workflow("deadline"), Workload::SingleImage))
+        .unwrap();
+    let late = SubmitRequest {
+        deadline: Some(SystemTime::now() + Duration::from_millis(200)),
+        ..request(frames_workflow(1), Workload::Batch)
+    };
+    let late = engine.submit_blocking(late).unwrap();
+    let mut watch = engine.watch_blocking(&late.job_id).unwrap();
+    while watch.next_blocking().is_some() {}
+    let info = engine.get_blocking(&late.job_id).unwrap();
+    assert_eq!(info.state, JobState::TimedOut);
+    assert!(info.error.unwrap().contains("deadline"));
+    open_gate("deadline");
+    let mut watch = engine.watch_blocking(&blocker.job_id).unwrap();
+    while watch.next_blocking().is_some() {}
+    engine.shutdown_blocking();
+}
+
+#[test]
+fn reload_bumps_the_generation_and_feature_flags_bypass_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with(dir.path(), EngineConfig::default());
+    let before = engine.config_generation();
+    let mut tunables = EngineTunables::default();
+    tunables.features.upscaler_off.single_image = true;
+    let reloaded = engine.reload(tunables.clone(), "test");
+    assert_eq!(reloaded.generation, before + 1);
+    assert_eq!(
+        engine.reload(tunables, "test").generation,
+        before + 1,
+        "no change, no bump"
+    );
+    // An upscale node this registry lacks fails validation; bypassed, the job runs.
+    let wf = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+        "3": {"class_type": "ImageUpscaleWithModel", "inputs": {"image": ["1", 0]}},
+        "4": {"class_type": "StreamFrames", "inputs": {"images": ["3", 0], "fps": 24.0, "pace": false}},
+    });
+    let info = engine
+        .run_to_completion(request(wf.clone(), Workload::SingleImage), |_| {})
+        .unwrap();
+    assert_eq!(info.state, JobState::Succeeded, "{:?}", info.error);
+    assert!(
+        engine
+            .submit_blocking(request(wf, Workload::Batch))
+            .is_err(),
+        "batch keeps its upscaler"
+    );
+    engine.shutdown_blocking();
+}
