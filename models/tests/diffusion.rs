@@ -284,3 +284,70 @@ fn advanced_start_and_end_steps_cut_the_schedule() {
     .sigmas(sampling);
     assert_eq!(*forced.last().unwrap(), 0.0);
 }
+
+#[test]
+fn sd2_open_clip_single_file_is_inferred_and_encodes_like_transformers_layout() {
+    use sakuga_models::demo::{DEMO_SEED, demo_checkpoint_tensors};
+    use sakuga_models::diffusion::config::{CONFIG_METADATA_KEY, ClipActivation};
+    use sakuga_models::diffusion::keymap::{open_clip_to_ldm, split_slice};
+    use sakuga_models::store::write_safetensors;
+    use std::collections::BTreeMap;
+
+    let mut config = sakuga_models::diffusion::SdConfig::demo();
+    config.clip.activation = ClipActivation::Gelu;
+    config.clip.heads = 1;
+    config.clip.pad_token = 0;
+    config.clip.default_stop_at_layer = -2;
+    for level in &mut config.unet.levels {
+        level.heads = 1;
+    }
+    let tensors = demo_checkpoint_tensors(&config, DEMO_SEED).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut metadata = BTreeMap::new();
+    metadata.insert(
+        CONFIG_METADATA_KEY.to_string(),
+        serde_json::to_string(&config).unwrap(),
+    );
+    let hf_path = dir.path().join("hf.safetensors");
+    write_safetensors(&hf_path, &tensors, &metadata).unwrap();
+
+    // The same weights in SD 2.x's OpenCLIP layout, q/k/v fused, and no sakuga metadata.
+    let mut open_clip = BTreeMap::new();
+    let mut fused: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
+    for (name, tensor) in &tensors {
+        let Some(rest) = name.strip_prefix("cond_stage_model.transformer.") else {
+            open_clip.insert(name.clone(), tensor.clone());
+            continue;
+        };
+        let target = open_clip_to_ldm(rest).unwrap();
+        match split_slice(&target) {
+            (base, Some((index, 3))) => {
+                fused.entry(base.to_string()).or_default()[index] = Some(tensor.clone());
+            }
+            (base, _) => {
+                open_clip.insert(base.to_string(), tensor.clone());
+            }
+        }
+    }
+    for (name, parts) in fused {
+        let parts: Vec<Tensor> = parts.into_iter().map(Option::unwrap).collect();
+        open_clip.insert(name, Tensor::cat(&parts, 0).unwrap());
+    }
+    let oc_path = dir.path().join("sd2.safetensors");
+    write_safetensors(&oc_path, &open_clip, &BTreeMap::new()).unwrap();
+
+    let inferred = Checkpoint::open(&oc_path).unwrap();
+    assert_eq!(inferred.config().clip, config.clip);
+    assert_eq!(inferred.config().unet, config.unet);
+    assert_eq!(inferred.config().vae, config.vae);
+    let reference = Checkpoint::open(&hf_path).unwrap();
+    let a = inferred.load_clip(&[], &Device::Cpu, DType::F32).unwrap();
+    let b = reference.load_clip(&[], &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(a.stop_at_layer(), -2);
+    assert_eq!(
+        values(&a.encode("(best quality), a fox").unwrap()),
+        values(&b.encode("(best quality), a fox").unwrap())
+    );
+    inferred.load_unet(&[], &Device::Cpu, DType::F32).unwrap();
+}

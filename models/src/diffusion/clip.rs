@@ -86,7 +86,7 @@ impl ClipLayer {
         let hidden = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
         let hidden = match self.activation {
             ClipActivation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
-            ClipActivation::Gelu => hidden.gelu()?,
+            ClipActivation::Gelu => hidden.gelu_erf()?,
         };
         xs + self.fc2.forward(&hidden)?
     }

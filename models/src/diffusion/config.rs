@@ -34,7 +34,7 @@ pub enum ClipActivation {
     /// `x * sigmoid(1.702 x)`, OpenAI CLIP (SD 1.x).
     #[default]
     QuickGelu,
-    /// tanh-approximated GELU, OpenCLIP (SD 2.x).
+    /// Exact (erf) GELU, OpenCLIP (SD 2.x).
     Gelu,
 }
 
@@ -124,6 +124,14 @@ pub struct ClipConfig {
     pub activation: ClipActivation,
     /// Token id that pads windows to 77 (EOS for SD 1.x, `!` for SD 2.x).
     pub pad_token: u32,
+    /// Layer the encoder stops at unless `CLIPSetLastLayer` says otherwise: -1 (last) for
+    /// SD 1.x, -2 (penultimate) for SD 2.x, as both were trained.
+    #[serde(default = "last_layer")]
+    pub default_stop_at_layer: i64,
+}
+
+fn last_layer() -> i64 {
+    -1
 }
 
 /// A whole Stable Diffusion checkpoint.
@@ -171,6 +179,7 @@ impl SdConfig {
                 max_positions: 77,
                 activation: ClipActivation::QuickGelu,
                 pad_token: super::tokenizer::EOS_TOKEN,
+                default_stop_at_layer: -1,
             },
             prediction: Prediction::Epsilon,
         }
@@ -208,6 +217,7 @@ impl SdConfig {
                 max_positions: 77,
                 activation: ClipActivation::Gelu,
                 pad_token: super::tokenizer::EXCLAMATION_TOKEN,
+                default_stop_at_layer: -2,
             },
             prediction: Prediction::V,
         }
@@ -254,6 +264,7 @@ impl SdConfig {
                 max_positions: 77,
                 activation: ClipActivation::QuickGelu,
                 pad_token: super::tokenizer::EOS_TOKEN,
+                default_stop_at_layer: -1,
             },
             prediction: Prediction::Epsilon,
         }
@@ -305,38 +316,39 @@ impl SdConfig {
             return Err(unsupported("SDXL checkpoints are not supported yet"));
         }
 
-        // CLIP text encoder.
-        let (clip_prefix, open_clip) =
-            if shapes.contains_key("cond_stage_model.model.token_embedding.weight") {
-                ("cond_stage_model.model.", true)
-            } else {
-                let p = "cond_stage_model.transformer.text_model.";
-                if shapes.contains_key(&format!("{p}embeddings.token_embedding.weight")) {
-                    (p, false)
-                } else {
-                    return Err(unsupported("no CLIP text encoder (cond_stage_model.*)"));
-                }
-            };
-        if open_clip {
-            return Err(unsupported(
-                "OpenCLIP (SD 2.x) text encoders in LDM layout are not supported yet",
-            ));
-        }
-        let token_embedding = format!("{clip_prefix}embeddings.token_embedding.weight");
-        let clip_width = dim(&token_embedding, 1)?;
-        let clip_layers = count_indices(&shapes, &format!("{clip_prefix}encoder.layers."));
-        let clip = ClipConfig {
-            vocab_size: dim(&token_embedding, 0)?,
-            width: clip_width,
-            layers: clip_layers,
-            heads: (clip_width / 64).max(1),
-            intermediate_size: dim(&format!("{clip_prefix}encoder.layers.0.mlp.fc1.weight"), 0)?,
-            max_positions: dim(
-                &format!("{clip_prefix}embeddings.position_embedding.weight"),
-                0,
-            )?,
-            activation: ClipActivation::QuickGelu,
-            pad_token: super::tokenizer::EOS_TOKEN,
+        // CLIP text encoder: OpenAI CLIP in transformers layout (SD 1.x) or OpenCLIP (SD 2.x).
+        let clip = if shapes.contains_key("cond_stage_model.model.token_embedding.weight") {
+            const P: &str = "cond_stage_model.model.";
+            let width = dim(&format!("{P}token_embedding.weight"), 1)?;
+            ClipConfig {
+                vocab_size: dim(&format!("{P}token_embedding.weight"), 0)?,
+                width,
+                layers: count_indices(&shapes, &format!("{P}transformer.resblocks.")),
+                heads: (width / 64).max(1),
+                intermediate_size: dim(&format!("{P}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
+                max_positions: dim(&format!("{P}positional_embedding"), 0)?,
+                activation: ClipActivation::Gelu,
+                pad_token: super::tokenizer::EXCLAMATION_TOKEN,
+                default_stop_at_layer: -2,
+            }
+        } else {
+            const P: &str = "cond_stage_model.transformer.text_model.";
+            if !shapes.contains_key(&format!("{P}embeddings.token_embedding.weight")) {
+                return Err(unsupported("no CLIP text encoder (cond_stage_model.*)"));
+            }
+            let token_embedding = format!("{P}embeddings.token_embedding.weight");
+            let width = dim(&token_embedding, 1)?;
+            ClipConfig {
+                vocab_size: dim(&token_embedding, 0)?,
+                width,
+                layers: count_indices(&shapes, &format!("{P}encoder.layers.")),
+                heads: (width / 64).max(1),
+                intermediate_size: dim(&format!("{P}encoder.layers.0.mlp.fc1.weight"), 0)?,
+                max_positions: dim(&format!("{P}embeddings.position_embedding.weight"), 0)?,
+                activation: ClipActivation::QuickGelu,
+                pad_token: super::tokenizer::EOS_TOKEN,
+                default_stop_at_layer: -1,
+            }
         };
 
         // UNet: walk input_blocks, splitting levels at downsamplers.
@@ -428,11 +440,12 @@ impl SdConfig {
             norm_num_groups: 32,
             scaling_factor: 0.18215,
         };
+        let prediction = detect_prediction(file)?;
         Ok(Self {
             unet,
             vae,
             clip,
-            prediction: Prediction::Epsilon,
+            prediction,
         })
     }
 
@@ -542,6 +555,7 @@ impl SdConfig {
                 } else {
                     super::tokenizer::EXCLAMATION_TOKEN
                 },
+                default_stop_at_layer: if width == 768 { -1 } else { -2 },
             },
             prediction: if v_prediction {
                 Prediction::V
@@ -550,6 +564,27 @@ impl SdConfig {
             },
         })
     }
+}
+
+/// ComfyUI's test for SD 2.x 768-v checkpoints: v-prediction training leaves the last
+/// output transformer's first norm bias with a spread above 0.09.
+fn detect_prediction(file: &WeightFile) -> Result<Prediction> {
+    const PROBE: &str = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias";
+    if !file.contains("cond_stage_model.model.token_embedding.weight") || !file.contains(PROBE) {
+        return Ok(Prediction::Epsilon);
+    }
+    let bias = file
+        .load(PROBE, &candle_core::Device::Cpu)?
+        .to_dtype(candle_core::DType::F64)?
+        .to_vec1::<f64>()?;
+    let n = bias.len().max(1) as f64;
+    let mean = bias.iter().sum::<f64>() / n;
+    let std = (bias.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0).max(1.0)).sqrt();
+    Ok(if std > 0.09 {
+        Prediction::V
+    } else {
+        Prediction::Epsilon
+    })
 }
 
 fn sd_vae() -> VaeConfig {

@@ -213,6 +213,59 @@ pub fn clip_to_ldm(name: &str) -> Vec<String> {
     names
 }
 
+/// Prefix of OpenCLIP text-encoder tensors in an SD 2.x LDM checkpoint.
+pub const LDM_OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
+
+/// The OpenCLIP name a transformers CLIP tensor name is stored under in SD 2.x checkpoints.
+/// Query, key and value live in one fused `in_proj` tensor; those names carry a `#i/3`
+/// suffix saying which third of dimension 0 holds them.
+pub fn open_clip_to_ldm(name: &str) -> Option<String> {
+    let p = LDM_OPEN_CLIP_PREFIX;
+    let rest = name.strip_prefix("text_model.")?;
+    if rest == "embeddings.token_embedding.weight" {
+        return Some(format!("{p}token_embedding.weight"));
+    }
+    if rest == "embeddings.position_embedding.weight" {
+        return Some(format!("{p}positional_embedding"));
+    }
+    if let Some(param) = rest.strip_prefix("final_layer_norm.") {
+        return Some(format!("{p}ln_final.{param}"));
+    }
+    let rest = rest.strip_prefix("encoder.layers.")?;
+    let (layer, tail) = split_index(rest)?;
+    let block = format!("{p}transformer.resblocks.{layer}.");
+    let (module, param) = tail.rsplit_once('.')?;
+    let mapped = match module {
+        "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => {
+            let third = match module {
+                "self_attn.q_proj" => 0,
+                "self_attn.k_proj" => 1,
+                _ => 2,
+            };
+            return Some(format!("{block}attn.in_proj_{param}#{third}/3"));
+        }
+        "self_attn.out_proj" => "attn.out_proj",
+        "layer_norm1" => "ln_1",
+        "layer_norm2" => "ln_2",
+        "mlp.fc1" => "mlp.c_fc",
+        "mlp.fc2" => "mlp.c_proj",
+        _ => return None,
+    };
+    Some(format!("{block}{mapped}.{param}"))
+}
+
+/// Splits a `name#i/n` slice reference into the stored name and `(i, n)`.
+pub fn split_slice(name: &str) -> (&str, Option<(usize, usize)>) {
+    if let Some((base, slice)) = name.rsplit_once('#')
+        && let Some((i, n)) = slice.split_once('/')
+        && let (Ok(i), Ok(n)) = (i.parse(), n.parse())
+        && i < n
+    {
+        return (base, Some((i, n)));
+    }
+    (name, None)
+}
+
 /// The kohya/ComfyUI LoRA base keys that may patch the weight `name` (a `*.weight` tensor)
 /// of `part`, given its diffusers name and the LDM name it was found under.
 pub fn lora_keys(part: Part, diffusers_name: &str, ldm_name: &str) -> Vec<String> {
@@ -346,6 +399,27 @@ mod tests {
                 "{diffusers}"
             );
         }
+    }
+
+    #[test]
+    fn open_clip_names_map_to_fused_projections() {
+        assert_eq!(
+            open_clip_to_ldm("text_model.encoder.layers.3.self_attn.k_proj.weight").as_deref(),
+            Some("cond_stage_model.model.transformer.resblocks.3.attn.in_proj_weight#1/3")
+        );
+        assert_eq!(
+            open_clip_to_ldm("text_model.encoder.layers.0.mlp.fc2.bias").as_deref(),
+            Some("cond_stage_model.model.transformer.resblocks.0.mlp.c_proj.bias")
+        );
+        assert_eq!(
+            open_clip_to_ldm("text_model.embeddings.position_embedding.weight").as_deref(),
+            Some("cond_stage_model.model.positional_embedding")
+        );
+        assert_eq!(
+            split_slice("a.in_proj_bias#2/3"),
+            ("a.in_proj_bias", Some((2, 3)))
+        );
+        assert_eq!(split_slice("plain.weight"), ("plain.weight", None));
     }
 
     #[test]

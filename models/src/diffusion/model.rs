@@ -14,7 +14,7 @@ use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel
 
 use super::clip::ClipTextModel;
 use super::config::{Prediction, SdConfig};
-use super::keymap::{Part, clip_to_ldm, unet_to_ldm, vae_to_ldm};
+use super::keymap::{Part, clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm};
 use super::lora::{LoraFile, LoraStack};
 use super::sampler::Denoiser;
 use super::schedule::ModelSampling;
@@ -138,7 +138,11 @@ impl Checkpoint {
                         let config = self.config.vae.clone();
                         Box::new(move |n| vae_to_ldm(n, &config).into_iter().collect())
                     }
-                    Part::Clip => Box::new(clip_to_ldm),
+                    Part::Clip => Box::new(|n| {
+                        let mut names = clip_to_ldm(n);
+                        names.extend(open_clip_to_ldm(n));
+                        names
+                    }),
                 };
                 MappedWeights::new(file.clone(), part, rename, loras)
             }
@@ -223,8 +227,8 @@ impl Checkpoint {
         )?;
         warn_unused(&stack, "lora_te");
         Ok(ClipModel {
+            stop_at_layer: config.default_stop_at_layer.min(-1),
             model: Arc::new(model),
-            stop_at_layer: -1,
             device: device.clone(),
         })
     }

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 use parking_lot::Mutex;
 
-use super::keymap::{Part, lora_keys};
+use super::keymap::{Part, lora_keys, split_slice};
 use super::lora::LoraStack;
 use crate::error::{ModelError, Result};
 use crate::store::{TensorInfo, WeightFile, check_float_tensor};
@@ -61,10 +61,21 @@ impl MappedWeights {
         candle_core::Error::Msg(message)
     }
 
+    /// The stored name (possibly a `#i/n` slice of a fused tensor) and the dtype and shape
+    /// the requested tensor has there.
     fn locate(&self, name: &str) -> Option<(String, TensorInfo)> {
-        (self.rename)(name)
-            .into_iter()
-            .find_map(|stored| self.file.info(&stored).map(|info| (stored, info)))
+        (self.rename)(name).into_iter().find_map(|stored| {
+            let (base, slice) = split_slice(&stored);
+            let mut info = self.file.info(base)?;
+            if let Some((_, parts)) = slice {
+                let first = info.shape.first_mut()?;
+                if *first % parts != 0 {
+                    return None;
+                }
+                *first /= parts;
+            }
+            Some((stored, info))
+        })
     }
 
     fn load(
@@ -103,7 +114,12 @@ impl MappedWeights {
             target.clone()
         };
         check_float_tensor(self.file.path(), &stored, &info, &expected_shape)?;
-        let mut tensor = self.file.load(&stored, device)?;
+        let (base, slice) = split_slice(&stored);
+        let mut tensor = self.file.load(base, device)?;
+        if let Some((index, parts)) = slice {
+            let len = tensor.dim(0)? / parts;
+            tensor = tensor.narrow(0, index * len, len)?;
+        }
         if !self.loras.is_empty() {
             let keys = lora_keys(self.part, name, &stored);
             if !keys.is_empty() {
