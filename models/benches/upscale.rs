@@ -2,13 +2,17 @@
 //! 64-channel 3x3 conv layers through sakuga's fast CPU conv vs candle's stock conv2d.
 //!
 //! Run with `cargo bench -p sakuga-models --bench upscale`. `scripts/bench_ncnn.py`
-//! times the same network in ncnn for comparison.
+//! times the same network in ncnn for comparison: it starts this bench with
+//! `SAKUGA_BENCH_STDIO=1`, which skips criterion and instead answers each `run` line on
+//! stdin with one timed upscale (milliseconds) on stdout, so the script can interleave
+//! sakuga and ncnn runs and compare medians taken under the same machine load.
 
+use std::io::{BufRead, Write};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Module, Tensor};
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use sakuga_models::conv::{Activation, FusedConv2d};
 use sakuga_models::upscale::{TileConfig, Upscaler};
 
@@ -55,4 +59,37 @@ fn bench_conv(c: &mut Criterion) {
 }
 
 criterion_group!(benches, bench_conv, bench_srvgg);
-criterion_main!(benches);
+
+/// The line protocol `scripts/bench_ncnn.py` drives: `ready` once warmed up, then one
+/// elapsed-milliseconds line per `run` line read.
+fn stdio_protocol() {
+    let side: usize = std::env::var("SAKUGA_BENCH_SIDE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(256);
+    let upscaler = animevideov3();
+    let image = frame(side);
+    upscaler.upscale(&image, TileConfig::untiled()).expect("warm-up upscale");
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "ready").expect("stdout");
+    stdout.flush().expect("stdout");
+    for line in std::io::stdin().lock().lines() {
+        let line = line.expect("stdin");
+        if line.trim() != "run" {
+            break;
+        }
+        let started = Instant::now();
+        upscaler.upscale(&image, TileConfig::untiled()).expect("upscale");
+        writeln!(stdout, "{:.3}", started.elapsed().as_secs_f64() * 1e3).expect("stdout");
+        stdout.flush().expect("stdout");
+    }
+}
+
+fn main() {
+    if std::env::var_os("SAKUGA_BENCH_STDIO").is_some() {
+        stdio_protocol();
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}
