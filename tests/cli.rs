@@ -54,11 +54,31 @@ fn run_saves_images_and_writes_metrics_and_signals() {
         assert!(png.exists(), "{} missing", png.display());
     }
     let metrics = std::fs::read_to_string(dir.path().join("metrics.prom")).unwrap();
-    assert!(metrics.contains("sakuga_jobs_finished_total"), "{metrics}");
-    assert!(metrics.contains("sakuga_node_duration_seconds_bucket"), "{metrics}");
+    let missing: Vec<&str> = sakuga_telemetry::METRICS
+        .iter()
+        .map(|m| m.name)
+        .filter(|name| !metrics.lines().any(|l| l.starts_with(name)))
+        .collect();
+    assert!(missing.is_empty(), "exposition lacks {missing:?}");
+    assert!(metrics.contains("sakuga_node_duration_seconds_bucket{class_type=\"ImageScaleBy\""), "{metrics}");
+    promtool_accepts(&dir.path().join("metrics.prom"));
 
     let doctor = sakuga(dir.path(), &["doctor", "--from", "signals.json"]);
     assert!(doctor.status.success(), "stderr: {}", text(&doctor.stderr));
+}
+
+/// `promtool check metrics` on an exposition; required in CI (`SAKUGA_REQUIRE_PROMTOOL=1`).
+fn promtool_accepts(path: &Path) {
+    let Ok(output) = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::fs::File::open(path).unwrap())
+        .output()
+    else {
+        assert!(std::env::var_os("SAKUGA_REQUIRE_PROMTOOL").is_none(), "promtool is required but missing");
+        eprintln!("promtool not installed: skipping `promtool check metrics`");
+        return;
+    };
+    assert!(output.status.success(), "promtool: {}{}", text(&output.stdout), text(&output.stderr));
 }
 
 #[test]

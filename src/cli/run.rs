@@ -23,6 +23,9 @@ use sakuga_telemetry::{
 use super::{CommonArgs, EXIT_INVALID, read_workflow};
 use crate::runtime;
 
+/// How often the device sampler reads memory and utilization during a run.
+const DEVICE_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
+
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Workflow in ComfyUI API format (or a `POST /prompt` body).
@@ -52,8 +55,11 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
     ensure_writable(&config.out)?;
 
     let metrics = sakuga_telemetry::prometheus::install(&PrometheusConfig::in_process())?;
+    sakuga_telemetry::record::prime_series(&config.device);
     let signals = Signals::new(config.signals.clone());
     signals.config_changed(env!("CARGO_PKG_VERSION"), "cli");
+    let probe = sakuga_models::device::probe_for(&config.device)?;
+    let _sampler = signals.spawn_device_sampler(probe, DEVICE_SAMPLE_INTERVAL)?;
 
     let received = Instant::now();
     let env = runtime::node_env(&config)?;

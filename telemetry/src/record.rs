@@ -180,6 +180,74 @@ pub fn config_generation(version: &str, config_hash: &str, generation: u64) {
     .set(generation as f64);
 }
 
+/// Registers the series a fresh process exports before anything happened, at their true
+/// zero values: counters at 0 for every label set that can occur, queue depths at 0,
+/// planned heavy load off, FPS health at 1 (nothing produced, nothing lost), and every
+/// histogram with empty buckets. Dashboards and `rate()` then see a series from the first
+/// scrape instead of a gap, and the exposition always names every catalogued metric.
+/// Device gauges come from the device sampler, SLO gauges from [`crate::Signals::publish`].
+pub fn prime_series(device: &str) {
+    for &w in Workload::ALL {
+        counter!(JOBS_SUBMITTED_TOTAL, "workload" => w.as_str()).absolute(0);
+        for &o in Outcome::ALL {
+            counter!(JOBS_FINISHED_TOTAL, "workload" => w.as_str(), "outcome" => o.as_str()).absolute(0);
+        }
+        for (d, r) in [
+            (Decision::Admit, AdmissionReason::Capacity),
+            (Decision::Defer, AdmissionReason::MemoryHeadroom),
+            (Decision::Defer, AdmissionReason::FpsDegraded),
+            (Decision::Deny, AdmissionReason::QueueFull),
+            (Decision::Deny, AdmissionReason::Deadline),
+        ] {
+            counter!(
+                ADMISSION_DECISIONS_TOTAL,
+                "workload" => w.as_str(),
+                "decision" => d.as_str(),
+                "reason" => r.as_str()
+            )
+            .absolute(0);
+        }
+        gauge!(QUEUE_DEPTH, "workload" => w.as_str()).set(0.0);
+        counter!(IMAGES_TOTAL, "workload" => w.as_str()).absolute(0);
+        for &k in FrameKind::ALL {
+            counter!(FRAMES_TOTAL, "workload" => w.as_str(), "kind" => k.as_str()).absolute(0);
+        }
+        for &side in FrameSide::ALL {
+            let _ = histogram!(FRAME_INTERVAL_SECONDS, "workload" => w.as_str(), "side" => side.as_str());
+        }
+        let _ = histogram!(RENDER_LATENCY_SECONDS, "workload" => w.as_str());
+        let _ = histogram!(QUEUE_WAIT_SECONDS, "workload" => w.as_str());
+        for &stage in Stage::ALL {
+            let _ = histogram!(STAGE_DURATION_SECONDS, "workload" => w.as_str(), "stage" => stage.as_str());
+        }
+    }
+    gauge!(FPS_HEALTH_RATIO, "workload" => Workload::Animation.as_str()).set(1.0);
+    for &k in ModelKind::ALL {
+        for &r in CacheResult::ALL {
+            counter!(MODEL_CACHE_REQUESTS_TOTAL, "kind" => k.as_str(), "result" => r.as_str()).absolute(0);
+        }
+        let _ = histogram!(MODEL_LOAD_SECONDS, "kind" => k.as_str());
+    }
+    gauge!(MODEL_CACHE_BYTES, "device" => device.to_owned()).set(0.0);
+    for &op in IoOp::ALL {
+        counter!(IO_BYTES_TOTAL, "op" => op.as_str()).absolute(0);
+    }
+    for &kind in ErrorKind::ALL {
+        for &stage in Stage::ALL {
+            counter!(ERRORS_TOTAL, "kind" => kind.as_str(), "stage" => stage.as_str()).absolute(0);
+        }
+    }
+    for &reason in RetryReason::ALL {
+        counter!(RETRIES_TOTAL, "reason" => reason.as_str()).absolute(0);
+    }
+    for &check in QcCheck::ALL {
+        counter!(QC_REJECTIONS_TOTAL, "check" => check.as_str()).absolute(0);
+    }
+    for &reason in PlannedLoad::ALL {
+        gauge!(PLANNED_HEAVY_LOAD, "reason" => reason.as_str()).set(0.0);
+    }
+}
+
 /// Records every catalogued metric once with plausible values.
 ///
 /// Used by the exposition tests and by `sakuga doctor --self-test` style checks, so that a
