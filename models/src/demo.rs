@@ -145,11 +145,12 @@ fn invent<T>(
     Ok(map)
 }
 
-/// The demo checkpoint's tensors under their LDM names.
+/// Seeded tensors for `config` under candle's (diffusers/transformers) names: UNet, VAE and
+/// CLIP text encoder, as a diffusers folder stores them.
 ///
 /// # Errors
 /// Tensor errors.
-pub fn demo_checkpoint_tensors(config: &SdConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+pub fn demo_diffusers_tensors(config: &SdConfig, seed: u64) -> Result<DiffusersTensors> {
     let unet_config = config.unet.clone();
     let unet = invent(seed, |vb| {
         candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel::new(
@@ -164,6 +165,23 @@ pub fn demo_checkpoint_tensors(config: &SdConfig, seed: u64) -> Result<BTreeMap<
     let clip = invent(seed.wrapping_add(2), |vb| {
         ClipTextModel::new(vb, &config.clip)
     })?;
+    Ok(DiffusersTensors { unet, vae, clip })
+}
+
+/// Tensors of one checkpoint split by part, under diffusers names.
+#[derive(Debug, Clone)]
+pub struct DiffusersTensors {
+    pub unet: BTreeMap<String, Tensor>,
+    pub vae: BTreeMap<String, Tensor>,
+    pub clip: BTreeMap<String, Tensor>,
+}
+
+/// The demo checkpoint's tensors under their LDM names.
+///
+/// # Errors
+/// Tensor errors.
+pub fn demo_checkpoint_tensors(config: &SdConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+    let DiffusersTensors { unet, vae, clip } = demo_diffusers_tensors(config, seed)?;
     let unmapped = |name: &str| ModelError::InvalidInput(format!("no LDM name for {name}"));
     let mut tensors = BTreeMap::new();
     for (name, tensor) in unet {

@@ -351,3 +351,90 @@ fn sd2_open_clip_single_file_is_inferred_and_encodes_like_transformers_layout() 
     );
     inferred.load_unet(&[], &Device::Cpu, DType::F32).unwrap();
 }
+
+#[test]
+fn diffusers_folder_renders_the_same_as_the_single_file_checkpoint() {
+    use sakuga_models::demo::{DEMO_SEED, demo_diffusers_tensors};
+    use sakuga_models::store::write_safetensors;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    let d = demo();
+    let config = sakuga_models::diffusion::SdConfig::demo();
+    let parts = demo_diffusers_tensors(&config, DEMO_SEED).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sakuga-demo-diffusers");
+    let none = BTreeMap::new();
+    write_safetensors(
+        &root.join("unet/diffusion_pytorch_model.safetensors"),
+        &parts.unet,
+        &none,
+    )
+    .unwrap();
+    write_safetensors(
+        &root.join("vae/diffusion_pytorch_model.safetensors"),
+        &parts.vae,
+        &none,
+    )
+    .unwrap();
+    write_safetensors(
+        &root.join("text_encoder/model.safetensors"),
+        &parts.clip,
+        &none,
+    )
+    .unwrap();
+    let write_json = |path: &str, value: serde_json::Value| {
+        std::fs::write(root.join(path), serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    };
+    write_json(
+        "unet/config.json",
+        json!({
+            "in_channels": 4, "out_channels": 4, "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "layers_per_block": 1, "cross_attention_dim": 64, "attention_head_dim": [2, 2],
+            "norm_num_groups": 32, "use_linear_projection": false
+        }),
+    );
+    write_json(
+        "vae/config.json",
+        json!({
+            "block_out_channels": [32, 32, 64, 64], "layers_per_block": 1,
+            "latent_channels": 4, "norm_num_groups": 32, "scaling_factor": 0.18215
+        }),
+    );
+    write_json(
+        "text_encoder/config.json",
+        json!({
+            "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
+            "num_hidden_layers": 2, "hidden_act": "quick_gelu", "vocab_size": 49408,
+            "max_position_embeddings": 77
+        }),
+    );
+    std::fs::create_dir_all(root.join("tokenizer")).unwrap();
+    write_json(
+        "tokenizer/special_tokens_map.json",
+        json!({"pad_token": "<|endoftext|>"}),
+    );
+
+    let folder = Checkpoint::open(&root).unwrap();
+    assert_eq!(folder.config(), &config);
+    let unet = folder.load_unet(&[], &Device::Cpu, DType::F32).unwrap();
+    let clip = folder.load_clip(&[], &Device::Cpu, DType::F32).unwrap();
+    let vae = folder.load_vae(&Device::Cpu, DType::F32).unwrap();
+    let from_folder = values(&txt2img(
+        &Demo {
+            _dir: tempfile::tempdir().unwrap(),
+            store: ModelStore::new(dir.path()),
+            checkpoint: Checkpoint::open(&root).unwrap(),
+            unet: folder.load_unet(&[], &Device::Cpu, DType::F32).unwrap(),
+            clip: clip.clone(),
+            vae,
+        },
+        &unet,
+        &clip,
+        &params(11, 2),
+        64,
+    ));
+    let from_file = values(&txt2img(&d, &d.unet, &d.clip, &params(11, 2), 64));
+    assert_eq!(from_folder, from_file);
+}

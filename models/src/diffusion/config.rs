@@ -505,6 +505,22 @@ impl SdConfig {
                 heads: head_dims.get(i).copied().unwrap_or(8),
             })
             .collect();
+        // SD 2.x pads with `!`; its tokenizer folder says so in special_tokens_map.json.
+        let pad_token = read_json(&dir.join("tokenizer/special_tokens_map.json"))
+            .ok()
+            .and_then(|m| {
+                let pad = m.get("pad_token")?;
+                pad.as_str()
+                    .or_else(|| pad.get("content").and_then(|c| c.as_str()))
+                    .map(|p| p == "!")
+            })
+            .map_or(super::tokenizer::EOS_TOKEN, |exclamation| {
+                if exclamation {
+                    super::tokenizer::EXCLAMATION_TOKEN
+                } else {
+                    super::tokenizer::EOS_TOKEN
+                }
+            });
         let hidden_act = text
             .get("hidden_act")
             .and_then(|x| x.as_str())
@@ -550,12 +566,9 @@ impl SdConfig {
                 } else {
                     ClipActivation::Gelu
                 },
-                pad_token: if width == 768 {
-                    super::tokenizer::EOS_TOKEN
-                } else {
-                    super::tokenizer::EXCLAMATION_TOKEN
-                },
-                default_stop_at_layer: if width == 768 { -1 } else { -2 },
+                pad_token,
+                // diffusers ships SD 2.x's text encoder already cut to its penultimate layer.
+                default_stop_at_layer: -1,
             },
             prediction: if v_prediction {
                 Prediction::V
