@@ -35,9 +35,15 @@ fn bench_srvgg(c: &mut Criterion) {
     let upscaler = animevideov3();
     let image = frame(256);
     let mut group = c.benchmark_group("srvgg_x4");
-    group.sample_size(10).measurement_time(Duration::from_secs(20));
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(20));
     group.bench_function("animevideov3_256x256", |b| {
-        b.iter(|| upscaler.upscale(&image, TileConfig::untiled()).expect("upscale"))
+        b.iter(|| {
+            upscaler
+                .upscale(&image, TileConfig::untiled())
+                .expect("upscale")
+        })
     });
     group.finish();
 }
@@ -50,8 +56,12 @@ fn bench_conv(c: &mut Criterion) {
     let conv = FusedConv2d::try_new(w, None, 1, 1, Activation::PRelu(slopes)).expect("conv");
     let flops = 2 * channels * channels * 9 * side * side;
     let mut group = c.benchmark_group("conv3x3_64ch_256x256");
-    group.sample_size(10).throughput(Throughput::Elements(flops as u64));
-    group.bench_function("sakuga_fused", |b| b.iter(|| conv.forward(&x).expect("fast conv")));
+    group
+        .sample_size(10)
+        .throughput(Throughput::Elements(flops as u64));
+    group.bench_function("sakuga_fused", |b| {
+        b.iter(|| conv.forward(&x).expect("fast conv"))
+    });
     group.bench_function("candle_conv2d", |b| {
         b.iter(|| conv.forward_reference(&x).expect("candle conv"))
     });
@@ -69,7 +79,9 @@ fn stdio_protocol() {
         .unwrap_or(256);
     let upscaler = animevideov3();
     let image = frame(side);
-    upscaler.upscale(&image, TileConfig::untiled()).expect("warm-up upscale");
+    upscaler
+        .upscale(&image, TileConfig::untiled())
+        .expect("warm-up upscale");
     let mut stdout = std::io::stdout().lock();
     writeln!(stdout, "ready").expect("stdout");
     stdout.flush().expect("stdout");
@@ -79,7 +91,9 @@ fn stdio_protocol() {
             break;
         }
         let started = Instant::now();
-        upscaler.upscale(&image, TileConfig::untiled()).expect("upscale");
+        upscaler
+            .upscale(&image, TileConfig::untiled())
+            .expect("upscale");
         writeln!(stdout, "{:.3}", started.elapsed().as_secs_f64() * 1e3).expect("stdout");
         stdout.flush().expect("stdout");
     }

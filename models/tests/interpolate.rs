@@ -10,7 +10,9 @@ use sakuga_models::interpolate::{Interpolator, write_demo_rife};
 
 /// A 1x1x3x4 image with distinct values: `v(y, x) = 10 y + x`.
 fn ramp() -> Tensor {
-    let values: Vec<f32> = (0..3).flat_map(|y| (0..4).map(move |x| (10 * y + x) as f32)).collect();
+    let values: Vec<f32> = (0..3)
+        .flat_map(|y| (0..4).map(move |x| (10 * y + x) as f32))
+        .collect();
     Tensor::from_vec(values, (1, 1, 3, 4), &Device::Cpu).unwrap()
 }
 
@@ -43,7 +45,11 @@ fn check_warp(flow: &Tensor, want: &[Vec<f32>]) {
 fn zero_flow_is_identity() {
     check_warp(
         &constant_flow(0.0, 0.0, 3, 4),
-        &[vec![0., 1., 2., 3.], vec![10., 11., 12., 13.], vec![20., 21., 22., 23.]],
+        &[
+            vec![0., 1., 2., 3.],
+            vec![10., 11., 12., 13.],
+            vec![20., 21., 22., 23.],
+        ],
     );
 }
 
@@ -52,12 +58,20 @@ fn integer_shift_moves_content_and_clamps_at_the_border() {
     // Sample one to the right: each pixel takes its right neighbour, the last column repeats.
     check_warp(
         &constant_flow(1.0, 0.0, 3, 4),
-        &[vec![1., 2., 3., 3.], vec![11., 12., 13., 13.], vec![21., 22., 23., 23.]],
+        &[
+            vec![1., 2., 3., 3.],
+            vec![11., 12., 13., 13.],
+            vec![21., 22., 23., 23.],
+        ],
     );
     // Sample one up: the first row repeats.
     check_warp(
         &constant_flow(0.0, -1.0, 3, 4),
-        &[vec![0., 1., 2., 3.], vec![0., 1., 2., 3.], vec![10., 11., 12., 13.]],
+        &[
+            vec![0., 1., 2., 3.],
+            vec![0., 1., 2., 3.],
+            vec![10., 11., 12., 13.],
+        ],
     );
 }
 
@@ -65,7 +79,11 @@ fn integer_shift_moves_content_and_clamps_at_the_border() {
 fn far_out_of_range_flow_clamps_to_the_edge_pixel() {
     check_warp(
         &constant_flow(-100.0, 100.0, 3, 4),
-        &[vec![20., 20., 20., 20.], vec![20., 20., 20., 20.], vec![20., 20., 20., 20.]],
+        &[
+            vec![20., 20., 20., 20.],
+            vec![20., 20., 20., 20.],
+            vec![20., 20., 20., 20.],
+        ],
     );
 }
 
@@ -75,7 +93,11 @@ fn sub_pixel_flow_is_bilinear() {
     // y to 2 and the last column clamps x to 3.
     check_warp(
         &constant_flow(0.25, 0.5, 3, 4),
-        &[vec![5.25, 6.25, 7.25, 8.0], vec![15.25, 16.25, 17.25, 18.0], vec![20.25, 21.25, 22.25, 23.0]],
+        &[
+            vec![5.25, 6.25, 7.25, 8.0],
+            vec![15.25, 16.25, 17.25, 18.0],
+            vec![20.25, 21.25, 22.25, 23.0],
+        ],
     );
 }
 
@@ -83,16 +105,41 @@ fn sub_pixel_flow_is_bilinear() {
 fn per_pixel_flow_and_channels_are_independent() {
     // Two channels (second = negated), and a flow that differs per pixel.
     let image = Tensor::cat(&[ramp(), ramp().neg().unwrap()], 1).unwrap();
-    let fx: Vec<f32> = (0..12).map(|i| if i % 2 == 0 { 0.5 } else { -1.0 }).collect();
+    let fx: Vec<f32> = (0..12)
+        .map(|i| if i % 2 == 0 { 0.5 } else { -1.0 })
+        .collect();
     let fx = Tensor::from_vec(fx, (1, 1, 3, 4), &Device::Cpu).unwrap();
-    let flow = Tensor::cat(&[fx, Tensor::zeros((1, 1, 3, 4), DType::F32, &Device::Cpu).unwrap()], 1).unwrap();
+    let flow = Tensor::cat(
+        &[
+            fx,
+            Tensor::zeros((1, 1, 3, 4), DType::F32, &Device::Cpu).unwrap(),
+        ],
+        1,
+    )
+    .unwrap();
     let out = warp(&image, &flow).unwrap();
-    let want = [vec![0.5, 0., 2.5, 2.], vec![10.5, 10., 12.5, 12.], vec![20.5, 20., 22.5, 22.]];
+    let want = [
+        vec![0.5, 0., 2.5, 2.],
+        vec![10.5, 10., 12.5, 12.],
+        vec![20.5, 20., 22.5, 22.],
+    ];
     assert_close(&out.narrow(1, 0, 1).unwrap(), &want);
-    let negated: Vec<Vec<f32>> = want.iter().map(|r| r.iter().map(|v| -v).collect()).collect();
+    let negated: Vec<Vec<f32>> = want
+        .iter()
+        .map(|r| r.iter().map(|v| -v).collect())
+        .collect();
     assert_close(&out.narrow(1, 1, 1).unwrap(), &negated);
     let gathered = warp_with_gather(&image, &flow).unwrap();
-    let diff: f32 = (out - gathered).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    let diff: f32 = (out - gathered)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!(diff < 1e-6);
 }
 
@@ -117,7 +164,11 @@ fn frame_pair(h: usize, w: usize) -> (Tensor, Tensor) {
                 (0..w).flat_map(move |x| {
                     let u = (x as f32 - shift) / 7.0;
                     let v = y as f32 / 5.0;
-                    [0.5 + 0.4 * u.sin(), 0.5 + 0.4 * v.cos(), 0.5 + 0.3 * (u + v).sin()]
+                    [
+                        0.5 + 0.4 * u.sin(),
+                        0.5 + 0.4 * v.cos(),
+                        0.5 + 0.3 * (u + v).sin(),
+                    ]
                 })
             })
             .collect();
@@ -150,7 +201,11 @@ fn interpolation_pads_crops_and_stays_in_range() {
     let mid = interpolator.interpolate(&a, &b, 0.5).unwrap();
     assert_eq!(mid.dims(), &[1, 40, 52, 3]);
     let values: Vec<f32> = mid.flatten_all().unwrap().to_vec1().unwrap();
-    assert!(values.iter().all(|v| v.is_finite() && (0.0..=1.0).contains(v)));
+    assert!(
+        values
+            .iter()
+            .all(|v| v.is_finite() && (0.0..=1.0).contains(v))
+    );
     // The middle frame lies between the inputs on average (both are blends of the warped
     // frames), not far outside them.
     let mean = |t: &Tensor| -> f32 { t.mean_all().unwrap().to_scalar().unwrap() };
@@ -158,7 +213,10 @@ fn interpolation_pads_crops_and_stays_in_range() {
     assert!(mean(&mid) > lo - 0.1 && mean(&mid) < hi + 0.1);
     // Deterministic.
     let again = interpolator.interpolate(&a, &b, 0.5).unwrap();
-    assert_eq!(values, again.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    assert_eq!(
+        values,
+        again.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+    );
 }
 
 #[test]
@@ -187,7 +245,10 @@ fn sequence_inserts_multiplier_minus_one_frames_per_pair() {
     }
     let same = interpolator.interpolate_sequence(&frames, 1).unwrap();
     assert_eq!(same.dims(), &[3, 32, 32, 3]);
-    assert!(matches!(interpolator.interpolate_sequence(&frames, 0), Err(ModelError::InvalidInput(_))));
+    assert!(matches!(
+        interpolator.interpolate_sequence(&frames, 0),
+        Err(ModelError::InvalidInput(_))
+    ));
 }
 
 #[test]
@@ -195,8 +256,14 @@ fn bad_frames_and_times_are_invalid_input() {
     let (_dir, interpolator) = demo_interpolator();
     let (a, _) = frame_pair(32, 32);
     let (b, _) = frame_pair(32, 64);
-    assert_eq!(interpolator.interpolate(&a, &b, 0.5).unwrap_err().kind(), "invalid_input");
-    assert_eq!(interpolator.interpolate(&a, &a, 1.5).unwrap_err().kind(), "invalid_input");
+    assert_eq!(
+        interpolator.interpolate(&a, &b, 0.5).unwrap_err().kind(),
+        "invalid_input"
+    );
+    assert_eq!(
+        interpolator.interpolate(&a, &a, 1.5).unwrap_err().kind(),
+        "invalid_input"
+    );
 }
 
 #[test]
@@ -204,8 +271,13 @@ fn foreign_weights_are_unsupported() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("not-rife.safetensors");
     let mut tensors = std::collections::BTreeMap::new();
-    tensors.insert("encode.0.weight".to_string(), Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap());
-    sakuga_models::upscale::StateDict::from_tensors(&path, tensors).save_safetensors(&path).unwrap();
+    tensors.insert(
+        "encode.0.weight".to_string(),
+        Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+    );
+    sakuga_models::upscale::StateDict::from_tensors(&path, tensors)
+        .save_safetensors(&path)
+        .unwrap();
     let err = Interpolator::load(&path, &Device::Cpu).unwrap_err();
     assert!(matches!(err, ModelError::Unsupported { .. }), "{err:?}");
     assert!(err.to_string().contains("encode.0.weight"));

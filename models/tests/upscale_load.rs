@@ -36,7 +36,11 @@ fn load_err(path: &Path) -> ModelError {
 
 fn assert_names(err: &ModelError, path: &Path, words: &str) {
     let text = err.to_string();
-    assert!(text.contains(&path.display().to_string()), "{text:?} should name {}", path.display());
+    assert!(
+        text.contains(&path.display().to_string()),
+        "{text:?} should name {}",
+        path.display()
+    );
     assert!(text.contains(words), "{text:?} should say {words:?}");
     assert_eq!(err.kind(), "model_load");
 }
@@ -63,10 +67,15 @@ fn ncnn_param_without_bin_names_the_bin() {
 #[test]
 fn truncated_ncnn_bin_is_corrupt_and_names_the_layer() {
     let dir = tempfile::tempdir().unwrap();
-    let param = ncnn_copy(dir.path(), "short", |p| p, |mut b| {
-        b.truncate(b.len() / 2);
-        b
-    });
+    let param = ncnn_copy(
+        dir.path(),
+        "short",
+        |p| p,
+        |mut b| {
+            b.truncate(b.len() / 2);
+            b
+        },
+    );
     let err = load_err(&param);
     assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
     assert_names(&err, &param.with_extension("bin"), "truncated");
@@ -76,10 +85,15 @@ fn truncated_ncnn_bin_is_corrupt_and_names_the_layer() {
 #[test]
 fn oversized_ncnn_bin_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
-    let param = ncnn_copy(dir.path(), "long", |p| p, |mut b| {
-        b.extend_from_slice(&[0; 12]);
-        b
-    });
+    let param = ncnn_copy(
+        dir.path(),
+        "long",
+        |p| p,
+        |mut b| {
+            b.extend_from_slice(&[0; 12]);
+            b
+        },
+    );
     let err = load_err(&param);
     assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
     assert_names(&err, &param.with_extension("bin"), "12 trailing bytes");
@@ -88,27 +102,51 @@ fn oversized_ncnn_bin_is_corrupt() {
 #[test]
 fn ncnn_param_with_bad_magic_or_counts_is_corrupt() {
     let dir = tempfile::tempdir().unwrap();
-    let bad_magic = ncnn_copy(dir.path(), "magic", |p| p.replacen("7767517", "7767518", 1), |b| b);
+    let bad_magic = ncnn_copy(
+        dir.path(),
+        "magic",
+        |p| p.replacen("7767517", "7767518", 1),
+        |b| b,
+    );
     let err = load_err(&bad_magic);
     assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
     assert_names(&err, &bad_magic, "bad magic");
 
-    let bad_count = ncnn_copy(dir.path(), "count", |p| p.replacen("40 41", "41 41", 1), |b| b);
+    let bad_count = ncnn_copy(
+        dir.path(),
+        "count",
+        |p| p.replacen("40 41", "41 41", 1),
+        |b| b,
+    );
     let err = load_err(&bad_count);
     assert_names(&err, &bad_count, "header says 41 layers, found 40");
 
-    let bad_tag = ncnn_copy(dir.path(), "tag", |p| p, |mut b| {
-        b[0..4].copy_from_slice(&0xdead_beef_u32.to_le_bytes());
-        b
-    });
+    let bad_tag = ncnn_copy(
+        dir.path(),
+        "tag",
+        |p| p,
+        |mut b| {
+            b[0..4].copy_from_slice(&0xdead_beef_u32.to_le_bytes());
+            b
+        },
+    );
     let err = load_err(&bad_tag);
-    assert_names(&err, &bad_tag.with_extension("bin"), "unknown weight tag 0xdeadbeef");
+    assert_names(
+        &err,
+        &bad_tag.with_extension("bin"),
+        "unknown weight tag 0xdeadbeef",
+    );
 }
 
 #[test]
 fn foreign_ncnn_graph_is_unsupported() {
     let dir = tempfile::tempdir().unwrap();
-    let param = ncnn_copy(dir.path(), "foreign", |p| p.replace("PixelShuffle ", "Softmax      "), |b| b);
+    let param = ncnn_copy(
+        dir.path(),
+        "foreign",
+        |p| p.replace("PixelShuffle ", "Softmax      "),
+        |b| b,
+    );
     let err = load_err(&param);
     assert!(matches!(err, ModelError::Unsupported { .. }), "{err:?}");
     assert_names(&err, &param, "Softmax");
@@ -152,15 +190,25 @@ fn missing_or_misshapen_tensors_are_named() {
     let mut tensors = animevideov3_weights().tensors().clone();
     tensors.remove("body.20.bias");
     let missing = dir.path().join("missing.safetensors");
-    StateDict::from_tensors(&missing, tensors).save_safetensors(&missing).unwrap();
+    StateDict::from_tensors(&missing, tensors)
+        .save_safetensors(&missing)
+        .unwrap();
     let err = load_err(&missing);
-    assert!(matches!(err, ModelError::MissingTensor { ref tensor, .. } if tensor == "body.20.bias"), "{err:?}");
+    assert!(
+        matches!(err, ModelError::MissingTensor { ref tensor, .. } if tensor == "body.20.bias"),
+        "{err:?}"
+    );
     assert_names(&err, &missing, "body.20.bias");
 
     let mut tensors = animevideov3_weights().tensors().clone();
-    tensors.insert("body.21.weight".into(), Tensor::zeros(32, candle_core::DType::F32, &Device::Cpu).unwrap());
+    tensors.insert(
+        "body.21.weight".into(),
+        Tensor::zeros(32, candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
     let misshapen = dir.path().join("misshapen.safetensors");
-    StateDict::from_tensors(&misshapen, tensors).save_safetensors(&misshapen).unwrap();
+    StateDict::from_tensors(&misshapen, tensors)
+        .save_safetensors(&misshapen)
+        .unwrap();
     let err = load_err(&misshapen);
     assert!(matches!(err, ModelError::TensorMismatch { .. }), "{err:?}");
     assert_names(&err, &misshapen, "body.21.weight");
@@ -171,8 +219,13 @@ fn unknown_architecture_and_extension_are_unsupported() {
     let dir = tempfile::tempdir().unwrap();
     let other = dir.path().join("other.safetensors");
     let mut tensors = std::collections::BTreeMap::new();
-    tensors.insert("encoder.weight".to_string(), Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap());
-    StateDict::from_tensors(&other, tensors).save_safetensors(&other).unwrap();
+    tensors.insert(
+        "encoder.weight".to_string(),
+        Tensor::zeros((2, 2), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    StateDict::from_tensors(&other, tensors)
+        .save_safetensors(&other)
+        .unwrap();
     let err = load_err(&other);
     assert!(matches!(err, ModelError::Unsupported { .. }), "{err:?}");
     assert_names(&err, &other, "no Real-ESRGAN keys");

@@ -14,21 +14,42 @@ fn fixtures() -> PathBuf {
 }
 
 fn animevideov3_param() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../assets/models/upscale_models/realesr-animevideov3-x4.param")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../assets/models/upscale_models/realesr-animevideov3-x4.param")
 }
 
 /// A minimal `.npy` reader: version 1/2 headers, little-endian f32, C order.
 fn read_npy_f32(path: &Path) -> Tensor {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-    assert_eq!(&bytes[..6], b"\x93NUMPY", "{} is not an npy file", path.display());
+    assert_eq!(
+        &bytes[..6],
+        b"\x93NUMPY",
+        "{} is not an npy file",
+        path.display()
+    );
     let (header_len, header_start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        _ => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        _ => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
     };
     let header = std::str::from_utf8(&bytes[header_start..header_start + header_len]).unwrap();
-    assert!(header.contains("'descr': '<f4'"), "only little-endian f32 npy: {header}");
-    assert!(header.contains("'fortran_order': False"), "only C-order npy: {header}");
-    let shape_text = header.split("'shape': (").nth(1).unwrap().split(')').next().unwrap();
+    assert!(
+        header.contains("'descr': '<f4'"),
+        "only little-endian f32 npy: {header}"
+    );
+    assert!(
+        header.contains("'fortran_order': False"),
+        "only C-order npy: {header}"
+    );
+    let shape_text = header
+        .split("'shape': (")
+        .nth(1)
+        .unwrap()
+        .split(')')
+        .next()
+        .unwrap();
     let shape: Vec<usize> = shape_text
         .split(',')
         .map(str::trim)
@@ -45,18 +66,35 @@ fn read_npy_f32(path: &Path) -> Tensor {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims());
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap()
 }
 
 fn reference_input() -> Tensor {
-    read_npy_f32(&fixtures().join("reference/input_64x64.npy")).unsqueeze(0).unwrap()
+    read_npy_f32(&fixtures().join("reference/input_64x64.npy"))
+        .unsqueeze(0)
+        .unwrap()
 }
 
 fn check_against_reference(upscaler: &Upscaler, reference: &str) {
-    let expected = read_npy_f32(&fixtures().join("reference").join(reference)).unsqueeze(0).unwrap();
+    let expected = read_npy_f32(&fixtures().join("reference").join(reference))
+        .unsqueeze(0)
+        .unwrap();
     let output = upscaler.forward_nchw(&reference_input()).unwrap();
     let diff = max_abs_diff(&output, &expected);
-    assert!(diff < 1e-4, "{}: max abs diff {diff} vs {reference}", upscaler.path().display());
+    assert!(
+        diff < 1e-4,
+        "{}: max abs diff {diff} vs {reference}",
+        upscaler.path().display()
+    );
 }
 
 /// Writes the ncnn-loaded tensors as a PyTorch-named safetensors file and loads that.
@@ -88,7 +126,11 @@ fn animevideov3_from_safetensors_matches_reference() {
 
 #[test]
 fn x4plus_anime_6b_from_ncnn_matches_reference() {
-    let upscaler = Upscaler::load(&fixtures().join("realesrgan-x4plus-anime.param"), &Device::Cpu).unwrap();
+    let upscaler = Upscaler::load(
+        &fixtures().join("realesrgan-x4plus-anime.param"),
+        &Device::Cpu,
+    )
+    .unwrap();
     assert_eq!(upscaler.scale(), 4);
     match upscaler.arch() {
         UpscaleArch::Rrdb(c) => assert_eq!((c.num_feat, c.num_grow, c.num_block), (64, 32, 6)),
@@ -100,7 +142,10 @@ fn x4plus_anime_6b_from_ncnn_matches_reference() {
 #[test]
 fn x4plus_anime_6b_from_safetensors_matches_reference() {
     let dir = tempfile::tempdir().unwrap();
-    let upscaler = via_safetensors(&fixtures().join("realesrgan-x4plus-anime.param"), dir.path());
+    let upscaler = via_safetensors(
+        &fixtures().join("realesrgan-x4plus-anime.param"),
+        dir.path(),
+    );
     check_against_reference(&upscaler, "realesrgan-x4plus-anime_output.npy");
 }
 
@@ -111,10 +156,26 @@ fn upscale_takes_bhwc_and_clamps() {
     let out = upscaler.upscale(&bhwc, TileConfig::untiled()).unwrap();
     assert_eq!(out.dims(), &[1, 256, 256, 3]);
     let raw = upscaler.forward_nchw(&reference_input()).unwrap();
-    let expected = raw.clamp(0f32, 1f32).unwrap().permute((0, 2, 3, 1)).unwrap();
+    let expected = raw
+        .clamp(0f32, 1f32)
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap();
     assert_eq!(max_abs_diff(&out, &expected), 0.0);
-    let min: f32 = out.flatten_all().unwrap().min(0).unwrap().to_scalar().unwrap();
-    let max: f32 = out.flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+    let min: f32 = out
+        .flatten_all()
+        .unwrap()
+        .min(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    let max: f32 = out
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
     assert!((0.0..=1.0).contains(&min) && (0.0..=1.0).contains(&max));
 }
 
@@ -126,10 +187,16 @@ fn tiled_upscale_matches_untiled_without_seams() {
     let wide = Tensor::cat(&[&frame, &frame.narrow(3, 0, 8).unwrap()], 3).unwrap();
     let tall = Tensor::cat(&[&wide, &wide.narrow(2, 0, 16).unwrap()], 2).unwrap();
     let flipped = tall.affine(-1.0, 1.0).unwrap();
-    let batch = Tensor::cat(&[&tall, &flipped], 0).unwrap().permute((0, 2, 3, 1)).unwrap();
+    let batch = Tensor::cat(&[&tall, &flipped], 0)
+        .unwrap()
+        .permute((0, 2, 3, 1))
+        .unwrap();
     assert_eq!(batch.dims(), &[2, 80, 72, 3]);
     let untiled = upscaler.upscale(&batch, TileConfig::untiled()).unwrap();
-    let tile = TileConfig { tile: 32, overlap: 20 };
+    let tile = TileConfig {
+        tile: 32,
+        overlap: 20,
+    };
     let tiled = upscaler.upscale(&batch, tile).unwrap();
     assert_eq!(tiled.dims(), &[2, 320, 288, 3]);
     let diff = max_abs_diff(&tiled, &untiled);
@@ -146,5 +213,9 @@ fn budget_tiles_are_seam_free_and_fit() {
     assert!(side * side * arch.activation_bytes_per_pixel() <= 64 << 20);
     let bigger = upscaler.tile_for_budget(1 << 30);
     assert!(bigger.tile > tile.tile);
-    assert!(upscaler.approx_bytes() > 2_000_000, "{} bytes", upscaler.approx_bytes());
+    assert!(
+        upscaler.approx_bytes() > 2_000_000,
+        "{} bytes",
+        upscaler.approx_bytes()
+    );
 }

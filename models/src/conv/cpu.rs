@@ -122,7 +122,10 @@ impl CustomOp3 for Conv2dStride1 {
         if let Epilogue::PRelu(slopes) = &self.epilogue
             && slopes.len() != c_out
         {
-            candle_core::bail!("fused conv2d: {} prelu slopes for {c_out} outputs", slopes.len())
+            candle_core::bail!(
+                "fused conv2d: {} prelu slopes for {c_out} outputs",
+                slopes.len()
+            )
         }
         if h + 2 * self.padding < kh || w + 2 * self.padding < kw {
             candle_core::bail!("fused conv2d: {h}x{w} input smaller than the {kh}x{kw} kernel")
@@ -185,8 +188,8 @@ pub fn conv2d_stride1(
                     dst[at..at + dims.w].copy_from_slice(row);
                 }
             });
-        let image_out = &mut output
-            [image * dims.c_out * plane_out..(image + 1) * dims.c_out * plane_out];
+        let image_out =
+            &mut output[image * dims.c_out * plane_out..(image + 1) * dims.c_out * plane_out];
         let out_ptr = SharedOutput(image_out.as_mut_ptr());
         let padded = &padded;
         (0..blocks).into_par_iter().for_each_init(
@@ -200,8 +203,7 @@ pub fn conv2d_stride1(
                 let first = block * BLOCK_POSITIONS;
                 let len = BLOCK_POSITIONS.min(positions - first);
                 run_block(
-                    padded, weight, bias, epilogue, dims, first, len, gathered, block_out,
-                    out_ptr,
+                    padded, weight, bias, epilogue, dims, first, len, gathered, block_out, out_ptr,
                 );
             },
         );

@@ -84,7 +84,10 @@ impl FusedConv2d {
         {
             let host = weight.flatten_all()?.to_vec1::<f32>()?;
             let bias_host = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-            Some((WinogradKernels::new(&host, c_out, c_in), Arc::new(bias_host)))
+            Some((
+                WinogradKernels::new(&host, c_out, c_in),
+                Arc::new(bias_host),
+            ))
         } else {
             None
         };
@@ -204,7 +207,11 @@ impl CustomOp1 for WinogradOp {
         "sakuga-conv3x3-winograd"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(data) = storage else {
             candle_core::bail!("winograd conv: input must be f32")
         };
@@ -241,7 +248,9 @@ mod tests {
     fn seeded(shape: &[usize], seed: u64) -> Tensor {
         // A small LCG so the test data is deterministic without an RNG dependency.
         let count: usize = shape.iter().product();
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let values: Vec<f32> = (0..count)
             .map(|_| {
                 state = state
@@ -255,23 +264,55 @@ mod tests {
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         assert_eq!(a.dims(), b.dims());
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
-    fn check(batch: usize, c_in: usize, c_out: usize, h: usize, w: usize, k: usize, pad: usize, act: Activation) {
+    fn check(
+        batch: usize,
+        c_in: usize,
+        c_out: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        pad: usize,
+        act: Activation,
+    ) {
         let x = seeded(&[batch, c_in, h, w], 1);
         let weight = seeded(&[c_out, c_in, k, k], 2);
         let bias = seeded(&[c_out], 3);
         let conv = FusedConv2d::try_new(weight, Some(bias), pad, 1, act).unwrap();
         let reference = conv.forward_reference(&x).unwrap();
-        let scale: f32 = reference.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
-        for (name, fast) in [("default", conv.forward(&x).unwrap()), ("im2col", conv.forward_im2col(&x).unwrap())] {
+        let scale: f32 = reference
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        for (name, fast) in [
+            ("default", conv.forward(&x).unwrap()),
+            ("im2col", conv.forward_im2col(&x).unwrap()),
+        ] {
             let diff = max_abs_diff(&fast, &reference);
             // Same sums in a different order (or through the Winograd domain, whose
             // transforms scale values by up to ~100 before cancelling): allow f32 rounding
             // relative to the output magnitude.
             let tolerance = 1e-5 * (1.0 + scale);
-            assert!(diff < tolerance, "{name} {batch}x{c_in}x{h}x{w} k{k} p{pad}: max diff {diff}, outputs up to {scale}");
+            assert!(
+                diff < tolerance,
+                "{name} {batch}x{c_in}x{h}x{w} k{k} p{pad}: max diff {diff}, outputs up to {scale}"
+            );
         }
     }
 

@@ -349,8 +349,19 @@ impl ChunkJob<'_> {
             };
             // partial[c][a] = (A^T M)[a][c]
             for c in 0..6 {
-                let inputs = [mk(c), mk(6 + c), mk(12 + c), mk(18 + c), mk(24 + c), mk(30 + c)];
-                at_times(inputs, &mut partial[c * 4 * c_out..(c + 1) * 4 * c_out], c_out);
+                let inputs = [
+                    mk(c),
+                    mk(6 + c),
+                    mk(12 + c),
+                    mk(18 + c),
+                    mk(24 + c),
+                    mk(30 + c),
+                ];
+                at_times(
+                    inputs,
+                    &mut partial[c * 4 * c_out..(c + 1) * 4 * c_out],
+                    c_out,
+                );
             }
             // result[a][b] = bias + (partial A)[a][b], then the activation as
             // max(x, 0) + slope * min(x, 0), which vectorizes.
@@ -398,7 +409,14 @@ impl ChunkJob<'_> {
 /// B^T's zeros and small integers so the compiler emits one pass of vector arithmetic.
 #[inline(always)]
 fn bt_times(d: [&[f32]; 6], out: &mut [f32], n: usize) {
-    let (d0, d1, d2, d3, d4, d5) = (&d[0][..n], &d[1][..n], &d[2][..n], &d[3][..n], &d[4][..n], &d[5][..n]);
+    let (d0, d1, d2, d3, d4, d5) = (
+        &d[0][..n],
+        &d[1][..n],
+        &d[2][..n],
+        &d[3][..n],
+        &d[4][..n],
+        &d[5][..n],
+    );
     let (o0, rest) = out[..6 * n].split_at_mut(n);
     let (o1, rest) = rest.split_at_mut(n);
     let (o2, rest) = rest.split_at_mut(n);
@@ -418,7 +436,14 @@ fn bt_times(d: [&[f32]; 6], out: &mut [f32], n: usize) {
 /// `out[a] = sum_r AT[a][r] * m[r]` for six vectors of `n` lanes.
 #[inline(always)]
 fn at_times(m: [&[f32]; 6], out: &mut [f32], n: usize) {
-    let (m0, m1, m2, m3, m4, m5) = (&m[0][..n], &m[1][..n], &m[2][..n], &m[3][..n], &m[4][..n], &m[5][..n]);
+    let (m0, m1, m2, m3, m4, m5) = (
+        &m[0][..n],
+        &m[1][..n],
+        &m[2][..n],
+        &m[3][..n],
+        &m[4][..n],
+        &m[5][..n],
+    );
     let (o0, rest) = out[..4 * n].split_at_mut(n);
     let (o1, rest) = rest.split_at_mut(n);
     let (o2, o3) = rest.split_at_mut(n);
@@ -472,7 +497,13 @@ mod avx512 {
                     }
                 }
             }
-            co += if left >= 64 { 64 } else if left >= 32 { 32 } else { 16 };
+            co += if left >= 64 {
+                64
+            } else if left >= 32 {
+                32
+            } else {
+                16
+            };
         }
     }
 
@@ -535,7 +566,11 @@ mod tests {
         at_times(inputs.each_ref().map(Vec::as_slice), &mut out, 2);
         for a in 0..4 {
             let want: f32 = (0..6).map(|r| AT[a][r] * d[r]).sum();
-            assert!((out[a * 2] - want).abs() < 1e-4, "row {a}: {} vs {want}", out[a * 2]);
+            assert!(
+                (out[a * 2] - want).abs() < 1e-4,
+                "row {a}: {} vs {want}",
+                out[a * 2]
+            );
         }
     }
 }

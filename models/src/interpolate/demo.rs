@@ -11,8 +11,8 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 
-use crate::upscale::StateDict;
 use crate::Result;
+use crate::upscale::StateDict;
 
 /// Block widths of the demo network.
 pub const DEMO_CHANNELS: [usize; 4] = [16, 16, 8, 8];
@@ -49,7 +49,10 @@ pub fn demo_rife_state_dict() -> Result<StateDict> {
         let in_channels = if block == 0 { 7 } else { 12 };
         let mut conv = |name: String, c_out: usize, c_in: usize| -> Result<()> {
             let scale = 1.0 / ((c_in * 9) as f32).sqrt();
-            tensors.insert(format!("{name}.0.weight"), rng.tensor(&[c_out, c_in, 3, 3], scale)?);
+            tensors.insert(
+                format!("{name}.0.weight"),
+                rng.tensor(&[c_out, c_in, 3, 3], scale)?,
+            );
             tensors.insert(format!("{name}.0.bias"), rng.tensor(&[c_out], 0.05)?);
             // PReLU slopes start at PyTorch's default 0.25, jittered.
             let slopes = (rng.tensor(&[c_out], 0.05)? + 0.25)?;
@@ -62,8 +65,14 @@ pub fn demo_rife_state_dict() -> Result<StateDict> {
             conv(format!("block{block}.convblock.{j}"), c, c)?;
         }
         let scale = 0.5 / ((c * 16) as f32).sqrt();
-        tensors.insert(format!("block{block}.lastconv.weight"), rng.tensor(&[c, 5, 4, 4], scale)?);
-        tensors.insert(format!("block{block}.lastconv.bias"), rng.tensor(&[5], 0.05)?);
+        tensors.insert(
+            format!("block{block}.lastconv.weight"),
+            rng.tensor(&[c, 5, 4, 4], scale)?,
+        );
+        tensors.insert(
+            format!("block{block}.lastconv.bias"),
+            rng.tensor(&[5], 0.05)?,
+        );
     }
     Ok(StateDict::from_tensors("demo-rife", tensors))
 }

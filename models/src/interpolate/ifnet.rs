@@ -86,7 +86,15 @@ impl IfBlock {
             conv_prelu(weights, &format!("{prefix}.conv0.1"), channels, half, 2)?,
         ];
         let convblock = (0..depth)
-            .map(|j| conv_prelu(weights, &format!("{prefix}.convblock.{j}"), channels, channels, 1))
+            .map(|j| {
+                conv_prelu(
+                    weights,
+                    &format!("{prefix}.convblock.{j}"),
+                    channels,
+                    channels,
+                    1,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         let lastconv_weight =
             weights.get_shaped(&format!("{prefix}.lastconv.weight"), &[channels, 5, 4, 4])?;
@@ -113,7 +121,11 @@ impl IfBlock {
 
     fn approx_bytes(&self) -> u64 {
         let tensor = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
-        self.conv0.iter().chain(&self.convblock).map(FusedConv2d::approx_bytes).sum::<u64>()
+        self.conv0
+            .iter()
+            .chain(&self.convblock)
+            .map(FusedConv2d::approx_bytes)
+            .sum::<u64>()
             + tensor(&self.lastconv_weight)
             + tensor(&self.lastconv_bias)
     }
@@ -123,7 +135,12 @@ impl IfBlock {
     ///
     /// # Errors
     /// Shape or device errors.
-    pub fn forward(&self, x: &Tensor, flow: Option<&Tensor>, scale: f64) -> Result<(Tensor, Tensor)> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        flow: Option<&Tensor>,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
         let resize = |t: &Tensor, factor: f64| -> candle_core::Result<Tensor> {
             if factor == 1.0 {
                 Ok(t.clone())
@@ -223,7 +240,8 @@ impl IfNet {
             warped1 = warp(img1, &f.narrow(1, 2, 2)?)?;
         }
         let mask = candle_nn::ops::sigmoid(mask.as_ref().expect("four blocks ran"))?;
-        let blended = (warped0.broadcast_mul(&mask)? + warped1.broadcast_mul(&mask.affine(-1.0, 1.0)?)?)?;
+        let blended =
+            (warped0.broadcast_mul(&mask)? + warped1.broadcast_mul(&mask.affine(-1.0, 1.0)?)?)?;
         Ok(blended)
     }
 }

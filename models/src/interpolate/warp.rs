@@ -41,7 +41,11 @@ pub struct BackwardWarp;
 #[inline]
 fn taps(coord: f32, extent: usize) -> (usize, usize, f32) {
     let max = (extent - 1) as f32;
-    let clamped = if coord.is_nan() { 0.0 } else { coord.clamp(0.0, max) };
+    let clamped = if coord.is_nan() {
+        0.0
+    } else {
+        coord.clamp(0.0, max)
+    };
     let low = clamped.floor();
     let low_index = low as usize;
     let high_index = (low_index + 1).min(extent - 1);

@@ -190,7 +190,10 @@ impl Upscaler {
                     1 => 4,
                     _ => 1,
                 };
-                let (pad_h, pad_w) = ((multiple - h % multiple) % multiple, (multiple - w % multiple) % multiple);
+                let (pad_h, pad_w) = (
+                    (multiple - h % multiple) % multiple,
+                    (multiple - w % multiple) % multiple,
+                );
                 if pad_h == 0 && pad_w == 0 {
                     return n.forward(xs);
                 }
@@ -224,7 +227,10 @@ impl Upscaler {
         let image = image_bhwc.to_dtype(candle_core::DType::F32)?;
         let mut frames = Vec::with_capacity(batch);
         for index in 0..batch {
-            let frame = image.narrow(0, index, 1)?.permute((0, 3, 1, 2))?.contiguous()?;
+            let frame = image
+                .narrow(0, index, 1)?
+                .permute((0, 3, 1, 2))?
+                .contiguous()?;
             let out = tile::run_tiled(&frame, self.scale(), tile, |xs| self.forward_nchw(xs))?;
             frames.push(out.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?);
         }

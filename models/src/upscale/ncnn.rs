@@ -86,7 +86,10 @@ pub fn parse_param(text: &str, path: &Path) -> Result<NcnnGraph> {
         .collect::<std::result::Result<_, _>>()
         .map_err(|_| corrupt(path, "the layer and blob count line is not two integers"))?;
     let [layer_count, _blob_count] = counts[..] else {
-        return Err(corrupt(path, "the layer and blob count line is not two integers"));
+        return Err(corrupt(
+            path,
+            "the layer and blob count line is not two integers",
+        ));
     };
     let mut layers = Vec::with_capacity(layer_count);
     for (index, line) in lines.enumerate() {
@@ -102,7 +105,10 @@ pub fn parse_param(text: &str, path: &Path) -> Result<NcnnGraph> {
         let n_in = parse_count(fields[2])?;
         let n_out = parse_count(fields[3])?;
         if fields.len() < 4 + n_in + n_out {
-            return Err(corrupt(path, format!("line {line_no}: fewer blob names than counted")));
+            return Err(corrupt(
+                path,
+                format!("line {line_no}: fewer blob names than counted"),
+            ));
         }
         let inputs = fields[4..4 + n_in].iter().map(|s| s.to_string()).collect();
         let outputs = fields[4 + n_in..4 + n_in + n_out]
@@ -111,9 +117,9 @@ pub fn parse_param(text: &str, path: &Path) -> Result<NcnnGraph> {
             .collect();
         let mut params = HashMap::new();
         for item in &fields[4 + n_in + n_out..] {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| corrupt(path, format!("line {line_no}: param {item:?} has no '='")))?;
+            let (key, value) = item.split_once('=').ok_or_else(|| {
+                corrupt(path, format!("line {line_no}: param {item:?} has no '='"))
+            })?;
             let key: i32 = key
                 .parse()
                 .map_err(|_| corrupt(path, format!("line {line_no}: bad param key {key:?}")))?;
@@ -193,7 +199,10 @@ impl BinReader<'_> {
             }),
             other => Err(corrupt(
                 self.path,
-                format!("layer {layer}: unknown weight tag {other:#010x} at offset {}", self.at - 4),
+                format!(
+                    "layer {layer}: unknown weight tag {other:#010x} at offset {}",
+                    self.at - 4
+                ),
             )),
         }
     }
@@ -280,7 +289,10 @@ pub fn load_state_dict(param_path: &Path, device: &Device) -> Result<StateDict> 
             other => {
                 return Err(ModelError::Unsupported {
                     path: param_path.to_path_buf(),
-                    reason: format!("ncnn layer type {other} ({}) is not part of a Real-ESRGAN network", layer.name),
+                    reason: format!(
+                        "ncnn layer type {other} ({}) is not part of a Real-ESRGAN network",
+                        layer.name
+                    ),
                 });
             }
         }
@@ -312,7 +324,10 @@ pub fn load_state_dict(param_path: &Path, device: &Device) -> Result<StateDict> 
     } else if has("Concat") && has("Eltwise") && prelus.is_empty() {
         let names = rrdb_conv_names(convs.len()).ok_or_else(|| ModelError::Unsupported {
             path: param_path.to_path_buf(),
-            reason: format!("{} convolutions do not form an RRDBNet (6 + 15 per block)", convs.len()),
+            reason: format!(
+                "{} convolutions do not form an RRDBNet (6 + 15 per block)",
+                convs.len()
+            ),
         })?;
         for (name, conv) in names.into_iter().zip(convs) {
             insert_conv(&mut tensors, &name, conv);
@@ -372,8 +387,12 @@ mod tests {
     fn rejects_bad_magic_and_miscounted_layers() {
         let err = parse_param("1234\n1 1\n", Path::new("m.param")).unwrap_err();
         assert!(err.to_string().contains("bad magic"), "{err}");
-        let err = parse_param("7767517\n3 1\nInput in 0 1 data\n", Path::new("m.param")).unwrap_err();
-        assert!(err.to_string().contains("header says 3 layers, found 1"), "{err}");
+        let err =
+            parse_param("7767517\n3 1\nInput in 0 1 data\n", Path::new("m.param")).unwrap_err();
+        assert!(
+            err.to_string().contains("header says 3 layers, found 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -128,7 +128,13 @@ impl Rrdb {
             _ => 1,
         };
         let leaky = || Activation::LeakyRelu(SLOPE);
-        let conv_first = conv(weights, "conv_first", nf, in_channels * unshuffle, Activation::Identity)?;
+        let conv_first = conv(
+            weights,
+            "conv_first",
+            nf,
+            in_channels * unshuffle,
+            Activation::Identity,
+        )?;
         let mut blocks = Vec::with_capacity(num_block);
         for b in 0..num_block {
             let dense = |r: usize| -> Result<DenseBlock> {
@@ -202,8 +208,12 @@ impl Rrdb {
         }
         let feat = (feat + self.conv_body.forward(&body)?)?;
         let (_, _, h, w) = feat.dims4()?;
-        let feat = self.conv_up1.forward(&feat.upsample_nearest2d(h * 2, w * 2)?)?;
-        let feat = self.conv_up2.forward(&feat.upsample_nearest2d(h * 4, w * 4)?)?;
+        let feat = self
+            .conv_up1
+            .forward(&feat.upsample_nearest2d(h * 2, w * 2)?)?;
+        let feat = self
+            .conv_up2
+            .forward(&feat.upsample_nearest2d(h * 4, w * 4)?)?;
         let feat = self.conv_hr.forward(&feat)?;
         Ok(self.conv_last.forward(&feat)?)
     }

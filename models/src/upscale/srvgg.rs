@@ -45,7 +45,12 @@ impl SrvggConfig {
         // Count the 4-D `body.N.weight` tensors: first conv + body convs + last conv.
         let convs = weights
             .names()
-            .filter_map(|n| n.strip_prefix("body.")?.strip_suffix(".weight")?.parse::<usize>().ok())
+            .filter_map(|n| {
+                n.strip_prefix("body.")?
+                    .strip_suffix(".weight")?
+                    .parse::<usize>()
+                    .ok()
+            })
             .filter(|index| index % 2 == 0)
             .count();
         if convs < 2 {
@@ -56,15 +61,15 @@ impl SrvggConfig {
         }
         let num_conv = convs - 2;
         let last = weights.dims_of_rank(&format!("body.{}.weight", 2 * num_conv + 2), 4)?;
-        let scale = (1..=8).find(|s| s * s * in_channels == last[0]).ok_or_else(|| {
-            ModelError::Unsupported {
+        let scale = (1..=8)
+            .find(|s| s * s * in_channels == last[0])
+            .ok_or_else(|| ModelError::Unsupported {
                 path: weights.path().to_path_buf(),
                 reason: format!(
                     "last convolution has {} outputs, not {in_channels} x scale^2",
                     last[0]
                 ),
-            }
-        })?;
+            })?;
         Ok(Self {
             in_channels,
             num_feat,
@@ -98,13 +103,19 @@ impl Srvgg {
             let index = 2 * layer;
             let c_in = if layer == 0 { in_channels } else { num_feat };
             let is_last = layer == num_conv + 1;
-            let c_out = if is_last { in_channels * scale * scale } else { num_feat };
-            let weight = weights.get_shaped(&format!("body.{index}.weight"), &[c_out, c_in, 3, 3])?;
+            let c_out = if is_last {
+                in_channels * scale * scale
+            } else {
+                num_feat
+            };
+            let weight =
+                weights.get_shaped(&format!("body.{index}.weight"), &[c_out, c_in, 3, 3])?;
             let bias = weights.get_shaped(&format!("body.{index}.bias"), &[c_out])?;
             let activation = if is_last {
                 Activation::Identity
             } else {
-                let slopes = weights.get_shaped(&format!("body.{}.weight", index + 1), &[num_feat])?;
+                let slopes =
+                    weights.get_shaped(&format!("body.{}.weight", index + 1), &[num_feat])?;
                 Activation::PRelu(slopes)
             };
             convs.push(FusedConv2d::try_new(weight, Some(bias), 1, 1, activation)?);

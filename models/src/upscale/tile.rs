@@ -36,7 +36,10 @@ impl Default for TileConfig {
 impl TileConfig {
     /// No tiling: the whole frame in one pass.
     pub fn untiled() -> Self {
-        Self { tile: 0, overlap: 0 }
+        Self {
+            tile: 0,
+            overlap: 0,
+        }
     }
 
     /// The largest power-of-two-ish tile (multiple of 32, at least 32) whose padded area
@@ -93,9 +96,11 @@ pub fn run_tiled(
         for (x, w, cx, cw) in spans(width) {
             let context = frame.narrow(2, cy, ch)?.narrow(3, cx, cw)?.contiguous()?;
             let out = forward(&context)?;
-            let core = out
-                .narrow(2, (y - cy) * scale, h * scale)?
-                .narrow(3, (x - cx) * scale, w * scale)?;
+            let core = out.narrow(2, (y - cy) * scale, h * scale)?.narrow(
+                3,
+                (x - cx) * scale,
+                w * scale,
+            )?;
             row.push(core);
         }
         rows.push(Tensor::cat(&row, 3)?);

@@ -177,8 +177,11 @@ impl StateDict {
     /// # Errors
     /// [`ModelError::Io`] when writing fails.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let tensors: std::collections::HashMap<&str, Tensor> =
-            self.tensors.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
+        let tensors: std::collections::HashMap<&str, Tensor> = self
+            .tensors
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
         candle_core::safetensors::save(&tensors, path).map_err(|e| ModelError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::other(e.to_string()),

@@ -2,7 +2,9 @@
 
 pub mod diffusion;
 mod image;
+mod interpolate;
 mod output;
+mod upscale;
 
 use crate::registry::NodeRegistry;
 
@@ -14,4 +16,6 @@ pub fn register_all(registry: &mut NodeRegistry) {
     diffusion::register(registry);
     image::register(registry);
     output::register(registry);
+    upscale::register(registry);
+    interpolate::register(registry);
 }

@@ -1,0 +1,225 @@
+//! Frame interpolation nodes (sakuga's own, RIFE-style): `FrameInterpolationModelLoader`
+//! (a file from `interpolation_models/` to an INTERPOLATION_MODEL) and `FrameInterpolate`
+//! (a batch of frames with `multiplier - 1` in-between frames inserted between each pair;
+//! progress and cancellation are checked between generated frames).
+
+use std::sync::LazyLock;
+
+use candle_core::Tensor;
+use sakuga_models::cache::ModelKind;
+use sakuga_models::interpolate::Interpolator;
+use sakuga_models::store::ModelFolder;
+
+use super::upscale::load_cached;
+use crate::error::NodeError;
+use crate::node::{ExecContext, Inputs, Node};
+use crate::port::PortType;
+use crate::registry::NodeRegistry;
+use crate::schema::{ComboOptions, InputSpec, NodeSchema};
+use crate::value::Value;
+
+pub(super) fn register(registry: &mut NodeRegistry) {
+    registry.register(FrameInterpolationModelLoader);
+    registry.register(FrameInterpolate);
+}
+
+/// Loads RIFE weights (`flownet.pkl`, `.pth`, `.safetensors`).
+struct FrameInterpolationModelLoader;
+
+static FRAME_INTERPOLATION_MODEL_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new(
+        "FrameInterpolationModelLoader",
+        "Load Frame Interpolation Model",
+        "loaders",
+    )
+    .input(InputSpec::files(
+        "model_name",
+        ComboOptions::ModelFolder("interpolation_models"),
+    ))
+    .output(PortType::InterpolationModel)
+});
+
+impl Node for FrameInterpolationModelLoader {
+    fn schema(&self) -> &NodeSchema {
+        &FRAME_INTERPOLATION_MODEL_LOADER
+    }
+
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let device = ctx.env.device.clone();
+        let interpolator = load_cached(
+            ctx.env,
+            ModelFolder::InterpolationModels,
+            inputs.str("model_name")?,
+            ModelKind::Interpolation,
+            |path| {
+                let interpolator = Interpolator::load(path, &device)?;
+                let bytes = interpolator.approx_bytes();
+                Ok((interpolator, bytes))
+            },
+        )?;
+        Ok(vec![Value::Object(interpolator)])
+    }
+}
+
+/// Inserts `multiplier - 1` frames between each consecutive pair of the batch.
+struct FrameInterpolate;
+
+static FRAME_INTERPOLATE: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("FrameInterpolate", "Frame Interpolate", "image/animation")
+        .input(InputSpec::link(
+            "interpolation_model",
+            PortType::InterpolationModel,
+        ))
+        .input(InputSpec::link("images", PortType::Image))
+        .input(
+            InputSpec::int("multiplier", 2, 1, 16)
+                .tooltip("output frames per input interval: 2 doubles the frame rate"),
+        )
+        .output(PortType::Image)
+});
+
+impl Node for FrameInterpolate {
+    fn schema(&self) -> &NodeSchema {
+        &FRAME_INTERPOLATE
+    }
+
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let interpolator = inputs.object::<Interpolator>("interpolation_model")?;
+        let images = inputs.image("images")?;
+        let multiplier = inputs.int("multiplier")?;
+        let multiplier = usize::try_from(multiplier)
+            .ok()
+            .filter(|m| (1..=16).contains(m))
+            .ok_or_else(|| {
+                NodeError::InvalidInput(format!("multiplier must be 1..=16, got {multiplier}"))
+            })?;
+        let (count, _, _, _) = images.dims4()?;
+        if multiplier == 1 || count < 2 {
+            return Ok(vec![Value::Image(images.clone())]);
+        }
+        let steps = ((count - 1) * (multiplier - 1)) as u64;
+        let mut step = 0;
+        let mut frames = Vec::with_capacity((count - 1) * multiplier + 1);
+        for index in 0..count - 1 {
+            let a = images.narrow(0, index, 1)?;
+            let b = images.narrow(0, index + 1, 1)?;
+            frames.push(a.clone());
+            for k in 1..multiplier {
+                ctx.step(step, steps)?;
+                step += 1;
+                let t = k as f32 / multiplier as f32;
+                frames.push(interpolator.interpolate(&a, &b, t)?);
+            }
+        }
+        frames.push(images.narrow(0, count - 1, 1)?);
+        ctx.step(steps, steps)?;
+        Ok(vec![Value::Image(Tensor::cat(&frames, 0)?)])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use candle_core::{DType, Device};
+    use sakuga_models::interpolate::write_demo_rife;
+
+    use super::*;
+    use crate::node::{CancelToken, NodeEnv, NullSink};
+
+    fn env() -> (tempfile::TempDir, NodeEnv) {
+        let dir = tempfile::tempdir().unwrap();
+        let models = dir.path().join("models");
+        std::fs::create_dir_all(models.join("interpolation_models")).unwrap();
+        write_demo_rife(&models.join("interpolation_models/rife-demo.safetensors")).unwrap();
+        let env = NodeEnv::new(dir.path().join("input"), dir.path().join("output"), models);
+        (dir, env)
+    }
+
+    fn run(
+        env: &NodeEnv,
+        cancel: &CancelToken,
+        node: &dyn Node,
+        inputs: &[(&str, Value)],
+    ) -> Result<Vec<Value>, NodeError> {
+        let ctx = ExecContext {
+            job_id: "job",
+            node_id: "1",
+            env,
+            sink: &NullSink,
+            cancel,
+            workflow: None,
+        };
+        let mut bound = Inputs::new();
+        for (name, value) in inputs {
+            bound.insert(*name, value.clone());
+        }
+        node.execute(&ctx, &bound)
+    }
+
+    #[test]
+    fn frame_interpolate_inserts_frames_between_pairs() {
+        let (_dir, env) = env();
+        let cancel = CancelToken::new();
+        let model = run(
+            &env,
+            &cancel,
+            &FrameInterpolationModelLoader,
+            &[("model_name", Value::String("rife-demo.safetensors".into()))],
+        )
+        .unwrap();
+        let Value::Object(object) = &model[0] else {
+            panic!("not a model")
+        };
+        assert!(object.clone().downcast::<Interpolator>().is_ok());
+        let frames = Tensor::rand(0f32, 1.0, (3, 20, 24, 3), &Device::Cpu).unwrap();
+        for (multiplier, expected) in [(1, 3), (2, 5), (4, 9)] {
+            let out = run(
+                &env,
+                &cancel,
+                &FrameInterpolate,
+                &[
+                    ("interpolation_model", model[0].clone()),
+                    ("images", Value::Image(frames.clone())),
+                    ("multiplier", Value::Int(multiplier)),
+                ],
+            )
+            .unwrap();
+            let Value::Image(out) = &out[0] else {
+                panic!("not an image")
+            };
+            assert_eq!(
+                out.dims(),
+                &[expected, 20, 24, 3],
+                "multiplier {multiplier}"
+            );
+        }
+        let _ = Arc::strong_count(object);
+    }
+
+    #[test]
+    fn out_of_range_multiplier_and_cancellation_are_errors() {
+        let (_dir, env) = env();
+        let cancel = CancelToken::new();
+        let model = run(
+            &env,
+            &cancel,
+            &FrameInterpolationModelLoader,
+            &[("model_name", Value::String("rife-demo.safetensors".into()))],
+        )
+        .unwrap();
+        let frames = Tensor::zeros((2, 32, 32, 3), DType::F32, &Device::Cpu).unwrap();
+        let inputs = |m: i64| {
+            [
+                ("interpolation_model", model[0].clone()),
+                ("images", Value::Image(frames.clone())),
+                ("multiplier", Value::Int(m)),
+            ]
+        };
+        let err = run(&env, &cancel, &FrameInterpolate, &inputs(17)).unwrap_err();
+        assert_eq!(err.kind(), "invalid_input");
+        cancel.cancel();
+        let err = run(&env, &cancel, &FrameInterpolate, &inputs(2)).unwrap_err();
+        assert!(matches!(err, NodeError::Cancelled), "{err:?}");
+    }
+}
