@@ -1,0 +1,448 @@
+//! The operations-facing services: `SignalService` (golden signals, SLOs, diagnosis,
+//! replica advice, reload, warmup), `NodeService` (catalogue, validation, estimates) and
+//! KEDA's `externalscaler.ExternalScaler` (demand as queued + running work weighted by
+//! estimated cost; an internal error is an error, never a zero).
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use sakuga_proto::externalscaler as keda;
+use sakuga_proto::externalscaler::external_scaler_server::ExternalScaler;
+use sakuga_proto::v1;
+use sakuga_proto::v1::node_service_server::NodeService;
+use sakuga_proto::v1::signal_service_server::SignalService;
+use sakuga_scheduler::SchedulerError;
+use sakuga_scheduler::engine::Demand;
+use sakuga_telemetry::{
+    DiagnosisConfig, PlannedLoad, SignalsSnapshot, Window, Workload, diagnose, render_findings,
+};
+
+use crate::server::Shared;
+use crate::server::convert::{estimate_to_proto, workload_to_proto};
+use crate::server::status::status_of;
+
+/// Replica advice: how many replicas the current demand and signals call for, and why.
+pub fn recommend_replicas(
+    demand: &Demand,
+    snapshot: &SignalsSnapshot,
+    work_per_replica_s: f64,
+) -> (u32, String) {
+    let per = if work_per_replica_s > 0.0 {
+        work_per_replica_s
+    } else {
+        30.0
+    };
+    let mut replicas = ((demand.work_s / per).ceil() as u32).max(1);
+    let mut reasons = vec![format!(
+        "queue backlog: {} queued + {} running, {:.1}s of work at {per:.0}s per replica",
+        demand.queued_jobs, demand.running_jobs, demand.work_s
+    )];
+    let animation = snapshot.golden(Workload::Animation, Window::TwoMinutes);
+    if let Some(health) = animation.and_then(|g| g.fps_health)
+        && health < 0.9
+        && demand.queued_jobs > 0
+    {
+        replicas += 1;
+        reasons.push(format!(
+            "animation FPS health {health:.2} under 0.90 with work queued"
+        ));
+    }
+    if let Some(device) = &snapshot.device
+        && device.utilization_ratio > 0.9
+    {
+        replicas += 1;
+        reasons.push(format!(
+            "device utilization {:.0}% over 90%",
+            device.utilization_ratio * 100.0
+        ));
+    }
+    (replicas, reasons.join("; "))
+}
+
+/// The signal service.
+#[derive(Debug, Clone)]
+pub struct SignalsApi {
+    pub(crate) shared: Shared,
+}
+
+impl SignalsApi {
+    async fn signals(&self) -> Result<v1::Signals, Status> {
+        let engine = self.shared.engine()?;
+        let demand = engine.demand().await.map_err(status_of)?;
+        let snapshot = engine.signals().snapshot();
+        let workloads = Workload::ALL
+            .iter()
+            .map(|&w| {
+                let g = snapshot.golden(w, Window::TwoMinutes);
+                v1::WorkloadSignals {
+                    workload: workload_to_proto(w) as i32,
+                    produced_fps: g.map_or(0.0, |g| g.produced_fps),
+                    delivered_fps: g.map_or(0.0, |g| g.delivered_fps),
+                    fps_health_ratio: g.and_then(|g| g.fps_health).unwrap_or(0.0),
+                    render_latency_p95_seconds: g.and_then(|g| g.render_latency.p95).unwrap_or(0.0),
+                    queue_wait_p95_seconds: g.and_then(|g| g.queue_wait.p95).unwrap_or(0.0),
+                    success_ratio: g.and_then(|g| g.success_ratio).unwrap_or(0.0),
+                    jobs_per_minute: g.map_or(0.0, |g| g.jobs_per_minute),
+                    queued_jobs: demand.queued_by_workload[w.index()] as u32,
+                }
+            })
+            .collect();
+        let slos = snapshot
+            .slos
+            .iter()
+            .map(|s| v1::SloStatus {
+                slo: s.slo.as_str().to_owned(),
+                objective: s.objective,
+                error_budget_remaining: s.error_budget_remaining,
+                burn_rates: s
+                    .burn_rates
+                    .iter()
+                    .map(|(w, r)| (w.as_str().to_owned(), *r))
+                    .collect(),
+            })
+            .collect();
+        let (replicas, reason) =
+            recommend_replicas(&demand, &snapshot, self.shared.config.work_per_replica_s);
+        Ok(v1::Signals {
+            workloads,
+            slos,
+            demand: Some(v1::Demand {
+                queued_jobs: demand.queued_jobs as u32,
+                running_jobs: demand.running_jobs as u32,
+                weighted: demand.weighted,
+                work_seconds: demand.work_s,
+            }),
+            recommendation: Some(v1::ReplicaRecommendation { replicas, reason }),
+            config_generation: engine.config_generation(),
+            planned_heavy_load: snapshot.planned_heavy_load,
+            snapshot_json: snapshot.to_json(),
+        })
+    }
+}
+
+type SignalsStream = Pin<Box<dyn Stream<Item = Result<v1::Signals, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl SignalService for SignalsApi {
+    async fn get_signals(
+        &self,
+        _: Request<v1::GetSignalsRequest>,
+    ) -> Result<Response<v1::Signals>, Status> {
+        Ok(Response::new(self.signals().await?))
+    }
+
+    type WatchSignalsStream = SignalsStream;
+
+    async fn watch_signals(
+        &self,
+        request: Request<v1::WatchSignalsRequest>,
+    ) -> Result<Response<Self::WatchSignalsStream>, Status> {
+        let ms = match request.into_inner().interval_ms {
+            0 => 5000,
+            ms => ms.max(250),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(ms)));
+            loop {
+                ticker.tick().await;
+                if tx.send(api.signals().await).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn diagnose(
+        &self,
+        _: Request<v1::DiagnoseRequest>,
+    ) -> Result<Response<v1::DiagnoseResponse>, Status> {
+        let snapshot = self.shared.engine()?.signals().snapshot();
+        let findings = diagnose(&snapshot, &DiagnosisConfig::default());
+        Ok(Response::new(v1::DiagnoseResponse {
+            text: render_findings(&findings),
+            findings: findings
+                .iter()
+                .map(|f| v1::Finding {
+                    rule: f.rule.clone(),
+                    severity: f.severity.as_str().to_owned(),
+                    summary: format!(
+                        "{}{}",
+                        f.rule,
+                        f.workload.map(|w| format!(" ({w})")).unwrap_or_default()
+                    ),
+                    probable_cause: f.probable_cause.clone(),
+                    action: f.action.clone(),
+                    runbook_url: f.runbook_url.clone(),
+                    evidence: f
+                        .evidence
+                        .iter()
+                        .map(|e| format!("{} = {}", e.name, e.value))
+                        .collect(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn reload(
+        &self,
+        _: Request<v1::ReloadRequest>,
+    ) -> Result<Response<v1::ReloadResponse>, Status> {
+        let engine = self.shared.engine()?.clone();
+        let before = engine.config_generation();
+        let reload = self.shared.config.reload.clone();
+        let reloaded = match reload {
+            Some(reload) => tokio::task::spawn_blocking(move || reload(&engine))
+                .await
+                .map_err(|e| Status::internal(format!("reload task: {e}")))?
+                .map_err(|e| Status::failed_precondition(format!("reload failed: {e}")))?,
+            None => engine.reload(engine.tunables(), env!("CARGO_PKG_VERSION")),
+        };
+        Ok(Response::new(v1::ReloadResponse {
+            changed: reloaded.generation != before,
+            generation: reloaded.generation,
+            config_hash: reloaded.config_hash,
+        }))
+    }
+
+    async fn warmup(
+        &self,
+        request: Request<v1::WarmupRequest>,
+    ) -> Result<Response<v1::WarmupResponse>, Status> {
+        let engine = self.shared.engine()?.clone();
+        let models = request.into_inner().models;
+        let response = tokio::task::spawn_blocking(move || warmup(&engine, &models))
+            .await
+            .map_err(|e| Status::internal(format!("warmup task: {e}")))?;
+        Ok(Response::new(response))
+    }
+}
+
+/// Reads each named model file through once (page cache and mmap warm) with
+/// `sakuga_planned_heavy_load{reason="cache_warmup"}` at 1 meanwhile.
+pub fn warmup(engine: &sakuga_scheduler::EngineHandle, models: &[String]) -> v1::WarmupResponse {
+    let started = Instant::now();
+    let signals = engine.signals();
+    signals.planned_heavy_load(PlannedLoad::CacheWarmup, true);
+    let models_dir = &engine.env().models_dir;
+    let (mut loaded, mut failed) = (Vec::new(), Vec::new());
+    for name in models {
+        let found = (!name.contains(".."))
+            .then(|| {
+                [
+                    "checkpoints",
+                    "vae",
+                    "loras",
+                    "upscale_models",
+                    "interpolation_models",
+                    "",
+                ]
+                .iter()
+                .map(|folder| models_dir.join(folder).join(name))
+                .find(|p| p.is_file())
+            })
+            .flatten();
+        match found.map(std::fs::read) {
+            Some(Ok(_)) => loaded.push(name.clone()),
+            Some(Err(e)) => failed.push(format!("{name}: {e}")),
+            None => failed.push(format!("{name}: not found in {}", models_dir.display())),
+        }
+    }
+    signals.planned_heavy_load(PlannedLoad::CacheWarmup, false);
+    v1::WarmupResponse {
+        loaded,
+        failed,
+        seconds: started.elapsed().as_secs_f64(),
+    }
+}
+
+/// The node service.
+#[derive(Debug, Clone)]
+pub struct NodesApi {
+    pub(crate) shared: Shared,
+}
+
+fn parse_workflow(text: &str) -> Result<serde_json::Value, Status> {
+    serde_json::from_str(text).map_err(|e| {
+        status_of(SchedulerError::Malformed {
+            reason: format!("not valid JSON: {e}"),
+        })
+    })
+}
+
+#[tonic::async_trait]
+impl NodeService for NodesApi {
+    async fn list_node_types(
+        &self,
+        _: Request<v1::ListNodeTypesRequest>,
+    ) -> Result<Response<v1::ListNodeTypesResponse>, Status> {
+        let engine = self.shared.engine()?;
+        let info = engine.registry().object_info(engine.env());
+        let count = info.as_object().map_or(0, |o| o.len()) as u32;
+        Ok(Response::new(v1::ListNodeTypesResponse {
+            object_info_json: info.to_string(),
+            count,
+        }))
+    }
+
+    async fn validate_workflow(
+        &self,
+        request: Request<v1::ValidateWorkflowRequest>,
+    ) -> Result<Response<v1::ValidateWorkflowResponse>, Status> {
+        let text = request.into_inner().workflow_json;
+        let workflow = parse_workflow(&text)?;
+        let response = match self
+            .shared
+            .engine()?
+            .check(&workflow, Some(text.len() as u64))
+        {
+            Ok(_) => v1::ValidateWorkflowResponse {
+                valid: true,
+                report_json: String::new(),
+                problems: Vec::new(),
+            },
+            Err(SchedulerError::Invalid(report)) => v1::ValidateWorkflowResponse {
+                valid: false,
+                report_json: report.to_json().to_string(),
+                problems: report.lines(),
+            },
+            Err(other) => return Err(status_of(other)),
+        };
+        Ok(Response::new(response))
+    }
+
+    async fn estimate_workflow(
+        &self,
+        request: Request<v1::EstimateWorkflowRequest>,
+    ) -> Result<Response<v1::EstimateWorkflowResponse>, Status> {
+        let text = request.into_inner().workflow_json;
+        let workflow = parse_workflow(&text)?;
+        let (_, estimate) = self
+            .shared
+            .engine()?
+            .check(&workflow, Some(text.len() as u64))
+            .map_err(status_of)?;
+        Ok(Response::new(v1::EstimateWorkflowResponse {
+            estimate: Some(estimate_to_proto(&estimate)),
+        }))
+    }
+}
+
+/// KEDA's external scaler.
+#[derive(Debug, Clone)]
+pub struct ScalerApi {
+    pub(crate) shared: Shared,
+}
+
+impl ScalerApi {
+    fn metric_name(&self, object: Option<&keda::ScaledObjectRef>) -> String {
+        object
+            .and_then(|o| o.scaler_metadata.get("metricName"))
+            .cloned()
+            .unwrap_or_else(|| self.shared.config.keda_metric_name.clone())
+    }
+
+    /// Demand, or an error status: KEDA must never read an internal failure as zero.
+    async fn demand(&self) -> Result<Demand, Status> {
+        self.shared
+            .engine()?
+            .demand()
+            .await
+            .map_err(|e| Status::unavailable(format!("demand is unknown: {e}")))
+    }
+}
+
+type ActiveStream = Pin<Box<dyn Stream<Item = Result<keda::IsActiveResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ExternalScaler for ScalerApi {
+    async fn is_active(
+        &self,
+        _: Request<keda::ScaledObjectRef>,
+    ) -> Result<Response<keda::IsActiveResponse>, Status> {
+        let demand = self.demand().await?;
+        Ok(Response::new(keda::IsActiveResponse {
+            result: demand.queued_jobs + demand.running_jobs > 0,
+        }))
+    }
+
+    type StreamIsActiveStream = ActiveStream;
+
+    async fn stream_is_active(
+        &self,
+        _: Request<keda::ScaledObjectRef>,
+    ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let api = self.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                ticker.tick().await;
+                let message = api
+                    .demand()
+                    .await
+                    .map(|d| d.queued_jobs + d.running_jobs > 0);
+                let changed = match &message {
+                    Ok(active) => last.replace(*active) != Some(*active),
+                    Err(_) => true,
+                };
+                if changed
+                    && tx
+                        .send(message.map(|result| keda::IsActiveResponse { result }))
+                        .await
+                        .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn get_metric_spec(
+        &self,
+        request: Request<keda::ScaledObjectRef>,
+    ) -> Result<Response<keda::GetMetricSpecResponse>, Status> {
+        let object = request.into_inner();
+        let target = object
+            .scaler_metadata
+            .get("targetSize")
+            .and_then(|t| t.parse::<f64>().ok())
+            .filter(|t| *t > 0.0)
+            .unwrap_or(self.shared.config.keda_target);
+        Ok(Response::new(keda::GetMetricSpecResponse {
+            metric_specs: vec![keda::MetricSpec {
+                metric_name: self.metric_name(Some(&object)),
+                target_size: target.ceil() as i64,
+                target_size_float: target,
+            }],
+        }))
+    }
+
+    async fn get_metrics(
+        &self,
+        request: Request<keda::GetMetricsRequest>,
+    ) -> Result<Response<keda::GetMetricsResponse>, Status> {
+        let req = request.into_inner();
+        let demand = self.demand().await?;
+        let name = if req.metric_name.is_empty() {
+            self.metric_name(req.scaled_object_ref.as_ref())
+        } else {
+            req.metric_name
+        };
+        Ok(Response::new(keda::GetMetricsResponse {
+            metric_values: vec![keda::MetricValue {
+                metric_name: name,
+                metric_value: demand.weighted.ceil() as i64,
+                metric_value_float: demand.weighted,
+            }],
+        }))
+    }
+}

@@ -1,0 +1,259 @@
+//! `sakuga.v1.RenderService`: submit, watch (events and frames, bounded per watcher),
+//! cancel, get, list and playback reports, over the engine handle.
+
+use std::pin::Pin;
+
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use sakuga_proto::v1;
+use sakuga_proto::v1::render_service_server::RenderService;
+use sakuga_scheduler::SubmitRequest;
+use sakuga_scheduler::engine::{Frame, ListFilter, WatchItem};
+use sakuga_telemetry::{PlaybackReport, TraceContext, Window};
+
+use crate::server::Shared;
+use crate::server::convert::{
+    estimate_to_proto, event_to_proto, from_unix_ms, graph_to_json, job_to_proto, state_from_proto,
+    workload_from_proto, workload_to_proto,
+};
+use crate::server::status::status_of;
+
+/// Items a Watch stream buffers toward its client before the server stops pulling from
+/// the job's feed (and the feed's ring starts dropping frames for this watcher).
+const WATCH_BUFFER: usize = 4;
+
+/// The render service.
+#[derive(Debug, Clone)]
+pub struct RenderApi {
+    pub(crate) shared: Shared,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<v1::WatchEvent, Status>> + Send>>;
+
+/// Encodes RGB8 pixels as a PNG (fast compression: previews, not archives).
+pub fn encode_png(width: u32, height: u32, rgb8: &[u8]) -> Result<Vec<u8>, png::EncodingError> {
+    let mut out = Vec::with_capacity(rgb8.len() / 2 + 64);
+    let mut encoder = png::Encoder::new(&mut out, width, height);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    encoder.set_compression(png::Compression::Fast);
+    let mut writer = encoder.write_header()?;
+    writer.write_image_data(rgb8)?;
+    writer.finish()?;
+    Ok(out)
+}
+
+async fn frame_to_proto(frame: &Frame, png: bool) -> Result<v1::WatchEvent, Status> {
+    let data = if png {
+        let (w, h, pixels) = (frame.width, frame.height, frame.rgb8.clone());
+        tokio::task::spawn_blocking(move || encode_png(w, h, &pixels))
+            .await
+            .map_err(|e| Status::internal(format!("frame encoder task: {e}")))?
+            .map_err(|e| Status::internal(format!("encoding a frame: {e}")))?
+    } else {
+        frame.rgb8.as_ref().clone()
+    };
+    let encoding = if png {
+        v1::FrameEncoding::Png
+    } else {
+        v1::FrameEncoding::Rgb8
+    };
+    Ok(v1::WatchEvent {
+        at_unix_ms: crate::server::convert::unix_ms(Some(frame.produced_at)),
+        kind: Some(v1::watch_event::Kind::Frame(v1::Frame {
+            node_id: frame.node_id.clone(),
+            index: frame.index,
+            width: frame.width,
+            height: frame.height,
+            encoding: encoding as i32,
+            data,
+            target_fps: frame.target_fps,
+            produced_unix_ms: crate::server::convert::unix_ms(Some(frame.produced_at)),
+        })),
+    })
+}
+
+#[tonic::async_trait]
+impl RenderService for RenderApi {
+    async fn submit(
+        &self,
+        request: Request<v1::SubmitRequest>,
+    ) -> Result<Response<v1::SubmitResponse>, Status> {
+        let engine = self.shared.engine()?;
+        let trace = request
+            .metadata()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(TraceContext::from_traceparent);
+        let req = request.into_inner();
+        let (workflow, bytes) = match &req.workflow {
+            Some(v1::submit_request::Workflow::WorkflowJson(text)) => {
+                let json = serde_json::from_str(text).map_err(|e| {
+                    status_of(sakuga_scheduler::SchedulerError::Malformed {
+                        reason: format!("not valid JSON: {e}"),
+                    })
+                })?;
+                (json, text.len() as u64)
+            }
+            Some(v1::submit_request::Workflow::Graph(graph)) => {
+                let json = graph_to_json(graph)?;
+                let bytes = json.to_string().len() as u64;
+                (json, bytes)
+            }
+            None => {
+                return Err(Status::invalid_argument(
+                    "a workflow (workflow_json or graph) is required",
+                ));
+            }
+        };
+        let submit = SubmitRequest {
+            workflow,
+            workflow_bytes: Some(bytes),
+            workload: workload_from_proto(req.workload),
+            priority: req.priority,
+            deadline: from_unix_ms(req.deadline_unix_ms),
+            idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
+            labels: req.labels.into_iter().collect(),
+            trace,
+        };
+        let submitted = engine.submit(submit).await.map_err(status_of)?;
+        Ok(Response::new(v1::SubmitResponse {
+            job_id: submitted.job_id,
+            queue_position: submitted.queue_position as u32,
+            estimate: Some(estimate_to_proto(&submitted.estimate)),
+            workload: workload_to_proto(submitted.workload) as i32,
+            trace_id: submitted.trace_id,
+            deduplicated: submitted.deduplicated,
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let engine = self.shared.engine()?;
+        let req = request.into_inner();
+        let info = engine.get(&req.job_id).await.map_err(status_of)?;
+        let mut watch = engine.watch(&req.job_id).await.map_err(status_of)?;
+        let png = req.frame_encoding != v1::FrameEncoding::Rgb8 as i32;
+        let skip_frames = req.skip_frames;
+        let trace_id = info.trace_id;
+        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
+        let mut closing = self.shared.closing.clone();
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    item = watch.next() => item,
+                    _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => {
+                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
+                        break;
+                    }
+                };
+                let Some(item) = item else { break };
+                let message = match item {
+                    WatchItem::Event(e) => Ok(event_to_proto(&e, &trace_id)),
+                    WatchItem::Frame(_) if skip_frames => continue,
+                    WatchItem::Frame(f) => frame_to_proto(&f, png).await,
+                    WatchItem::FramesDropped(n) => Ok(skipped(n, 0)),
+                    WatchItem::EventsSkipped(n) => Ok(skipped(0, n)),
+                };
+                // Waits while the client is slow: the feed keeps producing, this watcher's
+                // frames fall out of the ring and are counted dropped.
+                if tx.send(message).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel(
+        &self,
+        request: Request<v1::CancelRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let info = self
+            .shared
+            .engine()?
+            .cancel(&request.into_inner().job_id)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(job_to_proto(&info)))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let info = self
+            .shared
+            .engine()?
+            .get(&request.into_inner().job_id)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(job_to_proto(&info)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let req = request.into_inner();
+        let filter = ListFilter {
+            workload: workload_from_proto(req.workload),
+            state: state_from_proto(req.state),
+            labels: req.labels.into_iter().collect(),
+        };
+        let size = if req.page_size == 0 {
+            100
+        } else {
+            req.page_size as usize
+        };
+        let token = (!req.page_token.is_empty()).then_some(req.page_token);
+        let page = self
+            .shared
+            .engine()?
+            .list(filter, size, token)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(v1::ListJobsResponse {
+            jobs: page.jobs.iter().map(job_to_proto).collect(),
+            next_page_token: page.next_page_token.unwrap_or_default(),
+        }))
+    }
+
+    async fn report_playback(
+        &self,
+        request: Request<v1::ReportPlaybackRequest>,
+    ) -> Result<Response<v1::ReportPlaybackResponse>, Status> {
+        let engine = self.shared.engine()?;
+        let req = request.into_inner();
+        let info = engine.get(&req.job_id).await.map_err(status_of)?;
+        let report = PlaybackReport {
+            delivered_frames: req.frames_displayed,
+            dropped_frames: req.frames_dropped,
+            ..PlaybackReport::default()
+        };
+        engine.signals().playback_report(info.workload, &report);
+        let health = engine
+            .signals()
+            .golden(info.workload, Window::TwoMinutes)
+            .fps_health;
+        Ok(Response::new(v1::ReportPlaybackResponse {
+            fps_health_ratio: health.unwrap_or(0.0),
+        }))
+    }
+}
+
+fn skipped(frames_dropped: u64, events_skipped: u64) -> v1::WatchEvent {
+    v1::WatchEvent {
+        at_unix_ms: crate::server::convert::unix_ms(Some(std::time::SystemTime::now())),
+        kind: Some(v1::watch_event::Kind::Skipped(v1::Skipped {
+            frames_dropped,
+            events_skipped,
+        })),
+    }
+}
