@@ -151,18 +151,37 @@ pub fn conv3x3_winograd(
             .par_chunks_mut(geometry.wp * c_in)
             .enumerate()
             .for_each(|(py, row)| {
-                row.fill(0.0);
                 if py == 0 || py > h {
+                    row.fill(0.0);
                     return;
                 }
+                // Only the border pixels and the columns past the image need zeros.
+                row[..c_in].fill(0.0);
+                row[(w + 1) * c_in..].fill(0.0);
                 let y = py - 1;
-                // Read each channel's row contiguously and scatter it into the row buffer
-                // (in cache); reading across channels instead would stride by a whole plane.
-                for ci in 0..c_in {
-                    let line = &src[ci * plane + y * w..ci * plane + (y + 1) * w];
-                    for (x, &value) in line.iter().enumerate() {
-                        row[(x + 1) * c_in + ci] = value;
+                // Transpose in 16-pixel blocks: read each channel's 16 pixels contiguously
+                // into a small buffer, then write each pixel's channels contiguously. Reading
+                // across channels directly would stride by a whole plane per value.
+                let mut block = [0f32; 16 * 64];
+                let mut x0 = 0;
+                while x0 < w {
+                    let len = 16.min(w - x0);
+                    let mut ci0 = 0;
+                    while ci0 < c_in {
+                        let channels = 64.min(c_in - ci0);
+                        for c in 0..channels {
+                            let start = (ci0 + c) * plane + y * w + x0;
+                            block[c * 16..c * 16 + len].copy_from_slice(&src[start..start + len]);
+                        }
+                        for x in 0..len {
+                            let dst = &mut row[(x0 + x + 1) * c_in + ci0..][..channels];
+                            for (c, value) in dst.iter_mut().enumerate() {
+                                *value = block[c * 16 + x];
+                            }
+                        }
+                        ci0 += channels;
                     }
+                    x0 += len;
                 }
             });
         let out = SharedOutput(output[image * c_out * plane..].as_mut_ptr());
