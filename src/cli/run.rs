@@ -57,7 +57,9 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let metrics = sakuga_telemetry::prometheus::install(&PrometheusConfig::in_process())?;
     sakuga_telemetry::record::prime_series(&config.device);
     let signals = Signals::new(config.signals.clone());
-    signals.config_changed(env!("CARGO_PKG_VERSION"), "cli");
+    let config_hash = config.hash();
+    sakuga_telemetry::record::build_info(env!("CARGO_PKG_VERSION"), &config_hash);
+    signals.config_changed(env!("CARGO_PKG_VERSION"), &config_hash);
     let probe = sakuga_models::device::probe_for(&config.device)?;
     let _sampler = signals.spawn_device_sampler(probe, DEVICE_SAMPLE_INTERVAL)?;
 
