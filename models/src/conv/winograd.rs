@@ -272,9 +272,8 @@ impl ChunkJob<'_> {
     fn transform_inputs(&self, v: &mut [f32]) {
         let c_in = self.kernels.c_in;
         let g = self.geometry;
-        // cols[c][i] = (B^T d)[i][c]; row_out[j] = (cols B)[i][j] for one i.
+        // cols[c][i] = (B^T d)[i][c], then v[i*6 + j][t] = (cols B)[i][j].
         let mut cols = vec![0f32; 36 * c_in];
-        let mut row_out = vec![0f32; 6 * c_in];
         for t in 0..self.count {
             let tile = self.first + t;
             let (ty, tx) = (tile / g.tiles_w, tile % g.tiles_w);
@@ -284,16 +283,21 @@ impl ChunkJob<'_> {
                     &self.padded[start..start + c_in]
                 };
                 let inputs = [at(0), at(1), at(2), at(3), at(4), at(5)];
-                bt_times(inputs, &mut cols[c * 6 * c_in..(c + 1) * 6 * c_in], c_in);
+                let block = &mut cols[c * 6 * c_in..(c + 1) * 6 * c_in];
+                let mut outs = block.chunks_exact_mut(c_in);
+                let outs = [(); 6].map(|_| outs.next().expect("six rows"));
+                bt_times(inputs, outs, c_in);
             }
             for i in 0..6 {
                 let at = |c: usize| &cols[(c * 6 + i) * c_in..(c * 6 + i + 1) * c_in];
                 let inputs = [at(0), at(1), at(2), at(3), at(4), at(5)];
-                bt_times(inputs, &mut row_out, c_in);
-                for j in 0..6 {
-                    let start = ((i * 6 + j) * TILES_PER_CHUNK + t) * c_in;
-                    v[start..start + c_in].copy_from_slice(&row_out[j * c_in..(j + 1) * c_in]);
-                }
+                // The six destinations v[i*6 + j][t], written in place.
+                let mut planes = v
+                    .chunks_exact_mut(TILES_PER_CHUNK * c_in)
+                    .skip(i * 6)
+                    .map(|plane| &mut plane[t * c_in..(t + 1) * c_in]);
+                let outs = [(); 6].map(|_| planes.next().expect("36 planes"));
+                bt_times(inputs, outs, c_in);
             }
         }
     }
@@ -427,7 +431,7 @@ impl ChunkJob<'_> {
 /// `out[i] = sum_r BT[i][r] * d[r]` for six vectors of `n` lanes, written out with
 /// B^T's zeros and small integers so the compiler emits one pass of vector arithmetic.
 #[inline(always)]
-fn bt_times(d: [&[f32]; 6], out: &mut [f32], n: usize) {
+fn bt_times(d: [&[f32]; 6], out: [&mut [f32]; 6], n: usize) {
     let (d0, d1, d2, d3, d4, d5) = (
         &d[0][..n],
         &d[1][..n],
@@ -436,11 +440,15 @@ fn bt_times(d: [&[f32]; 6], out: &mut [f32], n: usize) {
         &d[4][..n],
         &d[5][..n],
     );
-    let (o0, rest) = out[..6 * n].split_at_mut(n);
-    let (o1, rest) = rest.split_at_mut(n);
-    let (o2, rest) = rest.split_at_mut(n);
-    let (o3, rest) = rest.split_at_mut(n);
-    let (o4, o5) = rest.split_at_mut(n);
+    let [o0, o1, o2, o3, o4, o5] = out;
+    let (o0, o1, o2, o3, o4, o5) = (
+        &mut o0[..n],
+        &mut o1[..n],
+        &mut o2[..n],
+        &mut o3[..n],
+        &mut o4[..n],
+        &mut o5[..n],
+    );
     for l in 0..n {
         let (a0, a1, a2, a3, a4, a5) = (d0[l], d1[l], d2[l], d3[l], d4[l], d5[l]);
         o0[l] = 4.0 * a0 - 5.0 * a2 + a4;
@@ -576,7 +584,8 @@ mod tests {
         let d = [0.3f32, -1.2, 2.5, 0.7, -0.4, 1.9];
         let inputs = lanes(d);
         let mut out = vec![0f32; 12];
-        bt_times(inputs.each_ref().map(Vec::as_slice), &mut out, 2);
+        let mut rows = out.chunks_exact_mut(2);
+        bt_times(inputs.each_ref().map(Vec::as_slice), [(); 6].map(|_| rows.next().unwrap()), 2);
         for i in 0..6 {
             let want: f32 = (0..6).map(|r| BT[i][r] * d[r]).sum();
             assert!((out[i * 2] - want).abs() < 1e-5 && (out[i * 2 + 1] - 2.0 * want).abs() < 1e-5);
