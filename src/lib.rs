@@ -9,7 +9,11 @@
 //! - [`config`]: the TOML/env/flag configuration, plain data.
 //! - [`runtime`]: building the node environment and registry from a config.
 //! - [`cli`]: the `sakuga` commands.
+//! - [`server`]: the gRPC services on one port, auth, health, reflection, shutdown.
+//! - [`client`]: helpers for talking to a server (`submit`, `watch`, `signals`).
 
 pub mod cli;
 pub mod config;
 pub mod runtime;
+pub mod client;
+pub mod server;
