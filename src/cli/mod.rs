@@ -7,6 +7,7 @@ mod doctor;
 mod inspect;
 mod models;
 mod run;
+mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -117,6 +118,8 @@ pub enum Command {
     Models(models::ModelsCommand),
     /// Diagnose signal patterns and print findings with runbooks.
     Doctor(doctor::DoctorArgs),
+    /// Serve the gRPC API (render, signals, nodes, KEDA scaler, health, reflection).
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -135,6 +138,7 @@ pub fn main() -> ExitCode {
         Command::Nodes(args) => inspect::nodes(&cli.common, args),
         Command::Models(command) => models::run(&cli.common, command),
         Command::Doctor(args) => doctor::run(&cli.common, args),
+        Command::Serve(args) => serve::serve(&cli.common, args),
     };
     drop(guard);
     match result {

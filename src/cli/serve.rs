@@ -1,0 +1,133 @@
+//! `sakuga serve`: the gRPC server with its metrics listener, journal in `--data-dir`,
+//! graceful shutdown on SIGTERM/Ctrl-C (stop admitting, finish running work, keep queued
+//! work journaled) and configuration reload on SIGHUP.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+
+use sakuga_scheduler::engine::{EngineTunables, Reloaded};
+use sakuga_scheduler::{EngineConfig, EngineHandle};
+use sakuga_telemetry::{PrometheusConfig, Signals};
+
+use super::CommonArgs;
+use crate::runtime;
+use crate::server::{EngineStart, ReloadFn, ServerConfig, run};
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// gRPC address (every service on one port).
+    #[arg(long, env = "SAKUGA_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Prometheus /metrics address.
+    #[arg(long, env = "SAKUGA_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+    /// File holding the bearer token clients must send (health and metrics stay open).
+    #[arg(long, env = "SAKUGA_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+    /// Engine tunables (queue caps, priorities, limits, feature flags) as TOML; re-read on
+    /// SIGHUP and by the Reload RPC.
+    #[arg(long, env = "SAKUGA_TUNABLES")]
+    pub tunables: Option<PathBuf>,
+    /// Model files to read through at start, under planned-heavy-load.
+    #[arg(long, num_args = 1..)]
+    pub warmup: Vec<String>,
+}
+
+fn load_tunables(path: Option<&PathBuf>) -> anyhow::Result<EngineTunables> {
+    match path {
+        None => Ok(EngineTunables::default()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+        }
+    }
+}
+
+/// Runs the server until SIGTERM or Ctrl-C.
+///
+/// # Errors
+/// Bad configuration, an address in use, or a journal that cannot be opened.
+pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    let config = common.resolve()?;
+    let token = match &args.auth_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the auth token file {}", path.display()))?
+                .trim()
+                .to_owned(),
+        ),
+        None => None,
+    };
+    let tunables = load_tunables(args.tunables.as_ref())?;
+    let metrics = sakuga_telemetry::prometheus::install(&PrometheusConfig {
+        listen: Some(args.metrics_listen),
+    })?;
+    let env = Arc::new(runtime::node_env(&config)?);
+    let registry = Arc::new(runtime::registry());
+    let signals = Signals::new(config.signals.clone());
+    let engine_config = EngineConfig {
+        tunables,
+        executor: config.executor.clone(),
+        data_dir: Some(config.data_dir.clone()),
+        ..EngineConfig::default()
+    };
+    let tunables_path = args.tunables.clone();
+    let reload: ReloadFn = Arc::new(move |engine: &EngineHandle| -> Result<Reloaded, String> {
+        let tunables = load_tunables(tunables_path.as_ref()).map_err(|e| format!("{e:#}"))?;
+        Ok(engine.reload(tunables, env!("CARGO_PKG_VERSION")))
+    });
+    let server_config = ServerConfig {
+        auth_token: token,
+        reload: Some(reload.clone()),
+        ..ServerConfig::default()
+    };
+    let warmup = args.warmup.clone();
+    let start = EngineStart::Start(Box::new(move || {
+        let engine = EngineHandle::start(engine_config, registry, env, signals)?;
+        if !warmup.is_empty() {
+            let report = crate::server::ops::warmup(&engine, &warmup);
+            tracing::info!(loaded = ?report.loaded, failed = ?report.failed, "warmup done");
+        }
+        Ok(engine)
+    }));
+    let listen = args.listen;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        eprintln!(
+            "sakuga serving gRPC on {} (metrics on {:?})",
+            listener.local_addr()?,
+            metrics.listen_addr()
+        );
+        run(listener, start, server_config, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
