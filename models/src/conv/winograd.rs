@@ -171,7 +171,15 @@ pub fn conv3x3_winograd(
                         let channels = 64.min(c_in - ci0);
                         for c in 0..channels {
                             let start = (ci0 + c) * plane + y * w + x0;
-                            block[c * 16..c * 16 + len].copy_from_slice(&src[start..start + len]);
+                            let dst = &mut block[c * 16..c * 16 + 16];
+                            if len == 16 {
+                                // A fixed-size copy compiles to two vector moves, not a call.
+                                let run: &[f32; 16] =
+                                    src[start..start + 16].try_into().expect("16 pixels");
+                                dst.copy_from_slice(run);
+                            } else {
+                                dst[..len].copy_from_slice(&src[start..start + len]);
+                            }
                         }
                         for x in 0..len {
                             let dst = &mut row[(x0 + x + 1) * c_in + ci0..][..channels];
@@ -403,12 +411,11 @@ impl ChunkJob<'_> {
             // Stage into strip[co][a][4t + b] (in cache), copied out row by row below;
             // scattering straight into 64 planes of the output thrashes the TLB.
             let strip_w = 4 * TILES_PER_CHUNK;
-            for a in 0..4 {
-                for b in 0..4 {
-                    let values = &result[(a * 4 + b) * c_out..(a * 4 + b + 1) * c_out];
-                    for (co, &value) in values.iter().enumerate() {
-                        strip[(co * 4 + a) * strip_w + 4 * t + b] = value;
-                    }
+            for co in 0..c_out {
+                for a in 0..4 {
+                    let quad = [0, 1, 2, 3].map(|b| result[(a * 4 + b) * c_out + co]);
+                    let at = (co * 4 + a) * strip_w + 4 * t;
+                    strip[at..at + 4].copy_from_slice(&quad);
                 }
             }
         }
