@@ -244,3 +244,57 @@ fn bad_image_shapes_are_invalid_input() {
         assert_eq!(err.kind(), "invalid_input", "{dims:?}: {err}");
     }
 }
+
+/// `fixtures/realesrgan/pth/srvgg-tiny-x2.pth` is a PyTorch zip checkpoint in BasicSR's
+/// `{"params_ema": state_dict}` wrapper (written by `make_tiny_pth.py` beside it); the
+/// `.f32` file holds the same tensors raw, in key order.
+#[test]
+fn pytorch_checkpoint_loads_through_the_params_ema_wrapper() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/realesrgan/pth");
+    let pth = dir.join("srvgg-tiny-x2.pth");
+    let upscaler = Upscaler::load(&pth, &Device::Cpu).unwrap();
+    assert_eq!(upscaler.scale(), 2);
+    match upscaler.arch() {
+        sakuga_models::upscale::UpscaleArch::Srvgg(c) => {
+            assert_eq!((c.num_feat, c.num_conv, c.in_channels), (4, 1, 3));
+        }
+        other => panic!("detected {other:?}"),
+    }
+    let weights = StateDict::load(&pth, &Device::Cpu).unwrap();
+    let raw = std::fs::read(dir.join("srvgg-tiny-x2.f32")).unwrap();
+    let expected: Vec<f32> = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    let order = [
+        "body.0.weight",
+        "body.0.bias",
+        "body.1.weight",
+        "body.2.weight",
+        "body.2.bias",
+        "body.3.weight",
+        "body.4.weight",
+        "body.4.bias",
+    ];
+    let mut at = 0;
+    for name in order {
+        let values: Vec<f32> = weights
+            .get(name)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(values, expected[at..at + values.len()], "{name}");
+        at += values.len();
+    }
+    assert_eq!(at, expected.len());
+    let image = Tensor::zeros((1, 6, 5, 3), candle_core::DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(
+        upscaler
+            .upscale(&image, TileConfig::default())
+            .unwrap()
+            .dims(),
+        &[1, 12, 10, 3]
+    );
+}
