@@ -276,6 +276,7 @@ mod tests {
             .unwrap()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn check(
         batch: usize,
         c_in: usize,

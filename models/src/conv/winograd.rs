@@ -315,7 +315,7 @@ impl ChunkJob<'_> {
     fn multiply(&self, v: &[f32], m: &mut [f32]) {
         let (c_in, c_out) = (self.kernels.c_in, self.kernels.c_out);
         #[cfg(target_arch = "x86_64")]
-        if c_out % 16 == 0 && std::arch::is_x86_feature_detected!("avx512f") {
+        if c_out.is_multiple_of(16) && std::arch::is_x86_feature_detected!("avx512f") {
             for k in 0..36 {
                 let lhs = &v[k * TILES_PER_CHUNK * c_in..(k + 1) * TILES_PER_CHUNK * c_in];
                 let rhs = &self.kernels.u[k * c_in * c_out..(k + 1) * c_in * c_out];
@@ -514,7 +514,7 @@ mod avx512 {
     #[target_feature(enable = "avx512f")]
     pub unsafe fn multiply(lhs: &[f32], rhs: &[f32], dst: &mut [f32], c_in: usize, c_out: usize) {
         debug_assert!(lhs.len() >= TILES_PER_CHUNK * c_in && rhs.len() >= c_in * c_out);
-        debug_assert!(dst.len() >= TILES_PER_CHUNK * c_out && c_out % 16 == 0);
+        debug_assert!(dst.len() >= TILES_PER_CHUNK * c_out && c_out.is_multiple_of(16));
         let mut co = 0;
         while co < c_out {
             let left = c_out - co;
@@ -590,14 +590,18 @@ mod tests {
     fn spelled_out_transforms_match_the_matrices() {
         let d = [0.3f32, -1.2, 2.5, 0.7, -0.4, 1.9];
         let inputs = lanes(d);
-        let mut out = vec![0f32; 12];
+        let mut out = [0f32; 12];
         let mut rows = out.chunks_exact_mut(2);
-        bt_times(inputs.each_ref().map(Vec::as_slice), [(); 6].map(|_| rows.next().unwrap()), 2);
+        bt_times(
+            inputs.each_ref().map(Vec::as_slice),
+            [(); 6].map(|_| rows.next().unwrap()),
+            2,
+        );
         for i in 0..6 {
             let want: f32 = (0..6).map(|r| BT[i][r] * d[r]).sum();
             assert!((out[i * 2] - want).abs() < 1e-5 && (out[i * 2 + 1] - 2.0 * want).abs() < 1e-5);
         }
-        let mut out = vec![0f32; 8];
+        let mut out = [0f32; 8];
         at_times(inputs.each_ref().map(Vec::as_slice), &mut out, 2);
         for a in 0..4 {
             let want: f32 = (0..6).map(|r| AT[a][r] * d[r]).sum();

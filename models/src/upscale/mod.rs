@@ -95,7 +95,8 @@ impl UpscaleArch {
 #[derive(Debug, Clone)]
 enum Network {
     Srvgg(Srvgg),
-    Rrdb(Rrdb),
+    // Boxed: RRDBNet's fixed arrays of blocks make it ten times SRVGG's size inline.
+    Rrdb(Box<Rrdb>),
 }
 
 /// A loaded Real-ESRGAN upscaler.
@@ -126,7 +127,7 @@ impl Upscaler {
         let arch = UpscaleArch::detect(weights)?;
         let network = match arch {
             UpscaleArch::Srvgg(config) => Network::Srvgg(Srvgg::load(weights, config)?),
-            UpscaleArch::Rrdb(config) => Network::Rrdb(Rrdb::load(weights, config)?),
+            UpscaleArch::Rrdb(config) => Network::Rrdb(Box::new(Rrdb::load(weights, config)?)),
         };
         tracing::debug!(path = %weights.path().display(), ?arch, "upscaler loaded");
         Ok(Self {

@@ -253,7 +253,7 @@ pub fn load_state_dict(param_path: &Path, device: &Device) -> Result<StateDict> 
                 let kh = layer.int_param(11, kw as i64, param_path)? as usize;
                 let has_bias = layer.int_param(5, 0, param_path)? != 0;
                 let size = layer.int_param(6, 0, param_path)? as usize;
-                if out == 0 || kw == 0 || size == 0 || size % (out * kh * kw) != 0 {
+                if out == 0 || kw == 0 || size == 0 || !size.is_multiple_of(out * kh * kw) {
                     return Err(corrupt(
                         param_path,
                         format!(
@@ -351,7 +351,7 @@ fn insert_conv(tensors: &mut BTreeMap<String, Tensor>, prefix: &str, conv: ConvW
 
 /// RRDBNet's convolution names in forward order, for `count` convolutions.
 fn rrdb_conv_names(count: usize) -> Option<Vec<String>> {
-    if count < 21 || (count - 6) % 15 != 0 {
+    if count < 21 || !(count - 6).is_multiple_of(15) {
         return None;
     }
     let blocks = (count - 6) / 15;
