@@ -282,3 +282,59 @@ fn foreign_weights_are_unsupported() {
     assert!(matches!(err, ModelError::Unsupported { .. }), "{err:?}");
     assert!(err.to_string().contains("encode.0.weight"));
 }
+
+fn read_f32(name: &str, dims: &[usize]) -> Tensor {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/rife")
+        .join(name);
+    let bytes = std::fs::read(&path).unwrap();
+    let values: Vec<f32> = bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+}
+
+/// `fixtures/rife/*.f32` were made by `make_goldens.py` beside them: an independent numpy
+/// port of the reference PyTorch IFNet (RIFE 4.6) run on the demo weights.
+#[test]
+fn ifnet_matches_the_numpy_reference_on_demo_weights() {
+    let (_dir, interpolator) = demo_interpolator();
+    let frames = read_f32("frames_32x32.f32", &[2, 3, 32, 32]);
+    let (img0, img1) = (
+        frames.narrow(0, 0, 1).unwrap(),
+        frames.narrow(0, 1, 1).unwrap(),
+    );
+    for (t, golden) in [(0.5f32, "ifnet_t50.f32"), (0.25, "ifnet_t25.f32")] {
+        let expected = read_f32(golden, &[1, 3, 32, 32]);
+        let out = interpolator.net().forward(&img0, &img1, t).unwrap();
+        let diff: f32 = (out - &expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-4, "t={t}: max abs diff {diff}");
+        // The BHWC entry point gives the same frame (values are inside [0, 1], so the
+        // clamp changes nothing).
+        let bhwc = |t: &Tensor| t.permute((0, 2, 3, 1)).unwrap();
+        let via_api = interpolator
+            .interpolate(&bhwc(&img0), &bhwc(&img1), t)
+            .unwrap();
+        let diff: f32 = (via_api - bhwc(&expected))
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-4, "t={t} via interpolate(): max abs diff {diff}");
+    }
+}
