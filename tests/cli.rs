@@ -41,8 +41,17 @@ fn run_saves_images_and_writes_metrics_and_signals() {
     let out = sakuga(
         dir.path(),
         &[
-            "--models-dir", "models", "run", wf.to_str().unwrap(), "--out", "rendered",
-            "--metrics-out", "metrics.prom", "--signals-out", "signals.json", "--no-progress",
+            "--models-dir",
+            "models",
+            "run",
+            wf.to_str().unwrap(),
+            "--out",
+            "rendered",
+            "--metrics-out",
+            "metrics.prom",
+            "--signals-out",
+            "signals.json",
+            "--no-progress",
         ],
     );
     assert!(out.status.success(), "stderr: {}", text(&out.stderr));
@@ -60,7 +69,10 @@ fn run_saves_images_and_writes_metrics_and_signals() {
         .filter(|name| !metrics.lines().any(|l| l.starts_with(name)))
         .collect();
     assert!(missing.is_empty(), "exposition lacks {missing:?}");
-    assert!(metrics.contains("sakuga_node_duration_seconds_bucket{class_type=\"ImageScaleBy\""), "{metrics}");
+    assert!(
+        metrics.contains("sakuga_node_duration_seconds_bucket{class_type=\"ImageScaleBy\""),
+        "{metrics}"
+    );
     promtool_accepts(&dir.path().join("metrics.prom"));
 
     let doctor = sakuga(dir.path(), &["doctor", "--from", "signals.json"]);
@@ -74,11 +86,19 @@ fn promtool_accepts(path: &Path) {
         .stdin(std::fs::File::open(path).unwrap())
         .output()
     else {
-        assert!(std::env::var_os("SAKUGA_REQUIRE_PROMTOOL").is_none(), "promtool is required but missing");
+        assert!(
+            std::env::var_os("SAKUGA_REQUIRE_PROMTOOL").is_none(),
+            "promtool is required but missing"
+        );
         eprintln!("promtool not installed: skipping `promtool check metrics`");
         return;
     };
-    assert!(output.status.success(), "promtool: {}{}", text(&output.stdout), text(&output.stderr));
+    assert!(
+        output.status.success(),
+        "promtool: {}{}",
+        text(&output.stdout),
+        text(&output.stderr)
+    );
 }
 
 #[test]
@@ -101,7 +121,12 @@ fn validate_exits_2_and_reports_every_mistake() {
     assert_eq!(out.status.code(), Some(2), "stderr: {}", text(&out.stderr));
     let report: Json = serde_json::from_slice(&out.stdout).unwrap();
     let kinds = |id: &str| -> Vec<String> {
-        report["node_errors"][id]["errors"].as_array().unwrap().iter().map(|e| e["type"].as_str().unwrap().to_string()).collect()
+        report["node_errors"][id]["errors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["type"].as_str().unwrap().to_string())
+            .collect()
     };
     assert_eq!(kinds("1"), ["value_smaller_than_min"]);
     assert_eq!(kinds("2"), ["value_not_in_list"]);
@@ -112,12 +137,19 @@ fn validate_exits_2_and_reports_every_mistake() {
     let text_out = sakuga(dir.path(), &["validate", wf.to_str().unwrap()]);
     assert_eq!(text_out.status.code(), Some(2));
     let stderr = text(&text_out.stderr);
-    for needle in ["node 1 (EmptyImage): value_smaller_than_min", "node 4 (Nope): missing_node_type"] {
+    for needle in [
+        "node 1 (EmptyImage): value_smaller_than_min",
+        "node 4 (Nope): missing_node_type",
+    ] {
         assert!(stderr.contains(needle), "{stderr}");
     }
 
     let good = write(dir.path(), "good.json", &image_workflow());
-    assert!(sakuga(dir.path(), &["validate", good.to_str().unwrap()]).status.success());
+    assert!(
+        sakuga(dir.path(), &["validate", good.to_str().unwrap()])
+            .status
+            .success()
+    );
 }
 
 #[test]
@@ -125,22 +157,61 @@ fn clear_errors_for_missing_files_bad_json_and_unwritable_output() {
     let dir = tempfile::tempdir().unwrap();
     let missing = sakuga(dir.path(), &["validate", "nope.json"]);
     assert_eq!(missing.status.code(), Some(1));
-    assert!(text(&missing.stderr).contains("cannot read workflow nope.json"), "{}", text(&missing.stderr));
+    assert!(
+        text(&missing.stderr).contains("cannot read workflow nope.json"),
+        "{}",
+        text(&missing.stderr)
+    );
 
     std::fs::write(dir.path().join("broken.json"), "{\"1\": {").unwrap();
-    let broken = sakuga(dir.path(), &["run", "broken.json", "--models-dir", "m", "--no-progress"]);
+    let broken = sakuga(
+        dir.path(),
+        &["run", "broken.json", "--models-dir", "m", "--no-progress"],
+    );
     assert_eq!(broken.status.code(), Some(1));
-    assert!(text(&broken.stderr).contains("not valid JSON"), "{}", text(&broken.stderr));
+    assert!(
+        text(&broken.stderr).contains("not valid JSON"),
+        "{}",
+        text(&broken.stderr)
+    );
 
     // A file where the output dir should be: nothing can be created under it.
     std::fs::write(dir.path().join("blocker"), "").unwrap();
     let wf = write(dir.path(), "wf.json", &image_workflow());
-    let blocked = sakuga(dir.path(), &["run", wf.to_str().unwrap(), "--models-dir", "m", "--out", "blocker/out", "--no-progress"]);
+    let blocked = sakuga(
+        dir.path(),
+        &[
+            "run",
+            wf.to_str().unwrap(),
+            "--models-dir",
+            "m",
+            "--out",
+            "blocker/out",
+            "--no-progress",
+        ],
+    );
     assert_eq!(blocked.status.code(), Some(1));
-    assert!(text(&blocked.stderr).contains("output dir blocker/out"), "{}", text(&blocked.stderr));
+    assert!(
+        text(&blocked.stderr).contains("output dir blocker/out"),
+        "{}",
+        text(&blocked.stderr)
+    );
 
-    let invalid = write(dir.path(), "invalid.json", &json!({"1": {"class_type": "Nope", "inputs": {}}}));
-    let out = sakuga(dir.path(), &["run", invalid.to_str().unwrap(), "--models-dir", "m", "--no-progress"]);
+    let invalid = write(
+        dir.path(),
+        "invalid.json",
+        &json!({"1": {"class_type": "Nope", "inputs": {}}}),
+    );
+    let out = sakuga(
+        dir.path(),
+        &[
+            "run",
+            invalid.to_str().unwrap(),
+            "--models-dir",
+            "m",
+            "--no-progress",
+        ],
+    );
     assert_eq!(out.status.code(), Some(2));
 }
 
@@ -152,8 +223,14 @@ fn nodes_lists_the_catalogue_as_object_info() {
     let info: Json = serde_json::from_slice(&out.stdout).unwrap();
     let scale = &info["ImageScale"];
     assert_eq!(scale["output"], json!(["IMAGE"]));
-    assert_eq!(scale["input"]["required"]["width"], json!(["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}]));
-    assert_eq!(scale["input"]["required"]["upscale_method"][0], json!(["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]));
+    assert_eq!(
+        scale["input"]["required"]["width"],
+        json!(["INT", {"default": 512, "min": 0, "max": 16384, "step": 1}])
+    );
+    assert_eq!(
+        scale["input"]["required"]["upscale_method"][0],
+        json!(["nearest-exact", "bilinear", "area", "bicubic", "lanczos"])
+    );
     assert_eq!(info["SaveImage"]["output_node"], json!(true));
     let plain = sakuga(dir.path(), &["--models-dir", "m", "nodes"]);
     assert!(text(&plain.stdout).contains("EmptyImage"));
@@ -165,7 +242,17 @@ fn json_logs_carry_the_stage_events_in_order_with_one_trace_id() {
     let wf = write(dir.path(), "wf.json", &image_workflow());
     let out = sakuga(
         dir.path(),
-        &["--log-format", "json", "--log-filter", "info", "--models-dir", "m", "run", wf.to_str().unwrap(), "--no-progress"],
+        &[
+            "--log-format",
+            "json",
+            "--log-filter",
+            "info",
+            "--models-dir",
+            "m",
+            "run",
+            wf.to_str().unwrap(),
+            "--no-progress",
+        ],
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let logs = format!("{}{}", text(&out.stdout), text(&out.stderr));
@@ -175,10 +262,22 @@ fn json_logs_carry_the_stage_events_in_order_with_one_trace_id() {
         .filter(|j| j.get("job_id").is_some())
         .collect();
     let names: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
-    let first = names.iter().position(|n| *n == "prompt_received").expect("prompt_received logged");
-    let post = names.iter().position(|n| *n == "postprocess_done").expect("postprocess_done logged");
-    let last = names.iter().position(|n| *n == "deliver_complete").expect("deliver_complete logged");
+    let first = names
+        .iter()
+        .position(|n| *n == "prompt_received")
+        .expect("prompt_received logged");
+    let post = names
+        .iter()
+        .position(|n| *n == "postprocess_done")
+        .expect("postprocess_done logged");
+    let last = names
+        .iter()
+        .position(|n| *n == "deliver_complete")
+        .expect("deliver_complete logged");
     assert!(first < post && post < last, "{names:?}");
-    let traces: std::collections::BTreeSet<&str> = events.iter().filter_map(|e| e["trace_id"].as_str()).collect();
+    let traces: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| e["trace_id"].as_str())
+        .collect();
     assert_eq!(traces.len(), 1, "{traces:?}");
 }

@@ -83,7 +83,10 @@ pub fn list_files(root: &Path, extensions: &[&str]) -> Vec<String> {
                 .and_then(|e| e.to_str())
                 .is_some_and(|e| extensions.iter().any(|x| x.eq_ignore_ascii_case(e)));
             if wanted && let Ok(rel) = path.strip_prefix(root) {
-                let parts: Vec<_> = rel.components().map(|c| c.as_os_str().to_string_lossy()).collect();
+                let parts: Vec<_> = rel
+                    .components()
+                    .map(|c| c.as_os_str().to_string_lossy())
+                    .collect();
                 found.push(parts.join("/"));
             }
         }
@@ -101,7 +104,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for bad in ["../x.png", "/etc/passwd", "a/../../x", "", "./x/../../y"] {
             assert!(
-                matches!(resolve_inside(dir.path(), bad), Err(NodeError::PathEscapes { .. })),
+                matches!(
+                    resolve_inside(dir.path(), bad),
+                    Err(NodeError::PathEscapes { .. })
+                ),
                 "{bad} accepted"
             );
         }
@@ -117,8 +123,11 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::fs::write(outside.path().join("secret.png"), b"x").unwrap();
         let root = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(outside.path().join("secret.png"), root.path().join("link.png"))
-            .unwrap();
+        std::os::unix::fs::symlink(
+            outside.path().join("secret.png"),
+            root.path().join("link.png"),
+        )
+        .unwrap();
         assert!(matches!(
             resolve_inside(root.path(), "link.png"),
             Err(NodeError::PathEscapes { .. })

@@ -120,7 +120,6 @@ pub fn write_png(path: &Path, pixels: &Pixels, text: &[(&str, &str)]) -> Result<
     std::fs::rename(&tmp, path).map_err(|e| io("rename", e))
 }
 
-
 /// Reads the text chunks of a PNG (the embedded workflow).
 ///
 /// # Errors

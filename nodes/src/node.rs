@@ -163,15 +163,14 @@ impl Inputs {
     /// Missing, or an object of another type.
     pub fn object<T: Any + Send + Sync>(&self, name: &str) -> Result<Arc<T>, NodeError> {
         match self.required(name)? {
-            Value::Object(o) => {
-                o.clone()
-                    .downcast::<T>()
-                    .map_err(|_| NodeError::WrongInputType {
-                        name: name.to_string(),
-                        expected: std::any::type_name::<T>(),
-                        found: "another object type",
-                    })
-            }
+            Value::Object(o) => o
+                .clone()
+                .downcast::<T>()
+                .map_err(|_| NodeError::WrongInputType {
+                    name: name.to_string(),
+                    expected: std::any::type_name::<T>(),
+                    found: "another object type",
+                }),
             other => Err(Self::wrong(name, "OBJECT", other)),
         }
     }

@@ -178,7 +178,11 @@ pub struct NodeSchema {
 
 impl NodeSchema {
     /// Starts a schema for `class_type`.
-    pub fn new(class_type: &'static str, display_name: &'static str, category: &'static str) -> Self {
+    pub fn new(
+        class_type: &'static str,
+        display_name: &'static str,
+        category: &'static str,
+    ) -> Self {
         Self {
             class_type,
             display_name,

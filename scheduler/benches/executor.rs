@@ -9,11 +9,12 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use serde_json::{Value as Json, json};
 
 use sakuga_nodes::{
-    CancelToken, ExecContext, InputSpec, Inputs, Node, NodeEnv, NodeError, NodeRegistry, NodeSchema,
-    NullSink, PortType, Value,
+    CancelToken, ExecContext, InputSpec, Inputs, Node, NodeEnv, NodeError, NodeRegistry,
+    NodeSchema, NullSink, PortType, Value,
 };
 use sakuga_scheduler::{
-    ExecutionObserver, ExecutionPlan, Executor, ExecutorConfig, JobRun, OutputCacheConfig, Workflow, validate,
+    ExecutionObserver, ExecutionPlan, Executor, ExecutorConfig, JobRun, OutputCacheConfig,
+    Workflow, validate,
 };
 
 struct AddOne;
@@ -56,11 +57,20 @@ impl ExecutionObserver for Quiet {}
 
 fn chain(n: usize, start: i64) -> Json {
     let mut wf = serde_json::Map::new();
-    wf.insert("0".into(), json!({"class_type": "AddOne", "inputs": {"value": start}}));
+    wf.insert(
+        "0".into(),
+        json!({"class_type": "AddOne", "inputs": {"value": start}}),
+    );
     for i in 1..n {
-        wf.insert(i.to_string(), json!({"class_type": "AddOne", "inputs": {"value": [(i - 1).to_string(), 0]}}));
+        wf.insert(
+            i.to_string(),
+            json!({"class_type": "AddOne", "inputs": {"value": [(i - 1).to_string(), 0]}}),
+        );
     }
-    wf.insert("out".into(), json!({"class_type": "Sink", "inputs": {"value": [(n - 1).to_string(), 0]}}));
+    wf.insert(
+        "out".into(),
+        json!({"class_type": "Sink", "inputs": {"value": [(n - 1).to_string(), 0]}}),
+    );
     Json::Object(wf)
 }
 
@@ -72,7 +82,10 @@ fn setup(cache_entries: usize) -> (NodeRegistry, Executor) {
     let env = NodeEnv::new(dir.clone(), dir.clone(), dir);
     let config = ExecutorConfig {
         workers: 1,
-        cache: OutputCacheConfig { max_entries: cache_entries, max_bytes: 1 << 30 },
+        cache: OutputCacheConfig {
+            max_entries: cache_entries,
+            max_bytes: 1 << 30,
+        },
     };
     (registry, Executor::new(Arc::new(env), config))
 }
@@ -93,7 +106,11 @@ fn executor_overhead(c: &mut Criterion) {
         // Cache off: every node runs.
         let (registry, executor) = setup(0);
         let p = plan(&registry, &executor, &chain(n, 0));
-        let job = JobRun { job_id: Arc::from("bench"), observer: Arc::new(Quiet), cancel: CancelToken::new() };
+        let job = JobRun {
+            job_id: Arc::from("bench"),
+            observer: Arc::new(Quiet),
+            cancel: CancelToken::new(),
+        };
         group.bench_with_input(BenchmarkId::new("uncached", n), &n, |b, _| {
             b.iter(|| executor.run(&p, &job).unwrap())
         });
@@ -114,7 +131,9 @@ fn validation(c: &mut Criterion) {
     let workflow = Workflow::from_json(wf.clone()).unwrap();
     let text = wf.to_string();
     let mut group = c.benchmark_group("validate_1000");
-    group.bench_function("validate", |b| b.iter(|| validate(&workflow, &registry, executor.env()).unwrap()));
+    group.bench_function("validate", |b| {
+        b.iter(|| validate(&workflow, &registry, executor.env()).unwrap())
+    });
     group.bench_function("parse+validate+compile", |b| {
         b.iter(|| {
             let workflow = Workflow::from_json_str(&text).unwrap();

@@ -70,7 +70,11 @@ impl OutputCache {
     /// The outputs stored under `key`, marking them recently used.
     pub fn get(&self, key: u64) -> Option<Outputs> {
         let found = self.inner.lock().entries.get(&key).map(|(v, _)| v.clone());
-        let counter = if found.is_some() { &self.hits } else { &self.misses };
+        let counter = if found.is_some() {
+            &self.hits
+        } else {
+            &self.misses
+        };
         counter.fetch_add(1, Ordering::Relaxed);
         found
     }
@@ -97,7 +101,10 @@ impl OutputCache {
 
     /// `(hits, misses)` since start.
     pub fn stats(&self) -> (u64, u64) {
-        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 
     /// `(entries, bytes)` held now.
@@ -124,7 +131,10 @@ mod tests {
 
     #[test]
     fn evicts_least_recently_used_over_the_entry_bound() {
-        let cache = OutputCache::new(OutputCacheConfig { max_entries: 2, max_bytes: 1 << 20 });
+        let cache = OutputCache::new(OutputCacheConfig {
+            max_entries: 2,
+            max_bytes: 1 << 20,
+        });
         cache.insert(1, outputs(1));
         cache.insert(2, outputs(2));
         assert!(cache.get(1).is_some()); // 1 is now the most recent
@@ -136,7 +146,10 @@ mod tests {
 
     #[test]
     fn respects_the_byte_bound() {
-        let cache = OutputCache::new(OutputCacheConfig { max_entries: 100, max_bytes: 40 });
+        let cache = OutputCache::new(OutputCacheConfig {
+            max_entries: 100,
+            max_bytes: 40,
+        });
         for k in 0..10 {
             cache.insert(k, outputs(k as i64)); // 16 bytes each
         }

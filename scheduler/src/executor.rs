@@ -33,7 +33,9 @@ pub struct ExecutorConfig {
 impl Default for ExecutorConfig {
     fn default() -> Self {
         Self {
-            workers: std::thread::available_parallelism().map_or(2, |n| n.get()).min(8),
+            workers: std::thread::available_parallelism()
+                .map_or(2, |n| n.get())
+                .min(8),
             cache: OutputCacheConfig::default(),
         }
     }
@@ -85,7 +87,9 @@ pub struct JobRun {
 
 impl std::fmt::Debug for JobRun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JobRun").field("job_id", &self.job_id).finish_non_exhaustive()
+        f.debug_struct("JobRun")
+            .field("job_id", &self.job_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -191,7 +195,10 @@ impl Executor {
                     Prepared::Cached(c) => self.complete(plan, c, &mut state, job),
                     Prepared::Run(task) => {
                         let tx = done_tx.clone();
-                        let pool = self.pool.as_ref().expect("pool lives as long as the executor");
+                        let pool = self
+                            .pool
+                            .as_ref()
+                            .expect("pool lives as long as the executor");
                         pool.send(Box::new(move || {
                             let _ = tx.send(task.run());
                         }))
@@ -220,7 +227,10 @@ impl Executor {
                     }
                 }
             } else {
-                assert!(in_flight > 0, "execution plan stalled: no step ready or running");
+                assert!(
+                    in_flight > 0,
+                    "execution plan stalled: no step ready or running"
+                );
                 in_flight -= 1;
                 done_rx.recv().expect("the sender is held here")
             };
@@ -245,7 +255,13 @@ impl Executor {
 
     /// Gathers a step's inputs and either finds its outputs in the cache or packages the
     /// run as a task.
-    fn prepare(&self, plan: &ExecutionPlan, step: usize, state: &JobState, job: &JobRun) -> Prepared {
+    fn prepare(
+        &self,
+        plan: &ExecutionPlan,
+        step: usize,
+        state: &JobState,
+        job: &JobRun,
+    ) -> Prepared {
         let s = &plan.steps[step];
         let mut inputs = Inputs::new();
         for (name, value) in &s.literals {
@@ -448,7 +464,8 @@ impl StepTask {
             workflow: Some(&self.workflow),
         };
         let started = Instant::now();
-        let result = match catch_unwind(AssertUnwindSafe(|| self.node.execute(&ctx, &self.inputs))) {
+        let result = match catch_unwind(AssertUnwindSafe(|| self.node.execute(&ctx, &self.inputs)))
+        {
             Ok(Ok(values)) => Ok(Outputs::from(values)),
             Ok(Err(e)) => Err(Failure::Error(e)),
             Err(payload) => Err(Failure::Panic(panic_message(payload.as_ref()))),
@@ -476,4 +493,3 @@ fn node_worker(tasks: Receiver<Task>) {
         task();
     }
 }
-

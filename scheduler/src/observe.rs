@@ -32,37 +32,57 @@ pub fn stage_of(class_type: &str) -> Option<Stage> {
 pub fn workload_of(plan: &ExecutionPlan) -> Workload {
     let mut batch = false;
     for step in &plan.steps {
-        if matches!(step.class_type, "StreamFrames" | "FrameInterpolate" | "SaveAnimatedWEBP") {
+        if matches!(
+            step.class_type,
+            "StreamFrames" | "FrameInterpolate" | "SaveAnimatedWEBP"
+        ) {
             return Workload::Animation;
         }
         batch |= literal_int(&step.literals, "batch_size").is_some_and(|b| b > 1);
     }
-    if batch { Workload::Batch } else { Workload::SingleImage }
+    if batch {
+        Workload::Batch
+    } else {
+        Workload::SingleImage
+    }
 }
 
 fn literal_int(literals: &[(Arc<str>, Value)], name: &str) -> Option<i64> {
-    literals.iter().find(|(n, _)| &**n == name).and_then(|(_, v)| match v {
-        Value::Int(i) => Some(*i),
-        _ => None,
-    })
+    literals
+        .iter()
+        .find(|(n, _)| &**n == name)
+        .and_then(|(_, v)| match v {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        })
 }
 
 fn literal_str<'a>(literals: &'a [(Arc<str>, Value)], name: &str) -> Option<&'a str> {
-    literals.iter().find(|(n, _)| &**n == name).and_then(|(_, v)| match v {
-        Value::String(s) => Some(&**s),
-        _ => None,
-    })
+    literals
+        .iter()
+        .find(|(n, _)| &**n == name)
+        .and_then(|(_, v)| match v {
+            Value::String(s) => Some(&**s),
+            _ => None,
+        })
 }
 
 /// Event fields for a job: model, sampler, steps and resolution read off the plan.
-pub fn event_fields(job_id: &str, workload: Workload, trace: &TraceContext, plan: &ExecutionPlan) -> EventFields {
+pub fn event_fields(
+    job_id: &str,
+    workload: Workload,
+    trace: &TraceContext,
+    plan: &ExecutionPlan,
+) -> EventFields {
     let mut fields = EventFields::new(job_id, workload, trace);
     for step in &plan.steps {
         let l = &step.literals;
         if let Some(ckpt) = literal_str(l, "ckpt_name") {
             fields = fields.with_model(ckpt);
         }
-        if let (Some(sampler), Some(steps)) = (literal_str(l, "sampler_name"), literal_int(l, "steps")) {
+        if let (Some(sampler), Some(steps)) =
+            (literal_str(l, "sampler_name"), literal_int(l, "steps"))
+        {
             fields = fields.with_sampler(sampler, steps as u32);
         }
         if let (Some(w), Some(h)) = (literal_int(l, "width"), literal_int(l, "height"))
@@ -89,7 +109,12 @@ pub struct TelemetryObserver {
 
 impl TelemetryObserver {
     /// Telemetry for a job whose frames go to a transport that reports delivery itself.
-    pub fn new(signals: Signals, fields: EventFields, inner: Arc<dyn ExecutionObserver>, target_fps: f64) -> Self {
+    pub fn new(
+        signals: Signals,
+        fields: EventFields,
+        inner: Arc<dyn ExecutionObserver>,
+        target_fps: f64,
+    ) -> Self {
         let workload = fields.workload;
         Self {
             stream: signals.stream(workload, target_fps),
@@ -142,7 +167,9 @@ impl JobSink for TelemetryObserver {
 
 impl ExecutionObserver for TelemetryObserver {
     fn node_started(&self, node_id: &str, class_type: &str) {
-        if stage_of(class_type) == Some(Stage::Inference) && !self.inference_started.swap(true, Ordering::Relaxed) {
+        if stage_of(class_type) == Some(Stage::Inference)
+            && !self.inference_started.swap(true, Ordering::Relaxed)
+        {
             events::inference_started(&self.fields);
         }
         self.inner.node_started(node_id, class_type);
@@ -153,10 +180,18 @@ impl ExecutionObserver for TelemetryObserver {
             self.signals.node_finished(run.class_type, run.duration);
         }
         if let Some(stage) = stage_of(run.class_type) {
-            self.signals.stage_finished(self.workload, stage, run.duration);
+            self.signals
+                .stage_finished(self.workload, stage, run.duration);
             match stage {
-                Stage::ModelLoad => events::model_loaded(&self.fields, &run.node_id, run.cached, run.duration),
-                Stage::Inference if matches!(run.class_type, "KSampler" | "KSamplerAdvanced" | "VAEDecode") => {
+                Stage::ModelLoad => {
+                    events::model_loaded(&self.fields, &run.node_id, run.cached, run.duration)
+                }
+                Stage::Inference
+                    if matches!(
+                        run.class_type,
+                        "KSampler" | "KSamplerAdvanced" | "VAEDecode"
+                    ) =>
+                {
                     events::inference_finished(&self.fields, run.duration)
                 }
                 Stage::Postprocess => events::postprocess_done(&self.fields, run.duration),
@@ -169,6 +204,8 @@ impl ExecutionObserver for TelemetryObserver {
 
 impl std::fmt::Debug for TelemetryObserver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TelemetryObserver").field("fields", &self.fields).finish_non_exhaustive()
+        f.debug_struct("TelemetryObserver")
+            .field("fields", &self.fields)
+            .finish_non_exhaustive()
     }
 }

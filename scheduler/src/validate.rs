@@ -163,7 +163,15 @@ impl<'a> Validator<'a> {
             .collect();
         for (i, node) in wf.nodes.iter().enumerate() {
             if let Some(reason) = &node.malformed {
-                self.push(i, error("invalid_prompt", "Malformed node", reason.clone(), json!({})));
+                self.push(
+                    i,
+                    error(
+                        "invalid_prompt",
+                        "Malformed node",
+                        reason.clone(),
+                        json!({}),
+                    ),
+                );
             } else if node.class_type.is_none() {
                 self.push(
                     i,
@@ -255,14 +263,17 @@ impl<'a> Validator<'a> {
 
     fn report_cycles(&mut self, graph: &DiGraph<usize, ()>) {
         for component in kosaraju_scc(graph) {
-            let is_cycle = component.len() > 1
-                || graph.find_edge(component[0], component[0]).is_some();
+            let is_cycle =
+                component.len() > 1 || graph.find_edge(component[0], component[0]).is_some();
             if !is_cycle {
                 continue;
             }
             let mut members: Vec<usize> = component.iter().map(|&g| graph[g]).collect();
             members.sort_unstable();
-            let ids: Vec<&str> = members.iter().map(|&i| &*self.workflow.nodes[i].id).collect();
+            let ids: Vec<&str> = members
+                .iter()
+                .map(|&i| &*self.workflow.nodes[i].id)
+                .collect();
             let details = format!("cycle through nodes {}", ids.join(" -> "));
             for &i in &members {
                 self.push(
@@ -282,7 +293,11 @@ impl<'a> Validator<'a> {
         let wf = self.workflow;
         let node = &wf.nodes[i];
         for spec in &class.schema().inputs {
-            let given = node.inputs.iter().find(|(n, _)| &**n == spec.name).map(|(_, v)| v);
+            let given = node
+                .inputs
+                .iter()
+                .find(|(n, _)| &**n == spec.name)
+                .map(|(_, v)| v);
             match given {
                 None if spec.required => self.push(
                     i,
@@ -342,7 +357,12 @@ impl<'a> Validator<'a> {
                         source_class.schema().class_type,
                         outputs.len()
                     ),
-                    ..input_error("bad_linked_input", "Linked output slot does not exist", spec, &raw)
+                    ..input_error(
+                        "bad_linked_input",
+                        "Linked output slot does not exist",
+                        spec,
+                        &raw,
+                    )
                 },
             );
             return;
@@ -393,7 +413,10 @@ impl<'a> Validator<'a> {
                 Json::Number(n) => Ok(Value::String(Arc::from(n.to_string().as_str()))),
                 _ => Err(invalid("STRING")),
             },
-            InputKind::Boolean { .. } => raw.as_bool().map(Value::Boolean).ok_or_else(|| invalid("BOOLEAN")),
+            InputKind::Boolean { .. } => raw
+                .as_bool()
+                .map(Value::Boolean)
+                .ok_or_else(|| invalid("BOOLEAN")),
             InputKind::Combo { options, .. } => {
                 let text = match raw {
                     Json::String(s) => s.clone(),
@@ -407,14 +430,26 @@ impl<'a> Validator<'a> {
                     let choices = self.combo_choices(options);
                     let shown: Vec<&String> = choices.iter().take(20).collect();
                     Err(ValidationError {
-                        details: format!("{}: '{text}' not in {shown:?}{}", spec.name, if choices.len() > 20 { " ..." } else { "" }),
+                        details: format!(
+                            "{}: '{text}' not in {shown:?}{}",
+                            spec.name,
+                            if choices.len() > 20 { " ..." } else { "" }
+                        ),
                         ..input_error("value_not_in_list", "Value not in list", spec, raw)
                     })
                 }
             }
             InputKind::Link(port) => Err(ValidationError {
-                details: format!("{}: a {port} input takes a link [node_id, slot_index], got {raw}", spec.name),
-                ..input_error("invalid_input_type", &format!("Failed to convert an input value to a {port} value"), spec, raw)
+                details: format!(
+                    "{}: a {port} input takes a link [node_id, slot_index], got {raw}",
+                    spec.name
+                ),
+                ..input_error(
+                    "invalid_input_type",
+                    &format!("Failed to convert an input value to a {port} value"),
+                    spec,
+                    raw,
+                )
             }),
         }
     }
@@ -446,7 +481,12 @@ impl<'a> Validator<'a> {
     fn report(&self, outputs: &[usize]) -> ValidationReport {
         let wf = self.workflow;
         let top = if outputs.is_empty() {
-            error("prompt_no_outputs", "Prompt has no outputs", String::new(), json!({}))
+            error(
+                "prompt_no_outputs",
+                "Prompt has no outputs",
+                String::new(),
+                json!({}),
+            )
         } else {
             error(
                 "prompt_outputs_failed_validation",
@@ -460,7 +500,10 @@ impl<'a> Validator<'a> {
         for &o in outputs {
             for n in self.reachable_from(&[o]) {
                 if self.errors.contains_key(&n) {
-                    dependents.entry(n).or_default().push(wf.nodes[o].id.to_string());
+                    dependents
+                        .entry(n)
+                        .or_default()
+                        .push(wf.nodes[o].id.to_string());
                 }
             }
         }
@@ -479,7 +522,10 @@ impl<'a> Validator<'a> {
                 )
             })
             .collect();
-        ValidationReport { error: top, node_errors }
+        ValidationReport {
+            error: top,
+            node_errors,
+        }
     }
 
     fn compile(
@@ -536,7 +582,12 @@ fn spec_name(spec: &InputSpec) -> Arc<str> {
     Arc::from(spec.name)
 }
 
-fn error(kind: &'static str, message: impl Into<String>, details: String, extra_info: Json) -> ValidationError {
+fn error(
+    kind: &'static str,
+    message: impl Into<String>,
+    details: String,
+    extra_info: Json,
+) -> ValidationError {
     ValidationError {
         kind,
         message: message.into(),
@@ -545,7 +596,12 @@ fn error(kind: &'static str, message: impl Into<String>, details: String, extra_
     }
 }
 
-fn input_error(kind: &'static str, message: &str, spec: &InputSpec, received: &Json) -> ValidationError {
+fn input_error(
+    kind: &'static str,
+    message: &str,
+    spec: &InputSpec,
+    received: &Json,
+) -> ValidationError {
     ValidationError {
         kind,
         message: message.to_string(),
@@ -558,7 +614,13 @@ fn input_error(kind: &'static str, message: &str, spec: &InputSpec, received: &J
     }
 }
 
-fn check_range(spec: &InputSpec, raw: &Json, v: f64, min: f64, max: f64) -> Result<(), ValidationError> {
+fn check_range(
+    spec: &InputSpec,
+    raw: &Json,
+    v: f64,
+    min: f64,
+    max: f64,
+) -> Result<(), ValidationError> {
     if v < min {
         return Err(ValidationError {
             details: format!("{}", spec.name),
@@ -587,9 +649,11 @@ fn check_range(spec: &InputSpec, raw: &Json, v: f64, min: f64, max: f64) -> Resu
 /// Integers as Python's `int()` takes them: integers, floats (truncated), numeric strings.
 fn as_int(raw: &Json) -> Option<i64> {
     match raw {
-        Json::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.is_finite() && f.abs() < 9.0e18).map(|f| f.trunc() as i64)),
+        Json::Number(n) => n.as_i64().or_else(|| {
+            n.as_f64()
+                .filter(|f| f.is_finite() && f.abs() < 9.0e18)
+                .map(|f| f.trunc() as i64)
+        }),
         Json::String(s) => s.trim().parse().ok(),
         _ => None,
     }

@@ -64,7 +64,8 @@ impl Workflow {
                 reason: "a workflow must be a JSON object of nodes keyed by id".into(),
             });
         };
-        let wrapped = matches!(top.get("prompt"), Some(Json::Object(p)) if !p.contains_key("class_type"));
+        let wrapped =
+            matches!(top.get("prompt"), Some(Json::Object(p)) if !p.contains_key("class_type"));
         let prompt: Map<String, Json> = if wrapped {
             match top.remove("prompt") {
                 Some(Json::Object(p)) => p,
@@ -167,7 +168,8 @@ mod tests {
 
     #[test]
     fn unwraps_post_prompt_bodies() {
-        let body = json!({"prompt": {"1": {"class_type": "EmptyImage", "inputs": {}}}, "client_id": "x"});
+        let body =
+            json!({"prompt": {"1": {"class_type": "EmptyImage", "inputs": {}}}, "client_id": "x"});
         let wf = Workflow::from_json(body).unwrap();
         assert_eq!(wf.len(), 1);
         assert_eq!(wf.nodes[0].class_type.as_deref(), Some("EmptyImage"));
@@ -177,14 +179,23 @@ mod tests {
     fn classifies_links_and_literals() {
         assert_eq!(
             parse_input(&json!(["4", 1])),
-            RawInput::Link { source: "4".into(), output: 1 }
+            RawInput::Link {
+                source: "4".into(),
+                output: 1
+            }
         );
         assert_eq!(
             parse_input(&json!([4, 0])),
-            RawInput::Link { source: "4".into(), output: 0 }
+            RawInput::Link {
+                source: "4".into(),
+                output: 0
+            }
         );
         assert!(matches!(parse_input(&json!(["4"])), RawInput::BadLink(_)));
-        assert!(matches!(parse_input(&json!(["4", -1])), RawInput::BadLink(_)));
+        assert!(matches!(
+            parse_input(&json!(["4", -1])),
+            RawInput::BadLink(_)
+        ));
         assert!(matches!(parse_input(&json!(512)), RawInput::Literal(_)));
     }
 

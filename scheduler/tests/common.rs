@@ -6,10 +6,12 @@ use std::sync::LazyLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sakuga_nodes::{
-    CancelToken, ExecContext, Inputs, JobSink, Node, NodeEnv, NodeError, NodeRegistry, NodeSchema,
-    InputSpec, OutputFile, PortType, StreamFrame, Value,
+    CancelToken, ExecContext, InputSpec, Inputs, JobSink, Node, NodeEnv, NodeError, NodeRegistry,
+    NodeSchema, OutputFile, PortType, StreamFrame, Value,
 };
-use sakuga_scheduler::{ExecutionObserver, ExecutionPlan, Executor, ExecutorConfig, JobRun, Workflow, validate};
+use sakuga_scheduler::{
+    ExecutionObserver, ExecutionPlan, Executor, ExecutorConfig, JobRun, Workflow, validate,
+};
 use serde_json::{Value as Json, json};
 
 /// Adds one to `value`; counts its executions in `COUNTER_RUNS`.
@@ -44,7 +46,13 @@ impl Node for IntSink {
     }
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let v = inputs.int("value")?;
-        ctx.sink.output(ctx.node_id, OutputFile { path: format!("int:{v}").into(), kind: "output" });
+        ctx.sink.output(
+            ctx.node_id,
+            OutputFile {
+                path: format!("int:{v}").into(),
+                kind: "output",
+            },
+        );
         Ok(Vec::new())
     }
 }
@@ -99,10 +107,21 @@ pub struct Fixture {
 
 pub fn fixture(workers: usize) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let env = NodeEnv::new(dir.path().join("input"), dir.path().join("output"), dir.path().join("models"));
+    let env = NodeEnv::new(
+        dir.path().join("input"),
+        dir.path().join("output"),
+        dir.path().join("models"),
+    );
     std::fs::create_dir_all(&env.input_dir).unwrap();
-    let config = ExecutorConfig { workers, ..ExecutorConfig::default() };
-    Fixture { registry: registry(), executor: Executor::new(Arc::new(env), config), dir }
+    let config = ExecutorConfig {
+        workers,
+        ..ExecutorConfig::default()
+    };
+    Fixture {
+        registry: registry(),
+        executor: Executor::new(Arc::new(env), config),
+        dir,
+    }
 }
 
 impl Fixture {
@@ -133,16 +152,29 @@ impl ExecutionObserver for Recorder {
 }
 
 pub fn job(id: &str, recorder: &Arc<Recorder>) -> JobRun {
-    JobRun { job_id: Arc::from(id), observer: recorder.clone(), cancel: CancelToken::new() }
+    JobRun {
+        job_id: Arc::from(id),
+        observer: recorder.clone(),
+        cancel: CancelToken::new(),
+    }
 }
 
 /// `TestCounter` chain of `n` nodes from a literal `start`, ending in a sink.
 pub fn counter_chain(n: usize, start: i64) -> Json {
     let mut wf = serde_json::Map::new();
-    wf.insert("c0".into(), json!({"class_type": "TestCounter", "inputs": {"value": start}}));
+    wf.insert(
+        "c0".into(),
+        json!({"class_type": "TestCounter", "inputs": {"value": start}}),
+    );
     for i in 1..n {
-        wf.insert(format!("c{i}"), json!({"class_type": "TestCounter", "inputs": {"value": [format!("c{}", i - 1), 0]}}));
+        wf.insert(
+            format!("c{i}"),
+            json!({"class_type": "TestCounter", "inputs": {"value": [format!("c{}", i - 1), 0]}}),
+        );
     }
-    wf.insert("sink".into(), json!({"class_type": "TestIntSink", "inputs": {"value": [format!("c{}", n - 1), 0]}}));
+    wf.insert(
+        "sink".into(),
+        json!({"class_type": "TestIntSink", "inputs": {"value": [format!("c{}", n - 1), 0]}}),
+    );
     Json::Object(wf)
 }

@@ -31,20 +31,33 @@ fn the_same_1000_node_workflow_twice_reuses_the_cache() {
     let wf = counter_chain(1000, 0);
     let before = COUNTER_RUNS.load(Ordering::Relaxed);
     let rec = Arc::new(Recorder::default());
-    let first = f.executor.run(&f.plan(&wf).unwrap(), &job("a", &rec)).unwrap();
+    let first = f
+        .executor
+        .run(&f.plan(&wf).unwrap(), &job("a", &rec))
+        .unwrap();
     assert_eq!(COUNTER_RUNS.load(Ordering::Relaxed) - before, 1000);
     assert_eq!(first.executed(), 1001);
 
     let mid = COUNTER_RUNS.load(Ordering::Relaxed);
     let rec2 = Arc::new(Recorder::default());
-    let second = f.executor.run(&f.plan(&wf).unwrap(), &job("b", &rec2)).unwrap();
-    assert_eq!(COUNTER_RUNS.load(Ordering::Relaxed) - mid, 0, "no counter ran again");
+    let second = f
+        .executor
+        .run(&f.plan(&wf).unwrap(), &job("b", &rec2))
+        .unwrap();
+    assert_eq!(
+        COUNTER_RUNS.load(Ordering::Relaxed) - mid,
+        0,
+        "no counter ran again"
+    );
     assert_eq!(second.cached(), 1000);
     assert_eq!(second.executed(), 1, "only the output node runs");
     assert_eq!(rec2.outputs.lock()[0].1.path.to_str(), Some("int:1000"));
 
     // A changed literal at the head invalidates everything downstream.
-    let third = f.executor.run(&f.plan(&counter_chain(1000, 1)).unwrap(), &job("c", &rec2)).unwrap();
+    let third = f
+        .executor
+        .run(&f.plan(&counter_chain(1000, 1)).unwrap(), &job("c", &rec2))
+        .unwrap();
     assert_eq!(third.cached(), 0);
 }
 
@@ -57,9 +70,16 @@ fn a_panicking_node_fails_its_job_and_the_next_job_succeeds() {
         "3": {"class_type": "TestIntSink", "inputs": {"value": ["2", 0]}},
     });
     let rec = Arc::new(Recorder::default());
-    let err = f.executor.run(&f.plan(&wf).unwrap(), &job("p", &rec)).unwrap_err();
+    let err = f
+        .executor
+        .run(&f.plan(&wf).unwrap(), &job("p", &rec))
+        .unwrap_err();
     match &err {
-        SchedulerError::NodePanicked { node_id, class_type, message } => {
+        SchedulerError::NodePanicked {
+            node_id,
+            class_type,
+            message,
+        } => {
             assert_eq!((node_id.as_str(), class_type.as_str()), ("2", "TestPanic"));
             assert!(message.contains("deliberate test panic"));
         }
@@ -76,9 +96,16 @@ fn a_panicking_node_fails_its_job_and_the_next_job_succeeds() {
             "3": {"class_type": "TestIntSink", "inputs": {"value": ["1", 0]}},
             "4": {"class_type": "TestIntSink", "inputs": {"value": ["2", 0]}},
         });
-        assert!(f.executor.run(&f.plan(&wf).unwrap(), &job("q", &rec)).is_err());
+        assert!(
+            f.executor
+                .run(&f.plan(&wf).unwrap(), &job("q", &rec))
+                .is_err()
+        );
     }
-    let ok = f.executor.run(&f.plan(&counter_chain(5, 0)).unwrap(), &job("next", &rec)).unwrap();
+    let ok = f
+        .executor
+        .run(&f.plan(&counter_chain(5, 0)).unwrap(), &job("next", &rec))
+        .unwrap();
     assert_eq!(ok.runs.len(), 6);
 }
 
@@ -111,9 +138,16 @@ fn cancellation_stops_before_the_next_node() {
     });
     let before = COUNTER_RUNS.load(Ordering::Relaxed);
     let rec = Arc::new(Recorder::default());
-    let err = f.executor.run(&f.plan(&wf).unwrap(), &job("x", &rec)).unwrap_err();
+    let err = f
+        .executor
+        .run(&f.plan(&wf).unwrap(), &job("x", &rec))
+        .unwrap_err();
     assert!(matches!(err, SchedulerError::Cancelled { .. }), "{err}");
-    assert_eq!(COUNTER_RUNS.load(Ordering::Relaxed), before, "the counter after the cancel never ran");
+    assert_eq!(
+        COUNTER_RUNS.load(Ordering::Relaxed),
+        before,
+        "the counter after the cancel never ran"
+    );
 }
 
 #[test]
@@ -121,13 +155,21 @@ fn independent_branches_all_run() {
     let f = fixture(2);
     let mut wf = serde_json::Map::new();
     for b in 0..8 {
-        wf.insert(format!("c{b}"), json!({"class_type": "TestCounter", "inputs": {"value": b * 100}}));
+        wf.insert(
+            format!("c{b}"),
+            json!({"class_type": "TestCounter", "inputs": {"value": b * 100}}),
+        );
         wf.insert(format!("s{b}"), json!({"class_type": "TestIntSink", "inputs": {"value": [format!("c{b}"), 0], "tag": "t"}}));
     }
     let rec = Arc::new(Recorder::default());
     let plan = f.plan(&serde_json::Value::Object(wf)).unwrap();
     f.executor.run(&plan, &job("par", &rec)).unwrap();
-    let mut got: Vec<String> = rec.outputs.lock().iter().map(|(_, o)| o.path.display().to_string()).collect();
+    let mut got: Vec<String> = rec
+        .outputs
+        .lock()
+        .iter()
+        .map(|(_, o)| o.path.display().to_string())
+        .collect();
     got.sort();
     let mut want: Vec<String> = (0..8).map(|b| format!("int:{}", b * 100 + 1)).collect();
     want.sort();
@@ -155,11 +197,17 @@ fn image_nodes_save_pngs_with_the_workflow_embedded() {
         "5": {"class_type": "SaveImage", "inputs": {"images": ["4", 0], "filename_prefix": "shots/test"}},
     });
     let rec = Arc::new(Recorder::default());
-    f.executor.run(&f.plan(&wf).unwrap(), &job("img", &rec)).unwrap();
+    f.executor
+        .run(&f.plan(&wf).unwrap(), &job("img", &rec))
+        .unwrap();
     let outputs = rec.outputs.lock();
     assert_eq!(outputs.len(), 4);
     let first = &outputs[0].1.path;
-    assert!(first.ends_with("shots/test_00001_.png"), "{}", first.display());
+    assert!(
+        first.ends_with("shots/test_00001_.png"),
+        "{}",
+        first.display()
+    );
     let text = sakuga_nodes::image::read_png_text(first).unwrap();
     let prompt: serde_json::Value = serde_json::from_str(&text[0].1).unwrap();
     assert_eq!(prompt["3"]["class_type"], "ImageScale");
@@ -179,7 +227,10 @@ fn save_image_refuses_prefixes_outside_the_output_dir() {
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "../escape"}},
     });
     let rec = Arc::new(Recorder::default());
-    let err = f.executor.run(&f.plan(&wf).unwrap(), &job("esc", &rec)).unwrap_err();
+    let err = f
+        .executor
+        .run(&f.plan(&wf).unwrap(), &job("esc", &rec))
+        .unwrap_err();
     assert!(err.to_string().contains("outside"), "{err}");
     assert!(!f.dir.path().join("escape_00001_.png").exists());
 }

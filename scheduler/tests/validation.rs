@@ -6,7 +6,9 @@ mod common;
 use sakuga_scheduler::SchedulerError;
 use serde_json::json;
 
-fn report(result: Result<sakuga_scheduler::ExecutionPlan, SchedulerError>) -> sakuga_scheduler::ValidationReport {
+fn report(
+    result: Result<sakuga_scheduler::ExecutionPlan, SchedulerError>,
+) -> sakuga_scheduler::ValidationReport {
     match result {
         Err(SchedulerError::Invalid(report)) => *report,
         Err(other) => panic!("expected a validation report, got {other}"),
@@ -15,7 +17,11 @@ fn report(result: Result<sakuga_scheduler::ExecutionPlan, SchedulerError>) -> sa
 }
 
 fn kinds_of(report: &sakuga_scheduler::ValidationReport, node: &str) -> Vec<&'static str> {
-    report.node_errors.get(node).map(|n| n.errors.iter().map(|e| e.kind).collect()).unwrap_or_default()
+    report
+        .node_errors
+        .get(node)
+        .map(|n| n.errors.iter().map(|e| e.kind).collect())
+        .unwrap_or_default()
 }
 
 #[test]
@@ -43,7 +49,10 @@ fn five_mistakes_are_all_reported_with_node_ids_and_types() {
     assert_eq!(r.node_errors["3"].dependent_outputs, ["6"]);
     // The JSON shape clients read.
     let j = r.to_json();
-    assert_eq!(j["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"].is_string(), true);
+    assert_eq!(
+        j["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"].is_string(),
+        true
+    );
     assert_eq!(j["error"]["type"], "prompt_outputs_failed_validation");
 }
 
@@ -69,7 +78,11 @@ fn link_problems_are_reported() {
     assert_eq!(kinds_of(&r, "5"), ["return_type_mismatch"]);
     assert_eq!(kinds_of(&r, "6"), ["invalid_input_type"]);
     assert_eq!(kinds_of(&r, "8"), ["invalid_input_type"]);
-    assert!(r.node_errors["5"].errors[0].details.contains("received_type(IMAGE) mismatch input_type(INT)"));
+    assert!(
+        r.node_errors["5"].errors[0]
+            .details
+            .contains("received_type(IMAGE) mismatch input_type(INT)")
+    );
 }
 
 #[test]
@@ -135,7 +148,10 @@ fn post_prompt_bodies_and_malformed_text() {
     let f = common::fixture(1);
     let body = json!({"prompt": common::counter_chain(3, 0), "client_id": "abc"});
     assert_eq!(f.plan(&body).unwrap().len(), 4);
-    assert!(matches!(sakuga_scheduler::Workflow::from_json_str("{oops"), Err(SchedulerError::Malformed { .. })));
+    assert!(matches!(
+        sakuga_scheduler::Workflow::from_json_str("{oops"),
+        Err(SchedulerError::Malformed { .. })
+    ));
     let r = report(f.plan(&json!({"1": 5, "2": {"inputs": {}}})));
     assert_eq!(kinds_of(&r, "1"), ["invalid_prompt"]);
     assert_eq!(kinds_of(&r, "2"), ["invalid_prompt"]);

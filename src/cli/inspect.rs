@@ -27,7 +27,10 @@ pub fn validate(common: &CommonArgs, args: &ValidateArgs) -> anyhow::Result<Exit
     match validate_workflow(&workflow, &registry, &env) {
         Ok(valid) => {
             if args.json {
-                println!("{}", serde_json::json!({"valid": true, "nodes": valid.nodes.len(), "outputs": valid.outputs.len()}));
+                println!(
+                    "{}",
+                    serde_json::json!({"valid": true, "nodes": valid.nodes.len(), "outputs": valid.outputs.len()})
+                );
             } else {
                 println!(
                     "{}: valid ({} nodes run, {} outputs)",
@@ -65,16 +68,30 @@ pub fn nodes(common: &CommonArgs, args: &NodesArgs) -> anyhow::Result<ExitCode> 
     let env = runtime::node_env(&config)?;
     let registry = runtime::registry();
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&registry.object_info(&env))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&registry.object_info(&env))?
+        );
         return Ok(ExitCode::SUCCESS);
     }
-    let width = registry.iter().map(|n| n.schema().class_type.len()).max().unwrap_or(0);
+    let width = registry
+        .iter()
+        .map(|n| n.schema().class_type.len())
+        .max()
+        .unwrap_or(0);
     for node in registry.iter() {
         let s = node.schema();
         let inputs: Vec<String> = s
             .inputs
             .iter()
-            .map(|i| format!("{}{}:{}", i.name, if i.required { "" } else { "?" }, i.kind.port_type()))
+            .map(|i| {
+                format!(
+                    "{}{}:{}",
+                    i.name,
+                    if i.required { "" } else { "?" },
+                    i.kind.port_type()
+                )
+            })
             .collect();
         let outputs: Vec<&str> = s.outputs.iter().map(|o| o.port.as_str()).collect();
         let marker = if s.output_node { " [output]" } else { "" };
@@ -82,7 +99,11 @@ pub fn nodes(common: &CommonArgs, args: &NodesArgs) -> anyhow::Result<ExitCode> 
             "{:width$}  {} -> {}{marker}   ({})",
             s.class_type,
             inputs.join(", "),
-            if outputs.is_empty() { "-".to_string() } else { outputs.join(", ") },
+            if outputs.is_empty() {
+                "-".to_string()
+            } else {
+                outputs.join(", ")
+            },
             s.category,
         );
     }

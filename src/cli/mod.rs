@@ -20,7 +20,11 @@ use crate::config::SakugaConfig;
 pub const EXIT_INVALID: u8 = 2;
 
 #[derive(Debug, Parser)]
-#[command(name = "sakuga", version, about = "Render scheduler for AI anime, comic and style pipelines, with the ops signals built in")]
+#[command(
+    name = "sakuga",
+    version,
+    about = "Render scheduler for AI anime, comic and style pipelines, with the ops signals built in"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub common: CommonArgs,
@@ -125,7 +129,11 @@ pub enum Command {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let guard = match cli.common.log_config().and_then(|c| Ok(sakuga_telemetry::init_logging(&c)?)) {
+    let guard = match cli
+        .common
+        .log_config()
+        .and_then(|c| Ok(sakuga_telemetry::init_logging(&c)?))
+    {
         Ok(guard) => guard,
         Err(e) => {
             eprintln!("error: {e:#}");

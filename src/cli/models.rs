@@ -28,7 +28,11 @@ pub fn run(common: &CommonArgs, command: &ModelsCommand) -> anyhow::Result<ExitC
             for path in &written {
                 println!("{}", path.display());
             }
-            println!("wrote {} demo model file(s) under {}", written.len(), dir.display());
+            println!(
+                "wrote {} demo model file(s) under {}",
+                written.len(),
+                dir.display()
+            );
         }
         ModelsCommand::List => {
             let store = sakuga_models::store::ModelStore::new(config.models_dir.clone());

@@ -14,10 +14,12 @@ use parking_lot::Mutex;
 
 use sakuga_nodes::{JobSink, OutputFile, StreamFrame};
 use sakuga_scheduler::observe::{TelemetryObserver, event_fields, workload_of};
-use sakuga_scheduler::{ExecutionObserver, ExecutionPlan, Executor, JobRun, NodeRun, SchedulerError, validate};
+use sakuga_scheduler::{
+    ExecutionObserver, ExecutionPlan, Executor, JobRun, NodeRun, SchedulerError, validate,
+};
 use sakuga_telemetry::{
-    DiagnosisConfig, ErrorKind, JobReport, Outcome, PrometheusConfig, Signals, Stage, TraceContext, Workload,
-    diagnose, events, render_findings,
+    DiagnosisConfig, ErrorKind, JobReport, Outcome, PrometheusConfig, Signals, Stage, TraceContext,
+    Workload, diagnose, events, render_findings,
 };
 
 use super::{CommonArgs, EXIT_INVALID, read_workflow};
@@ -47,7 +49,10 @@ pub struct RunArgs {
 pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let config = common.resolve()?;
     if common.default_models_dir(&config) && !config.models_dir.join("checkpoints").exists() {
-        eprintln!("models dir {} is empty: installing the demo models", config.models_dir.display());
+        eprintln!(
+            "models dir {} is empty: installing the demo models",
+            config.models_dir.display()
+        );
         sakuga_models::demo::write_demo_models(&config.models_dir)?;
     }
     std::fs::create_dir_all(&config.input_dir)
@@ -94,8 +99,13 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     let console = Arc::new(Console::new(plan.len(), args.no_progress));
     let observer = Arc::new(
-        TelemetryObserver::new(signals.clone(), fields.clone(), console.clone(), target_fps(&plan))
-            .with_local_delivery(),
+        TelemetryObserver::new(
+            signals.clone(),
+            fields.clone(),
+            console.clone(),
+            target_fps(&plan),
+        )
+        .with_local_delivery(),
     );
     let executor = Executor::new(Arc::new(env), config.executor.clone());
     signals.job_started(workload, fields.model_id.as_deref(), received.elapsed());
@@ -142,19 +152,25 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
         println!("{}", render_findings(&findings));
     }
     if let Some(path) = &args.metrics_out {
-        metrics.write_to(path).with_context(|| format!("cannot write metrics to {}", path.display()))?;
+        metrics
+            .write_to(path)
+            .with_context(|| format!("cannot write metrics to {}", path.display()))?;
     }
     if let Some(path) = &args.signals_out {
-        snapshot.save(path).with_context(|| format!("cannot write signals to {}", path.display()))?;
+        snapshot
+            .save(path)
+            .with_context(|| format!("cannot write signals to {}", path.display()))?;
     }
     Ok(code)
 }
 
 /// Creates the output dir and proves it takes files, so a bad `--out` fails before any work.
 fn ensure_writable(dir: &Path) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create output dir {}", dir.display()))?;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create output dir {}", dir.display()))?;
     let probe = dir.join(".sakuga-write-probe");
-    std::fs::write(&probe, b"").with_context(|| format!("output dir {} is not writable", dir.display()))?;
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("output dir {} is not writable", dir.display()))?;
     let _ = std::fs::remove_file(probe);
     Ok(())
 }
@@ -164,11 +180,14 @@ fn target_fps(plan: &ExecutionPlan) -> f64 {
         .iter()
         .filter(|s| s.class_type == "StreamFrames")
         .find_map(|s| {
-            s.literals.iter().find(|(n, _)| &**n == "fps").and_then(|(_, v)| match v {
-                sakuga_nodes::Value::Float(f) => Some(*f),
-                sakuga_nodes::Value::Int(i) => Some(*i as f64),
-                _ => None,
-            })
+            s.literals
+                .iter()
+                .find(|(n, _)| &**n == "fps")
+                .and_then(|(_, v)| match v {
+                    sakuga_nodes::Value::Float(f) => Some(*f),
+                    sakuga_nodes::Value::Int(i) => Some(*i as f64),
+                    _ => None,
+                })
         })
         .unwrap_or(24.0)
 }
@@ -199,10 +218,21 @@ fn print_summary(runs: &[NodeRun], latency: Duration, console: &Console) {
     }
     let mut rows: Vec<_> = by_class.into_iter().collect();
     rows.sort_by(|a, b| b.1.2.cmp(&a.1.2));
-    println!("\nnode timing ({} nodes, {:.3}s end to end)", runs.len(), latency.as_secs_f64());
-    println!("  {:<28} {:>6} {:>7} {:>11} {:>11}", "class_type", "runs", "cached", "total", "mean");
+    println!(
+        "\nnode timing ({} nodes, {:.3}s end to end)",
+        runs.len(),
+        latency.as_secs_f64()
+    );
+    println!(
+        "  {:<28} {:>6} {:>7} {:>11} {:>11}",
+        "class_type", "runs", "cached", "total", "mean"
+    );
     for (class, (ran, cached, total)) in rows.iter().take(20) {
-        let mean = if *ran > 0 { *total / *ran as u32 } else { Duration::ZERO };
+        let mean = if *ran > 0 {
+            *total / *ran as u32
+        } else {
+            Duration::ZERO
+        };
         println!(
             "  {class:<28} {ran:>6} {cached:>7} {:>10.3}ms {:>10.3}ms",
             total.as_secs_f64() * 1e3,
@@ -231,12 +261,22 @@ struct Console {
 
 impl Console {
     fn new(total: usize, hidden: bool) -> Self {
-        let bar = if hidden { ProgressBar::hidden() } else { ProgressBar::new(total as u64) };
+        let bar = if hidden {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::new(total as u64)
+        };
         bar.set_style(
-            ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} nodes {msg}")
-                .expect("static template"),
+            ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} nodes {msg}",
+            )
+            .expect("static template"),
         );
-        Self { bar, outputs: Mutex::new(Vec::new()), frames: Mutex::new(0) }
+        Self {
+            bar,
+            outputs: Mutex::new(Vec::new()),
+            frames: Mutex::new(0),
+        }
     }
 
     fn finish(&self) {
@@ -246,7 +286,8 @@ impl Console {
 
 impl JobSink for Console {
     fn progress(&self, node_id: &str, step: u64, steps: u64) {
-        self.bar.set_message(format!("node {node_id}: {step}/{steps}"));
+        self.bar
+            .set_message(format!("node {node_id}: {step}/{steps}"));
     }
 
     fn frame(&self, _: &str, _: StreamFrame) {
@@ -260,7 +301,8 @@ impl JobSink for Console {
 
 impl ExecutionObserver for Console {
     fn node_started(&self, node_id: &str, class_type: &str) {
-        self.bar.set_message(format!("node {node_id} ({class_type})"));
+        self.bar
+            .set_message(format!("node {node_id} ({class_type})"));
     }
 
     fn node_finished(&self, _: &NodeRun) {

@@ -48,12 +48,19 @@ impl Node for EmptyImage {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
-        let (w, h, b) = (dim(inputs, "width")?, dim(inputs, "height")?, dim(inputs, "batch_size")?);
+        let (w, h, b) = (
+            dim(inputs, "width")?,
+            dim(inputs, "height")?,
+            dim(inputs, "batch_size")?,
+        );
         let color = inputs.int("color")?;
-        let rgb = [(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF]
-            .map(|c| c as f32 / 255.0);
+        let rgb =
+            [(color >> 16) & 0xFF, (color >> 8) & 0xFF, color & 0xFF].map(|c| c as f32 / 255.0);
         let pixel = Tensor::new(&rgb, &ctx.env.device)?;
-        let image = pixel.reshape((1, 1, 1, 3))?.broadcast_as((b, h, w, 3))?.contiguous()?;
+        let image = pixel
+            .reshape((1, 1, 1, 3))?
+            .broadcast_as((b, h, w, 3))?
+            .contiguous()?;
         Ok(vec![Value::Image(image)])
     }
 }
@@ -169,7 +176,12 @@ impl Node for ImageScale {
             _ => image.clone(),
         };
         let method = inputs.str("upscale_method")?;
-        Ok(vec![Value::Image(resize(&source, width as u32, height as u32, method)?)])
+        Ok(vec![Value::Image(resize(
+            &source,
+            width as u32,
+            height as u32,
+            method,
+        )?)])
     }
 }
 

@@ -31,7 +31,9 @@ static COUNTERS: LazyLock<Mutex<HashMap<PathBuf, u64>>> = LazyLock::new(Default:
 fn next_counter(folder: &Path, stem: &str) -> u64 {
     let key = folder.join(stem);
     let mut counters = COUNTERS.lock();
-    let next = counters.entry(key).or_insert_with(|| highest_counter(folder, stem) + 1);
+    let next = counters
+        .entry(key)
+        .or_insert_with(|| highest_counter(folder, stem) + 1);
     let counter = *next;
     *next += 1;
     counter
@@ -105,7 +107,13 @@ impl Node for SaveImage {
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let prefix = inputs.str("filename_prefix")?;
-        save_batch(ctx, inputs.image("images")?, &ctx.env.output_dir, prefix, "output")?;
+        save_batch(
+            ctx,
+            inputs.image("images")?,
+            &ctx.env.output_dir,
+            prefix,
+            "output",
+        )?;
         Ok(Vec::new())
     }
 }
@@ -127,7 +135,13 @@ impl Node for PreviewImage {
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let prefix = format!("sakuga_temp_{}", ctx.job_id);
-        save_batch(ctx, inputs.image("images")?, &ctx.env.temp_dir, &prefix, "temp")?;
+        save_batch(
+            ctx,
+            inputs.image("images")?,
+            &ctx.env.temp_dir,
+            &prefix,
+            "temp",
+        )?;
         Ok(Vec::new())
     }
 }
