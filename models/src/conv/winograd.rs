@@ -139,7 +139,9 @@ pub fn conv3x3_winograd(
     };
     let hp = 4 * tiles_h + 2;
     let plane = h * w;
-    let mut output = vec![0f32; batch * c_out * plane];
+    // Not zero-filled: the chunks below write every element (their tiles partition each
+    // image's output), and the length is only set once they have.
+    let mut output: Vec<f32> = Vec::with_capacity(batch * c_out * plane);
     let mut padded = vec![0f32; hp * geometry.wp * c_in];
     // Chunks never straddle tile rows, so each one writes whole 4-row output strips.
     let chunks_per_row = tiles_w.div_ceil(TILES_PER_CHUNK);
@@ -192,7 +194,8 @@ pub fn conv3x3_winograd(
                     x0 += len;
                 }
             });
-        let out = SharedOutput(output[image * c_out * plane..].as_mut_ptr());
+        // SAFETY: in bounds of the allocation (capacity batch * c_out * plane).
+        let out = SharedOutput(unsafe { output.as_mut_ptr().add(image * c_out * plane) });
         let padded = &padded;
         (0..chunks).into_par_iter().for_each_init(
             || {
@@ -221,6 +224,10 @@ pub fn conv3x3_winograd(
             },
         );
     }
+    // SAFETY: every one of the batch * c_out * plane elements was written above: for each
+    // image, the chunks cover every tile row and every tile, and each tile writes its
+    // rows x cols (clipped at the image edge) for every output channel.
+    unsafe { output.set_len(batch * c_out * plane) };
     output
 }
 
