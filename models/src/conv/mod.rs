@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Shape, Tensor};
 
-use self::winograd::WinogradKernels;
+use self::winograd::{ActivationLayout, WinogradKernels};
 
 /// The activation fused after a convolution.
 #[derive(Debug, Clone)]
@@ -178,18 +178,43 @@ impl FusedConv2d {
     }
 }
 
-impl Module for FusedConv2d {
-    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+impl FusedConv2d {
+    fn winograd_op(&self, xs: &Tensor, layout: ActivationLayout) -> Option<WinogradOp> {
         match (&self.winograd, self.epilogue()) {
             (Some((kernels, bias)), Some(epilogue)) if self.uses_fast_path(xs) => {
-                let op = WinogradOp {
+                Some(WinogradOp {
                     kernels: kernels.clone(),
                     bias: bias.clone(),
                     epilogue,
-                };
-                xs.contiguous()?.apply_op1_no_bwd(&op)
+                    layout,
+                })
             }
-            _ => self.forward_im2col(xs),
+            _ => None,
+        }
+    }
+
+    /// The same convolution on channels-last activations, `[b, h, w, c_in]` to
+    /// `[b, h, w, c_out]`. CPU 3x3 layers run Winograd directly on that layout; others
+    /// permute around the NCHW path.
+    ///
+    /// # Errors
+    /// Shape mismatches between input and weight, device errors.
+    pub fn forward_nhwc(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self.winograd_op(xs, ActivationLayout::Nhwc) {
+            Some(op) => xs.contiguous()?.apply_op1_no_bwd(&op),
+            None => self
+                .forward(&xs.permute((0, 3, 1, 2))?)?
+                .permute((0, 2, 3, 1))?
+                .contiguous(),
+        }
+    }
+}
+
+impl Module for FusedConv2d {
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        match self.winograd_op(xs, ActivationLayout::Nchw) {
+            Some(op) => xs.contiguous()?.apply_op1_no_bwd(&op),
+            None => self.forward_im2col(xs),
         }
     }
 }
@@ -200,6 +225,7 @@ struct WinogradOp {
     kernels: Arc<WinogradKernels>,
     bias: Arc<Vec<f32>>,
     epilogue: cpu::Epilogue,
+    layout: ActivationLayout,
 }
 
 impl CustomOp1 for WinogradOp {
@@ -218,7 +244,13 @@ impl CustomOp1 for WinogradOp {
         let Some((start, end)) = layout.contiguous_offsets() else {
             candle_core::bail!("winograd conv: input must be contiguous")
         };
-        let (batch, c_in, h, w) = layout.shape().dims4()?;
+        let (batch, c_in, h, w) = match self.layout {
+            ActivationLayout::Nchw => layout.shape().dims4()?,
+            ActivationLayout::Nhwc => {
+                let (b, h, w, c) = layout.shape().dims4()?;
+                (b, c, h, w)
+            }
+        };
         if c_in != self.kernels.c_in() {
             candle_core::bail!(
                 "winograd conv: input has {c_in} channels, weight expects {}",
@@ -233,11 +265,14 @@ impl CustomOp1 for WinogradOp {
             &self.kernels,
             &self.bias,
             &self.epilogue,
+            self.layout,
         );
-        Ok((
-            CpuStorage::F32(out),
-            Shape::from((batch, self.kernels.c_out(), h, w)),
-        ))
+        let c_out = self.kernels.c_out();
+        let shape = match self.layout {
+            ActivationLayout::Nchw => Shape::from((batch, c_out, h, w)),
+            ActivationLayout::Nhwc => Shape::from((batch, h, w, c_out)),
+        };
+        Ok((CpuStorage::F32(out), shape))
     }
 }
 
@@ -350,6 +385,37 @@ mod tests {
         let slopes = seeded(&[64], 7);
         check(2, 64, 64, 37, 61, 3, 1, Activation::PRelu(slopes));
         check(1, 3, 48, 5, 3, 3, 1, Activation::Identity);
+    }
+
+    #[test]
+    fn channels_last_forward_matches_nchw() {
+        let x = seeded(&[2, 16, 13, 22], 8);
+        let slopes = seeded(&[32], 9);
+        let weight = seeded(&[32, 16, 3, 3], 10);
+        let conv = FusedConv2d::try_new(
+            weight,
+            Some(seeded(&[32], 11)),
+            1,
+            1,
+            Activation::PRelu(slopes),
+        )
+        .unwrap();
+        let nchw = conv.forward(&x).unwrap();
+        let nhwc = conv
+            .forward_nhwc(&x.permute((0, 2, 3, 1)).unwrap())
+            .unwrap();
+        assert_eq!(nhwc.dims(), &[2, 13, 22, 32]);
+        let back = nhwc.permute((0, 3, 1, 2)).unwrap();
+        assert_eq!(max_abs_diff(&back, &nchw), 0.0);
+        // A strided layer has no channels-last kernel: it goes around through NCHW.
+        let strided =
+            FusedConv2d::try_new(seeded(&[8, 16, 3, 3], 12), None, 1, 2, Activation::Identity)
+                .unwrap();
+        let out = strided
+            .forward_nhwc(&x.permute((0, 2, 3, 1)).unwrap())
+            .unwrap();
+        let want = strided.forward(&x).unwrap().permute((0, 2, 3, 1)).unwrap();
+        assert_eq!(max_abs_diff(&out, &want), 0.0);
     }
 
     #[test]

@@ -119,7 +119,18 @@ struct SharedOutput(*mut f32);
 unsafe impl Send for SharedOutput {}
 unsafe impl Sync for SharedOutput {}
 
-/// Runs the pad-1 3x3 convolution on contiguous NCHW `input` (`batch x c_in x h x w`).
+/// Memory order of activations: candle's usual NCHW, or channels-last (NHWC), which the
+/// Winograd transforms read and write directly, so chains of these convolutions (SRVGG)
+/// skip a transpose on the way in and a scatter on the way out of every layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActivationLayout {
+    Nchw,
+    Nhwc,
+}
+
+/// Runs the pad-1 3x3 convolution on contiguous `input` (`batch` images of `c_in x h x w`
+/// values in `layout` order), returning the output in the same layout.
+#[allow(clippy::too_many_arguments)]
 pub fn conv3x3_winograd(
     input: &[f32],
     batch: usize,
@@ -128,6 +139,7 @@ pub fn conv3x3_winograd(
     kernels: &WinogradKernels,
     bias: &[f32],
     epilogue: &Epilogue,
+    layout: ActivationLayout,
 ) -> Vec<f32> {
     let (c_in, c_out) = (kernels.c_in, kernels.c_out);
     let (tiles_h, tiles_w) = (h.div_ceil(4), w.div_ceil(4));
@@ -161,6 +173,11 @@ pub fn conv3x3_winograd(
                 row[..c_in].fill(0.0);
                 row[(w + 1) * c_in..].fill(0.0);
                 let y = py - 1;
+                if layout == ActivationLayout::Nhwc {
+                    row[c_in..(w + 1) * c_in]
+                        .copy_from_slice(&src[y * w * c_in..(y + 1) * w * c_in]);
+                    return;
+                }
                 // Transpose in 16-pixel blocks: read each channel's 16 pixels contiguously
                 // into a small buffer, then write each pixel's channels contiguously. Reading
                 // across channels directly would stride by a whole plane per value.
@@ -219,6 +236,7 @@ pub fn conv3x3_winograd(
                     first,
                     count,
                     out,
+                    layout,
                 };
                 job.run(v, m, strip);
             },
@@ -240,6 +258,7 @@ struct ChunkJob<'a> {
     first: usize,
     count: usize,
     out: SharedOutput,
+    layout: ActivationLayout,
 }
 
 impl ChunkJob<'_> {
@@ -415,6 +434,22 @@ impl ChunkJob<'_> {
                     }
                 }
             }
+            if self.layout == ActivationLayout::Nhwc {
+                // Channels-last: each output pixel's channels are one contiguous run.
+                let tile = self.first + t;
+                let (y0, x0) = (4 * (tile / g.tiles_w), 4 * (tile % g.tiles_w));
+                for a in 0..4.min(g.h - y0) {
+                    for b in 0..4.min(g.w - x0) {
+                        let index = ((y0 + a) * g.w + x0 + b) * c_out;
+                        // SAFETY: pixel (y0+a, x0+b) is inside the image and in this tile
+                        // alone; tiles are partitioned between chunks.
+                        let dst =
+                            unsafe { std::slice::from_raw_parts_mut(self.out.0.add(index), c_out) };
+                        dst.copy_from_slice(&result[(a * 4 + b) * c_out..(a * 4 + b + 1) * c_out]);
+                    }
+                }
+                continue;
+            }
             // Stage into strip[co][a][4t + b] (in cache), copied out row by row below;
             // scattering straight into 64 planes of the output thrashes the TLB.
             let strip_w = 4 * TILES_PER_CHUNK;
@@ -425,6 +460,9 @@ impl ChunkJob<'_> {
                     strip[at..at + 4].copy_from_slice(&quad);
                 }
             }
+        }
+        if self.layout == ActivationLayout::Nhwc {
+            return;
         }
         let strip_w = 4 * TILES_PER_CHUNK;
         let (y0, x0) = (4 * (self.first / g.tiles_w), 4 * (self.first % g.tiles_w));

@@ -8,7 +8,7 @@
 //! `body.{2i+3}` PReLU for each of `num_conv` body convs, and `body.{2 num_conv + 2}` the
 //! last conv with `3 * scale^2` outputs.
 
-use candle_core::{Module, Tensor};
+use candle_core::Tensor;
 
 use super::weights::StateDict;
 use crate::conv::{Activation, FusedConv2d};
@@ -140,10 +140,13 @@ impl Srvgg {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let scale = self.config.scale;
-        let mut feat = xs.clone();
+        // Channels-last through the conv chain: the Winograd kernel reads and writes it
+        // directly, so only the entry and the exit transpose.
+        let mut feat = xs.permute((0, 2, 3, 1))?.contiguous()?;
         for conv in &self.convs {
-            feat = conv.forward(&feat)?;
+            feat = conv.forward_nhwc(&feat)?;
         }
+        let feat = feat.permute((0, 3, 1, 2))?.contiguous()?;
         let out = candle_nn::ops::pixel_shuffle(&feat, scale)?;
         let base = xs.upsample_nearest2d(h * scale, w * scale)?;
         Ok((out + base)?)
