@@ -36,7 +36,10 @@ pub const DEMO_LORA: &str = "sakuga-demo-lora.safetensors";
 pub type DemoWriter = fn(&Path) -> Result<Vec<PathBuf>>;
 
 /// Demo writers of other model families, run after the diffusion ones.
-pub const EXTRA_DEMO_WRITERS: &[DemoWriter] = &[];
+pub const EXTRA_DEMO_WRITERS: &[DemoWriter] = &[
+    crate::upscale::demo::write_demo_upscaler,
+    crate::interpolate::demo::write_demo_models,
+];
 
 /// Writes every demo model under `dir` (a models root in ComfyUI layout) and returns the
 /// paths written. Rewriting gives byte-identical files.

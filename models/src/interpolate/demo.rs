@@ -85,3 +85,21 @@ pub fn demo_rife_state_dict() -> Result<StateDict> {
 pub fn write_demo_rife(path: &Path) -> Result<()> {
     demo_rife_state_dict()?.save_safetensors(path)
 }
+
+/// File name of the demo RIFE inside `interpolation_models/`.
+pub const DEMO_RIFE: &str = "sakuga-demo-rife.safetensors";
+
+/// Writes the demo RIFE into `interpolation_models/` under the models root `dir`.
+///
+/// # Errors
+/// [`crate::ModelError::Io`] when the file cannot be written.
+pub fn write_demo_models(dir: &Path) -> Result<Vec<std::path::PathBuf>> {
+    let folder = dir.join(crate::store::ModelFolder::InterpolationModels.dir_name());
+    std::fs::create_dir_all(&folder).map_err(|source| crate::ModelError::Io {
+        path: folder.clone(),
+        source,
+    })?;
+    let path = folder.join(DEMO_RIFE);
+    write_demo_rife(&path)?;
+    Ok(vec![path])
+}

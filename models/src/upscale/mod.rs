@@ -10,6 +10,7 @@
 //! [`Upscaler`] ties them together: `Upscaler::load(path, device)` then
 //! `upscaler.upscale(&image_bhwc, TileConfig::default())`.
 
+pub mod demo;
 pub mod ncnn;
 pub mod rrdb;
 pub mod srvgg;
