@@ -20,6 +20,8 @@ pub mod node;
 pub mod port;
 pub mod registry;
 pub mod schema;
+#[cfg(test)]
+mod testing;
 pub mod value;
 
 pub use error::NodeError;

@@ -772,42 +772,16 @@ impl Node for RepeatLatentBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::{CancelToken, NullSink};
-
-    struct Rig {
-        _dir: tempfile::TempDir,
-        env: NodeEnv,
-        cancel: CancelToken,
-    }
+    use crate::testing::Rig;
 
     fn rig() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let models = dir.path().join("models");
-        sakuga_models::demo::write_demo_models(&models).unwrap();
-        let mut env = NodeEnv::new(dir.path().join("input"), dir.path().join("output"), models);
-        env.resources
-            .insert(Arc::new(ModelCache::new(1 << 30, "cpu")));
-        Rig {
-            _dir: dir,
-            env,
-            cancel: CancelToken::new(),
-        }
+        Rig::new(|models| {
+            sakuga_models::demo::write_demo_models(models).unwrap();
+        })
     }
 
     fn run(rig: &Rig, node: &dyn Node, inputs: &[(&str, Value)]) -> Result<Vec<Value>, NodeError> {
-        let ctx = ExecContext {
-            job_id: "job",
-            node_id: "1",
-            env: &rig.env,
-            sink: &NullSink,
-            cancel: &rig.cancel,
-            workflow: None,
-        };
-        let mut bound = Inputs::new();
-        for (name, value) in inputs {
-            bound.insert(*name, value.clone());
-        }
-        node.execute(&ctx, &bound)
+        rig.run(node, inputs)
     }
 
     fn s(v: &str) -> Value {

@@ -122,52 +122,26 @@ impl Node for ImageUpscaleWithModel {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::{CancelToken, NullSink};
-
-    struct Rig {
-        _dir: tempfile::TempDir,
-        env: NodeEnv,
-        cancel: CancelToken,
-    }
+    use crate::testing::Rig;
 
     fn rig() -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let models = dir.path().join("models");
-        let folder = models.join("upscale_models");
-        std::fs::create_dir_all(&folder).unwrap();
-        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../assets/models/upscale_models/realesr-animevideov3-x4");
-        for ext in ["param", "bin"] {
-            std::fs::copy(
-                shipped.with_extension(ext),
-                folder.join(format!("anime.{ext}")),
-            )
-            .unwrap();
-        }
-        let mut env = NodeEnv::new(dir.path().join("input"), dir.path().join("output"), models);
-        env.resources
-            .insert(Arc::new(ModelCache::new(1 << 30, "cpu")));
-        Rig {
-            _dir: dir,
-            env,
-            cancel: CancelToken::new(),
-        }
+        Rig::new(|models| {
+            let folder = models.join("upscale_models");
+            std::fs::create_dir_all(&folder).unwrap();
+            let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../assets/models/upscale_models/realesr-animevideov3-x4");
+            for ext in ["param", "bin"] {
+                std::fs::copy(
+                    shipped.with_extension(ext),
+                    folder.join(format!("anime.{ext}")),
+                )
+                .unwrap();
+            }
+        })
     }
 
     fn run(rig: &Rig, node: &dyn Node, inputs: &[(&str, Value)]) -> Result<Vec<Value>, NodeError> {
-        let ctx = ExecContext {
-            job_id: "job",
-            node_id: "1",
-            env: &rig.env,
-            sink: &NullSink,
-            cancel: &rig.cancel,
-            workflow: None,
-        };
-        let mut bound = Inputs::new();
-        for (name, value) in inputs {
-            bound.insert(*name, value.clone());
-        }
-        node.execute(&ctx, &bound)
+        rig.run(node, inputs)
     }
 
     #[test]
