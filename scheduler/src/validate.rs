@@ -623,7 +623,7 @@ fn check_range(
 ) -> Result<(), ValidationError> {
     if v < min {
         return Err(ValidationError {
-            details: format!("{}", spec.name),
+            details: spec.name.to_string(),
             ..input_error(
                 "value_smaller_than_min",
                 &format!("Value {raw} smaller than min of {min}"),
@@ -634,7 +634,7 @@ fn check_range(
     }
     if v > max {
         return Err(ValidationError {
-            details: format!("{}", spec.name),
+            details: spec.name.to_string(),
             ..input_error(
                 "value_bigger_than_max",
                 &format!("Value {raw} bigger than max of {max}"),
