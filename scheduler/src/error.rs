@@ -24,7 +24,7 @@ pub enum SchedulerError {
         node_id: String,
         class_type: String,
         #[source]
-        source: NodeError,
+        source: Box<NodeError>,
     },
     /// A node panicked; the worker survived and the job failed.
     #[error("node {node_id} ({class_type}) panicked: {message}")]

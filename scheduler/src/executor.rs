@@ -286,7 +286,7 @@ impl Executor {
                     return Prepared::Failed(SchedulerError::NodeFailed {
                         node_id: s.id.to_string(),
                         class_type: s.class_type.to_string(),
-                        source,
+                        source: Box::new(source),
                     });
                 }
             }
@@ -337,7 +337,7 @@ impl Executor {
                 return Err(SchedulerError::NodeFailed {
                     node_id: s.id.to_string(),
                     class_type: s.class_type.to_string(),
-                    source,
+                    source: Box::new(source),
                 });
             }
             Err(Failure::Panic(message)) => {
@@ -353,10 +353,10 @@ impl Executor {
             return Err(SchedulerError::NodeFailed {
                 node_id: s.id.to_string(),
                 class_type: s.class_type.to_string(),
-                source: NodeError::InvalidInput(format!(
+                source: Box::new(NodeError::InvalidInput(format!(
                     "node returned {} outputs, its schema declares {expected}",
                     values.len()
-                )),
+                ))),
             });
         }
         if !c.cached && s.node.cacheable() {

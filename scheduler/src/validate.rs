@@ -387,6 +387,8 @@ impl<'a> Validator<'a> {
         }
     }
 
+    // The error is this function's product, built once per bad input: no point boxing it.
+    #[allow(clippy::result_large_err)]
     fn convert_literal(&mut self, spec: &InputSpec, raw: &Json) -> Result<Value, ValidationError> {
         let invalid = |type_name: &str| ValidationError {
             details: format!("{}, {raw}", spec.name),
@@ -614,6 +616,7 @@ fn input_error(
     }
 }
 
+#[allow(clippy::result_large_err)] // as for `convert_literal`
 fn check_range(
     spec: &InputSpec,
     raw: &Json,

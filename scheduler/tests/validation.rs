@@ -49,10 +49,7 @@ fn five_mistakes_are_all_reported_with_node_ids_and_types() {
     assert_eq!(r.node_errors["3"].dependent_outputs, ["6"]);
     // The JSON shape clients read.
     let j = r.to_json();
-    assert_eq!(
-        j["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"].is_string(),
-        true
-    );
+    assert!(j["node_errors"]["2"]["errors"][0]["extra_info"]["input_name"].is_string());
     assert_eq!(j["error"]["type"], "prompt_outputs_failed_validation");
 }
 
