@@ -217,7 +217,7 @@ fn print_summary(runs: &[NodeRun], latency: Duration, console: &Console) {
         }
     }
     let mut rows: Vec<_> = by_class.into_iter().collect();
-    rows.sort_by(|a, b| b.1.2.cmp(&a.1.2));
+    rows.sort_by_key(|row| std::cmp::Reverse(row.1.2));
     println!(
         "\nnode timing ({} nodes, {:.3}s end to end)",
         runs.len(),
