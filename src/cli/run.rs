@@ -5,21 +5,19 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use parking_lot::Mutex;
 
-use sakuga_nodes::{JobSink, OutputFile, StreamFrame};
-use sakuga_scheduler::observe::{TelemetryObserver, event_fields, workload_of};
-use sakuga_scheduler::{
-    ExecutionObserver, ExecutionPlan, Executor, JobRun, NodeRun, SchedulerError, validate,
+use sakuga_scheduler::engine::{
+    EngineConfig, EngineHandle, JobEvent, JobInfo, JobState, SubmitRequest, WatchItem,
 };
+use sakuga_scheduler::{SchedulerError, validate};
 use sakuga_telemetry::{
-    DiagnosisConfig, ErrorKind, JobReport, Outcome, PrometheusConfig, Signals, Stage, TraceContext,
-    Workload, diagnose, events, render_findings,
+    DiagnosisConfig, PrometheusConfig, Signals, Workload, diagnose, render_findings,
 };
 
 use super::{CommonArgs, EXIT_INVALID, read_workflow};
@@ -68,83 +66,62 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let probe = sakuga_models::device::probe_for(&config.device)?;
     let _sampler = signals.spawn_device_sampler(probe, DEVICE_SAMPLE_INTERVAL)?;
 
-    let received = Instant::now();
-    let env = runtime::node_env(&config)?;
-    let registry = runtime::registry();
+    let env = Arc::new(runtime::node_env(&config)?);
+    let registry = Arc::new(runtime::registry());
     let workflow = read_workflow(&args.workflow)?;
-    let plan = match validate(&workflow, &registry, &env) {
-        Ok(valid) => ExecutionPlan::compile(valid),
+    // Validate here first so the user gets every problem as text with exit code 2; the
+    // engine validates again on submit, as it does for every client.
+    let nodes = match validate(&workflow, &registry, &env) {
+        Ok(valid) => valid.nodes.len(),
         Err(SchedulerError::Invalid(report)) => {
-            eprintln!("{}: {}", args.workflow.display(), report.summary());
-            for line in report.lines() {
-                eprintln!("  {line}");
-            }
+            print_invalid(&args.workflow, &report);
             return Ok(ExitCode::from(EXIT_INVALID));
         }
         Err(other) => return Err(other.into()),
     };
-    let workload = match args.workload.as_deref() {
-        Some(w) => w.parse::<Workload>()?,
-        None => workload_of(&plan),
-    };
+    let workload = args
+        .workload
+        .as_deref()
+        .map(str::parse::<Workload>)
+        .transpose()?;
 
-    let job_id = format!("run-{}", std::process::id());
-    let trace = TraceContext::new_root();
-    let fields = event_fields(&job_id, workload, &trace, &plan);
-    let span = sakuga_telemetry::job_span(&fields);
-    let _entered = span.enter();
-    events::prompt_received(&fields);
-    signals.job_submitted(workload);
-    signals.stage_finished(workload, Stage::Parse, received.elapsed());
-
-    let console = Arc::new(Console::new(plan.len(), args.no_progress));
-    let observer = Arc::new(
-        TelemetryObserver::new(
-            signals.clone(),
-            fields.clone(),
-            console.clone(),
-            target_fps(&plan),
-        )
-        .with_local_delivery(),
-    );
-    let executor = Executor::new(Arc::new(env), config.executor.clone());
-    signals.job_started(workload, fields.model_id.as_deref(), received.elapsed());
-    let job = JobRun {
-        job_id: Arc::from(job_id.as_str()),
-        observer: observer.clone(),
-        cancel: sakuga_nodes::CancelToken::new(),
+    // The same engine as `sakuga serve` (admission, queue, device worker, telemetry), with
+    // the journal off: an interrupted `run` is simply run again.
+    let engine_config = EngineConfig {
+        executor: config.executor.clone(),
+        ..EngineConfig::default()
     };
-    let result = executor.run(&plan, &job);
+    let engine = EngineHandle::start(engine_config, registry, env, signals.clone())?;
+    let console = Console::new(nodes, args.no_progress);
+    let mut request = SubmitRequest::new((*workflow.source).clone());
+    request.workload = workload;
+    let result = engine.run_to_completion(request, |item| console.on_item(item));
     console.finish();
-    let latency = received.elapsed();
-
-    let (outcome, code) = match &result {
-        Ok(_) => {
-            events::deliver_complete(&fields, latency);
-            (Outcome::Success, ExitCode::SUCCESS)
+    engine.shutdown_blocking();
+    let info = match result {
+        Ok(info) => info,
+        Err(SchedulerError::Invalid(report)) => {
+            print_invalid(&args.workflow, &report);
+            return Ok(ExitCode::from(EXIT_INVALID));
         }
-        Err(e) => {
-            let kind = error_kind(e);
-            signals.error(kind, Stage::Inference);
-            events::job_failed(&fields, kind, e);
-            (outcome_of(e), ExitCode::FAILURE)
+        Err(other) => return Err(other.into()),
+    };
+
+    let code = match info.state {
+        JobState::Succeeded => {
+            console.print_summary(&info);
+            ExitCode::SUCCESS
+        }
+        state => {
+            eprintln!(
+                "error: job {} {state:?}: {}",
+                info.job_id,
+                info.error.as_deref().unwrap_or("no reason given")
+            );
+            ExitCode::FAILURE
         }
     };
-    let images = console.outputs.lock().len() as u64;
-    let mut report = JobReport::new(workload, outcome, latency).with_images(images);
-    if let (Some(w), Some(h)) = (fields.width, fields.height) {
-        report = report.with_resolution(w, h);
-    }
-    if let Some(model) = fields.model_id.as_deref() {
-        report = report.with_model(model);
-    }
-    signals.job_finished(&report);
     signals.publish();
-
-    match &result {
-        Ok(job_report) => print_summary(&job_report.runs, latency, &console),
-        Err(e) => eprintln!("error: {e}"),
-    }
     let snapshot = signals.snapshot();
     println!("\n{}", snapshot.render_text());
     let findings = diagnose(&snapshot, &DiagnosisConfig::default());
@@ -164,6 +141,13 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
+fn print_invalid(path: &Path, report: &sakuga_scheduler::ValidationReport) {
+    eprintln!("{}: {}", path.display(), report.summary());
+    for line in report.lines() {
+        eprintln!("  {line}");
+    }
+}
+
 /// Creates the output dir and proves it takes files, so a bad `--out` fails before any work.
 fn ensure_writable(dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)
@@ -175,88 +159,18 @@ fn ensure_writable(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn target_fps(plan: &ExecutionPlan) -> f64 {
-    plan.steps
-        .iter()
-        .filter(|s| s.class_type == "StreamFrames")
-        .find_map(|s| {
-            s.literals
-                .iter()
-                .find(|(n, _)| &**n == "fps")
-                .and_then(|(_, v)| match v {
-                    sakuga_nodes::Value::Float(f) => Some(*f),
-                    sakuga_nodes::Value::Int(i) => Some(*i as f64),
-                    _ => None,
-                })
-        })
-        .unwrap_or(24.0)
+/// What one node did, from the job's feed.
+struct NodeTiming {
+    class_type: String,
+    duration: Duration,
+    cached: bool,
 }
 
-fn error_kind(e: &SchedulerError) -> ErrorKind {
-    e.kind().parse().unwrap_or(ErrorKind::Internal)
-}
-
-fn outcome_of(e: &SchedulerError) -> Outcome {
-    match e.kind() {
-        "cancelled" => Outcome::Cancelled,
-        "oom" => Outcome::Oom,
-        "timeout" => Outcome::Timeout,
-        _ => Outcome::Failed,
-    }
-}
-
-fn print_summary(runs: &[NodeRun], latency: Duration, console: &Console) {
-    let mut by_class: BTreeMap<&str, (usize, usize, Duration)> = BTreeMap::new();
-    for run in runs {
-        let entry = by_class.entry(run.class_type).or_default();
-        if run.cached {
-            entry.1 += 1;
-        } else {
-            entry.0 += 1;
-            entry.2 += run.duration;
-        }
-    }
-    let mut rows: Vec<_> = by_class.into_iter().collect();
-    rows.sort_by_key(|row| std::cmp::Reverse(row.1.2));
-    println!(
-        "\nnode timing ({} nodes, {:.3}s end to end)",
-        runs.len(),
-        latency.as_secs_f64()
-    );
-    println!(
-        "  {:<28} {:>6} {:>7} {:>11} {:>11}",
-        "class_type", "runs", "cached", "total", "mean"
-    );
-    for (class, (ran, cached, total)) in rows.iter().take(20) {
-        let mean = if *ran > 0 {
-            *total / *ran as u32
-        } else {
-            Duration::ZERO
-        };
-        println!(
-            "  {class:<28} {ran:>6} {cached:>7} {:>10.3}ms {:>10.3}ms",
-            total.as_secs_f64() * 1e3,
-            mean.as_secs_f64() * 1e3
-        );
-    }
-    let outputs = console.outputs.lock();
-    if !outputs.is_empty() {
-        println!("\noutputs");
-        for file in outputs.iter() {
-            println!("  {} ({})", file.path.display(), file.kind);
-        }
-    }
-    let frames = *console.frames.lock();
-    if frames > 0 {
-        println!("\nstreamed {frames} frame(s)");
-    }
-}
-
-/// The terminal side of a run: progress bar, outputs and frame count.
+/// The terminal side of a run: the progress bar, and what the job's feed reported.
 struct Console {
     bar: ProgressBar,
-    outputs: Mutex<Vec<OutputFile>>,
-    frames: Mutex<u64>,
+    nodes: Mutex<Vec<NodeTiming>>,
+    frames: Mutex<(u64, u64)>,
 }
 
 impl Console {
@@ -274,38 +188,109 @@ impl Console {
         );
         Self {
             bar,
-            outputs: Mutex::new(Vec::new()),
-            frames: Mutex::new(0),
+            nodes: Mutex::new(Vec::new()),
+            frames: Mutex::new((0, 0)),
         }
     }
 
     fn finish(&self) {
         self.bar.finish_and_clear();
     }
-}
 
-impl JobSink for Console {
-    fn progress(&self, node_id: &str, step: u64, steps: u64) {
-        self.bar
-            .set_message(format!("node {node_id}: {step}/{steps}"));
+    fn on_item(&self, item: &WatchItem) {
+        match item {
+            WatchItem::Event(event) => match &event.event {
+                JobEvent::NodeStarted {
+                    node_id,
+                    class_type,
+                } => {
+                    self.bar
+                        .set_message(format!("node {node_id} ({class_type})"));
+                }
+                JobEvent::Progress {
+                    node_id,
+                    step,
+                    steps,
+                } => {
+                    self.bar
+                        .set_message(format!("node {node_id}: {step}/{steps}"));
+                }
+                JobEvent::NodeFinished {
+                    class_type,
+                    duration,
+                    cached,
+                    ..
+                } => {
+                    self.bar.inc(1);
+                    self.nodes.lock().push(NodeTiming {
+                        class_type: class_type.clone(),
+                        duration: *duration,
+                        cached: *cached,
+                    });
+                }
+                JobEvent::Admission {
+                    decision, reason, ..
+                } => {
+                    self.bar
+                        .set_message(format!("admission: {decision} ({reason})"));
+                }
+                _ => {}
+            },
+            WatchItem::Frame(_) => self.frames.lock().0 += 1,
+            WatchItem::FramesDropped(n) => self.frames.lock().1 += n,
+            WatchItem::EventsSkipped(_) => {}
+        }
     }
 
-    fn frame(&self, _: &str, _: StreamFrame) {
-        *self.frames.lock() += 1;
-    }
-
-    fn output(&self, _: &str, file: OutputFile) {
-        self.outputs.lock().push(file);
-    }
-}
-
-impl ExecutionObserver for Console {
-    fn node_started(&self, node_id: &str, class_type: &str) {
-        self.bar
-            .set_message(format!("node {node_id} ({class_type})"));
-    }
-
-    fn node_finished(&self, _: &NodeRun) {
-        self.bar.inc(1);
+    /// Per-class timing (slowest first), the job's outputs and its frames.
+    fn print_summary(&self, info: &JobInfo) {
+        let nodes = self.nodes.lock();
+        let mut by_class: BTreeMap<&str, (usize, usize, Duration)> = BTreeMap::new();
+        for node in nodes.iter() {
+            let entry = by_class.entry(&node.class_type).or_default();
+            if node.cached {
+                entry.1 += 1;
+            } else {
+                entry.0 += 1;
+                entry.2 += node.duration;
+            }
+        }
+        let mut rows: Vec<_> = by_class.into_iter().collect();
+        rows.sort_by_key(|row| std::cmp::Reverse(row.1.2));
+        let latency = match (info.finished_at, info.submitted_at) {
+            (Some(end), start) => end.duration_since(start).unwrap_or_default(),
+            _ => Duration::ZERO,
+        };
+        println!(
+            "\nnode timing ({} nodes, {:.3}s end to end)",
+            nodes.len(),
+            latency.as_secs_f64()
+        );
+        println!(
+            "  {:<30} {:>5} {:>7} {:>11} {:>11}",
+            "class_type", "runs", "cached", "total", "mean"
+        );
+        for (class, (ran, cached, total)) in rows.iter().take(20) {
+            let mean = if *ran > 0 {
+                *total / *ran as u32
+            } else {
+                Duration::ZERO
+            };
+            println!(
+                "  {class:<30} {ran:>5} {cached:>7} {:>9.3}ms {:>9.3}ms",
+                total.as_secs_f64() * 1e3,
+                mean.as_secs_f64() * 1e3
+            );
+        }
+        if !info.outputs.is_empty() {
+            println!("\noutputs");
+            for output in &info.outputs {
+                println!("  {} ({})", output.path.display(), output.kind);
+            }
+        }
+        let (frames, dropped) = *self.frames.lock();
+        if frames + dropped > 0 {
+            println!("\nstreamed {frames} frame(s), {dropped} dropped");
+        }
     }
 }
