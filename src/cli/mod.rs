@@ -8,6 +8,7 @@ mod inspect;
 mod models;
 mod run;
 mod serve;
+mod client;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -124,6 +125,14 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// Serve the gRPC API (render, signals, nodes, KEDA scaler, health, reflection).
     Serve(serve::ServeArgs),
+    /// Submit a workflow to a server (optionally following it).
+    Submit(client::SubmitArgs),
+    /// Follow a job on a server: events, frames, final status.
+    Watch(client::JobArgs),
+    /// Cancel a job on a server.
+    Cancel(client::JobArgs),
+    /// A server's golden signals, SLOs, demand and replica advice.
+    Signals(client::SignalsArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -147,6 +156,10 @@ pub fn main() -> ExitCode {
         Command::Models(command) => models::run(&cli.common, command),
         Command::Doctor(args) => doctor::run(&cli.common, args),
         Command::Serve(args) => serve::serve(&cli.common, args),
+        Command::Submit(args) => client::submit(args),
+        Command::Watch(args) => client::watch(args),
+        Command::Cancel(args) => client::cancel(args),
+        Command::Signals(args) => client::signals(args),
     };
     drop(guard);
     match result {

@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
 use clap::Args;
@@ -88,8 +88,11 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         ..ServerConfig::default()
     };
     let warmup = args.warmup.clone();
+    let started: Arc<OnceLock<EngineHandle>> = Arc::new(OnceLock::new());
+    let started_slot = started.clone();
     let start = EngineStart::Start(Box::new(move || {
         let engine = EngineHandle::start(engine_config, registry, env, signals)?;
+        let _ = started_slot.set(engine.clone());
         if !warmup.is_empty() {
             let report = crate::server::ops::warmup(&engine, &warmup);
             tracing::info!(loaded = ?report.loaded, failed = ?report.failed, "warmup done");
@@ -109,10 +112,42 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
             listener.local_addr()?,
             metrics.listen_addr()
         );
+        tokio::spawn(reload_on_sighup(started, reload));
         run(listener, start, server_config, shutdown_signal()).await?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Applies the tunables file again on every SIGHUP, without dropping work.
+async fn reload_on_sighup(engine: Arc<OnceLock<EngineHandle>>, reload: ReloadFn) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("no SIGHUP handler; reload with the Reload RPC");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let Some(engine) = engine.get().cloned() else {
+                continue;
+            };
+            let reload = reload.clone();
+            match tokio::task::spawn_blocking(move || reload(&engine)).await {
+                Ok(Ok(r)) => {
+                    tracing::info!(generation = r.generation, config_hash = %r.config_hash, "configuration reloaded")
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "reload failed; the running configuration stays")
+                }
+                Err(e) => tracing::error!(error = %e, "reload task failed"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (engine, reload);
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -1,0 +1,198 @@
+//! gRPC throughput and latency on loopback: trivial jobs submitted and followed to their
+//! final status by 1 and 8 concurrent clients, then a 10x overload burst with peak RSS.
+//!
+//! `cargo bench --bench grpc` (release profile). Figures go to BENCHMARKS.md by hand.
+//! Server and clients share the process, so RSS covers both.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use sakuga::client::SakugaClient;
+use sakuga::server::{EngineStart, ServerConfig, run};
+use sakuga_nodes::{NodeEnv, NodeRegistry};
+use sakuga_proto::v1;
+use sakuga_proto::v1::watch_event::Kind;
+use sakuga_scheduler::{EngineConfig, EngineHandle};
+use sakuga_telemetry::{Signals, SignalsConfig};
+
+fn trivial(i: usize) -> v1::SubmitRequest {
+    // One 8x8 frame; the colour varies so the output cache cannot serve whole jobs.
+    let wf = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i % 0xFF_FFFF}},
+        "2": {"class_type": "StreamFrames", "inputs": {"images": ["1", 0], "fps": 24.0, "pace": false}},
+    });
+    v1::SubmitRequest {
+        workflow: Some(v1::submit_request::Workflow::WorkflowJson(wf.to_string())),
+        workload: v1::Workload::SingleImage as i32,
+        ..Default::default()
+    }
+}
+
+fn status_kb(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Submits `per_client` jobs per client, each followed to its final status.
+async fn closed_loop(url: &str, clients: usize, per_client: usize) -> (f64, Vec<Duration>) {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut client = SakugaClient::connect(&url, None).await.unwrap();
+            let mut latencies = Vec::with_capacity(per_client);
+            for i in 0..per_client {
+                let t = Instant::now();
+                let job = client
+                    .render
+                    .submit(trivial(c * per_client + i))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .job_id;
+                let request = v1::WatchRequest {
+                    job_id: job,
+                    skip_frames: true,
+                    ..Default::default()
+                };
+                let mut stream = client.render.watch(request).await.unwrap().into_inner();
+                while let Some(event) = stream.message().await.unwrap() {
+                    if let Some(Kind::FinalStatus(f)) = event.kind {
+                        assert_eq!(f.state, v1::JobState::Succeeded as i32, "{}", f.error);
+                        break;
+                    }
+                }
+                latencies.push(t.elapsed());
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+    all.sort();
+    (rate, all)
+}
+
+/// Open loop: `clients` submitters fire without waiting for jobs; returns (accepted, denied, seconds).
+async fn burst(url: &str, clients: usize, per_client: usize) -> (usize, usize, f64) {
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let url = url.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let mut client = SakugaClient::connect(&url, None).await.unwrap();
+            let (mut ok, mut denied) = (0, 0);
+            for i in 0..per_client {
+                match client
+                    .render
+                    .submit(trivial(1_000_000 + c * per_client + i))
+                    .await
+                {
+                    Ok(_) => ok += 1,
+                    Err(s) if s.code() == tonic::Code::ResourceExhausted => denied += 1,
+                    Err(s) => panic!("unexpected {s}"),
+                }
+            }
+            (ok, denied)
+        }));
+    }
+    let (mut ok, mut denied) = (0, 0);
+    for t in tasks {
+        let (o, d) = t.await.unwrap();
+        ok += o;
+        denied += d;
+    }
+    (ok, denied, started.elapsed().as_secs_f64())
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let env = NodeEnv::new(root.join("input"), root.join("output"), root.join("models"));
+        let mut config = EngineConfig {
+            data_dir: Some(root.join("data")),
+            ..EngineConfig::default()
+        };
+        config.tunables.admission.queue_caps.single_image = 1024;
+        let engine = EngineHandle::start(
+            config,
+            Arc::new(NodeRegistry::with_builtins()),
+            Arc::new(env),
+            Signals::new(SignalsConfig::default()),
+        )
+        .unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(listener, EngineStart::Ready(engine.clone()), ServerConfig::default(), async {
+            let _ = stopped.await;
+        }));
+
+        // Warm-up: connections, estimator, allocator.
+        closed_loop(&url, 1, 200).await;
+        for clients in [1usize, 8] {
+            let per = if clients == 1 { 2000 } else { 500 };
+            let (rate, lat) = closed_loop(&url, clients, per).await;
+            println!(
+                "closed loop, {clients} client(s): {:.0} jobs/s end to end, submit-to-finish p50 {:.2} ms, p99 {:.2} ms ({} jobs)",
+                rate,
+                percentile(&lat, 0.5).as_secs_f64() * 1e3,
+                percentile(&lat, 0.99).as_secs_f64() * 1e3,
+                lat.len()
+            );
+        }
+        let rss_before = status_kb("VmRSS:");
+        // 10x the single_image queue cap, fired from 32 concurrent submitters.
+        let (ok, denied, secs) = burst(&url, 32, 320).await;
+        let demand = engine.demand().await.unwrap();
+        println!(
+            "overload burst: {} submissions in {secs:.2}s ({:.0}/s), {ok} accepted, {denied} denied (RESOURCE_EXHAUSTED), queue after burst {}",
+            ok + denied,
+            (ok + denied) as f64 / secs,
+            demand.queued_jobs
+        );
+        // Let the accepted work finish (followed through its last job's feed).
+        let page = engine
+            .list(Default::default(), 1, None)
+            .await
+            .unwrap();
+        if let Some(last) = page.jobs.first() {
+            let mut watch = engine.watch(&last.job_id).await.unwrap();
+            while watch.next().await.is_some() {}
+        }
+        println!(
+            "RSS: {} MiB before the burst, {} MiB after, peak {} MiB",
+            rss_before / 1024,
+            status_kb("VmRSS:") / 1024,
+            status_kb("VmHWM:") / 1024
+        );
+        let _ = stop.send(());
+        let _ = server.await;
+    });
+}

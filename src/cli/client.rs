@@ -1,0 +1,306 @@
+//! Client commands against a running server: `sakuga submit`, `watch`, `cancel`,
+//! `signals`, and the remote half of `sakuga doctor --server`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Args;
+use tonic::Code;
+
+use sakuga_proto::v1;
+
+use super::EXIT_INVALID;
+use crate::client::SakugaClient;
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct ServerArgs {
+    /// Server URL.
+    #[arg(long, env = "SAKUGA_SERVER", default_value = "http://127.0.0.1:50051")]
+    pub server: String,
+    /// File holding the bearer token.
+    #[arg(long, env = "SAKUGA_AUTH_TOKEN_FILE")]
+    pub auth_token_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    async fn connect(&self) -> anyhow::Result<SakugaClient> {
+        let token = match &self.auth_token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            ),
+            None => None,
+        };
+        SakugaClient::connect(&self.server, token.as_deref())
+            .await
+            .with_context(|| format!("connecting to {}", self.server))
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SubmitArgs {
+    /// API-format workflow JSON file.
+    pub workflow: PathBuf,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// animation, single_image or batch (inferred when omitted).
+    #[arg(long)]
+    pub workload: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub priority: i32,
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Follow the job until it finishes.
+    #[arg(long)]
+    pub watch: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct JobArgs {
+    pub job_id: String,
+    #[command(flatten)]
+    pub server: ServerArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SignalsArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    /// Print the full snapshot JSON (what `sakuga doctor --from` reads).
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn block_on<T>(future: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(future)
+}
+
+fn workload(name: Option<&str>) -> anyhow::Result<v1::Workload> {
+    Ok(match name {
+        None => v1::Workload::Unspecified,
+        Some("animation") => v1::Workload::Animation,
+        Some("single_image") => v1::Workload::SingleImage,
+        Some("batch") => v1::Workload::Batch,
+        Some(other) => {
+            anyhow::bail!("--workload must be animation, single_image or batch, not {other:?}")
+        }
+    })
+}
+
+/// `sakuga submit`.
+///
+/// # Errors
+/// Unreadable files, connection failures, refusals other than an invalid workflow.
+pub fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
+    block_on(async {
+        let text = std::fs::read_to_string(&args.workflow)
+            .with_context(|| format!("reading {}", args.workflow.display()))?;
+        let mut client = args.server.connect().await?;
+        let request = v1::SubmitRequest {
+            workflow: Some(v1::submit_request::Workflow::WorkflowJson(text)),
+            workload: workload(args.workload.as_deref())? as i32,
+            priority: args.priority,
+            idempotency_key: args.idempotency_key.clone().unwrap_or_default(),
+            ..Default::default()
+        };
+        let submitted = match client.render.submit(request).await {
+            Ok(r) => r.into_inner(),
+            Err(status) if status.code() == Code::InvalidArgument => {
+                eprintln!("invalid workflow: {}", status.message());
+                use tonic_types::StatusExt;
+                if let Some(bad) = status.get_details_bad_request() {
+                    for v in bad.field_violations {
+                        eprintln!("  {}: {}", v.field, v.description);
+                    }
+                }
+                return Ok(ExitCode::from(EXIT_INVALID));
+            }
+            Err(status) => {
+                anyhow::bail!("submit refused: {} ({:?})", status.message(), status.code())
+            }
+        };
+        let estimate = submitted.estimate.unwrap_or_default();
+        println!(
+            "job {} queued at position {} (expected {:.2}s, peak {} MiB){}",
+            submitted.job_id,
+            submitted.queue_position,
+            estimate.expected_seconds,
+            estimate.peak_memory_bytes >> 20,
+            if submitted.deduplicated {
+                ", deduplicated"
+            } else {
+                ""
+            }
+        );
+        if args.watch {
+            return follow(&mut client, &submitted.job_id).await;
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn follow(client: &mut SakugaClient, job_id: &str) -> anyhow::Result<ExitCode> {
+    use v1::watch_event::Kind;
+    let request = v1::WatchRequest {
+        job_id: job_id.to_owned(),
+        ..Default::default()
+    };
+    let mut stream = client.render.watch(request).await?.into_inner();
+    let mut frames = 0u64;
+    let mut code = ExitCode::FAILURE;
+    while let Some(event) = stream.message().await? {
+        match event.kind {
+            Some(Kind::Stage(s)) => println!("{:<20} {}", s.name, s.detail),
+            Some(Kind::Admission(a)) => {
+                println!("admission: {} ({}) {}", a.decision, a.reason, a.detail)
+            }
+            Some(Kind::NodeFinished(n)) => println!(
+                "  node {} ({}) {:.3}s{}",
+                n.node_id,
+                n.class_type,
+                n.duration_seconds,
+                if n.cached { " cached" } else { "" }
+            ),
+            Some(Kind::Output(o)) => println!("output {} ({})", o.path, o.kind),
+            Some(Kind::Frame(_)) => frames += 1,
+            Some(Kind::Skipped(s)) => println!(
+                "fell behind: {} frames dropped, {} events skipped",
+                s.frames_dropped, s.events_skipped
+            ),
+            Some(Kind::FinalStatus(f)) => {
+                let state = v1::JobState::try_from(f.state)
+                    .map_or("unknown".into(), |s| s.as_str_name().to_lowercase());
+                println!(
+                    "{state}{}{}",
+                    if f.error.is_empty() { "" } else { ": " },
+                    f.error
+                );
+                if f.state == v1::JobState::Succeeded as i32 {
+                    code = ExitCode::SUCCESS;
+                }
+            }
+            _ => {}
+        }
+    }
+    if frames > 0 {
+        println!("{frames} frames received");
+    }
+    Ok(code)
+}
+
+/// `sakuga watch`.
+///
+/// # Errors
+/// Connection failures or an unknown job.
+pub fn watch(args: &JobArgs) -> anyhow::Result<ExitCode> {
+    block_on(async {
+        let mut client = args.server.connect().await?;
+        follow(&mut client, &args.job_id).await
+    })
+}
+
+/// `sakuga cancel`.
+///
+/// # Errors
+/// Connection failures or an unknown job.
+pub fn cancel(args: &JobArgs) -> anyhow::Result<ExitCode> {
+    block_on(async {
+        let mut client = args.server.connect().await?;
+        let job = client
+            .render
+            .cancel(v1::CancelRequest {
+                job_id: args.job_id.clone(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("cancel refused: {}", s.message()))?
+            .into_inner();
+        let state = v1::JobState::try_from(job.state)
+            .map_or("unknown".into(), |s| s.as_str_name().to_lowercase());
+        println!("job {}: {state}", job.job_id);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `sakuga signals`.
+///
+/// # Errors
+/// Connection failures.
+pub fn signals(args: &SignalsArgs) -> anyhow::Result<ExitCode> {
+    block_on(async {
+        let mut client = args.server.connect().await?;
+        let s = client
+            .signals
+            .get_signals(v1::GetSignalsRequest {})
+            .await?
+            .into_inner();
+        if args.json {
+            println!("{}", s.snapshot_json);
+            return Ok(ExitCode::SUCCESS);
+        }
+        for w in &s.workloads {
+            let name = v1::Workload::try_from(w.workload)
+                .map_or("?".into(), |w| w.as_str_name().to_lowercase());
+            println!(
+                "{name:<28} queued {:>4}  fps {:.1}/{:.1} (health {:.2})  p95 latency {:.2}s  p95 wait {:.2}s  jobs/min {:.1}",
+                w.queued_jobs,
+                w.delivered_fps,
+                w.produced_fps,
+                w.fps_health_ratio,
+                w.render_latency_p95_seconds,
+                w.queue_wait_p95_seconds,
+                w.jobs_per_minute
+            );
+        }
+        for slo in &s.slos {
+            println!(
+                "slo {:<28} objective {:.4}  budget left {:.2}",
+                slo.slo, slo.objective, slo.error_budget_remaining
+            );
+        }
+        if let Some(d) = &s.demand {
+            println!(
+                "demand: {} queued, {} running, weighted {:.1}, {:.1}s of work",
+                d.queued_jobs, d.running_jobs, d.weighted, d.work_seconds
+            );
+        }
+        if let Some(r) = &s.recommendation {
+            println!("recommended replicas: {} ({})", r.replicas, r.reason);
+        }
+        println!(
+            "config generation {}{}",
+            s.config_generation,
+            if s.planned_heavy_load {
+                ", planned heavy load"
+            } else {
+                ""
+            }
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `sakuga doctor --server URL`: the server's diagnosis, printed with runbooks.
+///
+/// # Errors
+/// Connection failures.
+pub fn doctor(server: &ServerArgs) -> anyhow::Result<ExitCode> {
+    block_on(async {
+        let mut client = server.connect().await?;
+        let d = client
+            .signals
+            .diagnose(v1::DiagnoseRequest {})
+            .await?
+            .into_inner();
+        print!("{}", d.text);
+        Ok(if d.findings.is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(1)
+        })
+    })
+}

@@ -1,0 +1,185 @@
+//! SIGKILL with jobs queued and running, restart on the same data dir: every accepted job
+//! completes (the interrupted ones marked recovered); none is lost.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+
+use sakuga::client::SakugaClient;
+use sakuga_proto::v1;
+
+/// Kills the server process when the test ends, pass or fail.
+struct ServerProcess(Child);
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits on the health Watch stream (not a poll) until the server says SERVING.
+async fn wait_serving(url: &str) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    let mut updates = health.watch(request).await.unwrap().into_inner();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(update) = updates.message().await.unwrap() {
+            if update.status == ServingStatus::Serving as i32 {
+                return;
+            }
+        }
+        panic!("the health stream ended before SERVING");
+    })
+    .await
+    .expect("the server became ready");
+}
+
+fn spawn_server(dir: &std::path::Path) -> (ServerProcess, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sakuga"))
+        .args(["--data-dir", dir.join("data").to_str().unwrap()])
+        .args(["--out", dir.join("out").to_str().unwrap()])
+        .args(["--models-dir", dir.join("models").to_str().unwrap()])
+        .args(["--input-dir", dir.join("input").to_str().unwrap()])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let addr = loop {
+        let line = lines
+            .next()
+            .expect("the server printed its address")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("sakuga serving gRPC on ") {
+            break rest.split_whitespace().next().unwrap().to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (ServerProcess(child), format!("http://{addr}"))
+}
+
+fn workflow(frames: u32, fps: f64) -> v1::SubmitRequest {
+    let wf = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": frames, "color": 0}},
+        "2": {"class_type": "StreamFrames", "inputs": {"images": ["1", 0], "fps": fps, "pace": true}},
+    });
+    v1::SubmitRequest {
+        workflow: Some(v1::submit_request::Workflow::WorkflowJson(wf.to_string())),
+        workload: v1::Workload::SingleImage as i32,
+        ..Default::default()
+    }
+}
+
+/// Follows the job's Watch stream until `done` accepts an event; then returns the job.
+async fn watch_until(
+    client: &mut SakugaClient,
+    job_id: &str,
+    mut done: impl FnMut(&v1::watch_event::Kind) -> bool,
+) -> v1::Job {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let request = v1::WatchRequest {
+            job_id: job_id.into(),
+            skip_frames: true,
+            ..Default::default()
+        };
+        let mut stream = client.render.watch(request).await.unwrap().into_inner();
+        while let Some(event) = stream.message().await.unwrap() {
+            if event.kind.as_ref().is_some_and(&mut done) {
+                break;
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("job {job_id} never got there"));
+    client
+        .render
+        .get_job(v1::GetJobRequest {
+            job_id: job_id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+fn is_final(kind: &v1::watch_event::Kind) -> bool {
+    matches!(kind, v1::watch_event::Kind::FinalStatus(_))
+}
+
+fn is_running(kind: &v1::watch_event::Kind) -> bool {
+    matches!(
+        kind,
+        v1::watch_event::Kind::NodeStarted(_) | v1::watch_event::Kind::Progress(_)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_jobs_queued_and_running_loses_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut first, url) = spawn_server(dir.path());
+    wait_serving(&url).await;
+    let mut client = SakugaClient::connect(&url, None).await.unwrap();
+    let running = client
+        .render
+        .submit(workflow(40, 20.0))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let mut queued = Vec::new();
+    for _ in 0..5 {
+        queued.push(
+            client
+                .render
+                .submit(workflow(2, 50.0))
+                .await
+                .unwrap()
+                .into_inner()
+                .job_id,
+        );
+    }
+    watch_until(&mut client, &running, is_running).await;
+    // SIGKILL: no drain, no journal flush, no goodbye.
+    first.0.kill().unwrap();
+    first.0.wait().unwrap();
+    drop(client);
+
+    let (second, url) = spawn_server(dir.path());
+    wait_serving(&url).await;
+    let mut client = SakugaClient::connect(&url, None).await.unwrap();
+    let rerun = watch_until(&mut client, &running, is_final).await;
+    assert_eq!(
+        rerun.state,
+        v1::JobState::Succeeded as i32,
+        "{}",
+        rerun.error
+    );
+    assert!(rerun.recovered);
+    assert_eq!(
+        rerun.attempts, 2,
+        "it ran once before the kill and once after"
+    );
+    for id in &queued {
+        let job = watch_until(&mut client, id, is_final).await;
+        assert_eq!(job.state, v1::JobState::Succeeded as i32, "{}", job.error);
+        assert!(job.recovered);
+    }
+    drop(second);
+}
