@@ -51,39 +51,49 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// Submits `per_client` jobs per client, each followed to its final status.
-async fn closed_loop(url: &str, clients: usize, per_client: usize) -> (f64, Vec<Duration>) {
+/// `in_flight` jobs at a time share each client's connection (HTTP/2 multiplexing).
+async fn closed_loop(
+    url: &str,
+    clients: usize,
+    in_flight: usize,
+    per_client: usize,
+) -> (f64, Vec<Duration>) {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let url = url.to_owned();
-        tasks.push(tokio::spawn(async move {
-            let mut client = SakugaClient::connect(&url, None).await.unwrap();
-            let mut latencies = Vec::with_capacity(per_client);
-            for i in 0..per_client {
-                let t = Instant::now();
-                let job = client
-                    .render
-                    .submit(trivial(c * per_client + i))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .job_id;
-                let request = v1::WatchRequest {
-                    job_id: job,
-                    skip_frames: true,
-                    ..Default::default()
-                };
-                let mut stream = client.render.watch(request).await.unwrap().into_inner();
-                while let Some(event) = stream.message().await.unwrap() {
-                    if let Some(Kind::FinalStatus(f)) = event.kind {
-                        assert_eq!(f.state, v1::JobState::Succeeded as i32, "{}", f.error);
-                        break;
+        let connection = SakugaClient::connect(url, None).await.unwrap();
+        for f in 0..in_flight {
+            let mut client = connection.clone();
+            let c = c * in_flight + f;
+            let per_client = per_client / in_flight;
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(per_client);
+                for i in 0..per_client {
+                    let t = Instant::now();
+                    let job = client
+                        .render
+                        .submit(trivial(c * per_client + i))
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .job_id;
+                    let request = v1::WatchRequest {
+                        job_id: job,
+                        skip_frames: true,
+                        ..Default::default()
+                    };
+                    let mut stream = client.render.watch(request).await.unwrap().into_inner();
+                    while let Some(event) = stream.message().await.unwrap() {
+                        if let Some(Kind::FinalStatus(f)) = event.kind {
+                            assert_eq!(f.state, v1::JobState::Succeeded as i32, "{}", f.error);
+                            break;
+                        }
                     }
+                    latencies.push(t.elapsed());
                 }
-                latencies.push(t.elapsed());
-            }
-            latencies
-        }));
+                latencies
+            }));
+        }
     }
     let mut all = Vec::new();
     for t in tasks {
@@ -155,12 +165,12 @@ fn main() {
         }));
 
         // Warm-up: connections, estimator, allocator.
-        closed_loop(&url, 1, 200).await;
-        for clients in [1usize, 8] {
-            let per = if clients == 1 { 2000 } else { 500 };
-            let (rate, lat) = closed_loop(&url, clients, per).await;
+        closed_loop(&url, 1, 1, 200).await;
+        for (clients, in_flight) in [(1usize, 1usize), (8, 1), (1, 32), (8, 16)] {
+            let per = 4000 / clients;
+            let (rate, lat) = closed_loop(&url, clients, in_flight, per).await;
             println!(
-                "closed loop, {clients} client(s): {:.0} jobs/s end to end, submit-to-finish p50 {:.2} ms, p99 {:.2} ms ({} jobs)",
+                "{clients} client(s) x {in_flight} in flight: {:.0} jobs/s end to end, submit-to-finish p50 {:.2} ms, p99 {:.2} ms ({} jobs)",
                 rate,
                 percentile(&lat, 0.5).as_secs_f64() * 1e3,
                 percentile(&lat, 0.99).as_secs_f64() * 1e3,
