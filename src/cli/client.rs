@@ -173,8 +173,11 @@ async fn follow(client: &mut SakugaClient, job_id: &str) -> anyhow::Result<ExitC
                 s.frames_dropped, s.events_skipped
             ),
             Some(Kind::FinalStatus(f)) => {
-                let state = v1::JobState::try_from(f.state)
-                    .map_or("unknown".into(), |s| s.as_str_name().to_lowercase());
+                let state = v1::JobState::try_from(f.state).map_or("unknown".into(), |s| {
+                    s.as_str_name()
+                        .trim_start_matches("JOB_STATE_")
+                        .to_lowercase()
+                });
                 println!(
                     "{state}{}{}",
                     if f.error.is_empty() { "" } else { ": " },
@@ -219,8 +222,11 @@ pub fn cancel(args: &JobArgs) -> anyhow::Result<ExitCode> {
             .await
             .map_err(|s| anyhow::anyhow!("cancel refused: {}", s.message()))?
             .into_inner();
-        let state = v1::JobState::try_from(job.state)
-            .map_or("unknown".into(), |s| s.as_str_name().to_lowercase());
+        let state = v1::JobState::try_from(job.state).map_or("unknown".into(), |s| {
+            s.as_str_name()
+                .trim_start_matches("JOB_STATE_")
+                .to_lowercase()
+        });
         println!("job {}: {state}", job.job_id);
         Ok(ExitCode::SUCCESS)
     })
@@ -243,8 +249,11 @@ pub fn signals(args: &SignalsArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         for w in &s.workloads {
-            let name = v1::Workload::try_from(w.workload)
-                .map_or("?".into(), |w| w.as_str_name().to_lowercase());
+            let name = v1::Workload::try_from(w.workload).map_or("?".into(), |w| {
+                w.as_str_name()
+                    .trim_start_matches("WORKLOAD_")
+                    .to_lowercase()
+            });
             println!(
                 "{name:<28} queued {:>4}  fps {:.1}/{:.1} (health {:.2})  p95 latency {:.2}s  p95 wait {:.2}s  jobs/min {:.1}",
                 w.queued_jobs,
