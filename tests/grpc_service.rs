@@ -481,3 +481,58 @@ async fn auth_health_transitions_and_reflection() {
     drop((anonymous, wrong, authed, reflection));
     stop.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_bumps_the_generation_and_warmup_reports_models() {
+    let reload: sakuga::server::ReloadFn = Arc::new(|engine: &EngineHandle| {
+        let mut tunables = engine.tunables();
+        tunables.features.upscaler_off.batch = !tunables.features.upscaler_off.batch;
+        Ok(engine.reload(tunables, "test"))
+    });
+    let config = ServerConfig {
+        reload: Some(reload),
+        ..ServerConfig::default()
+    };
+    let server = start(config, EngineConfig::default(), None).await;
+    wait_healthy(&server.url, ServingStatus::Serving).await;
+    let mut client = server.client(None).await;
+    let before = client
+        .signals
+        .get_signals(v1::GetSignalsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .config_generation;
+    let reloaded = client
+        .signals
+        .reload(v1::ReloadRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reloaded.changed);
+    assert_eq!(reloaded.generation, before + 1);
+    assert_eq!(reloaded.config_hash.len(), 16);
+    let after = client
+        .signals
+        .get_signals(v1::GetSignalsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after.config_generation, before + 1);
+    assert!(
+        !after.planned_heavy_load,
+        "warmup's planned load is off again once it is done"
+    );
+
+    let warm = client
+        .signals
+        .warmup(v1::WarmupRequest {
+            models: vec!["missing.safetensors".into(), "../escape".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(warm.loaded.is_empty());
+    assert_eq!(warm.failed.len(), 2);
+    server.stop().await;
+}
