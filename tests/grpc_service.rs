@@ -536,3 +536,109 @@ async fn reload_bumps_the_generation_and_warmup_reports_models() {
     assert_eq!(warm.failed.len(), 2);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_verified_clients_only() {
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = (certs.path().join("cert.pem"), certs.path().join("key.pem"));
+    // A test CA and a leaf certificate for "localhost" signed by it (rustls refuses a CA
+    // certificate as the server's own).
+    let dir = certs.path();
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=sakuga-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "leaf.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-out",
+        "cert.pem",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let ca_pem = std::fs::read(dir.join("ca.pem")).unwrap();
+    let cert_pem = std::fs::read(&cert).unwrap();
+    let config = ServerConfig {
+        tls: Some(sakuga::server::TlsIdentity {
+            cert_pem: cert_pem.clone(),
+            key_pem: std::fs::read(&key).unwrap(),
+        }),
+        ..ServerConfig::default()
+    };
+    let server = start(config, EngineConfig::default(), None).await;
+    let https = server.url.replace("http://", "https://");
+    let mut client = SakugaClient::connect_with(&https, None, Some((&ca_pem, "localhost")))
+        .await
+        .unwrap();
+    let status = client
+        .render
+        .get_job(v1::GetJobRequest { job_id: "x".into() })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(status.code(), Code::NotFound | Code::Unavailable),
+        "{status}"
+    );
+    // A plaintext client cannot talk to it.
+    let plain = SakugaClient::connect(&server.url, None).await;
+    if let Ok(mut plain) = plain {
+        assert!(
+            plain
+                .render
+                .get_job(v1::GetJobRequest { job_id: "x".into() })
+                .await
+                .is_err()
+        );
+    }
+    drop(client);
+    server.stop().await;
+}

@@ -33,6 +33,12 @@ pub struct ServeArgs {
     /// SIGHUP and by the Reload RPC.
     #[arg(long, env = "SAKUGA_TUNABLES")]
     pub tunables: Option<PathBuf>,
+    /// PEM certificate chain: serve TLS (with --tls-key).
+    #[arg(long, env = "SAKUGA_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, env = "SAKUGA_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Model files to read through at start, under planned-heavy-load.
     #[arg(long, num_args = 1..)]
     pub warmup: Vec<String>,
@@ -82,8 +88,16 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         let tunables = load_tunables(tunables_path.as_ref()).map_err(|e| format!("{e:#}"))?;
         Ok(engine.reload(tunables, env!("CARGO_PKG_VERSION")))
     });
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::server::TlsIdentity {
+            cert_pem: std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+            key_pem: std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+        }),
+        _ => None,
+    };
     let server_config = ServerConfig {
         auth_token: token,
+        tls,
         reload: Some(reload.clone()),
         ..ServerConfig::default()
     };

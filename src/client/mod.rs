@@ -49,7 +49,26 @@ impl SakugaClient {
     /// # Errors
     /// A bad URL or token, or a failed connection.
     pub async fn connect(url: &str, token: Option<&str>) -> anyhow::Result<Self> {
-        let channel = Endpoint::from_shared(url.to_owned())?.connect().await?;
+        Self::connect_with(url, token, None).await
+    }
+
+    /// Connects over TLS when `tls` is set: `(CA certificate PEM, server name to verify)`.
+    ///
+    /// # Errors
+    /// A bad URL, token or certificate, or a failed connection or handshake.
+    pub async fn connect_with(
+        url: &str,
+        token: Option<&str>,
+        tls: Option<(&[u8], &str)>,
+    ) -> anyhow::Result<Self> {
+        let mut endpoint = Endpoint::from_shared(url.to_owned())?;
+        if let Some((ca_pem, domain)) = tls {
+            let config = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))
+                .domain_name(domain);
+            endpoint = endpoint.tls_config(config)?;
+        }
+        let channel = endpoint.connect().await?;
         let header = match token {
             Some(t) => Some(format!("Bearer {}", t.trim()).parse()?),
             None => None,

@@ -45,6 +45,23 @@ pub struct ServerConfig {
     /// Seconds of queued work one replica should carry, for replica advice.
     pub work_per_replica_s: f64,
     pub reload: Option<ReloadFn>,
+    /// Serve TLS (rustls) with this identity; plaintext when `None`.
+    pub tls: Option<TlsIdentity>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("cert_bytes", &self.cert_pem.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ServerConfig {
@@ -56,6 +73,7 @@ impl Default for ServerConfig {
             keda_target: 10.0,
             work_per_replica_s: 30.0,
             reload: None,
+            tls: None,
         }
     }
 }
@@ -66,6 +84,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("auth", &self.auth_token.is_some())
             .field("max_message_bytes", &self.max_message_bytes)
             .field("keda_metric_name", &self.keda_metric_name)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -265,7 +284,13 @@ pub async fn run(
         }
         let _ = closing_tx.send(true);
     };
-    tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = &shared.config.tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    builder
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -274,7 +299,10 @@ pub async fn run(
         .add_service(InterceptedService::new(nodes, auth.clone()))
         .add_service(InterceptedService::new(scaler, auth))
         // Nagle plus delayed ACKs would add ~40 ms to every small unary reply.
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), graceful)
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            graceful,
+        )
         .await?;
     if !starter.is_finished() {
         starter.abort();
