@@ -143,5 +143,38 @@ fn validation(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, executor_overhead, validation);
+/// The same 1000-node chain with and without the telemetry observer (node spans, node and
+/// stage histograms), to price the signals on the cheapest possible nodes.
+fn telemetry_overhead(c: &mut Criterion) {
+    use sakuga_scheduler::observe::TelemetryObserver;
+    use sakuga_telemetry::{EventFields, PrometheusConfig, Signals, TraceContext, Workload};
+
+    let _metrics = sakuga_telemetry::prometheus::install(&PrometheusConfig::in_process()).unwrap();
+    let signals = Signals::new(Default::default());
+    let (registry, executor) = setup(0);
+    let p = plan(&registry, &executor, &chain(1000, 0));
+    let quiet = JobRun {
+        job_id: Arc::from("bench"),
+        observer: Arc::new(Quiet),
+        cancel: CancelToken::new(),
+    };
+    let fields = EventFields::new("bench", Workload::Batch, &TraceContext::new_root());
+    let observed = JobRun {
+        job_id: Arc::from("bench"),
+        observer: Arc::new(TelemetryObserver::new(
+            signals,
+            fields,
+            Arc::new(Quiet),
+            24.0,
+        )),
+        cancel: CancelToken::new(),
+    };
+    let mut group = c.benchmark_group("telemetry_overhead_1000");
+    group.throughput(Throughput::Elements(1000));
+    group.bench_function("without", |b| b.iter(|| executor.run(&p, &quiet).unwrap()));
+    group.bench_function("with", |b| b.iter(|| executor.run(&p, &observed).unwrap()));
+    group.finish();
+}
+
+criterion_group!(benches, executor_overhead, validation, telemetry_overhead);
 criterion_main!(benches);
