@@ -13,7 +13,7 @@
 //! - [`client`]: helpers for talking to a server (`submit`, `watch`, `signals`).
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod runtime;
-pub mod client;
 pub mod server;

@@ -8,10 +8,10 @@ pub mod error;
 
 pub use error::{ModelError, Result};
 pub mod cache;
-pub mod demo;
-pub mod diffusion;
-pub mod store;
 pub mod conv;
-pub mod interpolate;
-pub mod upscale;
+pub mod demo;
 pub mod device;
+pub mod diffusion;
+pub mod interpolate;
+pub mod store;
+pub mod upscale;

@@ -17,4 +17,5 @@ pub mod externalscaler {
 }
 
 /// The encoded `FileDescriptorSet` of every proto file, for reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/sakuga_descriptor.bin"));
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/sakuga_descriptor.bin"));

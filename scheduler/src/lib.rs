@@ -27,9 +27,9 @@ pub mod validate;
 pub mod workflow;
 
 pub use cache::{OutputCache, OutputCacheConfig};
+pub use engine::{EngineConfig, EngineHandle, SubmitRequest, Submitted};
 pub use error::SchedulerError;
 pub use executor::{ExecutionObserver, Executor, ExecutorConfig, JobReport, JobRun, NodeRun};
 pub use plan::ExecutionPlan;
 pub use validate::{NodeErrors, ValidWorkflow, ValidationError, ValidationReport, validate};
 pub use workflow::Workflow;
-pub use engine::{EngineConfig, EngineHandle, SubmitRequest, Submitted};

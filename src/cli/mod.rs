@@ -3,12 +3,12 @@
 //!
 //! Exit codes: 0 success, 1 failure, 2 invalid workflow.
 
+mod client;
 mod doctor;
 mod inspect;
 mod models;
 mod run;
 mod serve;
-mod client;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

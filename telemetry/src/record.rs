@@ -190,7 +190,8 @@ pub fn prime_series(device: &str) {
     for &w in Workload::ALL {
         counter!(JOBS_SUBMITTED_TOTAL, "workload" => w.as_str()).absolute(0);
         for &o in Outcome::ALL {
-            counter!(JOBS_FINISHED_TOTAL, "workload" => w.as_str(), "outcome" => o.as_str()).absolute(0);
+            counter!(JOBS_FINISHED_TOTAL, "workload" => w.as_str(), "outcome" => o.as_str())
+                .absolute(0);
         }
         for (d, r) in [
             (Decision::Admit, AdmissionReason::Capacity),
@@ -224,7 +225,8 @@ pub fn prime_series(device: &str) {
     gauge!(FPS_HEALTH_RATIO, "workload" => Workload::Animation.as_str()).set(1.0);
     for &k in ModelKind::ALL {
         for &r in CacheResult::ALL {
-            counter!(MODEL_CACHE_REQUESTS_TOTAL, "kind" => k.as_str(), "result" => r.as_str()).absolute(0);
+            counter!(MODEL_CACHE_REQUESTS_TOTAL, "kind" => k.as_str(), "result" => r.as_str())
+                .absolute(0);
         }
         let _ = histogram!(MODEL_LOAD_SECONDS, "kind" => k.as_str());
     }
