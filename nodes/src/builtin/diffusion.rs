@@ -414,7 +414,6 @@ impl Node for EmptyLatentImage {
 
 fn sampler_inputs(schema: NodeSchema, seed_name: &'static str) -> NodeSchema {
     schema
-        .input(InputSpec::link("model", PortType::Model))
         .input(InputSpec::int(seed_name, 0, 0, i64::MAX))
         .input(InputSpec::int("steps", 20, 1, 10000))
         .input(InputSpec::float("cfg", 8.0, 0.0, 100.0, 0.1))
@@ -470,7 +469,8 @@ struct KSampler;
 static KSAMPLER: LazyLock<NodeSchema> = LazyLock::new(|| {
     sampler_inputs(
         NodeSchema::new("KSampler", "KSampler", "sampling")
-            .description("Denoises the latent image with the model, guided by the prompts."),
+            .description("Denoises the latent image with the model, guided by the prompts.")
+            .input(InputSpec::link("model", PortType::Model)),
         "seed",
     )
     .input(InputSpec::float("denoise", 1.0, 0.0, 1.0, 0.01))
@@ -503,19 +503,7 @@ static KSAMPLER_ADVANCED: LazyLock<NodeSchema> = LazyLock::new(|| {
     let schema = NodeSchema::new("KSamplerAdvanced", "KSampler (Advanced)", "sampling")
         .input(InputSpec::link("model", PortType::Model))
         .input(InputSpec::combo("add_noise", &["enable", "disable"]));
-    let mut schema = sampler_inputs(schema, "noise_seed");
-    // sampler_inputs adds `model` again; keep ComfyUI's order with a single `model` first.
-    let mut seen_model = false;
-    schema.inputs.retain(|i| {
-        if i.name == "model" {
-            let keep = !seen_model;
-            seen_model = true;
-            keep
-        } else {
-            true
-        }
-    });
-    schema
+    sampler_inputs(schema, "noise_seed")
         .input(InputSpec::int("start_at_step", 0, 0, 10000))
         .input(InputSpec::int("end_at_step", 10000, 0, 10000))
         .input(InputSpec::combo(
