@@ -3,10 +3,13 @@
 //!
 //! Run with `cargo test -p sakuga-models --test interpolate`.
 
+mod support;
+
 use candle_core::{DType, Device, Tensor};
 use sakuga_models::ModelError;
 use sakuga_models::interpolate::warp::{warp, warp_with_gather};
 use sakuga_models::interpolate::{Interpolator, write_demo_rife};
+use support::max_abs_diff;
 
 /// A 1x1x3x4 image with distinct values: `v(y, x) = 10 y + x`.
 fn ramp() -> Tensor {
@@ -130,16 +133,7 @@ fn per_pixel_flow_and_channels_are_independent() {
         .collect();
     assert_close(&out.narrow(1, 1, 1).unwrap(), &negated);
     let gathered = warp_with_gather(&image, &flow).unwrap();
-    let diff: f32 = (out - gathered)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
+    let diff: f32 = max_abs_diff(&out, &gathered);
     assert!(diff < 1e-6);
 }
 
@@ -308,16 +302,7 @@ fn ifnet_matches_the_numpy_reference_on_demo_weights() {
     for (t, golden) in [(0.5f32, "ifnet_t50.f32"), (0.25, "ifnet_t25.f32")] {
         let expected = read_f32(golden, &[1, 3, 32, 32]);
         let out = interpolator.net().forward(&img0, &img1, t).unwrap();
-        let diff: f32 = (out - &expected)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = max_abs_diff(&out, &expected);
         assert!(diff < 1e-4, "t={t}: max abs diff {diff}");
         // The BHWC entry point gives the same frame (values are inside [0, 1], so the
         // clamp changes nothing).
@@ -325,16 +310,7 @@ fn ifnet_matches_the_numpy_reference_on_demo_weights() {
         let via_api = interpolator
             .interpolate(&bhwc(&img0), &bhwc(&img1), t)
             .unwrap();
-        let diff: f32 = (via_api - bhwc(&expected))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = max_abs_diff(&via_api, &bhwc(&expected));
         assert!(diff < 1e-4, "t={t} via interpolate(): max abs diff {diff}");
     }
 }

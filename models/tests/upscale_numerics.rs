@@ -4,10 +4,13 @@
 //!
 //! Run with `cargo test -p sakuga-models --test upscale_numerics`.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use sakuga_models::upscale::{StateDict, TileConfig, UpscaleArch, Upscaler};
+use support::max_abs_diff;
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/realesrgan")
@@ -62,20 +65,6 @@ fn read_npy_f32(path: &Path) -> Tensor {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect();
     Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap()
 }
 
 fn reference_input() -> Tensor {
