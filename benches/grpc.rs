@@ -18,6 +18,10 @@ use sakuga_proto::v1::watch_event::Kind;
 use sakuga_scheduler::{EngineConfig, EngineHandle};
 use sakuga_telemetry::{Signals, SignalsConfig};
 
+// The same allocator as the `sakuga` binary, so the figures are the server's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn trivial(i: usize) -> v1::SubmitRequest {
     // One 8x8 frame; the colour varies so the output cache cannot serve whole jobs.
     let wf = json!({

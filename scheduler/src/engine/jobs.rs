@@ -139,7 +139,6 @@ pub(crate) fn apply_features(workflow: Json, features: FeatureFlags, workload: W
 struct Job {
     info: JobInfo,
     seq: u64,
-    workflow: Option<Json>,
     plan: Option<ExecutionPlan>,
     estimate: Estimate,
     fields: EventFields,
@@ -155,11 +154,7 @@ impl Job {
         let info = &self.info;
         JobRecord {
             job_id: info.job_id.clone(),
-            workflow: if info.state.is_final() {
-                None
-            } else {
-                self.workflow.clone()
-            },
+            workflow: None,
             workload: info.workload.as_str().to_owned(),
             priority: info.priority,
             deadline_unix_ms: info.deadline.map(unix_ms),
@@ -233,8 +228,12 @@ impl QueueState {
     }
 
     fn journal(&self, job: &Job, ack: Option<crate::journal::JournalAck>) {
+        self.journal_record(job.record(), ack);
+    }
+
+    fn journal_record(&self, record: JobRecord, ack: Option<crate::journal::JournalAck>) {
         match &self.journal {
-            Some(journal) => journal.put(job.record(), ack),
+            Some(journal) => journal.put(record, ack),
             None => {
                 if let Some(ack) = ack {
                     ack(Ok(()));
@@ -274,7 +273,6 @@ impl QueueState {
                 recovered,
             },
             seq,
-            workflow: Some(p.workflow),
             plan: Some(p.plan),
             estimate: p.estimate,
             fields,
@@ -330,7 +328,7 @@ impl QueueState {
 
     fn submit(
         &mut self,
-        p: PreparedJob,
+        mut p: PreparedJob,
         reply: oneshot::Sender<Result<Submitted, SchedulerError>>,
     ) {
         if self
@@ -397,6 +395,8 @@ impl QueueState {
         signals.admission(workload, Decision::Admit, AdmissionReason::Capacity);
         events::prompt_received(&fields);
         events::admission_decision(&fields, Decision::Admit, AdmissionReason::Capacity);
+        // Journaled once, with the record that accepts the job; nothing else needs it.
+        let workflow = std::mem::take(&mut p.workflow);
         let job = self.new_job(p, false, 0);
         job.feed.push(JobEvent::Stage {
             name: events::PROMPT_RECEIVED,
@@ -427,8 +427,10 @@ impl QueueState {
             deduplicated: false,
         };
         let undo = self.self_tx.clone();
-        self.journal(
-            job,
+        let mut record = job.record();
+        record.workflow = Some(workflow);
+        self.journal_record(
+            record,
             Some(Box::new(
                 move |result: Result<(), SchedulerError>| match result {
                     Ok(()) => {
@@ -962,7 +964,6 @@ impl QueueState {
                 recovered: false,
             },
             seq,
-            workflow: None,
             plan: None,
             estimate: Estimate {
                 peak_memory_bytes: 0,
