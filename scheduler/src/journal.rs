@@ -41,6 +41,10 @@ const CHANNEL_CAPACITY: usize = 16 * 1024;
 const MAX_GROUP: usize = 4096;
 /// Longest a write nobody waits on stays uncommitted.
 pub const LINGER: Duration = Duration::from_millis(5);
+/// Commits start at least this far apart, so that under load a commit gathers every
+/// submission of the interval instead of the one or two that arrived during the last
+/// fsync. A lone client's submissions come further apart than this and never wait.
+pub const MIN_COMMIT_INTERVAL: Duration = Duration::from_micros(500);
 
 /// Where a journaled job stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -303,6 +307,7 @@ fn journal_worker(db: Database, rx: Receiver<JournalOp>, path: PathBuf) {
     let mut acks: Vec<JournalAck> = Vec::new();
     let mut flushes = Vec::new();
     let mut linger_until: Option<Instant> = None;
+    let mut last_commit = Instant::now() - MIN_COMMIT_INTERVAL;
     loop {
         let (op, closed) = match linger_until {
             None => match rx.recv() {
@@ -330,16 +335,21 @@ fn journal_worker(db: Database, rx: Receiver<JournalOp>, path: PathBuf) {
                 None
             };
         }
-        let linger = !closed
-            && !records.is_empty()
-            && acks.is_empty()
-            && flushes.is_empty()
-            && records.len() < MAX_GROUP
-            && linger_until.is_none_or(|until| Instant::now() < until);
-        if linger {
-            linger_until.get_or_insert_with(|| Instant::now() + LINGER);
-            continue;
+        let now = Instant::now();
+        let full = records.len() >= MAX_GROUP;
+        let awaited = !acks.is_empty() || !flushes.is_empty();
+        if !closed && !full && !records.is_empty() {
+            let until = if awaited {
+                (last_commit + MIN_COMMIT_INTERVAL).min(linger_until.unwrap_or(now + LINGER))
+            } else {
+                *linger_until.get_or_insert(now + LINGER)
+            };
+            if now < until {
+                linger_until = Some(until);
+                continue;
+            }
         }
+        last_commit = now;
         linger_until = None;
         let result = if records.is_empty() {
             Ok(())

@@ -4,13 +4,12 @@
 use std::pin::Pin;
 
 use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use sakuga_proto::v1;
 use sakuga_proto::v1::render_service_server::RenderService;
 use sakuga_scheduler::SubmitRequest;
-use sakuga_scheduler::engine::{Frame, ListFilter, WatchItem};
+use sakuga_scheduler::engine::{Frame, JobWatch, ListFilter, WatchItem};
 use sakuga_telemetry::{PlaybackReport, TraceContext, Window};
 
 use crate::server::Shared;
@@ -19,10 +18,6 @@ use crate::server::convert::{
     workload_from_proto, workload_to_proto,
 };
 use crate::server::status::status_of;
-
-/// Items a Watch stream buffers toward its client before the server stops pulling from
-/// the job's feed (and the feed's ring starts dropping frames for this watcher).
-const WATCH_BUFFER: usize = 4;
 
 /// The render service.
 #[derive(Debug, Clone)]
@@ -73,6 +68,40 @@ async fn frame_to_proto(frame: &Frame, png: bool) -> Result<v1::WatchEvent, Stat
             produced_unix_ms: crate::server::convert::unix_ms(Some(frame.produced_at)),
         })),
     })
+}
+
+/// One Watch call's position in its job's feed.
+struct WatchCursor {
+    watch: JobWatch,
+    trace_id: String,
+    png: bool,
+    skip_frames: bool,
+    closing: tokio::sync::watch::Receiver<bool>,
+    ended: bool,
+}
+
+impl WatchCursor {
+    async fn next(&mut self) -> Option<Result<v1::WatchEvent, Status>> {
+        if self.ended {
+            return None;
+        }
+        loop {
+            let item = tokio::select! {
+                item = self.watch.next() => item,
+                _ = self.closing.wait_for(|c| *c) => {
+                    self.ended = true;
+                    return Some(Err(Status::unavailable("the server is shutting down")));
+                }
+            };
+            return Some(match item? {
+                WatchItem::Event(e) => Ok(event_to_proto(&e, &self.trace_id)),
+                WatchItem::Frame(_) if self.skip_frames => continue,
+                WatchItem::Frame(f) => frame_to_proto(&f, self.png).await,
+                WatchItem::FramesDropped(n) => Ok(skipped(n, 0)),
+                WatchItem::EventsSkipped(n) => Ok(skipped(0, n)),
+            });
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -137,38 +166,23 @@ impl RenderService for RenderApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let engine = self.shared.engine()?;
         let req = request.into_inner();
-        let info = engine.get(&req.job_id).await.map_err(status_of)?;
-        let mut watch = engine.watch(&req.job_id).await.map_err(status_of)?;
-        let png = req.frame_encoding != v1::FrameEncoding::Rgb8 as i32;
-        let skip_frames = req.skip_frames;
-        let trace_id = info.trace_id;
-        let (tx, rx) = tokio::sync::mpsc::channel(WATCH_BUFFER);
-        let mut closing = self.shared.closing.clone();
-        tokio::spawn(async move {
-            loop {
-                let item = tokio::select! {
-                    item = watch.next() => item,
-                    _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => {
-                        let _ = tx.send(Err(Status::unavailable("the server is shutting down"))).await;
-                        break;
-                    }
-                };
-                let Some(item) = item else { break };
-                let message = match item {
-                    WatchItem::Event(e) => Ok(event_to_proto(&e, &trace_id)),
-                    WatchItem::Frame(_) if skip_frames => continue,
-                    WatchItem::Frame(f) => frame_to_proto(&f, png).await,
-                    WatchItem::FramesDropped(n) => Ok(skipped(n, 0)),
-                    WatchItem::EventsSkipped(n) => Ok(skipped(0, n)),
-                };
-                // Waits while the client is slow: the feed keeps producing, this watcher's
-                // frames fall out of the ring and are counted dropped.
-                if tx.send(message).await.is_err() {
-                    break;
-                }
-            }
+        let watch = engine.watch(&req.job_id).await.map_err(status_of)?;
+        let cursor = WatchCursor {
+            trace_id: watch.trace_id().to_owned(),
+            watch,
+            png: req.frame_encoding != v1::FrameEncoding::Rgb8 as i32,
+            skip_frames: req.skip_frames,
+            closing: self.shared.closing.clone(),
+            ended: false,
+        };
+        // Pulled by the transport: the next item is taken from the feed only once the
+        // previous one was handed to HTTP/2, so a slow client leaves frames in the feed's
+        // ring (where they are counted dropped), not in a buffer here.
+        let stream = futures_util::stream::unfold(cursor, |mut cursor| async move {
+            let message = cursor.next().await?;
+            Some((message, cursor))
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn cancel(

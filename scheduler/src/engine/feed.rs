@@ -130,6 +130,7 @@ struct FeedState {
 #[derive(Debug)]
 pub struct JobFeed {
     config: FeedConfig,
+    trace_id: String,
     state: Mutex<FeedState>,
     wake_async: tokio::sync::Notify,
     wake_blocking: Condvar,
@@ -139,8 +140,14 @@ pub struct JobFeed {
 impl JobFeed {
     /// An empty feed.
     pub fn new(config: FeedConfig) -> Self {
+        Self::for_job(config, String::new())
+    }
+
+    /// An empty feed for a job in trace `trace_id`, so watchers need not look the job up.
+    pub fn for_job(config: FeedConfig, trace_id: String) -> Self {
         Self {
             config,
+            trace_id,
             state: Mutex::new(FeedState::default()),
             wake_async: tokio::sync::Notify::new(),
             wake_blocking: Condvar::new(),
@@ -258,6 +265,11 @@ pub struct JobWatch {
 }
 
 impl JobWatch {
+    /// The trace the watched job belongs to.
+    pub fn trace_id(&self) -> &str {
+        &self.feed.trace_id
+    }
+
     /// Whether this watcher meters frame delivery for the job's stream.
     pub fn is_metering(&self) -> bool {
         self.meter

@@ -49,10 +49,21 @@ pub(crate) struct PreparedJob {
     pub submitted_at: SystemTime,
 }
 
-/// A fresh job id: 16 hex digits, unique per process and (with the time mixed in) across
-/// restarts.
+/// A fresh job id: 16 hex digits that sort by submission time, unique per process and
+/// across restarts: the Unix time in milliseconds shifted left by 20 bits, bumped past the
+/// last id handed out. Ordered ids keep the journal's B-tree appending at its right edge,
+/// so a group commit dirties a few pages instead of one per job (random ids did).
 pub(crate) fn new_job_id() -> String {
-    TraceContext::new_root().span_id
+    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let now = unix_ms(SystemTime::now()) << 20;
+    let previous = LAST
+        .fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |last| Some(now.max(last + 1)),
+        )
+        .unwrap_or_default();
+    format!("{:016x}", now.max(previous + 1))
 }
 
 /// Hash of a tunables value, for `sakuga_config_generation{config_hash}`.
@@ -205,12 +216,14 @@ impl QueueState {
         journal: Option<Journal>,
         device: Sender<DeviceJob>,
     ) -> Self {
+        // Retained finished jobs plus a queue's worth, so the map rarely grows under load.
+        let jobs = HashMap::with_capacity(config.finished_kept + 1024);
         Self {
             config,
             shared,
             journal,
             device,
-            jobs: HashMap::new(),
+            jobs,
             order: BTreeMap::new(),
             next_seq: 0,
             queue: JobQueue::new(),
@@ -252,6 +265,7 @@ impl QueueState {
         let fields = event_fields(&p.job_id, p.workload, &p.trace, &p.plan);
         let seq = self.next_seq;
         self.next_seq += 1;
+        let trace_id = p.trace.trace_id.clone();
         Job {
             info: JobInfo {
                 job_id: p.job_id,
@@ -276,7 +290,7 @@ impl QueueState {
             plan: Some(p.plan),
             estimate: p.estimate,
             fields,
-            feed: Arc::new(JobFeed::new(self.config.feed)),
+            feed: Arc::new(JobFeed::for_job(self.config.feed, trace_id)),
             cancel: CancelToken::new(),
             enqueued_at: Instant::now(),
             deferrals_reported: Vec::new(),
@@ -847,7 +861,7 @@ impl QueueState {
             let workload: Workload = record.workload.parse().unwrap_or(Workload::SingleImage);
             let trace = TraceContext {
                 trace_id: record.trace_id.clone(),
-                span_id: new_job_id(),
+                span_id: TraceContext::new_root().span_id,
             };
             if record.state.is_final() {
                 self.restore_final(record, workload, trace);
@@ -923,7 +937,7 @@ impl QueueState {
 
     fn restore_final(&mut self, record: JobRecord, workload: Workload, trace: TraceContext) {
         let fields = EventFields::new(record.job_id.clone(), workload, &trace);
-        let feed = Arc::new(JobFeed::new(self.config.feed));
+        let feed = Arc::new(JobFeed::for_job(self.config.feed, record.trace_id.clone()));
         feed.push(JobEvent::Finished {
             state: record.state,
             error: record.error.clone(),
@@ -1097,5 +1111,26 @@ pub(crate) fn queue_worker(mut state: QueueState, commands: Receiver<Command>) {
     }
     if let Some(journal) = &state.journal {
         journal.flush();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_sixteen_hex_digits_that_sort_in_submission_order() {
+        let ids: Vec<String> = (0..10_000).map(|_| new_job_id()).collect();
+        assert!(
+            ids.iter()
+                .all(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
+        );
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "strictly increasing, so unique"
+        );
+        let first_ms = u64::from_str_radix(&ids[0], 16).unwrap() >> 20;
+        let now_ms = unix_ms(SystemTime::now());
+        assert!(now_ms.abs_diff(first_ms) < 60_000, "carries the wall clock");
     }
 }
