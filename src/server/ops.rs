@@ -224,42 +224,94 @@ impl SignalService for SignalsApi {
     }
 }
 
-/// Reads each named model file through once (page cache and mmap warm) with
-/// `sakuga_planned_heavy_load{reason="cache_warmup"}` at 1 meanwhile.
+/// Preloads each named model into the model cache exactly as its loader node would (same
+/// cache keys, so the first job finds it resident), with
+/// `sakuga_planned_heavy_load{reason="warmup"}` at 1 meanwhile so alerts stay quiet.
+///
+/// A name is looked up in `checkpoints/`, `upscale_models/`, `interpolation_models/`,
+/// `loras/` and `vae/` in turn (or given with its folder, `checkpoints/x.safetensors`).
+/// Checkpoints, upscalers and interpolators are loaded onto the device through their
+/// loader nodes; LoRAs and VAE files only apply on top of a checkpoint, so they are read
+/// through once into the page cache.
 pub fn warmup(engine: &sakuga_scheduler::EngineHandle, models: &[String]) -> v1::WarmupResponse {
     let started = Instant::now();
     let signals = engine.signals();
-    signals.planned_heavy_load(PlannedLoad::CacheWarmup, true);
-    let models_dir = &engine.env().models_dir;
+    signals.planned_heavy_load(PlannedLoad::Warmup, true);
+    let env = engine.env();
     let (mut loaded, mut failed) = (Vec::new(), Vec::new());
     for name in models {
-        let found = (!name.contains(".."))
-            .then(|| {
-                [
-                    "checkpoints",
-                    "vae",
-                    "loras",
-                    "upscale_models",
-                    "interpolation_models",
-                    "",
-                ]
-                .iter()
-                .map(|folder| models_dir.join(folder).join(name))
-                .find(|p| p.is_file())
-            })
-            .flatten();
-        match found.map(std::fs::read) {
-            Some(Ok(_)) => loaded.push(name.clone()),
-            Some(Err(e)) => failed.push(format!("{name}: {e}")),
-            None => failed.push(format!("{name}: not found in {}", models_dir.display())),
+        match warm_one(engine, name) {
+            Ok(()) => loaded.push(name.clone()),
+            Err(reason) => failed.push(format!("{name}: {reason}")),
         }
     }
-    signals.planned_heavy_load(PlannedLoad::CacheWarmup, false);
+    signals.planned_heavy_load(PlannedLoad::Warmup, false);
+    tracing::info!(
+        loaded = loaded.len(),
+        failed = failed.len(),
+        models_dir = %env.models_dir.display(),
+        "warmup finished"
+    );
     v1::WarmupResponse {
         loaded,
         failed,
         seconds: started.elapsed().as_secs_f64(),
     }
+}
+
+/// Folders warmup searches, with the loader node (class, input) that fills the cache.
+const WARMUP_FOLDERS: [(&str, Option<(&str, &str)>); 5] = [
+    ("checkpoints", Some(("CheckpointLoaderSimple", "ckpt_name"))),
+    ("upscale_models", Some(("UpscaleModelLoader", "model_name"))),
+    (
+        "interpolation_models",
+        Some(("FrameInterpolationModelLoader", "model_name")),
+    ),
+    ("loras", None),
+    ("vae", None),
+];
+
+fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> Result<(), String> {
+    let env = engine.env();
+    if name.split(['/', '\\']).any(|part| part == "..") || name.starts_with('/') {
+        return Err("model names stay inside the models dir".into());
+    }
+    let (folder_hint, file) = match name.split_once('/') {
+        Some((folder, file)) if WARMUP_FOLDERS.iter().any(|(f, _)| *f == folder) => {
+            (Some(folder), file)
+        }
+        _ => (None, name),
+    };
+    let (folder, loader) = WARMUP_FOLDERS
+        .iter()
+        .filter(|(folder, _)| folder_hint.is_none_or(|hint| hint == *folder))
+        .find(|(folder, _)| env.models_dir.join(folder).join(file).is_file())
+        .ok_or_else(|| format!("not found in {}", env.models_dir.display()))?;
+    let Some((class_type, input)) = loader else {
+        return std::fs::read(env.models_dir.join(folder).join(file))
+            .map(drop)
+            .map_err(|e| e.to_string());
+    };
+    let node = engine
+        .registry()
+        .get(class_type)
+        .ok_or_else(|| format!("no {class_type} node is registered"))?;
+    let mut inputs = sakuga_nodes::Inputs::new();
+    inputs.insert(*input, sakuga_nodes::Value::String(file.into()));
+    let cancel = sakuga_nodes::CancelToken::new();
+    let ctx = sakuga_nodes::ExecContext {
+        job_id: "warmup",
+        node_id: "warmup",
+        env,
+        sink: &sakuga_nodes::NullSink,
+        cancel: &cancel,
+        workflow: None,
+    };
+    // A loader that panics on a corrupt file must not take the caller down with it.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.execute(&ctx, &inputs)))
+        .map_err(|_| format!("{class_type} panicked"))?
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// The node service.

@@ -222,7 +222,7 @@ label_enum! {
 label_enum! {
     /// Planned heavy load that silences alerts (`sakuga_planned_heavy_load{reason}`).
     PlannedLoad as "reason" {
-        CacheWarmup => "cache_warmup",
+        Warmup => "warmup",
         Benchmark => "benchmark",
         Maintenance => "maintenance",
     }

@@ -278,7 +278,7 @@ pub fn record_each_once() {
     slo_objective("batch_success", 0.995);
     slo_error_budget_remaining("batch_success", 1.0);
     slo_burn_rate("batch_success", "1h", 0.0);
-    planned_heavy_load(PlannedLoad::CacheWarmup, false);
+    planned_heavy_load(PlannedLoad::Warmup, false);
     build_info(env!("CARGO_PKG_VERSION"), "0000000000000000");
     config_generation(env!("CARGO_PKG_VERSION"), "0000000000000000", 0);
 }

@@ -383,7 +383,7 @@ fn client_playback_reports_feed_fps_and_drop_slos() {
     assert!((g.dropped_ratio.unwrap() - 100.0 / 3000.0).abs() < 1e-9);
     assert!((g.fps_health.unwrap() - 2900.0 / 3000.0).abs() < 1e-9);
     assert!(!signals.is_planned_heavy_load());
-    signals.planned_heavy_load(sakuga_telemetry::PlannedLoad::CacheWarmup, true);
+    signals.planned_heavy_load(sakuga_telemetry::PlannedLoad::Warmup, true);
     assert!(signals.is_planned_heavy_load());
     assert!(signals.snapshot().planned_heavy_load);
 }
