@@ -84,9 +84,16 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         ..EngineConfig::default()
     };
     let tunables_path = args.tunables.clone();
+    let reload_common = common.clone();
+    // Re-reads the tunables file and the config file's `[signals]` (SLO targets, quality
+    // checks); folders, device and listeners need a restart and are left as they are.
     let reload: ReloadFn = Arc::new(move |engine: &EngineHandle| -> Result<Reloaded, String> {
         let tunables = load_tunables(tunables_path.as_ref()).map_err(|e| format!("{e:#}"))?;
-        Ok(engine.reload(tunables, env!("CARGO_PKG_VERSION")))
+        let signals = reload_common
+            .resolve()
+            .map_err(|e| format!("{e:#}"))?
+            .signals;
+        Ok(engine.reload_config(tunables, Some(signals), env!("CARGO_PKG_VERSION")))
     });
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(crate::server::TlsIdentity {

@@ -118,7 +118,8 @@ struct ConfigState {
 
 #[derive(Debug)]
 struct Inner {
-    config: SignalsConfig,
+    /// Swapped whole on reload; readers take a cheap snapshot.
+    config: parking_lot::RwLock<Arc<SignalsConfig>>,
     clock: Arc<dyn Clock>,
     windows: Windows,
     slo: SloTracker,
@@ -147,7 +148,7 @@ impl Signals {
         let origin = clock.now();
         Signals {
             inner: Arc::new(Inner {
-                config,
+                config: parking_lot::RwLock::new(Arc::new(config)),
                 clock,
                 windows: Windows::new(origin),
                 slo: SloTracker::new(),
@@ -160,8 +161,20 @@ impl Signals {
     }
 
     /// The configuration in force.
-    pub fn config(&self) -> &SignalsConfig {
-        &self.inner.config
+    pub fn config(&self) -> Arc<SignalsConfig> {
+        self.inner.config.read().clone()
+    }
+
+    /// Puts `config` in force for everything recorded and evaluated from now on (SLO
+    /// targets, thresholds, quality checks); the windows and their history are kept.
+    /// Returns whether anything changed.
+    pub fn set_config(&self, config: SignalsConfig) -> bool {
+        let mut current = self.inner.config.write();
+        if **current == config {
+            return false;
+        }
+        *current = Arc::new(config);
+        true
     }
 
     /// Now, on the signals clock.
@@ -193,7 +206,7 @@ impl Signals {
         record::queue_wait(workload, wait);
         self.inner.windows.queue_wait(at, workload, wait);
         if workload == Workload::Batch {
-            let target = self.inner.config.slo.queue_wait_target(workload, model_id);
+            let target = self.config().slo.queue_wait_target(workload, model_id);
             self.inner
                 .slo
                 .event(at, SloId::BatchQueueWait, wait <= target);
@@ -243,7 +256,7 @@ impl Signals {
                     .event(at, SloId::BatchSuccess, report.outcome == Outcome::Success);
             }
             Workload::SingleImage if report.outcome == Outcome::Success => {
-                let target = inner.config.slo.latency_target(
+                let target = inner.config.read().slo.latency_target(
                     report.workload,
                     report.model_id,
                     report.width,
@@ -302,7 +315,7 @@ impl Signals {
         self.inner
             .windows
             .device(at, sample.utilization_ratio, headroom);
-        let floor = self.inner.config.slo.system.min_headroom_ratio;
+        let floor = self.config().slo.system.min_headroom_ratio;
         if sample.memory_total_bytes > 0 {
             self.inner
                 .slo
@@ -342,7 +355,7 @@ impl Signals {
     /// Whether `extra_bytes` more device memory would keep headroom at or over the floor
     /// (true before any sample: admission must not stall on a missing probe).
     pub fn fits_in_headroom(&self, extra_bytes: u64) -> bool {
-        let floor = self.inner.config.slo.system.min_headroom_ratio;
+        let floor = self.config().slo.system.min_headroom_ratio;
         match &*self.inner.device.lock() {
             Some(s) if s.memory_total_bytes > 0 => {
                 record::headroom_ratio(
@@ -362,7 +375,8 @@ impl Signals {
             .inner
             .windows
             .golden(self.now(), workload, Window::TwoMinutes);
-        let animation = &self.inner.config.slo.animation;
+        let config = self.config();
+        let animation = &config.slo.animation;
         match g.fps_health {
             None => false,
             Some(health) => {
@@ -378,9 +392,7 @@ impl Signals {
 
     /// Status of one SLO, now.
     pub fn slo_status(&self, slo: SloId) -> SloStatus {
-        self.inner
-            .slo
-            .status(self.now(), slo, &self.inner.config.slo)
+        self.inner.slo.status(self.now(), slo, &self.config().slo)
     }
 
     /// The running configuration changed; OOMs after it are attributed to it.
@@ -464,8 +476,7 @@ impl Signals {
     /// Opens a frame stream of `workload` whose delivered FPS floor is `min_fps`.
     pub fn stream(&self, workload: Workload, min_fps: f64) -> FrameStream {
         let sampler = self
-            .inner
-            .config
+            .config()
             .frame_events_every
             .map(FrameEventSampler::new)
             .unwrap_or_default();
@@ -489,7 +500,7 @@ impl Signals {
                 record::fps_health(workload, health);
             }
         }
-        for status in self.inner.slo.all(now, &self.inner.config.slo) {
+        for status in self.inner.slo.all(now, &self.config().slo) {
             let name = status.slo.as_str();
             record::slo_objective(name, status.objective);
             record::slo_error_budget_remaining(name, status.error_budget_remaining);
@@ -536,7 +547,7 @@ impl Signals {
             golden,
             baseline,
             system,
-            slos: inner.slo.all(now, &inner.config.slo),
+            slos: inner.slo.all(now, &inner.config.read().slo),
             device_headroom_ratio: device.as_ref().map(DeviceSample::headroom_ratio),
             device,
             config,

@@ -387,3 +387,33 @@ fn client_playback_reports_feed_fps_and_drop_slos() {
     assert!(signals.is_planned_heavy_load());
     assert!(signals.snapshot().planned_heavy_load);
 }
+
+#[test]
+fn a_new_slo_config_judges_what_comes_after_it_and_keeps_history() {
+    let (signals, _clock) = signals();
+    let single = |s: f64| JobReport::new(Workload::SingleImage, Outcome::Success, secs(s));
+    signals.job_finished(&single(4.0));
+    let before = signals.slo_status(SloId::SingleImageLatency);
+    assert_eq!(
+        (before.total, before.bad),
+        (1, 0),
+        "4 s meets the default 5 s"
+    );
+
+    let mut stricter = SignalsConfig::default();
+    stricter.slo.single_image.latency_target_s = 3.0;
+    stricter.slo.single_image.objective = 0.9;
+    assert!(signals.set_config(stricter.clone()));
+    assert!(
+        !signals.set_config(stricter),
+        "the same config again changes nothing"
+    );
+    signals.job_finished(&single(4.0));
+    let after = signals.slo_status(SloId::SingleImageLatency);
+    assert_eq!(
+        (after.total, after.bad),
+        (2, 1),
+        "the earlier job keeps its verdict"
+    );
+    assert_eq!(after.objective, 0.9);
+}

@@ -67,8 +67,11 @@ pub(crate) fn new_job_id() -> String {
 }
 
 /// Hash of a tunables value, for `sakuga_config_generation{config_hash}`.
-pub(crate) fn config_hash(tunables: &crate::engine::EngineTunables) -> String {
-    let text = serde_json::to_string(tunables).unwrap_or_default();
+pub(crate) fn config_hash(
+    tunables: &crate::engine::EngineTunables,
+    signals: &sakuga_telemetry::SignalsConfig,
+) -> String {
+    let text = serde_json::to_string(&(tunables, signals)).unwrap_or_default();
     // FNV-1a: stable across processes, unlike the std hasher's random seed.
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in text.bytes() {

@@ -28,7 +28,7 @@ use serde_json::Value as Json;
 use tokio::sync::oneshot;
 
 use sakuga_nodes::{NodeEnv, NodeRegistry};
-use sakuga_telemetry::{Signals, TraceContext, Workload};
+use sakuga_telemetry::{Signals, SignalsConfig, TraceContext, Workload};
 
 use crate::admission::{AdmissionConfig, Estimate, Estimator, WorkloadValues, check_limits};
 use crate::error::SchedulerError;
@@ -527,11 +527,27 @@ impl EngineHandle {
     /// submitted and started from now on; queued and running work is kept. Bumps the
     /// configuration generation and emits `config_changed` when anything changed.
     pub fn reload(&self, tunables: EngineTunables, version: &str) -> Reloaded {
-        let hash = jobs::config_hash(&tunables);
+        self.reload_config(tunables, None, version)
+    }
+
+    /// [`Self::reload`], and when `signals` is given, new SLO targets, thresholds and
+    /// quality checks too: they judge everything recorded from now on, while the rolling
+    /// windows keep their history. One generation bump covers both.
+    pub fn reload_config(
+        &self,
+        tunables: EngineTunables,
+        signals: Option<SignalsConfig>,
+        version: &str,
+    ) -> Reloaded {
+        let signals_changed = signals.is_some_and(|c| self.shared.signals.set_config(c));
+        let hash = jobs::config_hash(&tunables, &self.shared.signals.config());
         let mut current = self.shared.tunables.write();
-        if *current != tunables {
+        let tunables_changed = *current != tunables;
+        if tunables_changed {
             *current = tunables;
-            drop(current);
+        }
+        drop(current);
+        if tunables_changed || signals_changed {
             self.shared.generation.fetch_add(1, Ordering::Relaxed);
             self.shared.signals.config_changed(version, &hash);
         }
