@@ -306,6 +306,9 @@ pub struct ExecContext<'a> {
     pub cancel: &'a CancelToken,
     /// The workflow as submitted (API format), embedded into saved PNGs.
     pub workflow: Option<&'a serde_json::Value>,
+    /// Most images a batch-capable node (samplers, VAE decode, upscalers) processes at
+    /// once; `None` processes whole batches. Results do not depend on it, peak memory does.
+    pub batch_limit: Option<usize>,
 }
 
 impl ExecContext<'_> {

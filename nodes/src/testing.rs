@@ -43,6 +43,7 @@ impl Rig {
             sink: &NullSink,
             cancel: &self.cancel,
             workflow: None,
+            batch_limit: None,
         };
         let mut bound = Inputs::new();
         for (name, value) in inputs {

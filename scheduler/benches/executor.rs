@@ -110,6 +110,7 @@ fn executor_overhead(c: &mut Criterion) {
             job_id: Arc::from("bench"),
             observer: Arc::new(Quiet),
             cancel: CancelToken::new(),
+            batch_limit: None,
         };
         group.bench_with_input(BenchmarkId::new("uncached", n), &n, |b, _| {
             b.iter(|| executor.run(&p, &job).unwrap())
@@ -157,6 +158,7 @@ fn telemetry_overhead(c: &mut Criterion) {
         job_id: Arc::from("bench"),
         observer: Arc::new(Quiet),
         cancel: CancelToken::new(),
+        batch_limit: None,
     };
     let fields = EventFields::new("bench", Workload::Batch, &TraceContext::new_root());
     let observed = JobRun {
@@ -168,6 +170,7 @@ fn telemetry_overhead(c: &mut Criterion) {
             24.0,
         )),
         cancel: CancelToken::new(),
+        batch_limit: None,
     };
     let mut group = c.benchmark_group("telemetry_overhead_1000");
     group.throughput(Throughput::Elements(1000));

@@ -83,6 +83,9 @@ pub struct JobRun {
     pub job_id: Arc<str>,
     pub observer: Arc<dyn ExecutionObserver>,
     pub cancel: CancelToken,
+    /// Most images a batch-capable node processes at once (`None`: whole batches); set
+    /// when a job that ran out of device memory is retried with its batch split.
+    pub batch_limit: Option<usize>,
 }
 
 impl std::fmt::Debug for JobRun {
@@ -462,6 +465,7 @@ impl StepTask {
             sink: self.job.observer.as_ref(),
             cancel: &self.job.cancel,
             workflow: Some(&self.workflow),
+            batch_limit: self.job.batch_limit,
         };
         let started = Instant::now();
         let result = match catch_unwind(AssertUnwindSafe(|| self.node.execute(&ctx, &self.inputs)))

@@ -156,6 +156,7 @@ pub fn job(id: &str, recorder: &Arc<Recorder>) -> JobRun {
         job_id: Arc::from(id),
         observer: recorder.clone(),
         cancel: CancelToken::new(),
+        batch_limit: None,
     }
 }
 

@@ -50,6 +50,35 @@ impl Node for Gate {
     }
 }
 
+/// Runs out of (pretend) device memory when asked to process more than `fits` images at
+/// once, and honours the executor's batch limit the way the real batch nodes do.
+struct MemoryHungry;
+static MEMORY_HUNGRY: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("TestMemoryHungry", "Memory hungry", "test")
+        .input(InputSpec::int("fits", 1, 0, 64))
+        .input(InputSpec::link("images", PortType::Image))
+        .output(PortType::Image)
+});
+impl Node for MemoryHungry {
+    fn schema(&self) -> &NodeSchema {
+        &MEMORY_HUNGRY
+    }
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let images = inputs.image("images")?;
+        let batch = images.dim(0)?;
+        let at_once = ctx.batch_limit.unwrap_or(batch).min(batch);
+        let fits = inputs.int("fits")? as usize;
+        if at_once > fits {
+            return Err(NodeError::Model(sakuga_models::ModelError::OverBudget {
+                name: format!("{at_once} images"),
+                needed: at_once as u64,
+                budget: fits as u64,
+            }));
+        }
+        Ok(vec![Value::Image(images.clone())])
+    }
+}
+
 fn open_gate(name: &str) {
     GATES.0.lock().push(name.to_owned());
     GATES.1.notify_all();
@@ -58,6 +87,7 @@ fn open_gate(name: &str) {
 fn engine_with(dir: &std::path::Path, config: EngineConfig) -> EngineHandle {
     let mut registry = NodeRegistry::with_builtins();
     registry.register(Gate);
+    registry.register(MemoryHungry);
     let env = NodeEnv::new(dir.join("input"), dir.join("output"), dir.join("models"));
     std::fs::create_dir_all(&env.input_dir).unwrap();
     EngineHandle::start(
@@ -368,5 +398,73 @@ fn reload_bumps_the_generation_and_feature_flags_bypass_nodes() {
             .is_err(),
         "batch keeps its upscaler"
     );
+    engine.shutdown_blocking();
+}
+
+fn memory_hungry_workflow(batch: u32, fits: u32) -> Json {
+    json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": batch, "color": batch}},
+        "2": {"class_type": "TestMemoryHungry", "inputs": {"images": ["1", 0], "fits": fits}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    })
+}
+
+#[test]
+fn an_oom_splits_the_batch_and_retries_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with(dir.path(), EngineConfig::default());
+
+    // 4 images OOM; 2 at a time fit: the retry succeeds and says why it happened.
+    let mut items = Vec::new();
+    let info = engine
+        .run_to_completion(
+            request(memory_hungry_workflow(4, 2), Workload::Batch),
+            |i| items.push(i.clone()),
+        )
+        .unwrap();
+    assert_eq!(info.state, JobState::Succeeded, "{:?}", info.error);
+    let splits: Vec<String> = items
+        .iter()
+        .filter_map(|i| match i {
+            WatchItem::Event(e) => match &e.event {
+                JobEvent::Admission {
+                    reason: AdmissionReason::OomSplit,
+                    detail,
+                    ..
+                } => Some(detail.clone()),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(splits.len(), 1, "{items:?}");
+    assert!(splits[0].contains("batch of 4"), "{}", splits[0]);
+    assert!(splits[0].contains("at most 2 at a time"), "{}", splits[0]);
+
+    // Only one retry: when half the batch still does not fit, the job fails as an OOM.
+    let info = engine
+        .run_to_completion(
+            request(memory_hungry_workflow(4, 1), Workload::Batch),
+            |_| {},
+        )
+        .unwrap();
+    assert_eq!(info.state, JobState::Failed);
+    assert!(
+        info.error.as_deref().unwrap_or("").contains("budget"),
+        "{:?}",
+        info.error
+    );
+
+    // A single image has nothing to split: it fails without a retry.
+    let mut items = Vec::new();
+    let info = engine
+        .run_to_completion(
+            request(memory_hungry_workflow(1, 0), Workload::Batch),
+            |i| items.push(i.clone()),
+        )
+        .unwrap();
+    assert_eq!(info.state, JobState::Failed);
+    assert!(!items.iter().any(|i| matches!(i, WatchItem::Event(e)
+        if matches!(e.event, JobEvent::Admission { reason: AdmissionReason::OomSplit, .. }))));
     engine.shutdown_blocking();
 }

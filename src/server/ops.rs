@@ -306,6 +306,7 @@ fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> Result<(), S
         sink: &sakuga_nodes::NullSink,
         cancel: &cancel,
         workflow: None,
+        batch_limit: None,
     };
     // A loader that panics on a corrupt file must not take the caller down with it.
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.execute(&ctx, &inputs)))

@@ -107,6 +107,8 @@ label_enum! {
         FpsDegraded => "fps_degraded",
         /// Higher-priority work goes first.
         Priority => "priority",
+        /// It ran out of device memory and was admitted again once, its batch split.
+        OomSplit => "oom_split",
     }
 }
 

@@ -79,6 +79,8 @@ pub struct SampleParams {
     pub end_at_step: usize,
     /// Stop with the remaining noise instead of forcing the last sigma to 0.
     pub return_with_leftover_noise: bool,
+    /// Most latents the UNet sees at once (`None`: the whole batch); results are the same.
+    pub max_batch: Option<usize>,
 }
 
 impl SampleParams {
@@ -95,6 +97,7 @@ impl SampleParams {
             start_at_step: 0,
             end_at_step: usize::MAX,
             return_with_leftover_noise: false,
+            max_batch: None,
         }
     }
 
@@ -174,6 +177,7 @@ pub fn sample_latent(
     } else {
         latent
     };
-    let denoiser = GuidedDenoiser::new(unet, positive, negative, params.cfg)?;
+    let denoiser =
+        GuidedDenoiser::new(unet, positive, negative, params.cfg)?.with_max_batch(params.max_batch);
     sampler::sample(params.sampler, &denoiser, x, &sigmas, params.seed, hooks)
 }

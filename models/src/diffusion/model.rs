@@ -374,6 +374,7 @@ pub struct GuidedDenoiser<'a> {
     positive: Tensor,
     negative: Tensor,
     cfg: f64,
+    max_batch: Option<usize>,
 }
 
 impl<'a> GuidedDenoiser<'a> {
@@ -394,6 +395,49 @@ impl<'a> GuidedDenoiser<'a> {
             positive,
             negative,
             cfg,
+            max_batch: None,
+        })
+    }
+
+    /// Runs the UNet on at most `max_batch` latents at a time (`None`: the whole batch).
+    /// Each latent is denoised on its own either way, so only peak memory changes: this is
+    /// how a batch that ran out of device memory is split for its retry.
+    pub fn with_max_batch(mut self, max_batch: Option<usize>) -> Self {
+        self.max_batch = max_batch.filter(|&m| m > 0);
+        self
+    }
+
+    fn denoise_all(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        let batch = x.dim(0)?;
+        let sampling = self.unet.sampling();
+        let t = sampling.timestep(sigma);
+        let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
+        let x_in = (x * c_in)?;
+        let output = if (self.cfg - 1.0).abs() < f64::EPSILON {
+            self.unet
+                .forward(&x_in, t, &batched(&self.positive, batch)?)?
+        } else {
+            let both = Tensor::cat(&[&x_in, &x_in], 0)?;
+            let context = Tensor::cat(
+                &[
+                    batched(&self.negative, batch)?,
+                    batched(&self.positive, batch)?,
+                ],
+                0,
+            )?;
+            let out = self.unet.forward(&both, t, &context)?;
+            let uncond = out.narrow(0, 0, batch)?;
+            let cond = out.narrow(0, batch, batch)?;
+            (&uncond + ((cond - &uncond)? * self.cfg)?)?
+        };
+        let output = output.to_device(x.device())?;
+        Ok(match self.unet.config().prediction {
+            Prediction::Epsilon => (x - (output * sigma)?)?,
+            Prediction::V => {
+                let c_skip = 1.0 / (sigma * sigma + 1.0);
+                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+                ((x * c_skip)? + (output * c_out)?)?
+            }
         })
     }
 }
@@ -432,35 +476,16 @@ fn batched(cond: &Tensor, batch: usize) -> Result<Tensor> {
 impl Denoiser for GuidedDenoiser<'_> {
     fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
         let batch = x.dim(0)?;
-        let sampling = self.unet.sampling();
-        let t = sampling.timestep(sigma);
-        let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
-        let x_in = (x * c_in)?;
-        let output = if (self.cfg - 1.0).abs() < f64::EPSILON {
-            self.unet
-                .forward(&x_in, t, &batched(&self.positive, batch)?)?
-        } else {
-            let both = Tensor::cat(&[&x_in, &x_in], 0)?;
-            let context = Tensor::cat(
-                &[
-                    batched(&self.negative, batch)?,
-                    batched(&self.positive, batch)?,
-                ],
-                0,
-            )?;
-            let out = self.unet.forward(&both, t, &context)?;
-            let uncond = out.narrow(0, 0, batch)?;
-            let cond = out.narrow(0, batch, batch)?;
-            (&uncond + ((cond - &uncond)? * self.cfg)?)?
-        };
-        let output = output.to_device(x.device())?;
-        Ok(match self.unet.config().prediction {
-            Prediction::Epsilon => (x - (output * sigma)?)?,
-            Prediction::V => {
-                let c_skip = 1.0 / (sigma * sigma + 1.0);
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                ((x * c_skip)? + (output * c_out)?)?
+        match self.max_batch {
+            Some(max) if batch > max => {
+                let mut chunks = Vec::with_capacity(batch.div_ceil(max));
+                for start in (0..batch).step_by(max) {
+                    let len = max.min(batch - start);
+                    chunks.push(self.denoise_all(&x.narrow(0, start, len)?, sigma)?);
+                }
+                Ok(Tensor::cat(&chunks, 0)?)
             }
-        })
+            _ => self.denoise_all(x, sigma),
+        }
     }
 }

@@ -441,6 +441,10 @@ fn run_sampler(
         progress: &progress,
         cancelled: &cancelled,
     };
+    let params = SampleParams {
+        max_batch: ctx.batch_limit,
+        ..params
+    };
     let samples = sample_latent(
         &model.unet,
         &positive.cond,
@@ -556,20 +560,34 @@ impl Node for VaeDecode {
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let latent = inputs.object::<Latent>("samples")?;
         let vae = inputs.object::<VaeDecoder>("vae")?;
-        let (_, _, h, w) = latent.samples.dims4()?;
-        let images = if h.max(w) > VAE_TILE_LATENT {
-            vae.vae
-                .decode_tiled(&latent.samples, VAE_TILE_LATENT / 2, VAE_TILE_OVERLAP)?
-        } else {
-            match vae.vae.decode(&latent.samples) {
-                Ok(images) => images,
+        let (batch, _, h, w) = latent.samples.dims4()?;
+        let decode = |samples: &Tensor| -> Result<Tensor, NodeError> {
+            if h.max(w) > VAE_TILE_LATENT {
+                return Ok(vae
+                    .vae
+                    .decode_tiled(samples, VAE_TILE_LATENT / 2, VAE_TILE_OVERLAP)?);
+            }
+            match vae.vae.decode(samples) {
+                Ok(images) => Ok(images),
                 Err(e) if e.kind() == "oom" => {
                     tracing::warn!(error = %e, "vae decode out of memory, retrying tiled");
-                    vae.vae
-                        .decode_tiled(&latent.samples, VAE_TILE_LATENT / 4, VAE_TILE_OVERLAP)?
+                    Ok(vae
+                        .vae
+                        .decode_tiled(samples, VAE_TILE_LATENT / 4, VAE_TILE_OVERLAP)?)
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => Err(e.into()),
             }
+        };
+        let images = match ctx.batch_limit {
+            Some(max) if batch > max => {
+                let mut chunks = Vec::with_capacity(batch.div_ceil(max));
+                for start in (0..batch).step_by(max) {
+                    let len = max.min(batch - start);
+                    chunks.push(decode(&latent.samples.narrow(0, start, len)?)?);
+                }
+                Tensor::cat(&chunks, 0)?
+            }
+            _ => decode(&latent.samples)?,
         };
         let images = images
             .permute((0, 2, 3, 1))?

@@ -149,6 +149,7 @@ mod tests {
             sink: &NullSink,
             cancel,
             workflow: None,
+            batch_limit: None,
         };
         let mut bound = Inputs::new();
         for (name, value) in inputs {

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use sakuga_nodes::{CancelToken, Value};
 use sakuga_telemetry::{
     AdmissionReason, Decision, ErrorKind, EventFields, JobReport as SignalsJobReport, Outcome,
-    Stage, TraceContext, Workload, events, job_span,
+    RetryReason, Stage, TraceContext, Workload, events, job_span,
 };
 
 use crate::admission::{
@@ -657,9 +657,11 @@ impl QueueState {
             job_id: Arc::from(job_id),
             observer: Arc::new(telemetry),
             cancel: job.cancel.clone(),
+            batch_limit: None,
         };
         let device_job = DeviceJob {
             job_id: job_id.to_owned(),
+            batch: job.estimate.batch as usize,
             plan,
             run,
             span: job_span(&job.fields),
@@ -710,6 +712,14 @@ impl QueueState {
         } else {
             0
         };
+        if let Some(limit) = done.oom_split {
+            // The first run's OOM is an error of its own whatever the retry does.
+            signals.error(ErrorKind::Oom, Stage::Inference);
+            signals.retry(RetryReason::OomSplit);
+            signals.admission(workload, Decision::Admit, AdmissionReason::OomSplit);
+            events::admission_decision(&job.fields, Decision::Admit, AdmissionReason::OomSplit);
+            tracing::warn!(job_id = %done.job_id, batch_limit = limit, "out of device memory; retried once with the batch split");
+        }
         let report = SignalsJobReport::new(workload, outcome, latency)
             .with_resolution(job.estimate.width.max(1), job.estimate.height.max(1))
             .with_images(images);

@@ -24,6 +24,8 @@ use crate::plan::ExecutionPlan;
 /// A job handed to the device worker.
 pub(crate) struct DeviceJob {
     pub job_id: String,
+    /// Images in the job's largest batch (from its estimate).
+    pub batch: usize,
     pub plan: ExecutionPlan,
     pub run: JobRun,
     pub span: tracing::Span,
@@ -37,6 +39,9 @@ pub(crate) struct Finished {
     pub elapsed: Duration,
     pub outputs: Vec<JobOutput>,
     pub frames: u64,
+    /// The first run ran out of device memory and this batch limit was used for the
+    /// one retry (DESIGN.md section 7: an OOM splits the batch and retries once).
+    pub oom_split: Option<usize>,
 }
 
 pub(crate) struct DeviceWorker {
@@ -74,9 +79,32 @@ pub(crate) fn spawn_device_worker(
 fn device_worker(executor: Executor, jobs: Receiver<DeviceJob>, done: Sender<Command>) {
     while let Ok(job) = jobs.recv() {
         let started = Instant::now();
+        let mut oom_split = None;
         let result = {
             let _entered = job.span.enter();
-            executor.run(&job.plan, &job.run)
+            let first = executor.run(&job.plan, &job.run);
+            match first {
+                Err(e) if e.kind() == "oom" && job.batch > 1 => {
+                    // Nodes that finished before the OOM come from the output cache; the
+                    // rest run again at most half the batch at a time.
+                    let limit = job.batch.div_ceil(2);
+                    oom_split = Some(limit);
+                    job.observer.feed.push(JobEvent::Admission {
+                        decision: sakuga_telemetry::Decision::Admit,
+                        reason: sakuga_telemetry::AdmissionReason::OomSplit,
+                        detail: format!(
+                            "out of device memory with a batch of {}: retrying once, at most {limit} at a time ({e})",
+                            job.batch
+                        ),
+                    });
+                    let retry = JobRun {
+                        batch_limit: Some(limit),
+                        ..job.run.clone()
+                    };
+                    executor.run(&job.plan, &retry)
+                }
+                other => other,
+            }
         };
         let finished = Finished {
             job_id: job.job_id,
@@ -84,6 +112,7 @@ fn device_worker(executor: Executor, jobs: Receiver<DeviceJob>, done: Sender<Com
             elapsed: started.elapsed(),
             outputs: std::mem::take(&mut *job.observer.outputs.lock()),
             frames: job.observer.frames.load(Ordering::Relaxed),
+            oom_split,
         };
         if done.send(Command::Finished(Box::new(finished))).is_err() {
             break;
