@@ -64,6 +64,9 @@ pub struct AdmissionConfig {
     /// The job a demand unit stands for: KEDA demand counts jobs weighted by
     /// `expected duration / reference`, clamped to `[0.1, 100]`.
     pub reference_job_s: f64,
+    /// Degrade an animation preview in steps (interpolation x2, fewer steps, lower
+    /// resolution) when recent runs show it cannot keep its target FPS.
+    pub degrade_animation: bool,
     pub limits: WorkflowLimits,
 }
 
@@ -84,6 +87,7 @@ impl Default for AdmissionConfig {
             memory_budget_bytes: 8 << 30,
             default_node_duration_ms: 5.0,
             reference_job_s: 1.0,
+            degrade_animation: true,
             limits: WorkflowLimits::default(),
         }
     }

@@ -16,6 +16,7 @@
 
 pub mod admission;
 pub mod cache;
+pub mod degrade;
 pub mod engine;
 pub mod error;
 pub mod executor;

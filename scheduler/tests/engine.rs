@@ -468,3 +468,70 @@ fn an_oom_splits_the_batch_and_retries_once() {
         if matches!(e.event, JobEvent::Admission { reason: AdmissionReason::OomSplit, .. }))));
     engine.shutdown_blocking();
 }
+
+#[test]
+fn a_preview_that_cannot_keep_its_fps_is_degraded_in_steps_and_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with(dir.path(), EngineConfig::default());
+    // Three 1536x1536 frames take far longer to render than their 12.5 ms at 240 FPS.
+    let workflow = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 512, "height": 512, "batch_size": 3, "color": 0x808080}},
+        "2": {"class_type": "ImageScaleBy", "inputs": {"image": ["1", 0], "upscale_method": "lanczos", "scale_by": 3.0}},
+        "3": {"class_type": "StreamFrames", "inputs": {"images": ["2", 0], "fps": 240.0, "pace": false}},
+    });
+    let run = || {
+        let mut items = Vec::new();
+        let info = engine
+            .run_to_completion(SubmitRequest::new(workflow.clone()), |i| {
+                items.push(i.clone())
+            })
+            .unwrap();
+        assert_eq!(info.state, JobState::Succeeded, "{:?}", info.error);
+        let notes: Vec<String> = items
+            .iter()
+            .filter_map(|i| match i {
+                WatchItem::Event(e) => match &e.event {
+                    JobEvent::Admission {
+                        reason: AdmissionReason::DegradedForFps,
+                        detail,
+                        ..
+                    } => Some(detail.clone()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .collect();
+        let width = items.iter().find_map(|i| match i {
+            WatchItem::Frame(f) => Some(f.width),
+            _ => None,
+        });
+        (notes, width)
+    };
+    // Nothing is known about the workflow yet: it runs as submitted.
+    let (notes, width) = run();
+    assert!(notes.is_empty(), "{notes:?}");
+    assert_eq!(width, Some(1536));
+    // Now its render time is known to miss the target: the preview resolution drops.
+    let (notes, width) = run();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert!(
+        notes[0].contains("against a 240 FPS target"),
+        "{}",
+        notes[0]
+    );
+    assert!(
+        notes[0].contains("lower preview resolution: 512x512 -> 384x384"),
+        "{}",
+        notes[0]
+    );
+    assert_eq!(width, Some(1152));
+
+    // Switched off in the tunables, the same submission runs as submitted.
+    let mut tunables = engine.tunables();
+    tunables.admission.degrade_animation = false;
+    engine.reload(tunables, "test");
+    let (notes, width) = run();
+    assert!(notes.is_empty());
+    assert_eq!(width, Some(1536));
+    engine.shutdown_blocking();
+}

@@ -109,6 +109,8 @@ label_enum! {
         Priority => "priority",
         /// It ran out of device memory and was admitted again once, its batch split.
         OomSplit => "oom_split",
+        /// An animation preview admitted degraded in steps so it can keep its target FPS.
+        DegradedForFps => "degraded_for_fps",
     }
 }
 

@@ -47,6 +47,8 @@ pub(crate) struct PreparedJob {
     pub labels: BTreeMap<String, String>,
     pub trace: TraceContext,
     pub submitted_at: SystemTime,
+    /// Why and how the workflow was degraded to keep its target FPS.
+    pub degraded: Option<String>,
 }
 
 /// A fresh job id: 16 hex digits that sort by submission time, unique per process and
@@ -414,6 +416,7 @@ impl QueueState {
         events::admission_decision(&fields, Decision::Admit, AdmissionReason::Capacity);
         // Journaled once, with the record that accepts the job; nothing else needs it.
         let workflow = std::mem::take(&mut p.workflow);
+        let degraded = p.degraded.take();
         let job = self.new_job(p, false, 0);
         job.feed.push(JobEvent::Stage {
             name: events::PROMPT_RECEIVED,
@@ -431,6 +434,19 @@ impl QueueState {
                 job.estimate.peak_memory_bytes >> 20
             ),
         });
+        if let Some(note) = degraded {
+            signals.admission(workload, Decision::Admit, AdmissionReason::DegradedForFps);
+            events::admission_decision(
+                &job.fields,
+                Decision::Admit,
+                AdmissionReason::DegradedForFps,
+            );
+            job.feed.push(JobEvent::Admission {
+                decision: Decision::Admit,
+                reason: AdmissionReason::DegradedForFps,
+                detail: note,
+            });
+        }
         let job_id = job.info.job_id.clone();
         self.enqueue(job);
         let job = &self.jobs[&job_id];
@@ -924,6 +940,7 @@ impl QueueState {
                 trace,
                 submitted_at: SystemTime::UNIX_EPOCH
                     + Duration::from_millis(record.submitted_unix_ms),
+                degraded: None,
             };
             let job = self.new_job(prepared, true, record.attempts);
             let job_id = job.info.job_id.clone();

@@ -390,6 +390,11 @@ impl EngineHandle {
             } else {
                 (plan, estimate, workflow)
             };
+        let (plan, estimate, workflow, degraded) =
+            match self.degraded_for_fps(workload, &workflow, &estimate)? {
+                Some((degraded, plan, estimate, note)) => (plan, estimate, degraded, Some(note)),
+                None => (plan, estimate, workflow, None),
+            };
         Ok(jobs::PreparedJob {
             job_id: jobs::new_job_id(),
             workflow,
@@ -402,7 +407,43 @@ impl EngineHandle {
             labels: request.labels,
             trace: request.trace.unwrap_or_else(TraceContext::new_root),
             submitted_at: SystemTime::now(),
+            degraded,
         })
+    }
+
+    /// An animation workflow that recent runs show cannot keep its target FPS, degraded in
+    /// steps (see [`crate::degrade`]) and checked again; `None` when it needs nothing.
+    #[allow(clippy::type_complexity)]
+    fn degraded_for_fps(
+        &self,
+        workload: Workload,
+        workflow: &Json,
+        estimate: &Estimate,
+    ) -> Result<Option<(Json, ExecutionPlan, Estimate, String)>, SchedulerError> {
+        if workload != Workload::Animation
+            || !estimate.learned
+            || !self.shared.tunables.read().admission.degrade_animation
+        {
+            return Ok(None);
+        }
+        let Some(shape) = crate::degrade::stream_shape(workflow) else {
+            return Ok(None);
+        };
+        let render_s = estimate.expected_duration.as_secs_f64();
+        let needed = render_s / shape.playback_s().max(1e-6);
+        let Some(degraded) = crate::degrade::degrade(workflow, needed) else {
+            return Ok(None);
+        };
+        let (plan, estimate) = self.check(&degraded.workflow, None)?;
+        let note = format!(
+            "recent runs render {} frames in {render_s:.2}s, {:.1} FPS against a {} FPS target; degraded x{:.1}: {}",
+            shape.frames,
+            shape.frames as f64 / render_s.max(1e-9),
+            shape.target_fps,
+            degraded.speedup,
+            degraded.steps.join("; ")
+        );
+        Ok(Some((degraded.workflow, plan, estimate, note)))
     }
 
     fn send(&self, command: Command) -> Result<(), SchedulerError> {
