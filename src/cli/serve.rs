@@ -39,7 +39,8 @@ pub struct ServeArgs {
     /// PEM private key for --tls-cert.
     #[arg(long, env = "SAKUGA_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
-    /// Model files to read through at start, under planned-heavy-load.
+    /// Models to load into the model cache before serving (checkpoints, upscalers,
+    /// interpolators; LoRA and VAE files are read through), under planned-heavy-load.
     #[arg(long, num_args = 1..)]
     pub warmup: Vec<String>,
 }
