@@ -108,7 +108,8 @@ pub fn stream_shape(workflow: &Json) -> Option<StreamShape> {
 /// Degrades `workflow` until the nominal speed-up reaches `needed` (expected render time
 /// over playback time) or no step is left; `None` when no step applies or none is needed.
 pub fn degrade(workflow: &Json, needed: f64) -> Option<Degraded> {
-    if !(needed > 1.0) {
+    // NaN (an unknown render time) degrades nothing either.
+    if needed.is_nan() || needed <= 1.0 {
         return None;
     }
     let mut nodes = workflow.as_object()?.clone();
