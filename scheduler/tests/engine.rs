@@ -535,3 +535,37 @@ fn a_preview_that_cannot_keep_its_fps_is_degraded_in_steps_and_says_so() {
     assert_eq!(width, Some(1536));
     engine.shutdown_blocking();
 }
+
+#[test]
+fn on_a_gpu_the_memory_budget_is_the_devices_real_memory() {
+    use sakuga_telemetry::DeviceSample;
+    let dir = tempfile::tempdir().unwrap();
+    let engine = engine_with(dir.path(), EngineConfig::default());
+    let workflow = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 512, "height": 512, "batch_size": 4, "color": 0}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    });
+    let sample = |device: &str, total: u64| DeviceSample {
+        device: device.into(),
+        memory_used_bytes: 0,
+        memory_total_bytes: total,
+        utilization_ratio: 0.0,
+    };
+    // A GPU with 1 MiB: the job's estimate does not fit, whatever the configured budget.
+    engine.signals().device_sample(&sample("cuda:0", 1 << 20));
+    let denied = engine
+        .run_to_completion(request(workflow.clone(), Workload::SingleImage), |_| {})
+        .unwrap_err();
+    assert!(
+        matches!(&denied, SchedulerError::Denied { reason: AdmissionReason::MemoryHeadroom, detail, .. }
+            if detail.contains("the device budget is 1 MiB")),
+        "{denied:?}"
+    );
+    // On the CPU the configured budget (8 GiB by default) applies, not the RAM total.
+    engine.signals().device_sample(&sample("cpu", 64 << 30));
+    let info = engine
+        .run_to_completion(request(workflow, Workload::SingleImage), |_| {})
+        .unwrap();
+    assert_eq!(info.state, JobState::Succeeded);
+    engine.shutdown_blocking();
+}

@@ -205,6 +205,15 @@ pub(crate) struct QueueState {
     self_tx: Option<Sender<Command>>,
 }
 
+/// Total memory of the GPU the device sampler last read; `None` on the CPU, where the
+/// configured `memory_budget_bytes` stands in for it.
+fn gpu_memory_total(signals: &sakuga_telemetry::Signals) -> Option<u64> {
+    signals
+        .latest_device()
+        .filter(|s| s.device != "cpu" && s.memory_total_bytes > 0)
+        .map(|s| s.memory_total_bytes)
+}
+
 fn outcome_of(state: RecordState) -> Outcome {
     match state {
         RecordState::Succeeded => Outcome::Success,
@@ -385,13 +394,23 @@ impl QueueState {
         });
         let verdict = {
             let tunables = self.shared.tunables.read();
-            decide_submit(
-                workload,
-                &p.estimate,
-                deadline_in,
-                view,
-                &tunables.admission,
-            )
+            match gpu_memory_total(&signals) {
+                // On a GPU the budget is the device's real memory, as its sampler reads it.
+                Some(total) => {
+                    let admission = crate::admission::AdmissionConfig {
+                        memory_budget_bytes: total,
+                        ..tunables.admission.clone()
+                    };
+                    decide_submit(workload, &p.estimate, deadline_in, view, &admission)
+                }
+                None => decide_submit(
+                    workload,
+                    &p.estimate,
+                    deadline_in,
+                    view,
+                    &tunables.admission,
+                ),
+            }
         };
         let fields = event_fields(&p.job_id, workload, &p.trace, &p.plan);
         if let SubmitVerdict::Deny {
