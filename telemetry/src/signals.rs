@@ -342,6 +342,17 @@ impl Signals {
         })
     }
 
+    /// Total memory of the GPU the sampler last read; `None` on the CPU or before a sample.
+    /// Read under the lock without copying the sample: admission asks on every submit.
+    pub fn gpu_memory_total(&self) -> Option<u64> {
+        self.inner
+            .device
+            .lock()
+            .as_ref()
+            .filter(|s| s.device != "cpu" && s.memory_total_bytes > 0)
+            .map(|s| s.memory_total_bytes)
+    }
+
     /// The latest device sample, if any.
     pub fn latest_device(&self) -> Option<DeviceSample> {
         self.inner.device.lock().clone()

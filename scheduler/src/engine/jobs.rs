@@ -205,15 +205,6 @@ pub(crate) struct QueueState {
     self_tx: Option<Sender<Command>>,
 }
 
-/// Total memory of the GPU the device sampler last read; `None` on the CPU, where the
-/// configured `memory_budget_bytes` stands in for it.
-fn gpu_memory_total(signals: &sakuga_telemetry::Signals) -> Option<u64> {
-    signals
-        .latest_device()
-        .filter(|s| s.device != "cpu" && s.memory_total_bytes > 0)
-        .map(|s| s.memory_total_bytes)
-}
-
 fn outcome_of(state: RecordState) -> Outcome {
     match state {
         RecordState::Succeeded => Outcome::Success,
@@ -394,7 +385,8 @@ impl QueueState {
         });
         let verdict = {
             let tunables = self.shared.tunables.read();
-            match gpu_memory_total(&signals) {
+            // On the CPU the configured `memory_budget_bytes` stands in for device memory.
+            match signals.gpu_memory_total() {
                 // On a GPU the budget is the device's real memory, as its sampler reads it.
                 Some(total) => {
                     let admission = crate::admission::AdmissionConfig {
