@@ -34,13 +34,22 @@ HEADER = (
 
 # While sakuga says a heavy load is planned (cache warmup, benchmark), capacity and latency
 # alerts are expected to trip; they are dropped here and muted again in Alertmanager (the
-# inhibit rule keyed on SakugaPlannedHeavyLoad), so a warmup never pages anyone.
+# inhibit rule keyed on SakugaPlannedHeavyLoad), so a warmup never pages anyone. A rate
+# window still holds what happened during the load after it ends, so each condition stays
+# muted for its own (short) window past the end: max_over_time over that window.
 # `unless` binds tighter than `or`, so callers always wrap their condition in parentheses.
-HEAVY_LOAD_SUPPRESSION = "unless on () (max(sakuga_planned_heavy_load) == 1)"
+def heavy_load_suppression(window: str) -> str:
+    return f"unless on () (max(max_over_time(sakuga_planned_heavy_load[{window}])) == 1)"
 
-# The 24 FPS bucket edge is 1/24 s; sakuga prints it as 0.041666666666666664. A regex keeps
-# the rules right whatever float formatting the exporter or a Prometheus version applies.
-LE_24_FPS = 'le=~"0\\\\.04166.*"'
+
+# One definition of a late frame, shared with the code (telemetry/src/catalogue.rs,
+# LATE_FRAME_TOLERANCE): an interval more than 2% over the FPS floor's. A stream paced at
+# exactly 24 FPS measures 23.97-23.99 FPS through timer jitter and is not late. The
+# exporter has a bucket edge at 1.02 / 24 s = 0.0425 s.
+LATE_FRAME_TOLERANCE = 1.02
+LE_24_FPS = 'le="0.0425"'
+# Mean FPS under this is too slow for the 24 FPS floor, tolerance included.
+FPS_FLOOR = f"(24 / {LATE_FRAME_TOLERANCE})"
 
 # --------------------------------------------------------------------------------------
 # SLOs (DESIGN.md section 6) and their multi-window, multi-burn-rate alerts.
@@ -201,17 +210,18 @@ def burn_condition(slo: Slo, windows: list[tuple[str, str, float]]) -> str:
     clauses = []
     for long_window, short_window, factor in windows:
         threshold = f"({factor} * {slo.budget})"
-        clauses.append(
+        clause = (
             "(\n"
             f'  {sli_record(long_window)}{{slo="{slo.name}"}} > {threshold}\n'
             "  and\n"
             f'  {sli_record(short_window)}{{slo="{slo.name}"}} > {threshold}\n'
             ")"
         )
-    condition = "\nor\n".join(clauses)
-    if slo.suppressed:
-        return f"(\n{indent(condition)}\n)\n{HEAVY_LOAD_SUPPRESSION}"
-    return condition
+        if slo.suppressed:
+            # Muted while the short window still holds planned load: it has to agree.
+            clause = f"(\n{indent(clause)}\n{indent(heavy_load_suppression(short_window))}\n)"
+        clauses.append(clause)
+    return "\nor\n".join(clauses)
 
 
 def slo_alert_rules() -> list[dict]:
@@ -276,7 +286,20 @@ def signal_recording_rules() -> list[dict]:
         {"record": "sakuga:queue_depth:avg1h", "expr": "avg_over_time(sakuga:queue_depth:sum[1h])"},
         {"record": "sakuga:queue_depth:sum_by_workload", "expr": "sum by (workload) (sakuga_queue_depth)"},
     ]
-    for quantile, window in [("0.99", "5m"), ("0.95", "5m"), ("0.5", "5m")]:
+    for window in ["2m", "15m"]:
+        rules.append(
+            {
+                "record": f"sakuga:admission_deny_ratio:rate{window}",
+                "expr": (
+                    "sum by (workload) "
+                    f'(rate(sakuga_admission_decisions_total{{decision="deny"}}[{window}]))\n'
+                    "/\n"
+                    "sum by (workload) "
+                    f'(rate(sakuga_admission_decisions_total{{decision=~"admit|deny"}}[{window}]))'
+                ),
+            }
+        )
+    for quantile, window in [("0.99", "5m"), ("0.95", "5m"), ("0.5", "5m"), ("0.99", "30m")]:
         name = "p" + quantile[2:].ljust(2, "0")
         rules.append(
             {
@@ -304,51 +327,50 @@ def signal_recording_rules() -> list[dict]:
         },
         # The generation label set changes with every config (config_hash) or build
         # (version), which starts a new series; max by instance gives one continuous series.
+        # sakuga exports exactly one generation series, and the generation goes up by one
+        # per applied change and per restart (kept in the data dir), so its changes are
+        # the config changes and deploys.
         {
             "record": "sakuga:config_generation:max",
             "expr": "max by (instance) (sakuga_config_generation)",
         },
-        # Distinct (version, config_hash) pairs seen in the last hour, minus one: how many
-        # times the running config or build changed. last_over_time keeps a replaced series
-        # visible for the whole window.
         {
             "record": "sakuga:config_changes:1h",
-            "expr": (
-                "count(group by (version, config_hash) "
-                "(last_over_time(sakuga_config_generation[1h]))) - 1"
-            ),
+            "expr": "sum(changes(sakuga:config_generation:max[1h]))",
         },
     ]
     return rules
 
 
 def signal_alert_rules() -> list[dict]:
-    def suppressed(condition: str) -> str:
-        return f"(\n{indent(condition)}\n)\n{HEAVY_LOAD_SUPPRESSION}"
+    def suppressed(condition: str, window: str) -> str:
+        return f"(\n{indent(condition)}\n)\n{heavy_load_suppression(window)}"
 
     return [
         alert_rule(
             name="SakugaAnimationFpsDropQueueSurge",
             expr=suppressed(
-                'sakuga:frame_interval_fps:mean2m{workload="animation", side="delivered"} < 24\n'
+                f'sakuga:frame_interval_fps:mean2m{{workload="animation", side="delivered"}} < {FPS_FLOOR}\n'
                 "and\n"
-                'sakuga:frame_interval_fps:mean15m{workload="animation", side="delivered"} < 24\n'
+                f'sakuga:frame_interval_fps:mean15m{{workload="animation", side="delivered"}} < {FPS_FLOOR}\n'
                 "and on ()\n"
                 "(\n"
                 "  sakuga:queue_depth:sum >= 5\n"
                 "  and\n"
                 "  sakuga:queue_depth:sum > 2 * sakuga:queue_depth:avg1h\n"
-                ")"
+                ")",
+                "2m",
             ),
             hold="0m",
             severity="page",
             category="latency",
             workload=None,
-            summary="[{{ $labels.workload }}] delivered FPS under 24 on the 2m and 15m windows while the queue surges",
+            summary="[{{ $labels.workload }}] delivered FPS under the 24 FPS floor on the 2m and 15m windows while the queue surges",
             description=(
-                "Animation previews deliver {{ $value | humanize }} FPS (2m mean, under 24 on "
-                "the 15m window too) while the total queue is at least 5 jobs and more than "
-                "twice its 1h average. Viewers see stutter now."
+                "Animation previews deliver {{ $value | humanize }} FPS (2m mean, under the "
+                "24 FPS floor with its 2% late-frame tolerance on the 15m window too) while the "
+                "total queue is at least 5 jobs and more than twice its 1h average. Viewers see "
+                "stutter now."
             ),
         ),
         alert_rule(
@@ -375,40 +397,45 @@ def signal_alert_rules() -> list[dict]:
         alert_rule(
             name="SakugaProducedFpsLowHighUtilization",
             expr=suppressed(
-                'sakuga:frame_interval_fps:mean2m{side="produced"} < 24\n'
+                f'sakuga:frame_interval_fps:mean2m{{side="produced"}} < {FPS_FLOOR}\n'
                 "and\n"
-                'sakuga:frame_interval_fps:mean15m{side="produced"} < 24\n'
+                f'sakuga:frame_interval_fps:mean15m{{side="produced"}} < {FPS_FLOOR}\n'
                 "and on ()\n"
-                "max(sakuga:device_utilization:avg15m) > 0.9"
+                "max(sakuga:device_utilization:avg15m) > 0.9",
+                "2m",
             ),
             hold="5m",
             severity="ticket",
             category="capacity",
             workload=None,
-            summary="[{{ $labels.workload }}] produced FPS under 24 while the device is over 90% busy",
+            summary="[{{ $labels.workload }}] produced FPS under the 24 FPS floor while the device is over 90% busy",
             description=(
-                "The generator emits {{ $value | humanize }} FPS (2m mean, under 24 on the 15m "
-                "window too) with device utilization above 90% over 15m: the model is too heavy "
-                "for this device or VRAM is thrashing."
+                "The generator emits {{ $value | humanize }} FPS (2m mean, under the 24 FPS "
+                "floor with its 2% tolerance on the 15m window too) with device utilization "
+                "above 90% over 15m: the model is too heavy for this device or VRAM is thrashing."
             ),
         ),
         alert_rule(
             name="SakugaSchedulerSaturation",
+            # Needs minutes of history, not the 40 an `offset 30m` comparison needed: the
+            # last 5m's tail against the 30m window's (which a fresh server fills as it
+            # goes), while the queue grows over 10m.
             expr=suppressed(
-                "sakuga:render_latency_seconds:p99_5m > 1.5 * (sakuga:render_latency_seconds:p99_5m offset 30m)\n"
+                "sakuga:render_latency_seconds:p99_5m > 1.5 * sakuga:render_latency_seconds:p99_30m\n"
                 "and\n"
-                "delta(sakuga:queue_depth:sum_by_workload[30m]) > 0\n"
+                "deriv(sakuga:queue_depth:sum_by_workload[10m]) > 0\n"
                 "and\n"
-                "sakuga:queue_depth:sum_by_workload >= 3"
+                "sakuga:queue_depth:sum_by_workload >= 3",
+                "5m",
             ),
-            hold="10m",
+            hold="5m",
             severity="ticket",
             category="capacity",
             workload=None,
             summary="[{{ $labels.workload }}] scheduler saturated: p99 latency and queue depth both rising",
             description=(
-                "p99 render latency is {{ $value | humanizeDuration }}, over 1.5x its value 30m "
-                "ago, while the queue grew over the last 30m and holds 3 or more jobs."
+                "p99 render latency over the last 5m is {{ $value | humanizeDuration }}, over "
+                "1.5x the 30m p99, while the queue grew over the last 10m and holds 3 or more jobs."
             ),
         ),
         alert_rule(
@@ -438,7 +465,8 @@ def signal_alert_rules() -> list[dict]:
                 '  > 2 * sakuga:stage_duration_seconds:p95_1d{stage="postprocess"}\n'
                 "and ignoring (stage)\n"
                 'sakuga:stage_duration_seconds:p95_15m{stage="inference"}\n'
-                '  < 1.2 * sakuga:stage_duration_seconds:p95_1d{stage="inference"}'
+                '  < 1.2 * sakuga:stage_duration_seconds:p95_1d{stage="inference"}',
+                "15m",
             ),
             hold="10m",
             severity="ticket",
@@ -453,7 +481,7 @@ def signal_alert_rules() -> list[dict]:
         ),
         alert_rule(
             name="SakugaMemoryHeadroomLow",
-            expr=suppressed("max_over_time(sakuga_device_memory_headroom_ratio[5m]) < 0.12"),
+            expr=suppressed("max_over_time(sakuga_device_memory_headroom_ratio[5m]) < 0.12", "5m"),
             hold="5m",
             severity="ticket",
             category="capacity",
@@ -474,7 +502,8 @@ def signal_alert_rules() -> list[dict]:
                 "  sakuga:device_utilization:avg15m < 0.7\n"
                 ")\n"
                 "and on ()\n"
-                "sakuga:queue_depth:sum > 0"
+                "sakuga:queue_depth:sum > 0",
+                "15m",
             ),
             hold="30m",
             severity="email",
@@ -485,6 +514,28 @@ def signal_alert_rules() -> list[dict]:
                 "Device {{ $labels.device }} ({{ $labels.instance }}) averaged "
                 "{{ $value | humanizePercentage }} over 15m for 30m with jobs queued; the "
                 "target band under load is 70-90%."
+            ),
+        ),
+        alert_rule(
+            name="SakugaAdmissionDenials",
+            # Short and long windows: a burst that the queue caps absorb in seconds stays
+            # quiet; refusals that last (a surge past capacity) page.
+            expr=suppressed(
+                "sakuga:admission_deny_ratio:rate2m > 0.1\n"
+                "and\n"
+                "sakuga:admission_deny_ratio:rate15m > 0.1",
+                "2m",
+            ),
+            hold="1m",
+            severity="page",
+            category="capacity",
+            workload=None,
+            summary="[{{ $labels.workload }}] admission control is refusing work: queue caps reached",
+            description=(
+                "{{ $value | humanizePercentage }} of {{ $labels.workload }} submissions were "
+                "denied over 2m (over 10% on the 15m window too): the queue is at its cap or "
+                "jobs cannot start before their deadlines. Clients get RESOURCE_EXHAUSTED with "
+                "RetryInfo. Add workers or shed batch work."
             ),
         ),
         alert_rule(
@@ -1062,13 +1113,8 @@ def system_rows() -> list[tuple[str, list[Panel]]]:
     ]
 
 
-# A config reload bumps the generation; a new config file or build starts a new series with
-# a new (version, config_hash) pair. Either shows as an annotation.
-CONFIG_CHANGE_ANNOTATION = (
-    "(count(group by (version, config_hash) (last_over_time(sakuga_config_generation[2m]))) > 1)\n"
-    "or on ()\n"
-    "(max(changes(sakuga:config_generation:max[2m])) > 0)"
-)
+# A reload that changed something and a restart (a deploy) each bump the generation.
+CONFIG_CHANGE_ANNOTATION = "max(changes(sakuga:config_generation:max[2m])) > 0"
 
 
 def dashboard(uid: str, title: str, rows: list[tuple[str, list[Panel]]]) -> dict:

@@ -61,15 +61,6 @@ pub enum ConfigError {
 }
 
 impl SakugaConfig {
-    /// A short stable hash of the effective configuration, for `sakuga_build_info` and
-    /// `sakuga_config_generation` so dashboards can tell deploys apart.
-    pub fn hash(&self) -> String {
-        use std::hash::{Hash, Hasher};
-        let mut hasher = std::hash::DefaultHasher::new();
-        format!("{self:?}").hash(&mut hasher);
-        format!("{:016x}", hasher.finish())
-    }
-
     /// Reads a TOML config file; a missing `path` gives the defaults.
     ///
     /// # Errors

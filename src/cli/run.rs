@@ -16,15 +16,10 @@ use sakuga_scheduler::engine::{
     EngineConfig, EngineHandle, JobEvent, JobInfo, JobState, SubmitRequest, WatchItem,
 };
 use sakuga_scheduler::{SchedulerError, validate};
-use sakuga_telemetry::{
-    DiagnosisConfig, PrometheusConfig, Signals, Workload, diagnose, render_findings,
-};
+use sakuga_telemetry::{DiagnosisConfig, Workload, diagnose, render_findings};
 
 use super::{CommonArgs, EXIT_INVALID, read_workflow};
 use crate::runtime;
-
-/// How often the device sampler reads memory and utilization during a run.
-const DEVICE_SAMPLE_INTERVAL: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -57,14 +52,8 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
         .with_context(|| format!("cannot create input dir {}", config.input_dir.display()))?;
     ensure_writable(&config.out)?;
 
-    let metrics = sakuga_telemetry::prometheus::install(&PrometheusConfig::in_process())?;
-    sakuga_telemetry::record::prime_series(&config.device);
-    let signals = Signals::new(config.signals.clone());
-    let config_hash = config.hash();
-    sakuga_telemetry::record::build_info(env!("CARGO_PKG_VERSION"), &config_hash);
-    signals.config_changed(env!("CARGO_PKG_VERSION"), &config_hash);
-    let probe = sakuga_models::device::probe_for(&config.device)?;
-    let _sampler = signals.spawn_device_sampler(probe, DEVICE_SAMPLE_INTERVAL)?;
+    let telemetry = runtime::start_signals(&config, &Default::default(), None, None)?;
+    let (metrics, signals) = (&telemetry.metrics, telemetry.signals.clone());
 
     let env = Arc::new(runtime::node_env(&config)?);
     let registry = Arc::new(runtime::registry());

@@ -12,7 +12,6 @@ use clap::Args;
 
 use sakuga_scheduler::engine::{EngineTunables, Reloaded};
 use sakuga_scheduler::{EngineConfig, EngineHandle};
-use sakuga_telemetry::{PrometheusConfig, Signals};
 
 use super::CommonArgs;
 use crate::runtime;
@@ -72,12 +71,15 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         None => None,
     };
     let tunables = load_tunables(args.tunables.as_ref())?;
-    let metrics = sakuga_telemetry::prometheus::install(&PrometheusConfig {
-        listen: Some(args.metrics_listen),
-    })?;
+    let telemetry = runtime::start_signals(
+        &config,
+        &tunables,
+        Some(&config.data_dir),
+        Some(args.metrics_listen),
+    )?;
+    let signals = telemetry.signals.clone();
     let env = Arc::new(runtime::node_env(&config)?);
     let registry = Arc::new(runtime::registry());
-    let signals = Signals::new(config.signals.clone());
     let engine_config = EngineConfig {
         tunables,
         executor: config.executor.clone(),
@@ -86,6 +88,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
     };
     let tunables_path = args.tunables.clone();
     let reload_common = common.clone();
+    let generation_dir = config.data_dir.clone();
     // Re-reads the tunables file and the config file's `[signals]` (SLO targets, quality
     // checks); folders, device and listeners need a restart and are left as they are.
     let reload: ReloadFn = Arc::new(move |engine: &EngineHandle| -> Result<Reloaded, String> {
@@ -94,7 +97,10 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
             .resolve()
             .map_err(|e| format!("{e:#}"))?
             .signals;
-        Ok(engine.reload_config(tunables, Some(signals), env!("CARGO_PKG_VERSION")))
+        let reloaded = engine.reload_config(tunables, Some(signals), env!("CARGO_PKG_VERSION"));
+        runtime::write_generation(&generation_dir, reloaded.generation)
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(reloaded)
     });
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(crate::server::TlsIdentity {
@@ -129,10 +135,12 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
+        let metrics = telemetry
+            .metrics_addr
+            .map_or_else(|| "off".to_owned(), |addr| format!("http://{addr}/metrics"));
         eprintln!(
-            "sakuga serving gRPC on {} (metrics on {:?})",
-            listener.local_addr()?,
-            metrics.listen_addr()
+            "sakuga serving gRPC on {} (metrics on {metrics})",
+            listener.local_addr()?
         );
         tokio::spawn(reload_on_sighup(started, reload));
         run(listener, start, server_config, shutdown_signal()).await?;

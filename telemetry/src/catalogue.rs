@@ -3,8 +3,9 @@
 //! Metric names are a contract with dashboards, alert rules and KEDA (DESIGN.md section 5),
 //! so they live here once, as constants, and nowhere else. [`METRICS`] lists them for
 //! [`describe_all`] and for tests that check the exposition and the deploy rules.
-//! Histogram bucket edges sit exactly on the SLO thresholds (3 s, 5 s, 30 s, 1/30 s,
-//! 1/24 s) so an SLO is a ratio of two bucket counters, with no interpolation error.
+//! Histogram bucket edges sit exactly on the SLO thresholds (3 s, 5 s, 30 s, and the late
+//! frame intervals at 30 and 24 FPS) so an SLO is a ratio of two bucket counters, with no
+//! interpolation error.
 
 use serde::Serialize;
 
@@ -62,6 +63,21 @@ pub const BATCH_QUEUE_WAIT_TARGET_S: f64 = 30.0;
 pub const FRAME_INTERVAL_30FPS_S: f64 = 1.0 / 30.0;
 /// Frame interval at the 24 FPS smoothness floor.
 pub const FRAME_INTERVAL_24FPS_S: f64 = 1.0 / 24.0;
+/// A frame is late when its interval exceeds the FPS floor's interval by more than this
+/// factor. A stream paced at exactly 24 FPS measures 23.97-23.99 FPS through timer jitter;
+/// without the 2% tolerance half its intervals would count as late. The one definition:
+/// the in-process SLO, the bucket edges below and the Prometheus rules all use it.
+pub const LATE_FRAME_TOLERANCE: f64 = 1.02;
+/// The late-frame interval at the 24 FPS floor: 1.02 / 24 s. Written as the literal so the
+/// `le` label reads `0.0425` in the exposition and in the rules.
+pub const LATE_FRAME_INTERVAL_24FPS_S: f64 = 0.0425;
+/// The late-frame interval at 30 FPS: 1.02 / 30 s.
+pub const LATE_FRAME_INTERVAL_30FPS_S: f64 = 0.034;
+
+/// The late-frame threshold for a stream whose FPS floor is `min_fps`.
+pub fn late_frame_interval_s(min_fps: f64) -> f64 {
+    LATE_FRAME_TOLERANCE / min_fps
+}
 
 // --- bucket edges (seconds, strictly increasing) --------------------------------------
 
@@ -107,13 +123,15 @@ pub const STAGE_DURATION_BUCKETS: &[f64] = &[
     0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 ];
 
-/// Frame intervals. Edges at 1/30 s and 1/24 s.
+/// Frame intervals. Edges at 1/30 s and 1/24 s, and at the late-frame intervals for both.
 pub const FRAME_INTERVAL_BUCKETS: &[f64] = &[
     1.0 / 120.0,
     1.0 / 60.0,
     1.0 / 48.0,
     FRAME_INTERVAL_30FPS_S,
+    LATE_FRAME_INTERVAL_30FPS_S,
     FRAME_INTERVAL_24FPS_S,
+    LATE_FRAME_INTERVAL_24FPS_S,
     1.0 / 20.0,
     1.0 / 15.0,
     1.0 / 12.0,
@@ -339,7 +357,7 @@ pub const METRICS: &[MetricDef] = &[
     def(
         CONFIG_GENERATION,
         Gauge,
-        "Number of configuration changes applied since start.",
+        "Configuration changes applied: each reload that changed something and each restart adds one (kept across restarts in the data dir).",
         &["version", "config_hash"],
     ),
 ];
@@ -353,7 +371,11 @@ pub fn metric(name: &str) -> Option<&'static MetricDef> {
 ///
 /// Call once at start-up, after installing the recorder (see `prometheus::install`).
 pub fn describe_all() {
-    for def in METRICS {
+    // The identity series are rendered by the exporter itself (see `prometheus`).
+    for def in METRICS
+        .iter()
+        .filter(|d| ![BUILD_INFO, CONFIG_GENERATION].contains(&d.name))
+    {
         match def.kind {
             MetricKind::Counter => metrics::describe_counter!(def.name, def.help),
             MetricKind::Gauge => metrics::describe_gauge!(def.name, def.help),
@@ -379,6 +401,15 @@ mod tests {
         assert!(contains_edge(QUEUE_WAIT_BUCKETS, 30.0));
         assert!(contains_edge(FRAME_INTERVAL_BUCKETS, 1.0 / 30.0));
         assert!(contains_edge(FRAME_INTERVAL_BUCKETS, 1.0 / 24.0));
+        // The late-frame edges are the tolerance over the floor, written as literals.
+        assert!(contains_edge(
+            FRAME_INTERVAL_BUCKETS,
+            late_frame_interval_s(24.0)
+        ));
+        assert!(contains_edge(
+            FRAME_INTERVAL_BUCKETS,
+            late_frame_interval_s(30.0)
+        ));
     }
 
     #[test]

@@ -164,20 +164,11 @@ pub fn planned_heavy_load(reason: PlannedLoad, active: bool) {
     gauge!(PLANNED_HEAVY_LOAD, "reason" => reason.as_str()).set(if active { 1.0 } else { 0.0 });
 }
 
-/// The build info series, always 1.
-pub fn build_info(version: &str, config_hash: &str) {
-    gauge!(BUILD_INFO, "version" => version.to_owned(), "config_hash" => config_hash.to_owned())
-        .set(1.0);
-}
-
-/// How many config changes were applied; labelled with the config now in force.
-pub fn config_generation(version: &str, config_hash: &str, generation: u64) {
-    gauge!(
-        CONFIG_GENERATION,
-        "version" => version.to_owned(),
-        "config_hash" => config_hash.to_owned()
-    )
-    .set(generation as f64);
+/// The build and configuration in force: `sakuga_build_info` (always 1) and
+/// `sakuga_config_generation`, each exactly one series labelled with this version and
+/// config hash; a new call replaces both.
+pub fn identity(version: &str, config_hash: &str, generation: u64) {
+    crate::prometheus::set_identity(version, config_hash, generation);
 }
 
 /// Registers the series a fresh process exports before anything happened, at their true
@@ -279,8 +270,7 @@ pub fn record_each_once() {
     slo_error_budget_remaining("batch_success", 1.0);
     slo_burn_rate("batch_success", "1h", 0.0);
     planned_heavy_load(PlannedLoad::Warmup, false);
-    build_info(env!("CARGO_PKG_VERSION"), "0000000000000000");
-    config_generation(env!("CARGO_PKG_VERSION"), "0000000000000000", 0);
+    identity(env!("CARGO_PKG_VERSION"), "0000000000000000", 1);
 }
 
 #[cfg(test)]

@@ -34,6 +34,26 @@ pub struct SignalsConfig {
     /// `frame_emitted` events: keep one in this many (failing and slow frames always).
     pub frame_events_every: Option<u64>,
     pub quality: QualityConfig,
+    /// Planned heavy load stays marked on at least this many seconds (default
+    /// [`DEFAULT_PLANNED_LOAD_HOLD`]): two scrape intervals, so a warmup shorter than one
+    /// scrape is still seen by Prometheus and inhibits what it causes.
+    pub planned_load_hold_s: Option<f64>,
+}
+
+/// How long planned heavy load stays visible at least: two 15 s scrape intervals.
+pub const DEFAULT_PLANNED_LOAD_HOLD: Duration = Duration::from_secs(30);
+
+/// How often the derived gauges (FPS health, SLO objectives, budgets, burn rates) are
+/// re-evaluated by the signals ticker, whether or not anyone asks.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(5);
+
+impl SignalsConfig {
+    /// The minimum time planned heavy load stays marked on.
+    pub fn planned_load_hold(&self) -> Duration {
+        self.planned_load_hold_s
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map_or(DEFAULT_PLANNED_LOAD_HOLD, Duration::from_secs_f64)
+    }
 }
 
 /// How a job ended, for [`Signals::job_finished`].
@@ -127,7 +147,17 @@ struct Inner {
     changes: Mutex<ConfigState>,
     /// Bit per `PlannedLoad` value that is on.
     planned: AtomicU64,
+    /// Per `PlannedLoad`: when it went on, and when it may go off (ended but held).
+    planned_times: Mutex<Vec<PlannedTimes>>,
+    /// Signals clock time of the last [`Signals::publish`].
+    last_publish: Mutex<Option<Duration>>,
     frame_metrics: record::FrameMetrics,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct PlannedTimes {
+    on_at: Option<Duration>,
+    release_at: Option<Duration>,
 }
 
 /// The shared signals handle. See the module docs.
@@ -155,6 +185,8 @@ impl Signals {
                 device: Mutex::new(None),
                 changes: Mutex::new(ConfigState::default()),
                 planned: AtomicU64::new(0),
+                planned_times: Mutex::new(vec![PlannedTimes::default(); PlannedLoad::ALL.len()]),
+                last_publish: Mutex::new(None),
                 frame_metrics: record::FrameMetrics::new(),
             }),
         }
@@ -338,8 +370,26 @@ impl Signals {
         let signals = self.clone();
         device::spawn_device_sampler_with(probe, interval, move |sample| {
             signals.device_sample(sample);
-            signals.publish();
+            signals.tick();
         })
+    }
+
+    /// Timer work, called by the sampler thread every sample: ends planned heavy load whose
+    /// hold ran out, and re-evaluates the derived gauges every [`PUBLISH_INTERVAL`].
+    pub fn tick(&self) {
+        let now = self.now();
+        self.release_held_planned_load(now);
+        let due = {
+            let mut last = self.inner.last_publish.lock();
+            let due = last.is_none_or(|at| now.saturating_sub(at) >= PUBLISH_INTERVAL);
+            if due {
+                *last = Some(now);
+            }
+            due
+        };
+        if due {
+            self.publish();
+        }
     }
 
     /// Total memory of the GPU the sampler last read; `None` on the CPU or before a sample.
@@ -406,8 +456,24 @@ impl Signals {
         self.inner.slo.status(self.now(), slo, &self.config().slo)
     }
 
-    /// The running configuration changed; OOMs after it are attributed to it.
-    pub fn config_changed(&self, version: &str, config_hash: &str) {
+    /// Continues the config generation count of an earlier run of this deployment (read
+    /// from the data dir), so a restart adds one instead of starting over. Call before the
+    /// first [`Self::config_changed`].
+    pub fn resume_config_generation(&self, previous: u64) {
+        let mut changes = self.inner.changes.lock();
+        changes.generation = changes.generation.max(previous);
+    }
+
+    /// How many config changes were applied (restarts included, see
+    /// [`Self::resume_config_generation`]).
+    pub fn config_generation(&self) -> u64 {
+        self.inner.changes.lock().generation
+    }
+
+    /// The running configuration changed (a reload that changed something, or a start);
+    /// OOMs after it are attributed to it. Exports the new identity and returns the new
+    /// generation.
+    pub fn config_changed(&self, version: &str, config_hash: &str) -> u64 {
         let at = self.now();
         let mut changes = self.inner.changes.lock();
         // Baseline: OOMs in the 15 minutes before the change.
@@ -418,12 +484,35 @@ impl Signals {
         changes.ooms_since_change = 0;
         let generation = changes.generation;
         drop(changes);
-        record::config_generation(version, config_hash, generation);
+        record::identity(version, config_hash, generation);
         events::config_changed(config_hash, generation);
+        generation
     }
 
-    /// Marks planned heavy load on or off.
+    /// Marks planned heavy load on or off. Off takes effect once the load has been on for
+    /// the configured hold ([`SignalsConfig::planned_load_hold`]); until then [`Self::tick`]
+    /// keeps it on, so a warmup shorter than a scrape interval is still scraped.
     pub fn planned_heavy_load(&self, reason: PlannedLoad, active: bool) {
+        let now = self.now();
+        let mut times = self.inner.planned_times.lock();
+        let slot = &mut times[reason.index()];
+        if active {
+            if slot.release_at.take().is_none() || slot.on_at.is_none() {
+                slot.on_at = Some(now);
+            }
+        } else {
+            let held_until = slot.on_at.map(|on| on + self.config().planned_load_hold());
+            if held_until.is_some_and(|until| until > now) {
+                slot.release_at = held_until;
+                return;
+            }
+            slot.on_at = None;
+        }
+        drop(times);
+        self.set_planned_bit(reason, active);
+    }
+
+    fn set_planned_bit(&self, reason: PlannedLoad, active: bool) {
         let bit = 1u64 << reason.index();
         if active {
             self.inner.planned.fetch_or(bit, Ordering::Relaxed);
@@ -431,6 +520,22 @@ impl Signals {
             self.inner.planned.fetch_and(!bit, Ordering::Relaxed);
         }
         record::planned_heavy_load(reason, active);
+    }
+
+    fn release_held_planned_load(&self, now: Duration) {
+        let mut released = Vec::new();
+        {
+            let mut times = self.inner.planned_times.lock();
+            for (&reason, slot) in PlannedLoad::ALL.iter().zip(times.iter_mut()) {
+                if slot.release_at.is_some_and(|at| at <= now) {
+                    *slot = PlannedTimes::default();
+                    released.push(reason);
+                }
+            }
+        }
+        for reason in released {
+            self.set_planned_bit(reason, false);
+        }
     }
 
     /// Client-side playback counts for a stream whose delivery the server cannot see.
@@ -575,9 +680,6 @@ struct StreamState {
     produced: AtomicU64,
 }
 
-/// A frame interval up to this factor of the stream's nominal interval still meets its FPS.
-const FRAME_INTERVAL_TOLERANCE: f64 = 1.02;
-
 /// What [`FrameStream::frame_produced`] measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProducedFrame {
@@ -689,7 +791,8 @@ impl FrameStream {
         // A stream paced at exactly min_fps jitters around the interval by the OS timer's
         // slack; 2% late (under a millisecond at 24 FPS) is invisible, a dropped frame is
         // 100% late, so judge with that tolerance rather than to the microsecond.
-        self.min_fps <= 0.0 || interval.as_secs_f64() <= FRAME_INTERVAL_TOLERANCE / self.min_fps
+        self.min_fps <= 0.0
+            || interval.as_secs_f64() <= crate::catalogue::late_frame_interval_s(self.min_fps)
     }
 }
 

@@ -260,7 +260,8 @@ pub struct GoldenSignals {
     pub fps_health: Option<f64>,
     pub frame_interval_produced: Percentiles,
     pub frame_interval_delivered: Percentiles,
-    /// Share of delivered frame intervals at or under 1/24 s.
+    /// Share of delivered frame intervals that are not late at the 24 FPS floor (at or
+    /// under 1.02 / 24 s).
     pub smooth_interval_ratio: Option<f64>,
     pub frames_produced: u64,
     pub frames_delivered: u64,
@@ -538,7 +539,7 @@ fn golden_from(
         smooth_interval_ratio: ratio(
             delivered_intervals.count_at_most(
                 FRAME_INTERVAL_BUCKETS,
-                crate::catalogue::FRAME_INTERVAL_24FPS_S,
+                crate::catalogue::LATE_FRAME_INTERVAL_24FPS_S,
             ),
             delivered_intervals.count(),
         ),

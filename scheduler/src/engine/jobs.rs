@@ -68,8 +68,8 @@ pub(crate) fn new_job_id() -> String {
     format!("{:016x}", now.max(previous + 1))
 }
 
-/// Hash of a tunables value, for `sakuga_config_generation{config_hash}`.
-pub(crate) fn config_hash(
+/// Hash of the tunables and signals config in force, for `sakuga_config_generation{config_hash}`.
+pub fn config_hash(
     tunables: &crate::engine::EngineTunables,
     signals: &sakuga_telemetry::SignalsConfig,
 ) -> String {

@@ -17,7 +17,7 @@ mod worker;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -40,6 +40,7 @@ use crate::validate::validate;
 use crate::workflow::Workflow;
 
 pub use feed::{FeedConfig, Frame, JobEvent, JobFeed, JobWatch, TimedEvent, WatchItem};
+pub use jobs::config_hash;
 
 /// A job's state; the journal's record states are the public ones.
 pub type JobState = RecordState;
@@ -234,7 +235,6 @@ pub(crate) struct Shared {
     pub signals: Signals,
     pub estimator: Estimator,
     pub tunables: RwLock<EngineTunables>,
-    pub generation: AtomicU64,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
     pub threads: Mutex<Vec<JoinHandle<()>>>,
@@ -285,7 +285,6 @@ impl EngineHandle {
             signals: signals.clone(),
             estimator: Estimator::new(),
             tunables: RwLock::new(config.tunables.clone()),
-            generation: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
@@ -339,7 +338,7 @@ impl EngineHandle {
 
     /// Configuration generation (bumped by each reload that changed something).
     pub fn config_generation(&self) -> u64 {
-        self.shared.generation.load(Ordering::Relaxed)
+        self.shared.signals.config_generation()
     }
 
     /// Parses, caps, validates and estimates a workflow without submitting it.
@@ -589,7 +588,6 @@ impl EngineHandle {
         }
         drop(current);
         if tunables_changed || signals_changed {
-            self.shared.generation.fetch_add(1, Ordering::Relaxed);
             self.shared.signals.config_changed(version, &hash);
         }
         Reloaded {
