@@ -224,6 +224,7 @@ fn every_alert_has_severity_summary_category_and_runbook() {
 
 #[test]
 fn capacity_and_latency_alerts_are_suppressed_during_planned_load() {
+    const SUPPRESSION: &str = "unless on () (max(max_over_time(sakuga_planned_heavy_load[";
     for rule in alerting_rules() {
         let name = rule["alert"].as_str().expect("alert name");
         let category = rule["labels"]["category"].as_str().unwrap_or_default();
@@ -231,20 +232,64 @@ fn capacity_and_latency_alerts_are_suppressed_during_planned_load() {
             continue;
         }
         let expr = rule["expr"].as_str().expect("expr");
-        let suppression = "unless on () (max(sakuga_planned_heavy_load) == 1)";
-        assert!(
-            expr.trim_end().ends_with(suppression),
-            "{name} ({category}) must end with `{suppression}`, got:\n{expr}"
-        );
-        // `unless` binds tighter than `or`: an unparenthesised `or` before the suppression
-        // would leave its left side unsuppressed.
-        let body = expr.trim_end().trim_end_matches(suppression);
-        assert_eq!(
-            top_level_or_count(body),
-            0,
-            "{name}: wrap the condition in parentheses before `unless`:\n{expr}"
-        );
+        // Every top-level `or` branch carries its own suppression, over its own window.
+        for branch in top_level_or_branches(expr) {
+            let branch = strip_outer_parens(branch.trim());
+            let at = branch.rfind(SUPPRESSION).unwrap_or_else(|| {
+                panic!("{name} ({category}): a branch lacks `{SUPPRESSION}...`:\n{branch}")
+            });
+            assert!(
+                branch.ends_with("])) == 1)"),
+                "{name}: the suppression must end the branch:\n{branch}"
+            );
+            // `unless` binds tighter than `or`: an unparenthesised `or` before the
+            // suppression would leave its left side unsuppressed.
+            assert_eq!(
+                top_level_or_count(&branch[..at]),
+                0,
+                "{name}: wrap the condition in parentheses before `unless`:\n{expr}"
+            );
+        }
     }
+}
+
+/// The expression split at `or` operators outside any parentheses.
+fn top_level_or_branches(expr: &str) -> Vec<&str> {
+    let mut branches = Vec::new();
+    let (mut depth, mut start) = (0i32, 0usize);
+    let bytes = expr.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        match b {
+            b'(' => depth += 1,
+            b')' => depth -= 1,
+            b'o' if depth == 0
+                && expr[i..].starts_with("or")
+                && (i == 0 || bytes[i - 1].is_ascii_whitespace())
+                && bytes.get(i + 2).is_some_and(u8::is_ascii_whitespace) =>
+            {
+                branches.push(&expr[start..i]);
+                start = i + 2;
+            }
+            _ => {}
+        }
+    }
+    branches.push(&expr[start..]);
+    branches
+}
+
+/// `(x)` as `x` when the parentheses enclose the whole text.
+fn strip_outer_parens(text: &str) -> &str {
+    let Some(inner) = text.strip_prefix('(').and_then(|t| t.strip_suffix(')')) else {
+        return text;
+    };
+    let mut depth = 0i32;
+    for b in inner.bytes() {
+        depth += i32::from(b == b'(') - i32::from(b == b')');
+        if depth < 0 {
+            return text;
+        }
+    }
+    inner.trim()
 }
 
 /// Number of `or` operators outside any parentheses.
@@ -685,8 +730,8 @@ fn dashboards_cover_every_workload_and_annotate_config_changes() {
             exprs
                 .iter()
                 .any(|(place, expr)| place.contains("annotation")
-                    && expr.contains("sakuga_config_generation")),
-            "{}: no annotation from sakuga_config_generation changes",
+                    && expr.contains("changes(sakuga:config_generation:max")),
+            "{}: no annotation from changes of the config generation",
             path.display()
         );
     }
