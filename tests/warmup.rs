@@ -32,7 +32,12 @@ fn warmed_models_are_cache_hits_for_the_first_job() {
         EngineConfig::default(),
         Arc::new(NodeRegistry::with_builtins()),
         Arc::new(env),
-        Signals::new(SignalsConfig::default()),
+        // No minimum hold: the planned-load flag follows the warmup exactly here (the hold
+        // has its own test in the telemetry crate).
+        Signals::new(SignalsConfig {
+            planned_load_hold_s: Some(0.0),
+            ..SignalsConfig::default()
+        }),
     )
     .unwrap();
 

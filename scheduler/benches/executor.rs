@@ -111,6 +111,7 @@ fn executor_overhead(c: &mut Criterion) {
             observer: Arc::new(Quiet),
             cancel: CancelToken::new(),
             batch_limit: None,
+            span: tracing::Span::none(),
         };
         group.bench_with_input(BenchmarkId::new("uncached", n), &n, |b, _| {
             b.iter(|| executor.run(&p, &job).unwrap())
@@ -159,6 +160,7 @@ fn telemetry_overhead(c: &mut Criterion) {
         observer: Arc::new(Quiet),
         cancel: CancelToken::new(),
         batch_limit: None,
+        span: tracing::Span::none(),
     };
     let fields = EventFields::new("bench", Workload::Batch, &TraceContext::new_root());
     let observed = JobRun {
@@ -171,6 +173,7 @@ fn telemetry_overhead(c: &mut Criterion) {
         )),
         cancel: CancelToken::new(),
         batch_limit: None,
+        span: tracing::Span::none(),
     };
     let mut group = c.benchmark_group("telemetry_overhead_1000");
     group.throughput(Throughput::Elements(1000));

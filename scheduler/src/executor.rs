@@ -86,6 +86,8 @@ pub struct JobRun {
     /// Most images a batch-capable node processes at once (`None`: whole batches); set
     /// when a job that ran out of device memory is retried with its batch split.
     pub batch_limit: Option<usize>,
+    /// The job span node spans are children of (`Span::none()` when untraced).
+    pub span: tracing::Span,
 }
 
 impl std::fmt::Debug for JobRun {
@@ -456,7 +458,7 @@ struct StepTask {
 
 impl StepTask {
     fn run(self) -> Completion {
-        let span = tracing::info_span!("node", id = %self.node_id, class_type = self.class_type);
+        let span = sakuga_telemetry::node_span(&self.job.span, &self.node_id, self.class_type);
         let _entered = span.enter();
         let ctx = ExecContext {
             job_id: &self.job.job_id,

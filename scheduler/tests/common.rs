@@ -157,6 +157,7 @@ pub fn job(id: &str, recorder: &Arc<Recorder>) -> JobRun {
         observer: recorder.clone(),
         cancel: CancelToken::new(),
         batch_limit: None,
+        span: tracing::Span::none(),
     }
 }
 

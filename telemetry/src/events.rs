@@ -46,12 +46,19 @@ pub const STAGE_EVENTS: &[&str] = &[
 ];
 
 /// W3C trace context of a job: joins the client's trace when it sent `traceparent`.
+///
+/// These ids are the exported ones: [`open_job_span`] makes the OTLP exporter use them, so
+/// the `trace_id`/`span_id` of log lines, `Watch` events and the trace backend agree.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TraceContext {
     /// 32 lowercase hex digits.
     pub trace_id: String,
     /// 16 lowercase hex digits: the job's own span in the trace.
     pub span_id: String,
+    /// The client's span the job span is a child of (from `traceparent`); `None` for a
+    /// job that starts its own trace.
+    #[serde(default)]
+    pub parent_span_id: Option<String>,
 }
 
 impl TraceContext {
@@ -76,14 +83,22 @@ impl TraceContext {
         Some(TraceContext {
             trace_id: trace_id.to_owned(),
             span_id: format!("{:016x}", random_u64()),
+            parent_span_id: Some(parent_id.to_owned()),
         })
     }
 
     /// A new root trace for a job submitted without `traceparent`.
     pub fn new_root() -> TraceContext {
+        Self::root_of(format!("{:016x}{:016x}", random_u64(), random_u64()))
+    }
+
+    /// A fresh job span at the root of an existing trace (a job recovered after a restart
+    /// keeps the trace id clients already have).
+    pub fn root_of(trace_id: String) -> TraceContext {
         TraceContext {
-            trace_id: format!("{:016x}{:016x}", random_u64(), random_u64()),
+            trace_id,
             span_id: format!("{:016x}", random_u64()),
+            parent_span_id: None,
         }
     }
 
@@ -300,24 +315,60 @@ pub fn config_changed(config_hash: &str, generation: u64) {
     );
 }
 
-/// Opens the `job` span; enter it (or `.instrument()` futures with it) for the job's life.
+/// Opens the `job` span of a job when it is accepted; it ends when the last clone is
+/// dropped, so drop it when the job reaches its final state.
 ///
-/// The span joins the job's W3C trace when OTLP export is on, so exported spans and the
-/// `trace_id` field of log lines agree.
-pub fn job_span(fields: &EventFields) -> Span {
+/// With OTLP export on, the exported span has exactly `trace`'s ids: its trace id, its
+/// span id, and the client's span as its parent (a root span without one), so log lines,
+/// `Watch` events and the trace backend name the same spans. The job's attributes
+/// (model, sampler, steps, resolution, batch size, hardware class) are declared here and
+/// filled by [`record_job_attributes`] once the plan is known.
+pub fn open_job_span(job_id: &str, workload: Workload, trace: &TraceContext) -> Span {
     let span = tracing::info_span!(
         "job",
-        job_id = fields.job_id.as_str(),
-        trace_id = fields.trace_id.as_str(),
-        workload = fields.workload.as_str(),
+        job_id,
+        trace_id = trace.trace_id.as_str(),
+        span_id = trace.span_id.as_str(),
+        workload = workload.as_str(),
+        model_id = tracing::field::Empty,
+        sampler = tracing::field::Empty,
+        steps = tracing::field::Empty,
+        width = tracing::field::Empty,
+        height = tracing::field::Empty,
+        batch_size = tracing::field::Empty,
+        hardware_class = tracing::field::Empty,
     );
-    crate::logging::join_trace(&span, &fields.trace_id, &fields.span_id);
+    crate::logging::start_with_ids(&span, trace);
     span
 }
 
-/// Opens a `node` span for one workflow node, as a child of the current (`job`) span.
-pub fn node_span(node_id: &str, class_type: &str) -> Span {
-    tracing::info_span!("node", id = node_id, class_type)
+/// Sets the job span's attributes from `fields` (those that are known).
+pub fn record_job_attributes(span: &Span, fields: &EventFields) {
+    if let Some(model) = &fields.model_id {
+        span.record("model_id", model.as_str());
+    }
+    if let Some(sampler) = &fields.sampler {
+        span.record("sampler", sampler.as_str());
+    }
+    if let Some(steps) = fields.steps {
+        span.record("steps", steps);
+    }
+    if let (Some(w), Some(h)) = (fields.width, fields.height) {
+        span.record("width", w);
+        span.record("height", h);
+    }
+    if let Some(batch) = fields.batch_size {
+        span.record("batch_size", batch);
+    }
+    if let Some(class) = &fields.hardware_class {
+        span.record("hardware_class", class.as_str());
+    }
+}
+
+/// Opens a `node` span for one workflow node as a child of `job` (nodes run on pool
+/// threads where the job span is not entered, so the parent is explicit).
+pub fn node_span(job: &Span, node_id: &str, class_type: &str) -> Span {
+    tracing::info_span!(parent: job, "node", id = node_id, class_type)
 }
 
 /// Decides which `frame_emitted` events to log: one in `every_n`, plus every frame of a

@@ -33,7 +33,7 @@
 //!
 //! let trace = TraceContext::new_root(); // or TraceContext::from_traceparent(header)
 //! let fields = EventFields::new("job-1", Workload::Animation, &trace).with_sampler("euler", 8);
-//! let _job = events::job_span(&fields).entered();
+//! let _job = events::open_job_span("job-1", Workload::Animation, &trace).entered();
 //! events::prompt_received(&fields);
 //! signals.job_submitted(Workload::Animation);
 //! let stream = signals.stream(Workload::Animation, 24.0);
@@ -75,7 +75,9 @@ pub use clock::{Clock, ManualClock, MonotonicClock};
 pub use device::{DeviceProbe, DeviceSample, DeviceSampler, spawn_device_sampler};
 pub use diagnosis::{DiagnosisConfig, Finding, diagnose, render_findings};
 pub use error::{Result, TelemetryError};
-pub use events::{EventFields, FrameEventSampler, TraceContext, job_span, node_span};
+pub use events::{
+    EventFields, FrameEventSampler, TraceContext, node_span, open_job_span, record_job_attributes,
+};
 pub use labels::*;
 pub use logging::{LogConfig, LogFormat, LoggingGuard, init_logging};
 pub use prometheus::{MetricsHandle, PrometheusConfig};

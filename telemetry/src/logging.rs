@@ -4,11 +4,13 @@
 //! guard that flushes exported spans on drop. [`subscriber`] builds the same stack over any
 //! writer without installing it, which is how tests capture JSON lines in a buffer.
 
+use std::cell::Cell;
+
 use opentelemetry::trace::{
     SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
 };
 use opentelemetry_otlp::WithExportConfig;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
 use tracing::Subscriber;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -175,9 +177,54 @@ fn otlp_provider(
     let provider = SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
         .with_resource(resource)
+        .with_id_generator(PlannedIdGenerator::default())
         .build();
     drop(_entered);
     Ok((provider, own_runtime))
+}
+
+thread_local! {
+    /// Ids the next OTel span built on this thread takes (see [`start_with_ids`]).
+    static PLANNED_TRACE_ID: Cell<Option<TraceId>> = const { Cell::new(None) };
+    static PLANNED_SPAN_ID: Cell<Option<SpanId>> = const { Cell::new(None) };
+}
+
+/// Random ids, except where [`start_with_ids`] planned them: that is how a job span is
+/// exported with the ids sakuga already gave it (and put in logs and `Watch` events).
+#[derive(Debug, Default)]
+pub(crate) struct PlannedIdGenerator {
+    random: RandomIdGenerator,
+}
+
+impl IdGenerator for PlannedIdGenerator {
+    fn new_trace_id(&self) -> TraceId {
+        PLANNED_TRACE_ID
+            .take()
+            .unwrap_or_else(|| self.random.new_trace_id())
+    }
+
+    fn new_span_id(&self) -> SpanId {
+        PLANNED_SPAN_ID
+            .take()
+            .unwrap_or_else(|| self.random.new_span_id())
+    }
+}
+
+/// Starts `span`'s OTel span now with `trace`'s ids: its span id, its trace id, and the
+/// client's span as parent when there is one. Without an OTLP layer nothing happens.
+pub(crate) fn start_with_ids(span: &tracing::Span, trace: &crate::events::TraceContext) {
+    let Ok(span_id) = SpanId::from_hex(&trace.span_id) else {
+        return;
+    };
+    match &trace.parent_span_id {
+        Some(parent) => join_trace(span, &trace.trace_id, parent),
+        None => PLANNED_TRACE_ID.set(TraceId::from_hex(&trace.trace_id).ok()),
+    }
+    PLANNED_SPAN_ID.set(Some(span_id));
+    // Building the OTel span (which `context()` does) is when the generator is asked.
+    let _ = span.context();
+    PLANNED_TRACE_ID.set(None);
+    PLANNED_SPAN_ID.set(None);
 }
 
 /// Makes `span` a child of the W3C trace `trace_id` (32 hex) / `parent_span_id` (16 hex),
@@ -223,21 +270,37 @@ mod tests {
     }
 
     #[test]
-    fn job_spans_join_the_w3c_trace() {
-        let provider = SdkTracerProvider::builder().build();
+    fn job_spans_are_exported_with_the_job_ids_under_the_client_span() {
+        let provider = SdkTracerProvider::builder()
+            .with_id_generator(PlannedIdGenerator::default())
+            .build();
         let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("test"));
         let subscriber = Registry::default().with(layer);
         let trace = crate::events::TraceContext::from_traceparent(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         )
         .unwrap();
-        let fields = crate::events::EventFields::new("job-9", crate::Workload::Batch, &trace);
+        let root = crate::events::TraceContext::new_root();
         tracing::subscriber::with_default(subscriber, || {
-            let span = crate::events::job_span(&fields);
+            let span = crate::events::open_job_span("job-9", crate::Workload::Batch, &trace);
             let context = span.context();
-            let otel_span = context.span();
-            let trace_id = otel_span.span_context().trace_id();
-            assert_eq!(trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+            let exported = context.span().span_context().clone();
+            assert_eq!(
+                exported.trace_id().to_string(),
+                "4bf92f3577b34da6a3ce929d0e0e4736"
+            );
+            assert_eq!(exported.span_id().to_string(), trace.span_id);
+
+            let span = crate::events::open_job_span("job-10", crate::Workload::Batch, &root);
+            let context = span.context();
+            let exported = context.span().span_context().clone();
+            assert_eq!(exported.trace_id().to_string(), root.trace_id);
+            assert_eq!(exported.span_id().to_string(), root.span_id);
+
+            // A span opened later on the same thread gets fresh ids, not the job's.
+            let other = tracing::info_span!("other");
+            let other_id = other.context().span().span_context().span_id().to_string();
+            assert_ne!(other_id, root.span_id);
         });
     }
 }

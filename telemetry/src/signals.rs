@@ -38,6 +38,9 @@ pub struct SignalsConfig {
     /// [`DEFAULT_PLANNED_LOAD_HOLD`]): two scrape intervals, so a warmup shorter than one
     /// scrape is still seen by Prometheus and inhibits what it causes.
     pub planned_load_hold_s: Option<f64>,
+    /// The hardware class stage events and job spans carry (e.g. `h200`, `a10g`); the
+    /// device kind (`cpu`, `cuda`) when unset.
+    pub hardware_class: Option<String>,
 }
 
 /// How long planned heavy load stays visible at least: two 15 s scrape intervals.

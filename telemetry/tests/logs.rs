@@ -46,7 +46,8 @@ fn json_lines_carry_stage_events_in_order_with_one_trace_id() {
         .with_resolution(512, 512, 1)
         .with_hardware_class("cpu");
     tracing::subscriber::with_default(subscriber, || {
-        let job = events::job_span(&fields);
+        let job = events::open_job_span("job-1", Workload::Animation, &trace);
+        events::record_job_attributes(&job, &fields);
         let _in_job = job.enter();
         events::prompt_received(&fields);
         events::admission_decision(&fields, Decision::Admit, AdmissionReason::Capacity);
@@ -57,7 +58,7 @@ fn json_lines_carry_stage_events_in_order_with_one_trace_id() {
             Duration::from_millis(120),
         );
         {
-            let node = events::node_span("3", "KSampler");
+            let node = events::node_span(&job, "3", "KSampler");
             let _in_node = node.enter();
             events::inference_started(&fields);
             events::inference_finished(&fields, Duration::from_millis(900));

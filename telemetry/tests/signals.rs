@@ -417,3 +417,43 @@ fn a_new_slo_config_judges_what_comes_after_it_and_keeps_history() {
     );
     assert_eq!(after.objective, 0.9);
 }
+
+#[test]
+fn planned_load_shorter_than_its_hold_stays_visible_until_the_hold_ends() {
+    use sakuga_telemetry::PlannedLoad;
+    let (signals, clock) = signals();
+    // Default hold: two 15 s scrape intervals.
+    signals.planned_heavy_load(PlannedLoad::Warmup, true);
+    clock.advance(secs(2.0));
+    signals.planned_heavy_load(PlannedLoad::Warmup, false);
+    assert!(
+        signals.is_planned_heavy_load(),
+        "a 2 s warmup is still on: a scrape every 15 s would miss it"
+    );
+    clock.advance(secs(27.0));
+    signals.tick();
+    assert!(signals.is_planned_heavy_load(), "29 s after it began");
+    clock.advance(secs(1.5));
+    signals.tick();
+    assert!(
+        !signals.is_planned_heavy_load(),
+        "off once the 30 s hold has passed"
+    );
+
+    // A load that ran longer than the hold goes off at once; one that restarts while held
+    // stays on.
+    signals.planned_heavy_load(PlannedLoad::Warmup, true);
+    clock.advance(secs(40.0));
+    signals.planned_heavy_load(PlannedLoad::Warmup, false);
+    assert!(!signals.is_planned_heavy_load());
+    signals.planned_heavy_load(PlannedLoad::Warmup, true);
+    clock.advance(secs(1.0));
+    signals.planned_heavy_load(PlannedLoad::Warmup, false);
+    signals.planned_heavy_load(PlannedLoad::Warmup, true);
+    clock.advance(secs(60.0));
+    signals.tick();
+    assert!(
+        signals.is_planned_heavy_load(),
+        "on again: the hold no longer applies"
+    );
+}

@@ -15,7 +15,7 @@ use tokio::sync::oneshot;
 use sakuga_nodes::{CancelToken, Value};
 use sakuga_telemetry::{
     AdmissionReason, Decision, ErrorKind, EventFields, JobReport as SignalsJobReport, Outcome,
-    RetryReason, Stage, TraceContext, Workload, events, job_span,
+    RetryReason, Stage, TraceContext, Workload, events,
 };
 
 use crate::admission::{
@@ -46,6 +46,8 @@ pub(crate) struct PreparedJob {
     pub idempotency_key: Option<String>,
     pub labels: BTreeMap<String, String>,
     pub trace: TraceContext,
+    /// The job span, open from acceptance to the final state.
+    pub span: tracing::Span,
     pub submitted_at: SystemTime,
     /// Why and how the workflow was degraded to keep its target FPS.
     pub degraded: Option<String>,
@@ -158,6 +160,8 @@ struct Job {
     plan: Option<ExecutionPlan>,
     estimate: Estimate,
     fields: EventFields,
+    /// Open until the job's final state (dropping the last clone ends and exports it).
+    span: tracing::Span,
     feed: Arc<JobFeed>,
     cancel: CancelToken,
     enqueued_at: Instant,
@@ -267,7 +271,9 @@ impl QueueState {
     }
 
     fn new_job(&mut self, p: PreparedJob, recovered: bool, attempts: u32) -> Job {
-        let fields = event_fields(&p.job_id, p.workload, &p.trace, &p.plan);
+        let fields = event_fields(&p.job_id, p.workload, &p.trace, &p.plan)
+            .with_hardware_class(self.shared.hardware_class.as_str());
+        sakuga_telemetry::record_job_attributes(&p.span, &fields);
         let seq = self.next_seq;
         self.next_seq += 1;
         let trace_id = p.trace.trace_id.clone();
@@ -295,6 +301,7 @@ impl QueueState {
             plan: Some(p.plan),
             estimate: p.estimate,
             fields,
+            span: p.span,
             feed: Arc::new(JobFeed::for_job(self.config.feed, trace_id)),
             cancel: CancelToken::new(),
             enqueued_at: Instant::now(),
@@ -501,6 +508,8 @@ impl QueueState {
             return;
         };
         job.info.state = state;
+        // The job span ends (and is exported) with the job.
+        job.span = tracing::Span::none();
         job.info.finished_at = Some(SystemTime::now());
         job.info.error = error.clone();
         job.plan = None;
@@ -685,13 +694,14 @@ impl QueueState {
             observer: Arc::new(telemetry),
             cancel: job.cancel.clone(),
             batch_limit: None,
+            span: job.span.clone(),
         };
         let device_job = DeviceJob {
             job_id: job_id.to_owned(),
             batch: job.estimate.batch as usize,
             plan,
             run,
-            span: job_span(&job.fields),
+            span: job.span.clone(),
             observer: feed_observer,
         };
         let job = &self.jobs[job_id];
@@ -723,6 +733,8 @@ impl QueueState {
             Err(e) => (RecordState::Failed, Some(e.to_string())),
         };
         job.info.state = state;
+        // The job span ends (and is exported) with the job.
+        job.span = tracing::Span::none();
         job.info.finished_at = Some(SystemTime::now());
         job.info.error = error.clone();
         job.info.outputs = done.outputs;
@@ -899,10 +911,7 @@ impl QueueState {
         self.self_tx = Some(handle.tx.clone());
         for record in records {
             let workload: Workload = record.workload.parse().unwrap_or(Workload::SingleImage);
-            let trace = TraceContext {
-                trace_id: record.trace_id.clone(),
-                span_id: TraceContext::new_root().span_id,
-            };
+            let trace = TraceContext::root_of(record.trace_id.clone());
             if record.state.is_final() {
                 self.restore_final(record, workload, trace);
                 continue;
@@ -948,6 +957,7 @@ impl QueueState {
                 deadline,
                 idempotency_key: record.idempotency_key.clone(),
                 labels: record.labels.clone(),
+                span: sakuga_telemetry::open_job_span(&record.job_id, workload, &trace),
                 trace,
                 submitted_at: SystemTime::UNIX_EPOCH
                     + Duration::from_millis(record.submitted_unix_ms),
@@ -1031,6 +1041,7 @@ impl QueueState {
                 nodes: Vec::new(),
             },
             fields,
+            span: tracing::Span::none(),
             feed,
             cancel: CancelToken::new(),
             enqueued_at: Instant::now(),

@@ -235,6 +235,8 @@ pub(crate) struct Shared {
     pub signals: Signals,
     pub estimator: Estimator,
     pub tunables: RwLock<EngineTunables>,
+    /// The `hardware_class` of this engine's stage events and spans.
+    pub hardware_class: String,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
     pub threads: Mutex<Vec<JoinHandle<()>>>,
@@ -254,6 +256,12 @@ impl std::fmt::Debug for EngineHandle {
             .field("draining", &self.is_draining())
             .finish_non_exhaustive()
     }
+}
+
+/// `cpu` or `cuda`: what the device is, when the operator did not name a finer class
+/// (`[signals] hardware_class`, e.g. the GPU model) for the SLOs' "standard hardware".
+fn default_hardware_class(device: &candle_core::Device) -> String {
+    if device.is_cuda() { "cuda" } else { "cpu" }.to_owned()
 }
 
 /// Commands waiting for the queue worker; senders wait when it is full.
@@ -285,6 +293,11 @@ impl EngineHandle {
             signals: signals.clone(),
             estimator: Estimator::new(),
             tunables: RwLock::new(config.tunables.clone()),
+            hardware_class: signals
+                .config()
+                .hardware_class
+                .clone()
+                .unwrap_or_else(|| default_hardware_class(&env.device)),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             threads: Mutex::new(Vec::new()),
@@ -394,8 +407,11 @@ impl EngineHandle {
                 Some((degraded, plan, estimate, note)) => (plan, estimate, degraded, Some(note)),
                 None => (plan, estimate, workflow, None),
             };
+        let job_id = jobs::new_job_id();
+        let trace = request.trace.unwrap_or_else(TraceContext::new_root);
+        let span = sakuga_telemetry::open_job_span(&job_id, workload, &trace);
         Ok(jobs::PreparedJob {
-            job_id: jobs::new_job_id(),
+            job_id,
             workflow,
             plan,
             estimate,
@@ -404,7 +420,8 @@ impl EngineHandle {
             deadline: request.deadline,
             idempotency_key: request.idempotency_key,
             labels: request.labels,
-            trace: request.trace.unwrap_or_else(TraceContext::new_root),
+            trace,
+            span,
             submitted_at: SystemTime::now(),
             degraded,
         })
