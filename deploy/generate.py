@@ -503,8 +503,10 @@ def signal_alert_rules() -> list[dict]:
                 "  or\n"
                 "  sakuga:device_utilization:avg15m < 0.7\n"
                 ")\n"
+                # Under load: the queue was never empty over the 15m window, so a
+                # briefly queued job on a quiet server is not read as a utilization issue.
                 "and on ()\n"
-                "sakuga:queue_depth:sum > 0",
+                "min_over_time(sakuga:queue_depth:sum[15m]) > 0",
                 "15m",
             ),
             hold="30m",
@@ -514,8 +516,8 @@ def signal_alert_rules() -> list[dict]:
             summary="[{{ $labels.workload }}] device {{ $labels.device }} utilization outside 70-90% under load",
             description=(
                 "Device {{ $labels.device }} ({{ $labels.instance }}) averaged "
-                "{{ $value | humanizePercentage }} over 15m for 30m with jobs queued; the "
-                "target band under load is 70-90%."
+                "{{ $value | humanizePercentage }} over 15m for 30m with jobs queued the whole "
+                "time; the target band under load is 70-90%."
             ),
         ),
         alert_rule(

@@ -1,7 +1,10 @@
 //! A real `sakuga serve` process for end-to-end tests.
 #![allow(dead_code)]
 
+pub mod promstack;
+
 use std::io::{BufRead, BufReader};
+use std::sync::mpsc;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -40,13 +43,20 @@ pub async fn wait_serving(url: &str) {
     .expect("the server became ready");
 }
 
+/// A `sakuga serve` process started by [`spawn_server_full`].
+pub struct Spawned {
+    pub process: ServerProcess,
+    /// `http://host:port` of the gRPC port.
+    pub url: String,
+    /// `host:port` of `/metrics`.
+    pub metrics_addr: String,
+    /// Its stderr, line by line, after the address line.
+    pub logs: mpsc::Receiver<String>,
+}
+
 /// Starts `sakuga serve` on free ports with its folders under `dir`, `global` flags
-/// before the subcommand and `serve` flags after it; returns the process and its URL.
-pub fn spawn_server_with(
-    dir: &std::path::Path,
-    global: &[&str],
-    serve: &[&str],
-) -> (ServerProcess, String) {
+/// before the subcommand and `serve` flags after it.
+pub fn spawn_server_full(dir: &std::path::Path, global: &[&str], serve: &[&str]) -> Spawned {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sakuga"))
         .args(global)
         .args(["--data-dir", dir.join("data").to_str().unwrap()])
@@ -66,17 +76,47 @@ pub fn spawn_server_with(
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
+    let (addr, metrics_addr) = loop {
         let line = lines
             .next()
             .expect("the server printed its address")
             .unwrap();
+        // "sakuga serving gRPC on ADDR (metrics on http://ADDR/metrics)"
         if let Some(rest) = line.strip_prefix("sakuga serving gRPC on ") {
-            break rest.split_whitespace().next().unwrap().to_owned();
+            let addr = rest.split_whitespace().next().unwrap().to_owned();
+            let metrics = rest
+                .split("http://")
+                .nth(1)
+                .and_then(|m| m.split('/').next())
+                .unwrap_or_default()
+                .to_owned();
+            break (addr, metrics);
         }
     };
-    std::thread::spawn(move || for _ in lines {});
-    (ServerProcess(child), format!("http://{addr}"))
+    let (tx, logs) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            // Nobody listening is fine: the lines are then only drained.
+            let _ = tx.send(line);
+        }
+    });
+    Spawned {
+        process: ServerProcess(child),
+        url: format!("http://{addr}"),
+        metrics_addr,
+        logs,
+    }
+}
+
+/// Starts `sakuga serve` on free ports with its folders under `dir`, `global` flags
+/// before the subcommand and `serve` flags after it; returns the process and its URL.
+pub fn spawn_server_with(
+    dir: &std::path::Path,
+    global: &[&str],
+    serve: &[&str],
+) -> (ServerProcess, String) {
+    let spawned = spawn_server_full(dir, global, serve);
+    (spawned.process, spawned.url)
 }
 
 /// [`spawn_server_with`] without extra flags.
