@@ -71,6 +71,9 @@ pub fn start_signals(
 ) -> Result<SignalsRuntime, RuntimeError> {
     let metrics = prometheus::install(&PrometheusConfig::in_process())?;
     sakuga_telemetry::record::prime_series(&config.device);
+    sakuga_telemetry::record::prime_node_durations(
+        registry().iter().map(|node| node.schema().class_type),
+    );
     let signals = Signals::new(config.signals.clone());
     if let Some(dir) = data_dir {
         signals.resume_config_generation(read_generation(dir)?);

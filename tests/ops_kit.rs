@@ -8,12 +8,14 @@
 //!
 //! Run: `cargo test --test ops_kit`; by hand: `deploy/check.sh`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use serde_json::Value;
+
+mod support;
 
 const SEVERITIES: &[&str] = &["page", "ticket", "email"];
 /// Alert categories muted while `sakuga_planned_heavy_load` is 1.
@@ -56,13 +58,6 @@ fn read_yaml(path: &Path) -> Value {
         .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()));
     serde_norway::from_str(&text)
         .unwrap_or_else(|err| panic!("{} is not valid YAML: {err}", path.display()))
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = fs::read_to_string(path)
-        .unwrap_or_else(|err| panic!("cannot read {}: {err}", path.display()));
-    serde_json::from_str(&text)
-        .unwrap_or_else(|err| panic!("{} is not valid JSON: {err}", path.display()))
 }
 
 /// Every rule of every rule file (recording and alerting), each a YAML mapping.
@@ -668,49 +663,7 @@ fn rule_expressions_select_only_exported_metrics() {
 
 /// Every PromQL expression of a dashboard (panel targets, nested rows, annotations), keyed
 /// by a description of where it sits.
-fn dashboard_expressions(path: &Path) -> BTreeMap<String, String> {
-    fn panels(list: &Value, file: &str, out: &mut BTreeMap<String, String>) {
-        for panel in list.as_array().into_iter().flatten() {
-            let title = panel["title"].as_str().unwrap_or("?");
-            for target in panel["targets"].as_array().into_iter().flatten() {
-                if let Some(expr) = target["expr"].as_str() {
-                    let ref_id = target["refId"].as_str().unwrap_or("?");
-                    out.insert(format!("{file}: {title} / {ref_id}"), expr.to_owned());
-                }
-            }
-            panels(&panel["panels"], file, out);
-        }
-    }
-    let board = read_json(path);
-    let file = path.file_name().unwrap().to_string_lossy().into_owned();
-    let mut out = BTreeMap::new();
-    panels(&board["panels"], &file, &mut out);
-    for annotation in board["annotations"]["list"]
-        .as_array()
-        .into_iter()
-        .flatten()
-    {
-        if let Some(expr) = annotation["expr"].as_str() {
-            let name = annotation["name"].as_str().unwrap_or("?");
-            out.insert(format!("{file}: annotation {name}"), expr.to_owned());
-        }
-    }
-    out
-}
-
-/// Grafana's built-in interval variables, replaced by values Prometheus accepts.
-fn without_grafana_variables(expr: &str) -> String {
-    let expr = expr
-        .replace("$__rate_interval", "5m")
-        .replace("${__rate_interval}", "5m")
-        .replace("$__interval", "1m")
-        .replace("$__range", "1h");
-    assert!(
-        !expr.contains('$'),
-        "unknown dashboard variable in {expr:?}"
-    );
-    expr
-}
+use support::promstack::{dashboard_expressions, without_grafana_variables};
 
 #[test]
 fn dashboards_cover_every_workload_and_annotate_config_changes() {

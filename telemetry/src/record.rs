@@ -64,6 +64,14 @@ pub fn node_finished(class_type: &str, duration: Duration) {
     histogram!(NODE_DURATION_SECONDS, "class_type" => class_type.to_owned()).record(duration);
 }
 
+/// Registers the node duration histogram of every node class there is, empty, so a
+/// dashboard or `rate()` sees each class from the first scrape.
+pub fn prime_node_durations<'a>(class_types: impl IntoIterator<Item = &'a str>) {
+    for class_type in class_types {
+        let _ = histogram!(NODE_DURATION_SECONDS, "class_type" => class_type.to_owned());
+    }
+}
+
 /// Count `n` frames of one kind.
 pub fn frames(workload: Workload, kind: FrameKind, n: u64) {
     counter!(FRAMES_TOTAL, "workload" => workload.as_str(), "kind" => kind.as_str()).increment(n);

@@ -4,8 +4,8 @@
 pub mod promstack;
 
 use std::io::{BufRead, BufReader};
-use std::sync::mpsc;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::Duration;
 
 /// Kills the server process when the test ends, pass or fail.

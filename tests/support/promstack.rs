@@ -230,7 +230,12 @@ pub struct Stack {
 
 impl Stack {
     /// Starts both and waits until Prometheus has scraped sakuga once.
-    pub fn start(dir: &Path, metrics_addr: &str, rule_files: &[PathBuf], am_config: &Path) -> Stack {
+    pub fn start(
+        dir: &Path,
+        metrics_addr: &str,
+        rule_files: &[PathBuf],
+        am_config: &Path,
+    ) -> Stack {
         let am_port = free_port();
         let alertmanager = format!("127.0.0.1:{am_port}");
         let am = Command::new("prometheus-alertmanager")
@@ -259,7 +264,10 @@ impl Stack {
         std::fs::write(&config_path, config).unwrap();
         let prom = Command::new("prometheus")
             .arg(format!("--config.file={}", config_path.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.join("prom-data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("prom-data").display()
+            ))
             .arg(format!("--web.listen-address={prometheus}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -270,15 +278,29 @@ impl Stack {
             alertmanager,
             _processes: vec![Process(prom), Process(am)],
         };
-        wait_for("the first scrape of sakuga", Duration::from_secs(60), || {
-            stack
-                .try_query("up{job=\"sakuga\"} == 1")
-                .filter(|r| !r.is_empty())
-        });
+        wait_for(
+            "the first scrape of sakuga",
+            Duration::from_secs(60),
+            || {
+                stack
+                    .try_query("up{job=\"sakuga\"} == 1")
+                    .filter(|r| !r.is_empty())
+            },
+        );
         wait_for("alertmanager", Duration::from_secs(60), || {
             std::net::TcpStream::connect(&stack.alertmanager).ok()
         });
         stack
+    }
+
+    /// A handle that only queries the Prometheus at `addr` (for another thread); it owns
+    /// no process.
+    pub fn observer(prometheus: String) -> Stack {
+        Stack {
+            prometheus,
+            alertmanager: String::new(),
+            _processes: Vec::new(),
+        }
     }
 
     /// An instant query now; `None` while Prometheus is not answering yet.
@@ -335,4 +357,62 @@ impl Stack {
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
     }
+}
+
+/// The Grafana dashboards under `deploy/grafana/dashboards`.
+pub fn dashboard_files() -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(deploy_dir().join("grafana/dashboards"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every query of a dashboard (panel targets, nested rows, annotations), keyed by where it
+/// sits: `"<file>: <panel title> / <refId>"` or `"<file>: annotation <name>"`.
+pub fn dashboard_expressions(path: &Path) -> std::collections::BTreeMap<String, String> {
+    fn panels(list: &Value, file: &str, out: &mut std::collections::BTreeMap<String, String>) {
+        for panel in list.as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap_or("?");
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                if let Some(expr) = target["expr"].as_str() {
+                    let ref_id = target["refId"].as_str().unwrap_or("?");
+                    out.insert(format!("{file}: {title} / {ref_id}"), expr.to_owned());
+                }
+            }
+            panels(&panel["panels"], file, out);
+        }
+    }
+    let board: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap())
+        .unwrap_or_else(|e| panic!("{} is not valid JSON: {e}", path.display()));
+    let file = path.file_name().unwrap().to_string_lossy().into_owned();
+    let mut out = std::collections::BTreeMap::new();
+    panels(&board["panels"], &file, &mut out);
+    for annotation in board["annotations"]["list"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if let Some(expr) = annotation["expr"].as_str() {
+            let name = annotation["name"].as_str().unwrap_or("?");
+            out.insert(format!("{file}: annotation {name}"), expr.to_owned());
+        }
+    }
+    out
+}
+
+/// Grafana's built-in interval variables, replaced by values Prometheus accepts.
+pub fn without_grafana_variables(expr: &str) -> String {
+    let expr = expr
+        .replace("$__rate_interval", "5m")
+        .replace("${__rate_interval}", "5m")
+        .replace("$__interval", "1m")
+        .replace("$__range", "1h");
+    assert!(
+        !expr.contains('$'),
+        "unknown dashboard variable in {expr:?}"
+    );
+    expr
 }
