@@ -127,17 +127,26 @@ where
 /// invalid, [`TelemetryError::Otlp`] when the exporter cannot be built.
 pub fn init_logging(config: &LogConfig) -> Result<LoggingGuard> {
     let mut guard = LoggingGuard::default();
-    let mut layers: Vec<BoxedLayer> = vec![fmt_layer(config.format, std::io::stderr)];
+    // Each layer filters for itself: the log filter (default `warn`) decides what is
+    // printed, while job and node spans (info) are exported whatever it says.
+    let mut layers: Vec<BoxedLayer> = vec![
+        fmt_layer(config.format, std::io::stderr)
+            .with_filter(env_filter(&config.filter)?)
+            .boxed(),
+    ];
     if let Some(endpoint) = &config.otlp_endpoint {
         let (provider, runtime) = otlp_provider(endpoint, &config.service_name)?;
         let tracer = provider.tracer("sakuga");
-        layers.push(tracing_opentelemetry::layer().with_tracer(tracer).boxed());
+        layers.push(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+                .boxed(),
+        );
         guard.provider = Some(provider);
         guard.runtime = runtime;
     }
-    let subscriber = Registry::default()
-        .with(layers)
-        .with(env_filter(&config.filter)?);
+    let subscriber = Registry::default().with(layers);
     tracing::subscriber::set_global_default(subscriber).map_err(|e| TelemetryError::Logging {
         reason: e.to_string(),
     })?;
