@@ -64,25 +64,6 @@ async fn submit(
         .map(|r| r.into_inner().job_id)
 }
 
-/// Watches a job to its end, pulling frames as a player would; returns the final state.
-async fn watch_to_end(client: &mut SakugaClient, job_id: &str) -> i32 {
-    let mut stream = client
-        .render
-        .watch(v1::WatchRequest {
-            job_id: job_id.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(event) = stream.message().await.unwrap() {
-        if let Some(v1::watch_event::Kind::FinalStatus(status)) = event.kind {
-            return status.state;
-        }
-    }
-    panic!("the watch of {job_id} ended without a final status");
-}
-
 /// Alerts Prometheus holds (pending or firing), by name and state.
 fn active_alerts(stack: &Stack) -> BTreeSet<String> {
     stack
@@ -213,7 +194,7 @@ async fn prometheus_and_alertmanager_see_a_live_server_right() {
         .await
         .unwrap();
     assert_eq!(
-        watch_to_end(&mut client, &job).await,
+        support::watch_to_end(&mut client, &job).await,
         v1::JobState::Succeeded as i32
     );
     for (workflow, workload) in [
@@ -223,7 +204,7 @@ async fn prometheus_and_alertmanager_see_a_live_server_right() {
     ] {
         let job = submit(&mut client, &workflow, workload).await.unwrap();
         assert_eq!(
-            watch_to_end(&mut client, &job).await,
+            support::watch_to_end(&mut client, &job).await,
             v1::JobState::Succeeded as i32
         );
     }

@@ -83,25 +83,6 @@ async fn submit_traced(client: &mut SakugaClient, workflow: &Value, traceparent:
         .job_id
 }
 
-async fn watch_to_end(client: &mut SakugaClient, job_id: &str) {
-    let mut stream = client
-        .render
-        .watch(v1::WatchRequest {
-            job_id: job_id.to_owned(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    while let Some(event) = stream.message().await.unwrap() {
-        if let Some(v1::watch_event::Kind::FinalStatus(status)) = event.kind {
-            assert_eq!(status.state, v1::JobState::Succeeded as i32, "{status:?}");
-            return;
-        }
-    }
-    panic!("no final status for {job_id}");
-}
-
 /// The spans of one trace, once its job span and `nodes` node spans have arrived.
 async fn spans_of(
     received: &mut mpsc::UnboundedReceiver<Span>,
@@ -203,7 +184,10 @@ async fn spans_form_one_tree_from_the_client_span_down_to_the_nodes() {
         &format!("00-{image_trace}-{image_parent}-01"),
     )
     .await;
-    watch_to_end(&mut client, &image_job).await;
+    assert_eq!(
+        support::watch_to_end(&mut client, &image_job).await,
+        v1::JobState::Succeeded as i32
+    );
 
     // An animation job: its first node used to be exported as a root of its own.
     let animation = json!({
@@ -219,7 +203,10 @@ async fn spans_form_one_tree_from_the_client_span_down_to_the_nodes() {
         &format!("00-{animation_trace}-{animation_parent}-01"),
     )
     .await;
-    watch_to_end(&mut client, &animation_job).await;
+    assert_eq!(
+        support::watch_to_end(&mut client, &animation_job).await,
+        v1::JobState::Succeeded as i32
+    );
 
     let mut all = Vec::new();
     let image_spans = spans_of(&mut received, &mut all, image_trace, 8).await;

@@ -123,3 +123,23 @@ pub fn spawn_server_with(
 pub fn spawn_server(dir: &std::path::Path) -> (ServerProcess, String) {
     spawn_server_with(dir, &[], &[])
 }
+
+/// Watches a job to its end, pulling frames as a player would; returns the final state.
+pub async fn watch_to_end(client: &mut sakuga::client::SakugaClient, job_id: &str) -> i32 {
+    use sakuga_proto::v1;
+    let mut stream = client
+        .render
+        .watch(v1::WatchRequest {
+            job_id: job_id.to_owned(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    while let Some(event) = stream.message().await.unwrap() {
+        if let Some(v1::watch_event::Kind::FinalStatus(status)) = event.kind {
+            return status.state;
+        }
+    }
+    panic!("the watch of {job_id} ended without a final status");
+}
