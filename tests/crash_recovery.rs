@@ -1,5 +1,6 @@
 //! SIGKILL with jobs queued and running, restart on the same data dir: every accepted job
-//! completes (the interrupted ones marked recovered); none is lost.
+//! ends (the queued ones run, marked recovered; the one that was running went down with the
+//! process and is failed as poison after that one crash); none is lost.
 
 use std::time::Duration;
 
@@ -99,17 +100,21 @@ async fn sigkill_with_jobs_queued_and_running_loses_none() {
     let (second, url) = spawn_server(dir.path());
     wait_serving(&url).await;
     let mut client = SakugaClient::connect(&url, None).await.unwrap();
-    let rerun = watch_until(&mut client, &running, is_final).await;
+    let poisoned = watch_until(&mut client, &running, is_final).await;
     assert_eq!(
-        rerun.state,
-        v1::JobState::Succeeded as i32,
+        poisoned.state,
+        v1::JobState::Failed as i32,
         "{}",
-        rerun.error
+        poisoned.error
     );
-    assert!(rerun.recovered);
+    assert!(
+        poisoned.error.starts_with("poison"),
+        "the job running at the crash is not run into it again: {}",
+        poisoned.error
+    );
     assert_eq!(
-        rerun.attempts, 2,
-        "it ran once before the kill and once after"
+        poisoned.attempts, 1,
+        "its one start was journaled before it ran"
     );
     for id in &queued {
         let job = watch_until(&mut client, id, is_final).await;

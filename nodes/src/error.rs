@@ -39,6 +39,13 @@ pub enum NodeError {
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),
+    /// The node would allocate more than the job's memory budget; it stopped before it did.
+    #[error("{what} would take {} MiB, past the job's memory budget of {} MiB", .bytes >> 20, .budget >> 20)]
+    OverBudget {
+        what: String,
+        bytes: u64,
+        budget: u64,
+    },
     /// The job was cancelled while the node ran (checked between steps).
     #[error("cancelled")]
     Cancelled,
@@ -62,6 +69,7 @@ impl NodeError {
                     "device"
                 }
             }
+            NodeError::OverBudget { .. } => "oom",
             NodeError::Cancelled => "cancelled",
         }
     }

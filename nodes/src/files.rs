@@ -40,13 +40,48 @@ pub fn resolve_inside(root: &Path, name: &str) -> Result<PathBuf, NodeError> {
         return Err(escapes());
     }
     let joined = root.join(relative);
-    // A symlink may point anywhere: compare canonical forms when the file exists.
-    if let (Ok(real), Ok(real_root)) = (joined.canonicalize(), root.canonicalize())
-        && !real.starts_with(&real_root)
-    {
-        return Err(escapes());
+    // A symlink may point anywhere, and a write creates what is missing under the nearest
+    // existing ancestor: that ancestor, links resolved, must be inside the root. The root
+    // itself may be a link (a mounted volume); only links under it are judged.
+    let Ok(real_root) = root.canonicalize() else {
+        return Ok(joined);
+    };
+    for existing in joined.ancestors() {
+        if existing.symlink_metadata().is_err() {
+            continue;
+        }
+        // A dangling link resolves to nothing, and writing through it creates its target.
+        let real = existing.canonicalize().map_err(|_| escapes())?;
+        if !real.starts_with(&real_root) {
+            return Err(escapes());
+        }
+        break;
     }
     Ok(joined)
+}
+
+/// Empties `dir` (ComfyUI clears its temp dir at start): previews are for viewing, and
+/// keeping them makes the folder grow without end. Links inside are removed, never followed.
+///
+/// # Errors
+/// [`NodeError::Io`] when the dir cannot be removed or made again.
+pub fn clear_dir(dir: &Path) -> Result<(), NodeError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(NodeError::Io {
+                op: "clear",
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+    }
+    std::fs::create_dir_all(dir).map_err(|source| NodeError::Io {
+        op: "create",
+        path: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// The choices of a combo input, sorted; file lists are relative names with `/`.
@@ -132,6 +167,51 @@ mod tests {
             resolve_inside(root.path(), "link.png"),
             Err(NodeError::PathEscapes { .. })
         ));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn refuses_new_files_under_a_linked_folder_that_leaves_the_root() {
+        let outside = tempfile::tempdir().unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("shots")).unwrap();
+        for name in ["shots/x.png", "shots/deeper/still/x.png"] {
+            assert!(
+                matches!(
+                    resolve_inside(root.path(), name),
+                    Err(NodeError::PathEscapes { .. })
+                ),
+                "{name} accepted"
+            );
+        }
+        std::os::unix::fs::symlink(
+            outside.path().join("not-there"),
+            root.path().join("dangling.png"),
+        )
+        .unwrap();
+        assert!(matches!(
+            resolve_inside(root.path(), "dangling.png"),
+            Err(NodeError::PathEscapes { .. })
+        ));
+        // A link that stays inside is fine.
+        std::fs::create_dir(root.path().join("real")).unwrap();
+        std::os::unix::fs::symlink(root.path().join("real"), root.path().join("alias")).unwrap();
+        assert!(resolve_inside(root.path(), "alias/new/x.png").is_ok());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn clearing_removes_links_without_following_them() {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep.png"), b"x").unwrap();
+        let temp = tempfile::tempdir().unwrap();
+        let dir = temp.path().join("temp");
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/old.png"), b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.join("link")).unwrap();
+        clear_dir(&dir).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+        assert!(outside.path().join("keep.png").exists());
     }
 
     #[test]

@@ -96,7 +96,17 @@ pub fn write_png(path: &Path, pixels: &Pixels, text: &[(&str, &str)]) -> Result<
         reason: e.to_string(),
     };
     let tmp = path.with_extension("png.partial");
-    let file = std::fs::File::create(&tmp).map_err(|e| io("create", e))?;
+    // A leftover (or planted) file or link at the temp name is removed, never written
+    // through: `create_new` refuses to follow a link.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", e)),
+        _ => {}
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(|e| io("create", e))?;
     let mut buffered = BufWriter::new(&file);
     let mut encoder = png::Encoder::new(&mut buffered, pixels.width, pixels.height);
     encoder.set_color(match pixels.channels {

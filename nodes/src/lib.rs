@@ -7,6 +7,8 @@
 //! - [`value`]: values that flow along links at run time.
 //! - [`node`]: the [`Node`] trait and what a running node sees (inputs, environment, sink,
 //!   cancellation).
+//! - [`shape`]: output shapes, scratch memory and work of a node before it runs, and the
+//!   budget check nodes make before large allocations.
 //! - [`registry`]: node classes by name; crates above extend it.
 //! - [`files`]: names resolved inside their folder, folder listings for combos.
 //! - [`image`]: conversions between image tensors, pixels and PNG files.
@@ -20,6 +22,7 @@ pub mod node;
 pub mod port;
 pub mod registry;
 pub mod schema;
+pub mod shape;
 #[cfg(test)]
 mod testing;
 pub mod value;
@@ -32,4 +35,5 @@ pub use node::{
 pub use port::PortType;
 pub use registry::NodeRegistry;
 pub use schema::{ComboOptions, InputKind, InputSpec, NodeSchema, OutputSpec};
+pub use shape::{NodeCost, Shape, ShapeInputs};
 pub use value::Value;

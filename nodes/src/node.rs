@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use candle_core::{Device, Tensor};
 
@@ -239,6 +239,8 @@ pub struct NodeEnv {
     pub device: Device,
     /// Shared resources by type (model store and cache, signals).
     pub resources: Resources,
+    /// Bytes one job may allocate at once; the engine keeps it at admission's budget.
+    memory_budget: AtomicU64,
 }
 
 impl NodeEnv {
@@ -252,7 +254,19 @@ impl NodeEnv {
             models_dir,
             device: Device::Cpu,
             resources: Resources::default(),
+            memory_budget: AtomicU64::new(u64::MAX),
         }
+    }
+
+    /// Bytes one job may allocate at once ([`ExecContext::reserve`] checks against it);
+    /// unlimited until the engine sets it.
+    pub fn memory_budget(&self) -> u64 {
+        self.memory_budget.load(Ordering::Relaxed)
+    }
+
+    /// Sets the per-job memory budget.
+    pub fn set_memory_budget(&self, bytes: u64) {
+        self.memory_budget.store(bytes, Ordering::Relaxed);
     }
 }
 

@@ -5,6 +5,7 @@
 use serde_json::{Map, Value as Json, json};
 
 use crate::port::PortType;
+use crate::shape::{NodeCost, ShapeFn, ShapeInputs, passthrough_cost};
 
 /// Where the choices of a combo input come from.
 #[derive(Debug, Clone)]
@@ -174,6 +175,9 @@ pub struct NodeSchema {
     pub outputs: Vec<OutputSpec>,
     /// Output nodes are the roots of execution: only what they depend on runs.
     pub output_node: bool,
+    /// Output shapes, scratch memory and work from input shapes; `None` passes the largest
+    /// linked image or latent through (see [`passthrough_cost`]).
+    pub shape: Option<ShapeFn>,
 }
 
 impl NodeSchema {
@@ -191,6 +195,7 @@ impl NodeSchema {
             inputs: Vec::new(),
             outputs: Vec::new(),
             output_node: false,
+            shape: None,
         }
     }
 
@@ -221,6 +226,23 @@ impl NodeSchema {
     pub fn output_node(mut self) -> Self {
         self.output_node = true;
         self
+    }
+
+    /// Declares the node's shape function, read by admission before the node runs.
+    pub fn shapes(mut self, shape: ShapeFn) -> Self {
+        self.shape = Some(shape);
+        self
+    }
+
+    /// What the node will cost for these inputs, by its shape function.
+    pub fn cost(&self, inputs: &ShapeInputs<'_>) -> NodeCost {
+        match self.shape {
+            Some(shape) => shape(inputs),
+            None => {
+                let ports: Vec<PortType> = self.outputs.iter().map(|o| o.port).collect();
+                passthrough_cost(&ports, inputs)
+            }
+        }
     }
 
     /// Looks an input up by name.

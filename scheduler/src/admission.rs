@@ -15,11 +15,11 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 
-use sakuga_nodes::Value;
+use sakuga_nodes::{NodeCost, NodeEnv, Shape, ShapeInputs, Value};
 use sakuga_telemetry::{AdmissionReason, Workload};
 
 use crate::error::SchedulerError;
-use crate::validate::ValidWorkflow;
+use crate::validate::{ValidNode, ValidWorkflow};
 
 /// Caps on what one submission may contain, checked before validation does real work.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -136,6 +136,8 @@ pub struct NodeEstimate {
 pub struct Estimate {
     /// Peak device memory: model files not yet resident plus activations.
     pub peak_memory_bytes: u64,
+    /// The node running at the peak, as `node <id> (<class>)`.
+    pub peak_node: Option<String>,
     /// Expected run time, learned from recent runs of the same signature when there are any.
     pub expected_duration: Duration,
     /// Whether `expected_duration` comes from history (else from the per-node prior).
@@ -194,7 +196,7 @@ pub fn check_limits(
             continue;
         };
         for (name, value) in inputs {
-            let Some(v) = value.as_u64() else { continue };
+            let Some(v) = as_size(value) else { continue };
             match name.as_str() {
                 "width" | "height" => too_large("resolution", v, limits.max_resolution)?,
                 "batch_size" | "amount" => too_large("batch size", v, limits.max_batch)?,
@@ -203,6 +205,23 @@ pub fn check_limits(
         }
     }
     Ok(())
+}
+
+/// A size literal as the validator converts it (Python's `int()`: integers, floats
+/// truncated, numeric strings), so `"16384"` and `16384.0` meet the same caps as `16384`.
+fn as_size(value: &Json) -> Option<u64> {
+    let v = match value {
+        Json::Number(n) => n.as_f64()?,
+        Json::String(s) => {
+            let s = s.trim();
+            s.parse::<i64>()
+                .map(|i| i as f64)
+                .or_else(|_| s.parse::<f64>())
+                .ok()?
+        }
+        _ => return None,
+    };
+    (v.is_finite() && v >= 0.0).then(|| v.trunc().min(u64::MAX as f64) as u64)
 }
 
 /// Learns expected durations per workflow signature (an exponentially weighted mean of
@@ -223,65 +242,46 @@ impl Estimator {
         Self::default()
     }
 
-    /// Estimates `workflow`; `models_dir` sizes model files the job will load.
+    /// Estimates `workflow` by walking its plan with each node's shape function: the peak
+    /// memory over the run (model files not yet resident, values alive between their
+    /// producer and last consumer, each node's outputs and scratch), and the expected work.
+    /// `env` sizes model files and input images.
     pub fn estimate(
         &self,
         workflow: &ValidWorkflow,
-        models_dir: &Path,
+        env: &NodeEnv,
         config: &AdmissionConfig,
     ) -> Estimate {
+        let walk = walk_shapes(workflow, env);
         let mut hasher = std::hash::DefaultHasher::new();
         let (mut width, mut height, mut batch) = (0u32, 0u32, 1u32);
         let mut nodes = Vec::with_capacity(workflow.nodes.len());
         let mut weights = 0u64;
-        let mut activations = 0u64;
         let mut prior = Duration::ZERO;
-        for node in &workflow.nodes {
+        for (node, cost) in workflow.nodes.iter().zip(&walk.costs) {
             node.class_type.hash(&mut hasher);
             node.links.len().hash(&mut hasher);
-            let int = |name: &str| {
-                node.literals
-                    .iter()
-                    .find(|(n, _)| &**n == name)
-                    .and_then(|(_, v)| match v {
-                        Value::Int(i) => Some(*i),
-                        _ => None,
-                    })
-            };
-            let (w, h, b) = (int("width"), int("height"), int("batch_size"));
-            // Latent sizes are in pixels already in ComfyUI's API; EmptyImage too.
-            if let (Some(w), Some(h)) = (w, h) {
-                (w, h).hash(&mut hasher);
-                width = width.max(w.max(0) as u32);
-                height = height.max(h.max(0) as u32);
+            format!("{:?}", cost.outputs).hash(&mut hasher);
+            literal_int(node, "steps").hash(&mut hasher);
+            for (b, h, w) in cost.outputs.iter().filter_map(Shape::pixels) {
+                width = width.max(clamp_u32(w));
+                height = height.max(clamp_u32(h));
+                batch = batch.max(clamp_u32(b));
             }
-            if let Some(b) = b {
-                b.hash(&mut hasher);
-                batch = batch.max(b.max(1) as u32);
-            }
-            let steps = int("steps").unwrap_or(1).max(1) as u64;
-            steps.hash(&mut hasher);
-            let mut memory = 0u64;
+            let mut memory = cost.output_bytes().saturating_add(cost.working_bytes);
             for (name, value) in &node.literals {
                 if let Value::String(file) = value
                     && name.ends_with("_name")
-                    && let Some(bytes) = model_file_bytes(models_dir, file)
+                    && let Some(bytes) = model_file_bytes(&env.models_dir, file)
                 {
-                    memory += bytes;
-                    weights += bytes;
+                    memory = memory.saturating_add(bytes);
+                    weights = weights.saturating_add(bytes);
                 }
             }
-            // A float RGB image of the largest size so far per node that makes images.
-            let pixels = u64::from(width.max(1)) * u64::from(height.max(1)) * u64::from(batch);
-            if w.is_some() || !node.links.is_empty() {
-                let act = pixels * 4 * 4;
-                memory += act;
-                activations = activations.max(act);
-            }
             let duration = Duration::from_secs_f64(
-                config.default_node_duration_ms / 1000.0
-                    * steps as f64
-                    * (pixels as f64 / (512.0 * 512.0)).max(0.01),
+                (config.default_node_duration_ms / 1000.0 * cost.work.max(0.01))
+                    .max(0.0)
+                    .min(1e9),
             );
             prior += duration;
             nodes.push(NodeEstimate {
@@ -293,9 +293,13 @@ impl Estimator {
         }
         let signature = hasher.finish();
         let learned = self.learned.lock().get(&signature).copied();
+        let peak_node = walk
+            .peak_at
+            .map(|i| &workflow.nodes[i])
+            .map(|n| format!("node {} ({})", n.id, n.class_type));
         Estimate {
-            // Activations of consecutive nodes overlap: the input and output of the largest.
-            peak_memory_bytes: weights + activations * 2,
+            peak_memory_bytes: weights.saturating_add(walk.peak_bytes),
+            peak_node,
             expected_duration: learned.map_or(prior, Duration::from_secs_f64),
             learned: learned.is_some(),
             width,
@@ -318,6 +322,78 @@ impl Estimator {
             .and_modify(|mean| *mean += LEARN_RATE * (seconds - *mean))
             .or_insert(seconds);
     }
+}
+
+/// Each node's cost in plan order, and the peak of live values plus one node's outputs and
+/// scratch over the run.
+struct ShapeWalk {
+    costs: Vec<NodeCost>,
+    peak_bytes: u64,
+    /// The node running at the peak.
+    peak_at: Option<usize>,
+}
+
+fn walk_shapes(workflow: &ValidWorkflow, env: &NodeEnv) -> ShapeWalk {
+    let n = workflow.nodes.len();
+    // A value is released after its last consumer ran; an unconsumed one right away.
+    let mut last_use: Vec<usize> = (0..n).collect();
+    for (i, node) in workflow.nodes.iter().enumerate() {
+        for &(_, source, _) in &node.links {
+            last_use[source] = last_use[source].max(i);
+        }
+    }
+    let mut costs: Vec<NodeCost> = Vec::with_capacity(n);
+    let mut released = vec![0u64; n];
+    let (mut live, mut peak_bytes, mut peak_at) = (0u64, 0u64, None);
+    for (i, node) in workflow.nodes.iter().enumerate() {
+        let links = node
+            .links
+            .iter()
+            .map(|(name, source, output)| {
+                let shape = costs[*source]
+                    .outputs
+                    .get(*output)
+                    .copied()
+                    .unwrap_or(Shape::Fixed);
+                (&**name, shape)
+            })
+            .collect();
+        let inputs = ShapeInputs {
+            literals: &node.literals,
+            links,
+            env: Some(env),
+        };
+        let cost = node.node.schema().cost(&inputs);
+        let out = cost.output_bytes();
+        let during = live.saturating_add(out).saturating_add(cost.working_bytes);
+        if during > peak_bytes || peak_at.is_none() {
+            peak_bytes = during;
+            peak_at = Some(i);
+        }
+        live = live.saturating_add(out);
+        released[last_use[i]] = released[last_use[i]].saturating_add(out);
+        live = live.saturating_sub(released[i]);
+        costs.push(cost);
+    }
+    ShapeWalk {
+        costs,
+        peak_bytes,
+        peak_at,
+    }
+}
+
+fn literal_int(node: &ValidNode, name: &str) -> Option<i64> {
+    node.literals
+        .iter()
+        .find(|(n, _)| &**n == name)
+        .and_then(|(_, v)| match v {
+            Value::Int(i) => Some(*i),
+            _ => None,
+        })
+}
+
+fn clamp_u32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }
 
 fn model_file_bytes(models_dir: &Path, name: &str) -> Option<u64> {
@@ -379,9 +455,12 @@ pub fn decide_submit(
         return SubmitVerdict::Deny {
             reason: AdmissionReason::MemoryHeadroom,
             detail: format!(
-                "the job needs about {} MiB, the device budget is {} MiB",
+                "the job needs about {} MiB ({} bytes) at its peak, in {}; the device budget is {} MiB ({} bytes)",
                 estimate.peak_memory_bytes >> 20,
-                config.memory_budget_bytes >> 20
+                estimate.peak_memory_bytes,
+                estimate.peak_node.as_deref().unwrap_or("its largest node"),
+                config.memory_budget_bytes >> 20,
+                config.memory_budget_bytes
             ),
             retry_after: Duration::from_secs(60),
         };
@@ -438,6 +517,7 @@ mod tests {
     fn estimate(memory: u64, seconds: f64) -> Estimate {
         Estimate {
             peak_memory_bytes: memory,
+            peak_node: None,
             expected_duration: Duration::from_secs_f64(seconds),
             learned: false,
             width: 64,
@@ -591,6 +671,33 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn size_caps_read_sizes_as_the_validator_converts_them() {
+        let limits = WorkflowLimits::default();
+        for width in [
+            json!("16384"),
+            json!(16384.0),
+            json!(" 8193"),
+            json!(8192.9e3),
+        ] {
+            let wf = json!({"1": {"class_type": "EmptyImage", "inputs": {"width": width.clone(), "height": 8}}});
+            assert!(
+                matches!(
+                    check_limits(&wf, 100, &limits),
+                    Err(SchedulerError::TooLarge {
+                        what: "resolution",
+                        ..
+                    })
+                ),
+                "{width} passed"
+            );
+        }
+        let batch = json!({"1": {"class_type": "EmptyImage", "inputs": {"batch_size": "5000"}}});
+        assert!(check_limits(&batch, 100, &limits).is_err());
+        let fine = json!({"1": {"class_type": "EmptyImage", "inputs": {"width": "8192", "height": 8192.0}}});
+        assert!(check_limits(&fine, 100, &limits).is_ok());
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::node::{ExecContext, Inputs, Node, NodeEnv};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
 use crate::schema::{ComboOptions, InputKind, InputSpec, NodeSchema};
+use crate::shape::{LATENT_FACTOR, NodeCost, Shape, ShapeInputs, megapasses, scaled};
 use crate::value::Value;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
@@ -70,6 +71,48 @@ pub const LATENT_UPSCALE_METHODS: &[&str] =
 const VAE_TILE_LATENT: usize = 96;
 /// Latent cells shared between neighbouring VAE tiles.
 const VAE_TILE_OVERLAP: usize = 8;
+/// Feature maps a UNet holds per latent element at its widest (320 channels over 4, a few
+/// alive at once), for admission's estimate of a sampler's scratch memory.
+const UNET_ACTIVATION_FACTOR: u64 = 240;
+/// Feature maps a VAE holds per pixel at full resolution (128 channels, three alive).
+const VAE_ACTIVATION_FACTOR: u64 = 384;
+
+/// A VAE pass over a latent of `(height, width)` cells: activations at full resolution,
+/// for one tile when the decode is tiled.
+fn vae_working(batch: u64, height: u64, width: u64) -> u64 {
+    let tile = (VAE_TILE_LATENT / 2 + 2 * VAE_TILE_OVERLAP) as u64;
+    let (h, w) = if height.max(width) > VAE_TILE_LATENT as u64 {
+        (height.min(tile), width.min(tile))
+    } else {
+        (height, width)
+    };
+    let pixels = (h * LATENT_FACTOR).saturating_mul(w * LATENT_FACTOR);
+    pixels
+        .saturating_mul(batch.max(1))
+        .saturating_mul(VAE_ACTIVATION_FACTOR)
+}
+
+fn sampler_cost(i: &ShapeInputs<'_>) -> NodeCost {
+    let latent = i.shape("latent_image");
+    let steps = i.size("steps", 20);
+    let steps = match (i.int("start_at_step"), i.int("end_at_step")) {
+        (Some(start), Some(end)) => (end.min(steps as i64) - start).max(0) as u64,
+        _ => steps,
+    };
+    // Classifier-free guidance runs the batch twice per step.
+    NodeCost::outputs(vec![latent])
+        .working(
+            latent
+                .bytes()
+                .saturating_mul(2)
+                .saturating_mul(UNET_ACTIVATION_FACTOR),
+        )
+        .work(steps as f64 * 2.0 * megapasses(&latent))
+}
+
+fn latent_resize_cost(source: Shape, height: u64, width: u64) -> NodeCost {
+    NodeCost::outputs(vec![source.resized(height, width)])
+}
 
 /// The checkpoint a model came from and the LoRAs merged into it.
 #[derive(Debug, Clone)]
@@ -393,6 +436,13 @@ static EMPTY_LATENT_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(int_step("height", 512, 16, MAX_RESOLUTION, 8))
         .input(InputSpec::int("batch_size", 1, 1, 4096))
         .output(PortType::Latent)
+        .shapes(|i| {
+            NodeCost::outputs(vec![Shape::latent_for_pixels(
+                i.size("batch_size", 1),
+                i.size("height", 512),
+                i.size("width", 512),
+            )])
+        })
 });
 
 impl Node for EmptyLatentImage {
@@ -401,6 +451,7 @@ impl Node for EmptyLatentImage {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let samples = empty_latent(
             usize_input(inputs, "width")?,
             usize_input(inputs, "height")?,
@@ -428,7 +479,9 @@ fn run_sampler(
     ctx: &ExecContext<'_>,
     inputs: &Inputs,
     params: SampleParams,
+    schema: &NodeSchema,
 ) -> Result<Vec<Value>, NodeError> {
+    ctx.reserve_for(schema, inputs)?;
     let model = inputs.object::<DiffusionModel>("model")?;
     let positive = inputs.object::<Conditioning>("positive")?;
     let negative = inputs.object::<Conditioning>("negative")?;
@@ -479,6 +532,7 @@ static KSAMPLER: LazyLock<NodeSchema> = LazyLock::new(|| {
     )
     .input(InputSpec::float("denoise", 1.0, 0.0, 1.0, 0.01))
     .output(PortType::Latent)
+    .shapes(sampler_cost)
 });
 
 impl Node for KSampler {
@@ -496,7 +550,7 @@ impl Node for KSampler {
             denoise: inputs.float("denoise")?,
             ..SampleParams::new(inputs.int("seed")? as u64)
         };
-        run_sampler(ctx, inputs, params)
+        run_sampler(ctx, inputs, params, self.schema())
     }
 }
 
@@ -515,6 +569,7 @@ static KSAMPLER_ADVANCED: LazyLock<NodeSchema> = LazyLock::new(|| {
             &["disable", "enable"],
         ))
         .output(PortType::Latent)
+        .shapes(sampler_cost)
 });
 
 impl Node for KSamplerAdvanced {
@@ -536,7 +591,7 @@ impl Node for KSamplerAdvanced {
             return_with_leftover_noise: inputs.str("return_with_leftover_noise")? == "enable",
             ..SampleParams::new(inputs.int("noise_seed")? as u64)
         };
-        run_sampler(ctx, inputs, params)
+        run_sampler(ctx, inputs, params, self.schema())
     }
 }
 
@@ -550,6 +605,16 @@ static VAE_DECODE: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(InputSpec::link("samples", PortType::Latent))
         .input(InputSpec::link("vae", PortType::Vae))
         .output(PortType::Image)
+        .shapes(|i| {
+            let latent = i.shape("samples");
+            let Some((b, h, w)) = latent.pixels() else {
+                return NodeCost::outputs(vec![Shape::Fixed]);
+            };
+            let (lh, lw) = latent.spatial().unwrap_or_default();
+            NodeCost::outputs(vec![Shape::image(b, h, w)])
+                .working(vae_working(b, lh, lw))
+                .work(megapasses(&latent) * 4.0)
+        })
 });
 
 impl Node for VaeDecode {
@@ -558,6 +623,7 @@ impl Node for VaeDecode {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let latent = inputs.object::<Latent>("samples")?;
         let vae = inputs.object::<VaeDecoder>("vae")?;
         let (batch, _, h, w) = latent.samples.dims4()?;
@@ -605,6 +671,16 @@ static VAE_ENCODE: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(InputSpec::link("pixels", PortType::Image))
         .input(InputSpec::link("vae", PortType::Vae))
         .output(PortType::Latent)
+        .shapes(|i| {
+            let pixels = i.shape("pixels");
+            let Some((b, h, w)) = pixels.pixels() else {
+                return NodeCost::outputs(vec![Shape::Fixed]);
+            };
+            let latent = Shape::latent_for_pixels(b, h, w);
+            NodeCost::outputs(vec![latent])
+                .working(vae_working(b, h / LATENT_FACTOR, w / LATENT_FACTOR))
+                .work(megapasses(&pixels) * 4.0)
+        })
 });
 
 impl Node for VaeEncode {
@@ -612,7 +688,8 @@ impl Node for VaeEncode {
         &VAE_ENCODE
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let pixels = inputs.image("pixels")?;
         let vae = inputs.object::<VaeDecoder>("vae")?;
         let (_, h, w, c) = pixels.dims4()?;
@@ -687,6 +764,21 @@ static LATENT_UPSCALE: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(int_step("height", 512, 0, MAX_RESOLUTION, 8))
         .input(InputSpec::combo("crop", &["disabled", "center"]))
         .output(PortType::Latent)
+        .shapes(|i| {
+            let source = i.shape("samples");
+            let Some((h, w)) = source.spatial() else {
+                return NodeCost::outputs(vec![source]);
+            };
+            let width = i.size("width", 512) / LATENT_FACTOR;
+            let height = i.size("height", 512) / LATENT_FACTOR;
+            let (width, height) = match (width, height) {
+                (0, 0) => (w, h),
+                (0, height) => (scaled(w, height as f64 / h.max(1) as f64), height),
+                (width, 0) => (width, scaled(h, width as f64 / w.max(1) as f64)),
+                both => both,
+            };
+            latent_resize_cost(source, height, width)
+        })
 });
 
 impl Node for LatentUpscale {
@@ -694,7 +786,8 @@ impl Node for LatentUpscale {
         &LATENT_UPSCALE
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let latent = inputs.object::<Latent>("samples")?;
         let (_, _, h, w) = latent.samples.dims4()?;
         let (mut width, mut height) = (
@@ -729,6 +822,14 @@ static LATENT_UPSCALE_BY: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(InputSpec::combo("upscale_method", LATENT_UPSCALE_METHODS))
         .input(InputSpec::float("scale_by", 1.5, 0.01, 8.0, 0.01))
         .output(PortType::Latent)
+        .shapes(|i| {
+            let source = i.shape("samples");
+            let factor = i.float("scale_by").unwrap_or(1.5);
+            match source.spatial() {
+                Some((h, w)) => latent_resize_cost(source, scaled(h, factor), scaled(w, factor)),
+                None => NodeCost::outputs(vec![source]),
+            }
+        })
 });
 
 impl Node for LatentUpscaleBy {
@@ -736,7 +837,8 @@ impl Node for LatentUpscaleBy {
         &LATENT_UPSCALE_BY
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let latent = inputs.object::<Latent>("samples")?;
         let (_, _, h, w) = latent.samples.dims4()?;
         let scale = inputs.float("scale_by")?;
@@ -760,6 +862,13 @@ static REPEAT_LATENT_BATCH: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(InputSpec::link("samples", PortType::Latent))
         .input(InputSpec::int("amount", 1, 1, 64))
         .output(PortType::Latent)
+        .shapes(|i| {
+            let source = i.shape("samples");
+            let amount = i.size("amount", 1).max(1);
+            NodeCost::outputs(vec![
+                source.with_batch(source.batch().saturating_mul(amount)),
+            ])
+        })
 });
 
 impl Node for RepeatLatentBatch {
@@ -767,7 +876,8 @@ impl Node for RepeatLatentBatch {
         &REPEAT_LATENT_BATCH
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let latent = inputs.object::<Latent>("samples")?;
         let amount = usize_input(inputs, "amount")?.max(1);
         let samples = latent.samples.repeat((amount, 1, 1, 1))?;

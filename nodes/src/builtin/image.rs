@@ -14,6 +14,7 @@ use crate::node::{ExecContext, Inputs, Node, NodeEnv};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
 use crate::schema::{ComboOptions, InputSpec, NodeSchema};
+use crate::shape::{NodeCost, Shape, ShapeInputs, scaled};
 use crate::value::Value;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
@@ -40,6 +41,13 @@ static EMPTY_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(InputSpec::int("batch_size", 1, 1, 4096))
         .input(InputSpec::int("color", 0, 0, 0xFF_FFFF).tooltip("colour as 0xRRGGBB"))
         .output(PortType::Image)
+        .shapes(|i| {
+            NodeCost::outputs(vec![Shape::image(
+                i.size("batch_size", 1),
+                i.size("height", 512),
+                i.size("width", 512),
+            )])
+        })
 });
 
 impl Node for EmptyImage {
@@ -48,6 +56,7 @@ impl Node for EmptyImage {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let (w, h, b) = (
             dim(inputs, "width")?,
             dim(inputs, "height")?,
@@ -73,7 +82,27 @@ static LOAD_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(InputSpec::files("image", ComboOptions::InputFiles))
         .output(PortType::Image)
         .output(PortType::Mask)
+        .shapes(load_image_cost)
 });
+
+/// Sized from the file's header; decoding holds the 8-bit RGBA pixels besides the outputs.
+fn load_image_cost(i: &ShapeInputs<'_>) -> NodeCost {
+    let (w, h) = i
+        .env
+        .zip(i.str("image"))
+        .and_then(|(env, name)| resolve_inside(&env.input_dir, name).ok())
+        .and_then(|path| ::image::ImageReader::open(path).ok())
+        .and_then(|r| r.with_guessed_format().ok())
+        .and_then(|r| r.into_dimensions().ok())
+        .map_or((512, 512), |(w, h)| (u64::from(w), u64::from(h)));
+    let mask = Shape::Image {
+        batch: 1,
+        height: h,
+        width: w,
+        channels: 1,
+    };
+    NodeCost::outputs(vec![Shape::image(1, h, w), mask]).working(w * h * 4)
+}
 
 impl Node for LoadImage {
     fn schema(&self) -> &NodeSchema {
@@ -81,6 +110,7 @@ impl Node for LoadImage {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let path = resolve_inside(&ctx.env.input_dir, inputs.str("image")?)?;
         let (image, mask) = load_image(&path, &ctx.env.device)?;
         Ok(vec![Value::Image(image), Value::Mask(mask)])
@@ -117,7 +147,8 @@ impl Node for ImageInvert {
         &IMAGE_INVERT
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let image = inputs.image("image")?;
         Ok(vec![Value::Image(image.affine(-1.0, 1.0)?)])
     }
@@ -152,14 +183,37 @@ static IMAGE_SCALE: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(InputSpec::int("height", 512, 0, MAX_RESOLUTION))
         .input(InputSpec::combo("crop", &["disabled", "center"]))
         .output(PortType::Image)
+        .shapes(|i| {
+            let source = i.shape("image");
+            let Some((h, w)) = source.spatial() else {
+                return NodeCost::outputs(vec![source]);
+            };
+            let (width, height) = (i.size("width", 512), i.size("height", 512));
+            let (width, height) = match (width, height) {
+                (0, 0) => (w, h),
+                (0, height) => (scaled(w, height as f64 / h.max(1) as f64), height),
+                (width, 0) => (width, scaled(h, width as f64 / w.max(1) as f64)),
+                both => both,
+            };
+            resize_cost(source, height, width)
+        })
 });
+
+/// A resize holds a copy of its input and, per image, the source and destination buffers.
+fn resize_cost(source: Shape, height: u64, width: u64) -> NodeCost {
+    let out = source.resized(height, width);
+    let batch = source.batch().max(1);
+    let per_image = (source.bytes() + out.bytes()) / batch;
+    NodeCost::outputs(vec![out]).working(source.bytes().saturating_add(per_image))
+}
 
 impl Node for ImageScale {
     fn schema(&self) -> &NodeSchema {
         &IMAGE_SCALE
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let image = inputs.image("image")?;
         let (_, h, w, _) = image.dims4()?;
         let (mut width, mut height) = (dim(inputs, "width")?, dim(inputs, "height")?);
@@ -194,6 +248,14 @@ static IMAGE_SCALE_BY: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(InputSpec::combo("upscale_method", RESIZE_METHODS))
         .input(InputSpec::float("scale_by", 1.0, 0.01, 8.0, 0.01))
         .output(PortType::Image)
+        .shapes(|i| {
+            let source = i.shape("image");
+            let factor = i.float("scale_by").unwrap_or(1.0);
+            match source.spatial() {
+                Some((h, w)) => resize_cost(source, scaled(h, factor), scaled(w, factor)),
+                None => NodeCost::outputs(vec![source]),
+            }
+        })
 });
 
 impl Node for ImageScaleBy {
@@ -201,7 +263,8 @@ impl Node for ImageScaleBy {
         &IMAGE_SCALE_BY
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let image = inputs.image("image")?;
         let (_, h, w, _) = image.dims4()?;
         let scale = inputs.float("scale_by")?;
@@ -220,6 +283,16 @@ static IMAGE_BATCH: LazyLock<NodeSchema> = LazyLock::new(|| {
         .input(InputSpec::link("image1", PortType::Image))
         .input(InputSpec::link("image2", PortType::Image))
         .output(PortType::Image)
+        .shapes(|i| {
+            let (first, second) = (i.shape("image1"), i.shape("image2"));
+            let joined = first.with_batch(first.batch().saturating_add(second.batch()));
+            // The second batch is fitted to the first's size before the two are joined.
+            let fitted = second.resized(
+                first.spatial().map_or(0, |s| s.0),
+                first.spatial().map_or(0, |s| s.1),
+            );
+            NodeCost::outputs(vec![joined]).working(fitted.bytes().saturating_mul(2))
+        })
 });
 
 impl Node for ImageBatch {
@@ -227,7 +300,8 @@ impl Node for ImageBatch {
         &IMAGE_BATCH
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let first = inputs.image("image1")?;
         let mut second = inputs.image("image2")?.clone();
         let (_, h, w, c) = first.dims4()?;

@@ -16,6 +16,7 @@ use crate::node::{ExecContext, Inputs, Node};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
 use crate::schema::{ComboOptions, InputSpec, NodeSchema};
+use crate::shape::{NodeCost, megapasses};
 use crate::value::Value;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
@@ -76,6 +77,21 @@ static FRAME_INTERPOLATE: LazyLock<NodeSchema> = LazyLock::new(|| {
                 .tooltip("output frames per input interval: 2 doubles the frame rate"),
         )
         .output(PortType::Image)
+        .shapes(|i| {
+            let images = i.shape("images");
+            let count = images.batch();
+            let multiplier = i.size("multiplier", 2).clamp(1, 16);
+            if multiplier == 1 || count < 2 {
+                return NodeCost::outputs(vec![images]);
+            }
+            let frames = (count - 1).saturating_mul(multiplier) + 1;
+            let out = images.with_batch(frames);
+            let made = images.with_batch(frames - count);
+            // New frames are gathered, then joined into one batch: the output twice.
+            NodeCost::outputs(vec![out])
+                .working(out.bytes())
+                .work(megapasses(&made) * 8.0)
+        })
 });
 
 impl Node for FrameInterpolate {
@@ -84,6 +100,7 @@ impl Node for FrameInterpolate {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let interpolator = inputs.object::<Interpolator>("interpolation_model")?;
         let images = inputs.image("images")?;
         let multiplier = inputs.int("multiplier")?;

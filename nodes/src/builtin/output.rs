@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -16,6 +17,7 @@ use crate::node::{ExecContext, Inputs, Node, OutputFile, StreamFrame};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
 use crate::schema::{InputSpec, NodeSchema};
+use crate::shape::{NodeCost, ShapeInputs, megapasses};
 use crate::value::Value;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
@@ -27,10 +29,19 @@ pub(super) fn register(registry: &mut NodeRegistry) {
 /// Next free counter per (folder, prefix): scanned once, then counted in memory, so
 /// concurrent jobs never pick the same file name.
 static COUNTERS: LazyLock<Mutex<HashMap<PathBuf, u64>>> = LazyLock::new(Default::default);
+/// Prefixes whose counters are kept; past it the map starts over (each prefix is scanned
+/// again once), so clients naming a new prefix per job cannot grow it without end.
+const MAX_COUNTERS: usize = 4096;
+/// Previews are numbered by one process-wide counter: O(1) per file, no folder scan, no
+/// per-job state. Their names carry the job id too, so runs never collide.
+static PREVIEW_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 fn next_counter(folder: &Path, stem: &str) -> u64 {
     let key = folder.join(stem);
     let mut counters = COUNTERS.lock();
+    if counters.len() >= MAX_COUNTERS && !counters.contains_key(&key) {
+        counters.clear();
+    }
     let next = counters
         .entry(key)
         .or_insert_with(|| highest_counter(folder, stem) + 1);
@@ -55,14 +66,27 @@ fn highest_counter(folder: &Path, stem: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// How files of a batch are numbered.
+#[derive(Clone, Copy)]
+enum Numbering {
+    /// ComfyUI's `{prefix}_{counter:05}_.png`, continuing after the files already there.
+    Continue,
+    /// The process-wide preview counter.
+    Preview,
+}
+
 /// Writes every image of `images` under `root` as `{prefix}_{counter:05}_.png`.
 fn save_batch(
     ctx: &ExecContext<'_>,
     images: &candle_core::Tensor,
     root: &Path,
     prefix: &str,
-    kind: &'static str,
+    numbering: Numbering,
 ) -> Result<(), NodeError> {
+    let kind = match numbering {
+        Numbering::Continue => "output",
+        Numbering::Preview => "temp",
+    };
     // The prefix may name subfolders ("anime/shot1"), never a way out of the root.
     let target = resolve_inside(root, prefix)?;
     let folder = target.parent().unwrap_or(root).to_path_buf();
@@ -75,15 +99,28 @@ fn save_batch(
         path: folder.clone(),
         source,
     })?;
+    // Judged again now that the folders exist: a link swapped in meanwhile is caught.
+    resolve_inside(root, prefix)?;
     let workflow = ctx.workflow.map(|w| w.to_string());
     let text: Vec<(&str, &str)> = workflow.iter().map(|w| ("prompt", w.as_str())).collect();
     for pixels in to_pixels(images)? {
-        let counter = next_counter(&folder, &stem);
+        let counter = match numbering {
+            Numbering::Continue => next_counter(&folder, &stem),
+            Numbering::Preview => PREVIEW_COUNTER.fetch_add(1, Ordering::Relaxed),
+        };
         let path = folder.join(format!("{stem}_{counter:05}_.png"));
         write_png(&path, &pixels, &text)?;
         ctx.sink.output(ctx.node_id, OutputFile { path, kind });
     }
     Ok(())
+}
+
+/// Writing holds every image as 8-bit pixels besides the input batch.
+fn save_cost(i: &ShapeInputs<'_>) -> NodeCost {
+    let images = i.shape("images");
+    NodeCost::outputs(Vec::new())
+        .working(images.elements())
+        .work(megapasses(&images))
 }
 
 /// Saves images into the output dir.
@@ -98,6 +135,7 @@ static SAVE_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
                 .tooltip("The prefix for the file to save; may name subfolders."),
         )
         .output_node()
+        .shapes(save_cost)
 });
 
 impl Node for SaveImage {
@@ -106,13 +144,14 @@ impl Node for SaveImage {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let prefix = inputs.str("filename_prefix")?;
         save_batch(
             ctx,
             inputs.image("images")?,
             &ctx.env.output_dir,
             prefix,
-            "output",
+            Numbering::Continue,
         )?;
         Ok(Vec::new())
     }
@@ -126,6 +165,7 @@ static PREVIEW_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
         .description("Saves the input images to the temporary directory.")
         .input(InputSpec::link("images", PortType::Image))
         .output_node()
+        .shapes(save_cost)
 });
 
 impl Node for PreviewImage {
@@ -134,13 +174,14 @@ impl Node for PreviewImage {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let prefix = format!("sakuga_temp_{}", ctx.job_id);
         save_batch(
             ctx,
             inputs.image("images")?,
             &ctx.env.temp_dir,
             &prefix,
-            "temp",
+            Numbering::Preview,
         )?;
         Ok(Vec::new())
     }
@@ -197,5 +238,90 @@ impl Node for StreamFrames {
         }
         ctx.sink.progress(ctx.node_id, frames as u64, frames as u64);
         Ok(Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::{CancelToken, NodeEnv, NullSink};
+    use candle_core::{DType, Device, Tensor};
+
+    fn preview(env: &NodeEnv, job_id: &str) -> Result<Vec<Value>, NodeError> {
+        let ctx = ExecContext {
+            job_id,
+            node_id: "p",
+            env,
+            sink: &NullSink,
+            cancel: &CancelToken::new(),
+            workflow: None,
+            batch_limit: None,
+        };
+        let mut inputs = Inputs::new();
+        let images = Tensor::zeros((2, 4, 4, 3), DType::F32, &Device::Cpu).unwrap();
+        inputs.insert("images", Value::Image(images));
+        PreviewImage.execute(&ctx, &inputs)
+    }
+
+    #[test]
+    fn previews_are_named_without_scanning_or_per_job_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = NodeEnv::new(
+            dir.path().join("in"),
+            dir.path().join("out"),
+            dir.path().into(),
+        );
+        for job in 0..50 {
+            preview(&env, &format!("job{job}")).unwrap();
+        }
+        // Twice in one job (two preview nodes) never reuses a name.
+        preview(&env, "job0").unwrap();
+        assert_eq!(
+            std::fs::read_dir(&env.temp_dir).unwrap().count(),
+            51 * 2,
+            "one file per image, none overwritten"
+        );
+        assert!(
+            !COUNTERS.lock().keys().any(|k| k.starts_with(&env.temp_dir)),
+            "previews added per-job counters"
+        );
+    }
+
+    #[test]
+    fn a_node_past_the_memory_budget_fails_with_oom_before_allocating() {
+        let dir = tempfile::tempdir().unwrap();
+        let env = NodeEnv::new(
+            dir.path().join("in"),
+            dir.path().join("out"),
+            dir.path().into(),
+        );
+        env.set_memory_budget(1 << 20);
+        let empty = crate::registry::NodeRegistry::with_builtins();
+        let node = empty.get("EmptyImage").unwrap();
+        let ctx = ExecContext {
+            job_id: "j",
+            node_id: "1",
+            env: &env,
+            sink: &NullSink,
+            cancel: &CancelToken::new(),
+            workflow: None,
+            batch_limit: None,
+        };
+        let mut inputs = Inputs::new();
+        for (name, v) in [
+            ("width", 1024),
+            ("height", 1024),
+            ("batch_size", 1),
+            ("color", 0),
+        ] {
+            inputs.insert(name, Value::Int(v));
+        }
+        let err = node.execute(&ctx, &inputs).unwrap_err();
+        assert_eq!(err.kind(), "oom", "{err}");
+        assert!(matches!(err, NodeError::OverBudget { bytes, budget, .. }
+            if bytes == 1024 * 1024 * 12 && budget == 1 << 20));
+        inputs.insert("width", Value::Int(64));
+        inputs.insert("height", Value::Int(64));
+        assert!(node.execute(&ctx, &inputs).is_ok());
     }
 }

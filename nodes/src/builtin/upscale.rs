@@ -14,7 +14,14 @@ use crate::node::{ExecContext, Inputs, Node, NodeEnv};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
 use crate::schema::{ComboOptions, InputSpec, NodeSchema};
+use crate::shape::{NodeCost, Shape, megapasses};
 use crate::value::Value;
+
+/// The factor assumed for an upscale model before it is loaded: the largest of the
+/// released Real-ESRGAN models, so admission never underestimates.
+const ASSUMED_SCALE: u64 = 4;
+/// Feature-map bytes per pixel of one tile, assumed before the model's architecture is known.
+const ASSUMED_TILE_BYTES_PER_PIXEL: u64 = 4 * 256;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(UpscaleModelLoader);
@@ -55,6 +62,11 @@ static UPSCALE_MODEL_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
             ComboOptions::ModelFolder("upscale_models"),
         ))
         .output(PortType::UpscaleModel)
+        .shapes(|_| {
+            NodeCost::outputs(vec![Shape::Upscaler {
+                scale: ASSUMED_SCALE,
+            }])
+        })
 });
 
 impl Node for UpscaleModelLoader {
@@ -91,6 +103,25 @@ static IMAGE_UPSCALE_WITH_MODEL: LazyLock<NodeSchema> = LazyLock::new(|| {
     .input(InputSpec::link("upscale_model", PortType::UpscaleModel))
     .input(InputSpec::link("image", PortType::Image))
     .output(PortType::Image)
+    .shapes(|i| {
+        let image = i.shape("image");
+        let scale = match i.shape("upscale_model") {
+            Shape::Upscaler { scale } => scale,
+            _ => ASSUMED_SCALE,
+        };
+        let Some((h, w)) = image.spatial() else {
+            return NodeCost::outputs(vec![image]);
+        };
+        let out = image.resized(h.saturating_mul(scale), w.saturating_mul(scale));
+        let tile = TileConfig::default().tile as u64;
+        // Upscaled frames are gathered, then joined into one batch: the output twice.
+        NodeCost::outputs(vec![out])
+            .working(
+                out.bytes()
+                    .saturating_add(tile * tile * ASSUMED_TILE_BYTES_PER_PIXEL),
+            )
+            .work(megapasses(&image) * 16.0)
+    })
 });
 
 impl Node for ImageUpscaleWithModel {
@@ -99,6 +130,7 @@ impl Node for ImageUpscaleWithModel {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
         let upscaler = inputs.object::<Upscaler>("upscale_model")?;
         let image = inputs.image("image")?;
         let (batch, _, _, _) = image.dims4()?;

@@ -660,6 +660,12 @@ impl QueueState {
             return;
         };
         let Some(plan) = job.plan.take() else { return };
+        // Nodes check each large allocation against this (`ExecContext::reserve`), so a job
+        // past its budget fails with `oom` instead of aborting the process.
+        let budget = signals
+            .gpu_memory_total()
+            .unwrap_or_else(|| self.shared.tunables.read().admission.memory_budget_bytes);
+        self.shared.env.set_memory_budget(budget);
         job.info.state = RecordState::Running;
         job.info.started_at = Some(SystemTime::now());
         job.info.attempts += 1;
@@ -705,12 +711,24 @@ impl QueueState {
             observer: feed_observer,
         };
         let job = &self.jobs[job_id];
-        self.journal(job, None);
+        // The attempt is durable before the job runs: if the job takes the process down,
+        // recovery finds it `Running` with this attempt counted and fails it as poison
+        // instead of running it into the same crash again.
+        let device = self.device.clone();
+        let id = job_id.to_owned();
+        self.journal(
+            job,
+            Some(Box::new(move |written| {
+                if let Err(e) = written {
+                    tracing::error!(job_id = %id, error = %e, "journaling the start failed; running it anyway");
+                }
+                if device.send(device_job).is_err() {
+                    tracing::error!(job_id = %id, "the device worker is gone");
+                }
+            })),
+        );
         self.queue_depth(workload);
         self.running = Some(job_id.to_owned());
-        if self.device.send(device_job).is_err() {
-            tracing::error!(job_id, "the device worker is gone");
-        }
     }
 
     fn finished(&mut self, done: Finished) {
@@ -930,8 +948,8 @@ impl QueueState {
                 Some((
                     RecordState::Failed,
                     format!(
-                        "the server stopped while running it {} times; not retried again",
-                        record.attempts
+                        "{POISON}: the server went down while running it ({} of {} attempt(s)); not run again",
+                        record.attempts, self.config.max_attempts
                     ),
                 ))
             } else {
@@ -1032,6 +1050,7 @@ impl QueueState {
             plan: None,
             estimate: Estimate {
                 peak_memory_bytes: 0,
+                peak_node: None,
                 expected_duration: Duration::ZERO,
                 learned: false,
                 width: 0,
@@ -1121,6 +1140,8 @@ impl QueueState {
     }
 }
 
+/// How a job that took the server down is reported: its error starts with this word.
+const POISON: &str = "poison";
 /// Tick while jobs wait on deadlines or deferrals; idle otherwise.
 const BUSY_TICK: Duration = Duration::from_millis(50);
 const IDLE_TICK: Duration = Duration::from_secs(1);

@@ -78,7 +78,9 @@ pub struct EngineConfig {
     pub finished_kept: usize,
     /// Finished jobs whose frames are kept for replay.
     pub finished_frames_kept: usize,
-    /// A job that crashed the server this many times while running is failed on recovery.
+    /// A job found running after this many ungraceful stops (crash, abort, SIGKILL) is
+    /// failed as `poison` on recovery instead of run again. 1: one crash is enough, so a
+    /// job that takes the process down cannot crash it in a loop.
     pub max_attempts: u32,
 }
 
@@ -92,7 +94,7 @@ impl Default for EngineConfig {
             feed: FeedConfig::default(),
             finished_kept: 4096,
             finished_frames_kept: 16,
-            max_attempts: 2,
+            max_attempts: 1,
         }
     }
 }
@@ -283,6 +285,11 @@ impl EngineHandle {
         let (journal, records) = match &config.data_dir {
             Some(dir) => {
                 let (journal, records) = Journal::open(dir, config.journal_retention)?;
+                // A server starts with an empty temp dir, as ComfyUI does: previews are
+                // for viewing, and the numbering of new ones relies on it.
+                if let Err(e) = sakuga_nodes::files::clear_dir(&env.temp_dir) {
+                    tracing::warn!(error = %e, "could not clear the temp dir");
+                }
                 (Some(journal), records)
             }
             None => (None, Vec::new()),
@@ -370,11 +377,10 @@ impl EngineHandle {
         check_limits(workflow, bytes, &tunables.admission.limits)?;
         let parsed = Workflow::from_json(workflow.clone())?;
         let valid = validate(&parsed, &self.shared.registry, &self.shared.env)?;
-        let estimate = self.shared.estimator.estimate(
-            &valid,
-            &self.shared.env.models_dir,
-            &tunables.admission,
-        );
+        let estimate =
+            self.shared
+                .estimator
+                .estimate(&valid, &self.shared.env, &tunables.admission);
         Ok((ExecutionPlan::compile(valid), estimate))
     }
 
