@@ -53,9 +53,10 @@ async fn sighup_applies_new_slos_and_caps_without_dropping_work() {
         .into_inner();
     assert_eq!(objective(&before, "single_image_latency"), 0.95);
 
-    // A job that is still waiting when the reload lands (paced frames keep it busy).
+    // A job that is still playing out when the reload lands: paced streams play one at a
+    // time, so the paced burst below queues behind it.
     let wf = json!({
-        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 24, "color": 0}},
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 72, "color": 0}},
         "2": {"class_type": "StreamFrames", "inputs": {"images": ["1", 0], "fps": 24.0, "pace": true}},
     });
     let job = client
@@ -103,7 +104,7 @@ async fn sighup_applies_new_slos_and_caps_without_dropping_work() {
         let mut client = client.clone();
         let wf = json!({
             "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": i}},
-            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+            "2": {"class_type": "StreamFrames", "inputs": {"images": ["1", 0], "fps": 24.0, "pace": true}},
         });
         async move {
             client

@@ -51,8 +51,9 @@ pub enum ModelError {
     /// A candle operation failed while running a network.
     #[error("tensor operation failed: {0}")]
     Candle(#[from] candle_core::Error),
-    /// Sampling stopped because the job was cancelled between two steps.
-    #[error("cancelled before sampler step {step} of {steps}")]
+    /// A long call (sampling, a tiled VAE decode, an upscale) stopped because the job was
+    /// cancelled between two of its steps, tiles or blocks.
+    #[error("cancelled before step {step} of {steps}")]
     Cancelled { step: usize, steps: usize },
 }
 

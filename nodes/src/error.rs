@@ -35,7 +35,7 @@ pub enum NodeError {
     Image { path: PathBuf, reason: String },
     /// A model could not be loaded or run.
     #[error(transparent)]
-    Model(#[from] sakuga_models::ModelError),
+    Model(sakuga_models::ModelError),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),
@@ -49,6 +49,16 @@ pub enum NodeError {
     /// The job was cancelled while the node ran (checked between steps).
     #[error("cancelled")]
     Cancelled,
+}
+
+impl From<sakuga_models::ModelError> for NodeError {
+    /// A model call stopped by the job's cancel is the node's cancel, whatever the model.
+    fn from(e: sakuga_models::ModelError) -> Self {
+        match e {
+            sakuga_models::ModelError::Cancelled { .. } => NodeError::Cancelled,
+            other => NodeError::Model(other),
+        }
+    }
 }
 
 impl NodeError {

@@ -287,6 +287,9 @@ pub struct StreamFrame {
     pub image: Tensor,
     /// The FPS the stream targets.
     pub target_fps: f64,
+    /// Hold the frame until its time at `target_fps` (index over FPS after the stream's
+    /// first frame), as a player would; else emit it as soon as it is computed.
+    pub paced: bool,
 }
 
 /// Where a running node reports progress, frames and outputs. The executor adds timing and
@@ -299,6 +302,12 @@ pub trait JobSink: Send + Sync {
     fn frame(&self, node_id: &str, frame: StreamFrame);
     /// A file the node wrote.
     fn output(&self, node_id: &str, file: OutputFile);
+    /// Whether [`Self::frame`] holds paced frames until their time off the calling thread,
+    /// so the node may hand over a whole stream at once. When false the node paces itself
+    /// (sleeping on the device worker).
+    fn paces_frames(&self) -> bool {
+        false
+    }
 }
 
 /// A sink that ignores everything (validation-only paths, benchmarks).

@@ -208,7 +208,10 @@ fn priorities_cancel_caps_idempotency_and_demand() {
     let blocker = engine
         .submit_blocking(request(gated_workflow("prio"), Workload::SingleImage))
         .unwrap();
-    wait_until("the gate to run", || GATE_RUNNING.load(Ordering::SeqCst));
+    // Its own state, not the gate flag another test's gate may have set already.
+    wait_until("the gate to run", || {
+        engine.get_blocking(&blocker.job_id).unwrap().state == JobState::Running
+    });
 
     let batch = engine
         .submit_blocking(request(preview_workflow(1), Workload::Batch))

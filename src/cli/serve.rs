@@ -1,6 +1,7 @@
 //! `sakuga serve`: the gRPC server with its metrics listener, journal in `--data-dir`,
-//! graceful shutdown on SIGTERM/Ctrl-C (stop admitting, finish running work, keep queued
-//! work journaled) and configuration reload on SIGHUP.
+//! graceful shutdown on SIGTERM/Ctrl-C (stop admitting, finish running work for up to
+//! `--drain-timeout`, keep queued work journaled; a second signal exits at once) and
+//! configuration reload on SIGHUP.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,6 +43,16 @@ pub struct ServeArgs {
     /// interpolators; LoRA and VAE files are read through), under planned-heavy-load.
     #[arg(long, num_args = 1..)]
     pub warmup: Vec<String>,
+    /// Seconds shutdown waits for running jobs; then they are journaled as interrupted
+    /// (run again after the next start, not counted as an attempt) and the process exits.
+    /// Keep it under the orchestrator's grace period (Kubernetes: 120 s as shipped).
+    #[arg(
+        long,
+        env = "SAKUGA_DRAIN_TIMEOUT",
+        default_value_t = 90.0,
+        value_name = "SECONDS"
+    )]
+    pub drain_timeout: f64,
 }
 
 fn load_tunables(path: Option<&PathBuf>) -> anyhow::Result<EngineTunables> {
@@ -113,6 +124,8 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         auth_token: token,
         tls,
         reload: Some(reload.clone()),
+        drain_timeout: std::time::Duration::try_from_secs_f64(args.drain_timeout)
+            .context("--drain-timeout must be a number of seconds, 0 or more")?,
         ..ServerConfig::default()
     };
     let warmup = args.warmup.clone();
@@ -131,7 +144,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(async move {
+    let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
@@ -142,10 +155,13 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
             "sakuga serving gRPC on {} (metrics on {metrics})",
             listener.local_addr()?
         );
-        tokio::spawn(reload_on_sighup(started, reload));
-        run(listener, start, server_config, shutdown_signal()).await?;
+        tokio::spawn(reload_on_sighup(started.clone(), reload));
+        run(listener, start, server_config, shutdown_signal(started)).await?;
         anyhow::Ok(())
-    })?;
+    });
+    // Nothing left should need waiting for; a stuck blocking task must not hold the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -180,19 +196,54 @@ async fn reload_on_sighup(engine: Arc<OnceLock<EngineHandle>>, reload: ReloadFn)
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
+/// SIGTERM and Ctrl-C, installed once so no signal between two waits is missed.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    term: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+            StopSignals { term }
+        }
+        #[cfg(not(unix))]
+        StopSignals {}
+    }
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
         tokio::select! {
-            _ = term.recv() => {}
+            _ = self.term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+}
+
+/// Exit status after a second stop signal (as a shell reports a SIGTERM'd process).
+const FORCED_EXIT: i32 = 143;
+/// How long a forced exit waits for the journal to take the running jobs back.
+const FORCED_JOURNAL_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Resolves on the first SIGTERM or Ctrl-C, which starts the drain. A second one exits at
+/// once, after at most a second for journaling running jobs as interrupted.
+async fn shutdown_signal(engine: Arc<OnceLock<EngineHandle>>) {
+    let mut signals = StopSignals::install();
+    signals.recv().await;
+    eprintln!("sakuga: draining (signal again to exit at once)");
+    tokio::spawn(async move {
+        signals.recv().await;
+        eprintln!("sakuga: second signal, exiting now");
+        if let Some(engine) = engine.get() {
+            let _ = tokio::time::timeout(FORCED_JOURNAL_WAIT, engine.interrupt()).await;
+        }
+        std::process::exit(FORCED_EXIT);
+    });
 }

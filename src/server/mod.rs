@@ -13,7 +13,9 @@ pub mod render;
 pub mod status;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
@@ -47,6 +49,10 @@ pub struct ServerConfig {
     pub reload: Option<ReloadFn>,
     /// Serve TLS (rustls) with this identity; plaintext when `None`.
     pub tls: Option<TlsIdentity>,
+    /// How long shutdown waits for running jobs before it journals them as interrupted
+    /// (they run again after the next start) and exits; keep it under the orchestrator's
+    /// grace period (120 s in deploy/kubernetes).
+    pub drain_timeout: Duration,
 }
 
 /// A PEM certificate chain and its private key.
@@ -74,6 +80,7 @@ impl Default for ServerConfig {
             work_per_replica_s: 30.0,
             reload: None,
             tls: None,
+            drain_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -210,7 +217,26 @@ async fn set_health(reporter: &tonic_health::server::HealthReporter, status: Ser
     }
 }
 
-/// Serves until `shutdown` resolves, then drains gracefully and stops the engine.
+/// Waits up to `timeout` for running work to finish; past it, journals that work as
+/// interrupted (it runs again after the next start). Returns whether the drain finished.
+async fn drain_within(engine: &EngineHandle, timeout: Duration) -> bool {
+    tracing::info!(
+        timeout_s = timeout.as_secs_f64(),
+        "draining: no new jobs; running work finishes, queued work stays journaled"
+    );
+    if tokio::time::timeout(timeout, engine.drain()).await.is_ok() {
+        return true;
+    }
+    let jobs = engine.interrupt().await;
+    tracing::warn!(
+        ?jobs,
+        "drain timed out: running jobs journaled as interrupted; they run again after the next start"
+    );
+    false
+}
+
+/// Serves until `shutdown` resolves, then drains gracefully (for at most the configured
+/// drain timeout) and stops the engine.
 ///
 /// # Errors
 /// When the engine cannot start or the transport fails.
@@ -273,14 +299,16 @@ pub async fn run(
 
     let drain_slot = shared.engine.clone();
     let drain_reporter = reporter.clone();
+    let drain_timeout = shared.config.drain_timeout;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let interrupted_flag = interrupted.clone();
     let graceful = async move {
         shutdown.await;
         set_health(&drain_reporter, ServingStatus::NotServing).await;
-        if let Some(engine) = drain_slot.get() {
-            tracing::info!(
-                "draining: no new jobs; running work finishes, queued work stays journaled"
-            );
-            engine.drain().await;
+        if let Some(engine) = drain_slot.get()
+            && !drain_within(engine, drain_timeout).await
+        {
+            interrupted_flag.store(true, Ordering::Release);
         }
         let _ = closing_tx.send(true);
     };
@@ -309,7 +337,10 @@ pub async fn run(
     } else {
         starter.await??;
     }
-    if let Some(engine) = shared.engine.get().cloned() {
+    // After an interrupt the device worker may still be inside a node: do not wait for it.
+    if let Some(engine) = shared.engine.get().cloned()
+        && !interrupted.load(Ordering::Acquire)
+    {
         tokio::task::spawn_blocking(move || engine.shutdown_blocking()).await?;
     }
     Ok(())

@@ -8,9 +8,10 @@
 //! [`Signals::snapshot`] freezes everything into a serde [`SignalsSnapshot`] for `GetSignals`,
 //! `sakuga run`'s summary and `sakuga doctor --from FILE`.
 
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use parking_lot::Mutex;
@@ -155,6 +156,8 @@ struct Inner {
     /// Signals clock time of the last [`Signals::publish`].
     last_publish: Mutex<Option<Duration>>,
     frame_metrics: record::FrameMetrics,
+    /// Streams that produced a frame and have not ended, for [`Signals::is_fps_degraded`].
+    live_streams: Mutex<Vec<LiveStream>>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -191,6 +194,7 @@ impl Signals {
                 planned_times: Mutex::new(vec![PlannedTimes::default(); PlannedLoad::ALL.len()]),
                 last_publish: Mutex::new(None),
                 frame_metrics: record::FrameMetrics::new(),
+                live_streams: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -431,22 +435,18 @@ impl Signals {
         }
     }
 
-    /// Whether a workload's FPS is degraded over the last 2 minutes: delivered FPS more
-    /// than the allowed deviation under produced FPS, or under the FPS floor while frames
-    /// are flowing. Admission defers batch starts while animation is degraded.
+    /// Whether a stream of `workload` is running now and degraded, each stream judged
+    /// over its own recent frames: produced FPS under the stream's target, or delivered
+    /// FPS more than the allowed deviation under produced. Admission defers batch starts
+    /// only then; a window average would count idle time after a finished preview as
+    /// missing frames and defer batch work on an idle server.
     pub fn is_fps_degraded(&self, workload: Workload) -> bool {
-        let g = self
-            .inner
-            .windows
-            .golden(self.now(), workload, Window::TwoMinutes);
-        let config = self.config();
-        let animation = &config.slo.animation;
-        match g.fps_health {
-            None => false,
-            Some(health) => {
-                health < 1.0 - animation.max_fps_deviation || g.delivered_fps < animation.min_fps
-            }
-        }
+        let now = self.now();
+        let deviation = self.config().slo.animation.max_fps_deviation;
+        let mut live = self.inner.live_streams.lock();
+        live.retain(|s| s.is_running(now));
+        live.iter()
+            .any(|s| s.workload == workload && s.is_degraded(deviation))
     }
 
     /// Golden signals of one workload over one window, now.
@@ -681,6 +681,66 @@ struct StreamState {
     last_produced: AtomicU64,
     last_delivered: AtomicU64,
     produced: AtomicU64,
+    ended: AtomicBool,
+    recent: Mutex<RecentFrames>,
+}
+
+/// Frames a running stream's FPS is judged over: two seconds at 24 FPS.
+const RECENT_FRAMES: usize = 48;
+/// Frames a stream needs before its FPS is judged at all.
+const FRAMES_TO_JUDGE: usize = 4;
+/// A stream that produced nothing for this long counts as no longer running, so one that
+/// is never ended cannot hold batch work back for ever.
+const STREAM_IDLE_AFTER: Duration = Duration::from_secs(10);
+
+/// Signals clock times of a stream's latest frames at each end.
+#[derive(Debug, Default)]
+struct RecentFrames {
+    produced: VecDeque<Duration>,
+    delivered: VecDeque<Duration>,
+}
+
+fn push_recent(ring: &mut VecDeque<Duration>, at: Duration) {
+    if ring.len() == RECENT_FRAMES {
+        ring.pop_front();
+    }
+    ring.push_back(at);
+}
+
+/// Frames per second over the ring, once it holds enough frames to say.
+fn recent_fps(ring: &VecDeque<Duration>) -> Option<f64> {
+    if ring.len() < FRAMES_TO_JUDGE {
+        return None;
+    }
+    let span = ring.back()?.saturating_sub(*ring.front()?).as_secs_f64();
+    (span > 0.0).then(|| (ring.len() - 1) as f64 / span)
+}
+
+/// A stream as [`Signals::is_fps_degraded`] sees it.
+#[derive(Debug)]
+struct LiveStream {
+    workload: Workload,
+    min_fps: f64,
+    state: Arc<StreamState>,
+}
+
+impl LiveStream {
+    fn is_running(&self, now: Duration) -> bool {
+        let last = self.state.recent.lock().produced.back().copied();
+        !self.state.ended.load(Ordering::Relaxed)
+            && last.is_some_and(|at| now.saturating_sub(at) < STREAM_IDLE_AFTER)
+    }
+
+    fn is_degraded(&self, max_deviation: f64) -> bool {
+        let recent = self.state.recent.lock();
+        let Some(produced) = recent_fps(&recent.produced) else {
+            return false;
+        };
+        if self.min_fps > 0.0 && produced < self.min_fps / crate::catalogue::LATE_FRAME_TOLERANCE {
+            return true;
+        }
+        recent_fps(&recent.delivered).is_some_and(|d| d < produced * (1.0 - max_deviation))
+    }
 }
 
 /// What [`FrameStream::frame_produced`] measured.
@@ -724,6 +784,10 @@ impl FrameStream {
     pub fn frame_produced_at(&self, at: Duration) -> ProducedFrame {
         let index = self.state.produced.fetch_add(1, Ordering::Relaxed);
         let interval = interval_since(&self.state.last_produced, at);
+        push_recent(&mut self.state.recent.lock().produced, at);
+        if index == 0 {
+            self.go_live(at);
+        }
         let metrics = &self.signals.inner.frame_metrics;
         metrics.frames(self.workload, FrameKind::Produced, 1);
         if let Some(interval) = interval {
@@ -748,6 +812,7 @@ impl FrameStream {
     /// A frame reached the client at `at`; returns the delivered interval.
     pub fn frame_delivered_at(&self, at: Duration) -> Option<Duration> {
         let interval = interval_since(&self.state.last_delivered, at);
+        push_recent(&mut self.state.recent.lock().delivered, at);
         let metrics = &self.signals.inner.frame_metrics;
         metrics.frames(self.workload, FrameKind::Delivered, 1);
         if let Some(interval) = interval {
@@ -782,6 +847,22 @@ impl FrameStream {
         if self.workload == Workload::Animation {
             inner.slo.record(at, SloId::AnimationDroppedFrames, 0, n);
         }
+    }
+
+    /// The stream is over (its job ended): it no longer counts as running.
+    pub fn end(&self) {
+        self.state.ended.store(true, Ordering::Relaxed);
+    }
+
+    /// Registers the stream as running at its first frame, pruning streams that are not.
+    fn go_live(&self, at: Duration) {
+        let mut live = self.signals.inner.live_streams.lock();
+        live.retain(|s| s.is_running(at));
+        live.push(LiveStream {
+            workload: self.workload,
+            min_fps: self.min_fps,
+            state: self.state.clone(),
+        });
     }
 
     /// Whether to log `frame_emitted` for this frame (see [`FrameEventSampler`]).

@@ -457,3 +457,35 @@ fn planned_load_shorter_than_its_hold_stays_visible_until_the_hold_ends() {
         "on again: the hold no longer applies"
     );
 }
+
+#[test]
+fn fps_is_judged_per_running_stream_not_over_idle_time() {
+    let (signals, clock) = signals();
+    let preview = signals.stream(Workload::Animation, 24.0);
+    let start = clock.now();
+    for i in 0..48 {
+        let at = start + secs(i as f64 / 24.0);
+        preview.frame_produced_at(at);
+        preview.frame_delivered_at(at);
+    }
+    clock.set(start + secs(2.0));
+    assert!(!signals.is_fps_degraded(Workload::Animation), "healthy");
+    // The 2-minute window now averages well under 24 FPS; the stream itself was fine.
+    preview.end();
+    clock.advance(secs(30.0));
+    assert!(
+        !signals.is_fps_degraded(Workload::Animation),
+        "nothing runs"
+    );
+
+    let slow = signals.stream(Workload::Animation, 24.0);
+    let start = clock.now();
+    for i in 0..24 {
+        slow.frame_produced_at(start + secs(i as f64 / 12.0));
+    }
+    clock.set(start + secs(2.0));
+    assert!(signals.is_fps_degraded(Workload::Animation), "12 of 24 FPS");
+    assert!(!signals.is_fps_degraded(Workload::Batch));
+    slow.end();
+    assert!(!signals.is_fps_degraded(Workload::Animation), "it ended");
+}

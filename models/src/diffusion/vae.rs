@@ -179,6 +179,14 @@ impl VaeModel {
     /// [`ModelError::InvalidInput`] when the size is not a multiple of the downscale
     /// factor; tensor errors.
     pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        self.encode_with(images, &crate::never_stop)
+    }
+
+    /// [`VaeModel::encode`], asking `proceed` before each encoder block.
+    ///
+    /// # Errors
+    /// As [`VaeModel::encode`], and [`ModelError::Cancelled`] when `proceed` says stop.
+    pub fn encode_with(&self, images: &Tensor, proceed: crate::Proceed<'_>) -> Result<Tensor> {
         let (_, channels, height, width) = images.dims4()?;
         let factor = self.downscale_factor();
         if channels != 3 || height % factor != 0 || width % factor != 0 {
@@ -189,10 +197,13 @@ impl VaeModel {
             )));
         }
         let xs = ((images.to_device(&self.device)?.to_dtype(self.dtype)? * 2.0)? - 1.0)?;
+        let blocks = self.encoder.down_blocks.len() + 1;
         let mut xs = self.encoder.conv_in.forward(&xs)?;
-        for block in &self.encoder.down_blocks {
+        for (index, block) in self.encoder.down_blocks.iter().enumerate() {
+            crate::check_proceed(proceed, index, blocks)?;
             xs = block.forward(&xs)?;
         }
+        crate::check_proceed(proceed, blocks - 1, blocks)?;
         let xs = self.encoder.mid_block.forward(&xs, None)?;
         let xs = candle_nn::ops::silu(&self.encoder.conv_norm_out.forward(&xs)?)?;
         let moments = self
@@ -207,6 +218,16 @@ impl VaeModel {
     /// # Errors
     /// Tensor errors (out of memory: use [`VaeModel::decode_tiled`]).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        self.decode_with(latents, &crate::never_stop)
+    }
+
+    /// [`VaeModel::decode`], asking `proceed` before the middle block and each up block.
+    ///
+    /// # Errors
+    /// As [`VaeModel::decode`], and [`ModelError::Cancelled`] when `proceed` says stop.
+    pub fn decode_with(&self, latents: &Tensor, proceed: crate::Proceed<'_>) -> Result<Tensor> {
+        let blocks = self.decoder.up_blocks.len() + 1;
+        crate::check_proceed(proceed, 0, blocks)?;
         let z =
             (latents.to_device(&self.device)?.to_dtype(self.dtype)? / self.config.scaling_factor)?;
         let z = self.post_quant_conv.forward(&z)?;
@@ -214,7 +235,8 @@ impl VaeModel {
             .decoder
             .mid_block
             .forward(&self.decoder.conv_in.forward(&z)?, None)?;
-        for block in &self.decoder.up_blocks {
+        for (index, block) in self.decoder.up_blocks.iter().enumerate() {
+            crate::check_proceed(proceed, index + 1, blocks)?;
             xs = block.forward(&xs)?;
         }
         let xs = candle_nn::ops::silu(&self.decoder.conv_norm_out.forward(&xs)?)?;
@@ -229,6 +251,22 @@ impl VaeModel {
     /// # Errors
     /// [`ModelError::InvalidInput`] when `overlap >= tile`; tensor errors.
     pub fn decode_tiled(&self, latents: &Tensor, tile: usize, overlap: usize) -> Result<Tensor> {
+        self.decode_tiled_with(latents, tile, overlap, &crate::never_stop)
+    }
+
+    /// [`VaeModel::decode_tiled`], asking `proceed` before each tile (or, for a latent of
+    /// one tile, before each decoder block).
+    ///
+    /// # Errors
+    /// As [`VaeModel::decode_tiled`], and [`ModelError::Cancelled`] when `proceed` says
+    /// stop.
+    pub fn decode_tiled_with(
+        &self,
+        latents: &Tensor,
+        tile: usize,
+        overlap: usize,
+        proceed: crate::Proceed<'_>,
+    ) -> Result<Tensor> {
         if tile == 0 || overlap >= tile {
             return Err(ModelError::InvalidInput(format!(
                 "vae tile {tile} must be larger than its overlap {overlap}"
@@ -236,7 +274,7 @@ impl VaeModel {
         }
         let (batch, _, height, width) = latents.dims4()?;
         if height <= tile && width <= tile {
-            return self.decode(latents);
+            return self.decode_with(latents, proceed);
         }
         let factor = self.downscale_factor();
         let starts = |size: usize| -> Vec<usize> {
@@ -254,8 +292,11 @@ impl VaeModel {
         let (out_h, out_w) = (height * factor, width * factor);
         let mut sum = vec![0f32; batch * 3 * out_h * out_w];
         let mut weight_sum = vec![0f32; out_h * out_w];
-        for &y0 in &starts(height) {
-            for &x0 in &starts(width) {
+        let (rows, columns) = (starts(height), starts(width));
+        let tiles = rows.len() * columns.len();
+        for (row, &y0) in rows.iter().enumerate() {
+            for (column, &x0) in columns.iter().enumerate() {
+                crate::check_proceed(proceed, row * columns.len() + column, tiles)?;
                 let th = tile.min(height);
                 let tw = tile.min(width);
                 let piece = latents.narrow(2, y0, th)?.narrow(3, x0, tw)?;

@@ -215,6 +215,20 @@ impl Upscaler {
     /// [`ModelError::InvalidInput`] for a shape that is not BHWC with 3 channels; candle
     /// errors (out of memory shows as kind `oom`).
     pub fn upscale(&self, image_bhwc: &Tensor, tile: TileConfig) -> Result<Tensor> {
+        self.upscale_with(image_bhwc, tile, &crate::never_stop)
+    }
+
+    /// [`Upscaler::upscale`], asking `proceed` before each tile of each frame (numbered
+    /// across the whole batch).
+    ///
+    /// # Errors
+    /// As [`Upscaler::upscale`], and [`ModelError::Cancelled`] when `proceed` says stop.
+    pub fn upscale_with(
+        &self,
+        image_bhwc: &Tensor,
+        tile: TileConfig,
+        proceed: crate::Proceed<'_>,
+    ) -> Result<Tensor> {
         let dims = image_bhwc.dims();
         let [batch, height, width, channels] = dims[..] else {
             return Err(ModelError::InvalidInput(format!(
@@ -227,13 +241,24 @@ impl Upscaler {
             )));
         }
         let image = image_bhwc.to_dtype(candle_core::DType::F32)?;
+        let per_frame = if tile.tile == 0 || (height <= tile.tile && width <= tile.tile) {
+            1
+        } else {
+            height.div_ceil(tile.tile) * width.div_ceil(tile.tile)
+        };
+        let tiles = per_frame * batch;
+        let done = std::cell::Cell::new(0usize);
         let mut frames = Vec::with_capacity(batch);
         for index in 0..batch {
             let frame = image
                 .narrow(0, index, 1)?
                 .permute((0, 3, 1, 2))?
                 .contiguous()?;
-            let out = tile::run_tiled(&frame, self.scale(), tile, |xs| self.forward_nchw(xs))?;
+            let out = tile::run_tiled(&frame, self.scale(), tile, |xs| {
+                crate::check_proceed(proceed, done.get(), tiles)?;
+                done.set(done.get() + 1);
+                self.forward_nchw(xs)
+            })?;
             frames.push(out.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?);
         }
         Ok(Tensor::cat(&frames, 0)?.contiguous()?)

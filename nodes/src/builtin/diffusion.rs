@@ -627,19 +627,27 @@ impl Node for VaeDecode {
         let latent = inputs.object::<Latent>("samples")?;
         let vae = inputs.object::<VaeDecoder>("vae")?;
         let (batch, _, h, w) = latent.samples.dims4()?;
+        // Each tile (or decoder block) reports progress and checks the job's cancel.
+        let proceed = |step: usize, steps: usize| ctx.step(step as u64, steps as u64).is_ok();
         let decode = |samples: &Tensor| -> Result<Tensor, NodeError> {
             if h.max(w) > VAE_TILE_LATENT {
-                return Ok(vae
-                    .vae
-                    .decode_tiled(samples, VAE_TILE_LATENT / 2, VAE_TILE_OVERLAP)?);
+                return Ok(vae.vae.decode_tiled_with(
+                    samples,
+                    VAE_TILE_LATENT / 2,
+                    VAE_TILE_OVERLAP,
+                    &proceed,
+                )?);
             }
-            match vae.vae.decode(samples) {
+            match vae.vae.decode_with(samples, &proceed) {
                 Ok(images) => Ok(images),
                 Err(e) if e.kind() == "oom" => {
                     tracing::warn!(error = %e, "vae decode out of memory, retrying tiled");
-                    Ok(vae
-                        .vae
-                        .decode_tiled(samples, VAE_TILE_LATENT / 4, VAE_TILE_OVERLAP)?)
+                    Ok(vae.vae.decode_tiled_with(
+                        samples,
+                        VAE_TILE_LATENT / 4,
+                        VAE_TILE_OVERLAP,
+                        &proceed,
+                    )?)
                 }
                 Err(e) => Err(e.into()),
             }
@@ -708,7 +716,8 @@ impl Node for VaeEncode {
             .narrow(3, 0, 3)?
             .permute((0, 3, 1, 2))?
             .contiguous()?;
-        let samples = vae.vae.encode(&cropped)?;
+        let proceed = |step: usize, steps: usize| ctx.step(step as u64, steps as u64).is_ok();
+        let samples = vae.vae.encode_with(&cropped, &proceed)?;
         Ok(vec![Value::object(Latent { samples })])
     }
 }

@@ -215,10 +215,12 @@ impl Node for StreamFrames {
         let fps = inputs.float("fps")?;
         let pace = inputs.boolean("pace")?;
         let frames = images.dim(0)?;
+        // A sink with a pacer holds frames until their time; the device worker moves on.
+        let sleep_here = pace && !ctx.sink.paces_frames();
         let interval = Duration::from_secs_f64(1.0 / fps);
         let start = Instant::now();
         for index in 0..frames {
-            if pace {
+            if sleep_here {
                 // Sleep in short slices so a cancel is seen within one frame interval.
                 let due = start + interval * index as u32;
                 while let Some(left) = due.checked_duration_since(Instant::now()) {
@@ -233,6 +235,7 @@ impl Node for StreamFrames {
                 index: index as u64,
                 image: images.get(index)?,
                 target_fps: fps,
+                paced: pace,
             };
             ctx.sink.frame(ctx.node_id, frame);
         }

@@ -144,7 +144,9 @@ impl Node for ImageUpscaleWithModel {
         let mut frames = Vec::with_capacity(batch);
         for index in 0..batch {
             ctx.step(index as u64, batch as u64)?;
-            frames.push(upscaler.upscale(&image.narrow(0, index, 1)?, tile)?);
+            // Tiles of a large frame take seconds each on a CPU: check between them too.
+            let proceed = |_: usize, _: usize| !ctx.cancel.is_cancelled();
+            frames.push(upscaler.upscale_with(&image.narrow(0, index, 1)?, tile, &proceed)?);
         }
         ctx.step(batch as u64, batch as u64)?;
         Ok(vec![Value::Image(candle_core::Tensor::cat(&frames, 0)?)])

@@ -160,6 +160,13 @@ impl JobFeed {
         let _ = self.stream.set(stream);
     }
 
+    /// The job ended: its frame stream no longer counts as running.
+    pub fn end_stream(&self) {
+        if let Some(stream) = self.stream.get() {
+            stream.end();
+        }
+    }
+
     fn wake(&self) {
         self.wake_async.notify_waiters();
         self.wake_blocking.notify_all();

@@ -4,7 +4,7 @@
 //! from the journal at start-up. Every admission decision is counted and put on the
 //! job's feed.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,16 +19,17 @@ use sakuga_telemetry::{
 };
 
 use crate::admission::{
-    DeviceView, Estimate, QueueView, SubmitVerdict, decide_start, decide_submit,
+    DeviceView, Estimate, QueueView, StartVerdict, SubmitVerdict, decide_start, decide_submit,
 };
 use crate::engine::feed::{JobEvent, JobFeed, JobWatch};
+use crate::engine::pacer::{PacedObserver, PacerHandle};
 use crate::engine::worker::{DeviceJob, FeedObserver, Finished};
 use crate::engine::{
     Command, Demand, EngineConfig, EngineHandle, FeatureFlags, JobInfo, JobOutput, JobPage,
-    ListFilter, Shared, Submitted,
+    ListFilter, RunLimits, Shared, Submitted,
 };
 use crate::error::SchedulerError;
-use crate::executor::JobRun;
+use crate::executor::{ExecutionObserver, JobRun};
 use crate::journal::{JobRecord, Journal, RecordState, unix_ms};
 use crate::observe::{TelemetryObserver, event_fields};
 use crate::plan::ExecutionPlan;
@@ -166,7 +167,12 @@ struct Job {
     cancel: CancelToken,
     enqueued_at: Instant,
     deferrals_reported: Vec<AdmissionReason>,
-    timed_out: bool,
+    /// It streams paced frames (a `StreamFrames` node with `pace` on).
+    paced: bool,
+    /// When it started running, for its run-time limit.
+    started: Option<Instant>,
+    /// Why it was stopped for time (its deadline or its run-time limit), once it was.
+    timeout: Option<String>,
 }
 
 impl Job {
@@ -196,17 +202,46 @@ pub(crate) struct QueueState {
     shared: Arc<Shared>,
     journal: Option<Journal>,
     device: Sender<DeviceJob>,
+    pacer: PacerHandle,
     jobs: HashMap<String, Job>,
     /// Listing order: submission sequence to job id.
     order: BTreeMap<u64, String>,
     next_seq: u64,
     queue: JobQueue,
     running: Option<String>,
+    /// Jobs off the device whose frames the pacer still plays out.
+    delivering: HashSet<String>,
     by_key: HashMap<String, String>,
     finished: VecDeque<String>,
     started: Instant,
     drain_waiters: Vec<oneshot::Sender<()>>,
+    /// Scratch for [`Self::expire_deadlines`], kept to avoid an allocation per tick.
+    timeouts: Vec<(String, String)>,
     self_tx: Option<Sender<Command>>,
+}
+
+fn streams_paced(step: &crate::plan::PlanStep) -> bool {
+    step.class_type == "StreamFrames"
+        && !step
+            .literals
+            .iter()
+            .any(|(n, v)| &**n == "pace" && matches!(v, Value::Boolean(false)))
+}
+
+/// Why a running job must stop now: its deadline passed, or it ran past its workload's
+/// run-time limit.
+fn time_up(job: &Job, now: SystemTime, limits: &RunLimits) -> Option<String> {
+    if job.info.deadline.is_some_and(|d| d <= now) {
+        return Some("the deadline passed while it ran".to_owned());
+    }
+    let limit = limits.run_time_s.get(job.info.workload);
+    let ran = job.started?.elapsed().as_secs_f64();
+    (limit > 0.0 && ran >= limit).then(|| {
+        format!(
+            "it ran {ran:.1}s, past the {} run-time limit of {limit}s",
+            job.info.workload
+        )
+    })
 }
 
 fn outcome_of(state: RecordState) -> Outcome {
@@ -224,6 +259,7 @@ impl QueueState {
         shared: Arc<Shared>,
         journal: Option<Journal>,
         device: Sender<DeviceJob>,
+        pacer: PacerHandle,
     ) -> Self {
         // Retained finished jobs plus a queue's worth, so the map rarely grows under load.
         let jobs = HashMap::with_capacity(config.finished_kept + 1024);
@@ -232,15 +268,18 @@ impl QueueState {
             shared,
             journal,
             device,
+            pacer,
             jobs,
             order: BTreeMap::new(),
             next_seq: 0,
             queue: JobQueue::new(),
             running: None,
+            delivering: HashSet::new(),
             by_key: HashMap::new(),
             finished: VecDeque::new(),
             started: Instant::now(),
             drain_waiters: Vec::new(),
+            timeouts: Vec::new(),
             self_tx: None,
         }
     }
@@ -274,6 +313,7 @@ impl QueueState {
         let fields = event_fields(&p.job_id, p.workload, &p.trace, &p.plan)
             .with_hardware_class(self.shared.hardware_class.as_str());
         sakuga_telemetry::record_job_attributes(&p.span, &fields);
+        let paced = p.plan.steps.iter().any(streams_paced);
         let seq = self.next_seq;
         self.next_seq += 1;
         let trace_id = p.trace.trace_id.clone();
@@ -306,7 +346,9 @@ impl QueueState {
             cancel: CancelToken::new(),
             enqueued_at: Instant::now(),
             deferrals_reported: Vec::new(),
-            timed_out: false,
+            paced,
+            started: None,
+            timeout: None,
         }
     }
 
@@ -611,14 +653,19 @@ impl QueueState {
         }
         let signals = self.shared.signals.clone();
         let degraded = signals.is_fps_degraded(Workload::Animation);
+        // One paced stream plays out per device at a time: previews keep their order and
+        // only one stream's frames wait in the pacer. Other work starts meanwhile.
+        let stream_playing = !self.delivering.is_empty();
         let picked = {
             let tunables = self.shared.tunables.read();
             let jobs = &self.jobs;
             self.queue
                 .pick(self.started.elapsed(), &tunables.admission, |entry| {
-                    let peak = jobs
-                        .get(&entry.job_id)
-                        .map_or(0, |j| j.estimate.peak_memory_bytes);
+                    let job = jobs.get(&entry.job_id);
+                    if stream_playing && job.is_some_and(|j| j.paced) {
+                        return StartVerdict::Defer(AdmissionReason::Capacity);
+                    }
+                    let peak = job.map_or(0, |j| j.estimate.peak_memory_bytes);
                     decide_start(
                         entry.workload,
                         DeviceView {
@@ -646,6 +693,9 @@ impl QueueState {
                     AdmissionReason::FpsDegraded => {
                         "waiting while animation FPS is degraded".into()
                     }
+                    AdmissionReason::Capacity => {
+                        "waiting for the paced stream playing out to end".into()
+                    }
                     other => format!("waiting ({other})"),
                 },
             });
@@ -668,6 +718,7 @@ impl QueueState {
         self.shared.env.set_memory_budget(budget);
         job.info.state = RecordState::Running;
         job.info.started_at = Some(SystemTime::now());
+        job.started = Some(Instant::now());
         job.info.attempts += 1;
         let workload = job.info.workload;
         signals.job_started(
@@ -695,9 +746,13 @@ impl QueueState {
             target_fps,
         );
         job.feed.set_stream(telemetry.stream().clone());
+        let telemetry: Arc<dyn ExecutionObserver> = Arc::new(telemetry);
+        let lane = self
+            .pacer
+            .lane(Arc::from(job_id), telemetry, job.cancel.clone());
         let run = JobRun {
             job_id: Arc::from(job_id),
-            observer: Arc::new(telemetry),
+            observer: Arc::new(PacedObserver::new(self.pacer.clone(), lane.clone())),
             cancel: job.cancel.clone(),
             batch_limit: None,
             span: job.span.clone(),
@@ -709,6 +764,7 @@ impl QueueState {
             run,
             span: job.span.clone(),
             observer: feed_observer,
+            lane,
         };
         let job = &self.jobs[job_id];
         // The attempt is durable before the job runs: if the job takes the process down,
@@ -731,20 +787,57 @@ impl QueueState {
         self.running = Some(job_id.to_owned());
     }
 
+    /// Journals every running or delivering job back as queued, its attempt not counted
+    /// (the server chose to stop it; the job did nothing wrong), and cancels it.
+    fn interrupt(&mut self) -> Vec<String> {
+        let ids: Vec<String> = self
+            .running
+            .iter()
+            .chain(self.delivering.iter())
+            .cloned()
+            .collect();
+        for id in &ids {
+            let Some(job) = self.jobs.get_mut(id) else {
+                continue;
+            };
+            job.cancel.cancel();
+            job.info.state = RecordState::Queued;
+            job.info.attempts = job.info.attempts.saturating_sub(1);
+            tracing::warn!(job_id = %id, "interrupted by shutdown; it runs again after the next start");
+            self.journal(&self.jobs[id], None);
+        }
+        if let Some(journal) = &self.journal {
+            journal.flush();
+        }
+        ids
+    }
+
+    fn device_free(&mut self, job_id: String) {
+        if self.running.as_deref() == Some(job_id.as_str()) {
+            self.running = None;
+        }
+        self.delivering.insert(job_id);
+    }
+
+    /// Nothing runs on the device or plays out in the pacer.
+    fn idle(&self) -> bool {
+        self.running.is_none() && self.delivering.is_empty()
+    }
+
     fn finished(&mut self, done: Finished) {
         if self.running.as_deref() == Some(done.job_id.as_str()) {
             self.running = None;
         }
+        self.delivering.remove(&done.job_id);
         let signals = self.shared.signals.clone();
         let Some(job) = self.jobs.get_mut(&done.job_id) else {
             return;
         };
         let (state, error) = match &done.result {
             Ok(_) => (RecordState::Succeeded, None),
-            Err(SchedulerError::Cancelled { .. }) if job.timed_out => (
-                RecordState::TimedOut,
-                Some("the deadline passed while it ran".to_owned()),
-            ),
+            Err(SchedulerError::Cancelled { .. }) if job.timeout.is_some() => {
+                (RecordState::TimedOut, job.timeout.clone())
+            }
             Err(e @ SchedulerError::Cancelled { .. }) => {
                 (RecordState::Cancelled, Some(e.to_string()))
             }
@@ -823,10 +916,11 @@ impl QueueState {
             }
         }
         job.feed.push(JobEvent::Finished { state, error });
+        job.feed.end_stream();
         let job = &self.jobs[&done.job_id];
         self.journal(job, None);
         self.retire(done.job_id);
-        if self.running.is_none() {
+        if self.idle() {
             for waiter in self.drain_waiters.drain(..) {
                 let _ = waiter.send(());
             }
@@ -859,12 +953,27 @@ impl QueueState {
             );
             self.finish_unstarted(&job_id, RecordState::TimedOut, Some(reason));
         }
-        if let Some(job) = self.running.as_ref().and_then(|id| self.jobs.get_mut(id))
-            && !job.timed_out
-            && job.info.deadline.is_some_and(|d| d <= now)
-        {
-            job.timed_out = true;
+        let limits = self.shared.tunables.read().limits;
+        let active = self.running.iter().chain(self.delivering.iter());
+        for id in active {
+            let Some(job) = self.jobs.get(id) else {
+                continue;
+            };
+            if job.timeout.is_some() {
+                continue;
+            }
+            let Some(reason) = time_up(job, now, &limits) else {
+                continue;
+            };
+            tracing::warn!(job_id = %id, %reason, "stopping the job");
             job.cancel.cancel();
+            // Collected after the loop: the borrow of `running`/`delivering` ends first.
+            self.timeouts.push((id.clone(), reason));
+        }
+        for (id, reason) in std::mem::take(&mut self.timeouts) {
+            if let Some(job) = self.jobs.get_mut(&id) {
+                job.timeout = Some(reason);
+            }
         }
     }
 
@@ -1065,7 +1174,9 @@ impl QueueState {
             cancel: CancelToken::new(),
             enqueued_at: Instant::now(),
             deferrals_reported: Vec::new(),
-            timed_out: false,
+            started: None,
+            paced: false,
+            timeout: None,
         };
         if let Some(key) = &record.idempotency_key {
             self.by_key.insert(key.clone(), record.job_id.clone());
@@ -1127,14 +1238,19 @@ impl QueueState {
                 let _ = reply.send(self.demand());
             }
             Command::Drain(reply) => {
-                if self.running.is_none() {
+                if self.idle() {
                     let _ = reply.send(());
                 } else {
                     self.drain_waiters.push(reply);
                 }
             }
+            Command::DeviceFree(job_id) => self.device_free(job_id),
             Command::Finished(done) => self.finished(*done),
             Command::Shutdown => return false,
+            Command::Interrupt(reply) => {
+                let _ = reply.send(self.interrupt());
+                return false;
+            }
         }
         true
     }
@@ -1150,7 +1266,7 @@ const COMMANDS_PER_PASS: usize = 256;
 
 pub(crate) fn queue_worker(mut state: QueueState, commands: Receiver<Command>) {
     loop {
-        let tick = if state.queue.is_empty() && state.running.is_none() {
+        let tick = if state.queue.is_empty() && state.idle() {
             IDLE_TICK
         } else {
             BUSY_TICK

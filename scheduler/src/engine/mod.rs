@@ -12,6 +12,7 @@
 
 pub mod feed;
 mod jobs;
+mod pacer;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -61,6 +62,31 @@ pub struct FeatureFlags {
 pub struct EngineTunables {
     pub admission: AdmissionConfig,
     pub features: FeatureFlags,
+    pub limits: RunLimits,
+}
+
+/// How long a job may run, per workload (`[limits.run_time_s]` in the tunables file). A
+/// job still running past its limit is stopped at its next step or tile and fails with
+/// outcome `timeout`, and the device moves on.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunLimits {
+    /// Seconds from start to end, frame delivery included; 0 means no limit.
+    pub run_time_s: WorkloadValues<f64>,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self {
+            // Ten times what a slow CPU needs for the largest demo workflows, and a paced
+            // preview of several minutes; batch jobs carry many images.
+            run_time_s: WorkloadValues {
+                animation: 900.0,
+                single_image: 900.0,
+                batch: 3600.0,
+            },
+        }
+    }
 }
 
 /// Engine settings.
@@ -224,10 +250,16 @@ pub(crate) enum Command {
     Demand(oneshot::Sender<Demand>),
     /// Stop admitting; answer once nothing is running.
     Drain(oneshot::Sender<()>),
-    /// From the device worker: the running job ended.
+    /// From the device worker: the running job left the device, its frames still playing
+    /// out in the pacer; the next job may start.
+    DeviceFree(String),
+    /// From the device worker or the pacer: the running job ended.
     Finished(Box<worker::Finished>),
     /// Stop the queue worker (the device worker follows once its job ends).
     Shutdown,
+    /// Give up on running work: journal it back as queued, its attempt not counted, cancel
+    /// it, answer once the journal has committed, and stop the queue worker.
+    Interrupt(oneshot::Sender<Vec<String>>),
 }
 
 /// State shared by every handle clone, read without going through the queue worker.
@@ -310,9 +342,12 @@ impl EngineHandle {
             threads: Mutex::new(Vec::new()),
         });
         let (tx, rx) = crossbeam_channel::bounded(COMMAND_CAPACITY);
-        let device = worker::spawn_device_worker(env, config.executor.clone(), tx.clone())?;
+        let (pacer, pacer_thread) = pacer::spawn_pacer()?;
+        let device =
+            worker::spawn_device_worker(env, config.executor.clone(), tx.clone(), pacer.clone())?;
         let handle = EngineHandle { tx, shared };
-        let mut state = jobs::QueueState::new(config, handle.shared.clone(), journal, device.jobs);
+        let mut state =
+            jobs::QueueState::new(config, handle.shared.clone(), journal, device.jobs, pacer);
         state.recover(records, &handle);
         let queue = std::thread::Builder::new()
             .name("sakuga-queue".into())
@@ -321,7 +356,11 @@ impl EngineHandle {
                 path: PathBuf::new(),
                 reason: format!("spawning the queue thread: {e}"),
             })?;
-        handle.shared.threads.lock().extend([device.thread, queue]);
+        handle
+            .shared
+            .threads
+            .lock()
+            .extend([device.thread, queue, pacer_thread]);
         handle.shared.ready.store(true, Ordering::Release);
         Ok(handle)
     }
@@ -633,6 +672,19 @@ impl EngineHandle {
         self.shared.draining.store(true, Ordering::Release);
         if let Ok(rx) = self.ask(Command::Drain) {
             let _ = rx.blocking_recv();
+        }
+    }
+
+    /// Gives up on running work when a drain ran out of time: every running job is
+    /// journaled back as queued with its attempt not counted, so it runs again after the
+    /// next start, and is cancelled; the queue worker stops. Returns the interrupted job
+    /// ids once the journal has committed them. The device worker is not waited for (a
+    /// node may still be busy): the process is expected to exit next.
+    pub async fn interrupt(&self) -> Vec<String> {
+        self.shared.draining.store(true, Ordering::Release);
+        match self.ask(Command::Interrupt) {
+            Ok(rx) => rx.await.unwrap_or_default(),
+            Err(_) => Vec::new(),
         }
     }
 

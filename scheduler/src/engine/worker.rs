@@ -15,6 +15,7 @@ use sakuga_nodes::{JobSink, NodeEnv, OutputFile, StreamFrame};
 use sakuga_telemetry::{Stage, events};
 
 use crate::engine::feed::{JobEvent, JobFeed};
+use crate::engine::pacer::{Lane, PacerHandle};
 use crate::engine::{Command, JobOutput};
 use crate::error::SchedulerError;
 use crate::executor::{ExecutionObserver, Executor, ExecutorConfig, JobReport, JobRun, NodeRun};
@@ -30,6 +31,8 @@ pub(crate) struct DeviceJob {
     pub run: JobRun,
     pub span: tracing::Span,
     pub observer: Arc<FeedObserver>,
+    /// The job's lane in the pacer: when frames went there, the job ends after them.
+    pub lane: Arc<Lane>,
 }
 
 /// A job's end, reported to the queue worker.
@@ -54,6 +57,7 @@ pub(crate) fn spawn_device_worker(
     env: Arc<NodeEnv>,
     config: ExecutorConfig,
     done: Sender<Command>,
+    pacer: PacerHandle,
 ) -> Result<DeviceWorker, SchedulerError> {
     // Capacity 1: the queue worker hands over a job only when the device is idle.
     let (jobs_tx, jobs_rx) = crossbeam_channel::bounded::<DeviceJob>(1);
@@ -63,7 +67,7 @@ pub(crate) fn spawn_device_worker(
         .spawn(move || {
             let executor = Executor::new(env, config);
             let _ = ready_tx.send(());
-            device_worker(executor, jobs_rx, done);
+            device_worker(executor, jobs_rx, done, pacer);
         })
         .map_err(|e| SchedulerError::Journal {
             path: Default::default(),
@@ -76,47 +80,85 @@ pub(crate) fn spawn_device_worker(
     })
 }
 
-fn device_worker(executor: Executor, jobs: Receiver<DeviceJob>, done: Sender<Command>) {
+fn device_worker(
+    executor: Executor,
+    jobs: Receiver<DeviceJob>,
+    done: Sender<Command>,
+    pacer: PacerHandle,
+) {
     while let Ok(job) = jobs.recv() {
         let started = Instant::now();
-        let mut oom_split = None;
-        let result = {
-            let _entered = job.span.enter();
-            let first = executor.run(&job.plan, &job.run);
-            match first {
-                Err(e) if e.kind() == "oom" && job.batch > 1 => {
-                    // Nodes that finished before the OOM come from the output cache; the
-                    // rest run again at most half the batch at a time.
-                    let limit = job.batch.div_ceil(2);
-                    oom_split = Some(limit);
-                    job.observer.feed.push(JobEvent::Admission {
-                        decision: sakuga_telemetry::Decision::Admit,
-                        reason: sakuga_telemetry::AdmissionReason::OomSplit,
-                        detail: format!(
-                            "out of device memory with a batch of {}: retrying once, at most {limit} at a time ({e})",
-                            job.batch
-                        ),
-                    });
-                    let retry = JobRun {
-                        batch_limit: Some(limit),
-                        ..job.run.clone()
-                    };
-                    executor.run(&job.plan, &retry)
-                }
-                other => other,
+        let (result, oom_split) = run_job(&executor, &job);
+        let elapsed = started.elapsed();
+        let DeviceJob {
+            job_id,
+            observer,
+            lane,
+            ..
+        } = job;
+        let finish = move |result| {
+            Command::Finished(Box::new(Finished {
+                job_id,
+                result,
+                elapsed,
+                outputs: std::mem::take(&mut *observer.outputs.lock()),
+                frames: observer.frames.load(Ordering::Relaxed),
+                oom_split,
+            }))
+        };
+        if !lane.used() {
+            if done.send(finish(result)).is_err() {
+                break;
             }
-        };
-        let finished = Finished {
-            job_id: job.job_id,
-            result,
-            elapsed: started.elapsed(),
-            outputs: std::mem::take(&mut *job.observer.outputs.lock()),
-            frames: job.observer.frames.load(Ordering::Relaxed),
-            oom_split,
-        };
-        if done.send(Command::Finished(Box::new(finished))).is_err() {
+            continue;
+        }
+        // The device is free now; the job ends once its frames have played out.
+        if done.send(Command::DeviceFree(lane.job_id())).is_err() {
             break;
         }
+        let done = done.clone();
+        pacer.end(
+            lane,
+            Box::new(move |cancelled| {
+                let result = match result {
+                    Ok(_) if cancelled => Err(SchedulerError::Cancelled {
+                        node_id: None,
+                        elapsed,
+                    }),
+                    other => other,
+                };
+                let _ = done.send(finish(result));
+            }),
+        );
+    }
+}
+
+/// Runs the job's plan; an out-of-memory error with a batch splits it and retries once.
+fn run_job(
+    executor: &Executor,
+    job: &DeviceJob,
+) -> (Result<JobReport, SchedulerError>, Option<usize>) {
+    let _entered = job.span.enter();
+    match executor.run(&job.plan, &job.run) {
+        Err(e) if e.kind() == "oom" && job.batch > 1 => {
+            // Nodes that finished before the OOM come from the output cache; the
+            // rest run again at most half the batch at a time.
+            let limit = job.batch.div_ceil(2);
+            job.observer.feed.push(JobEvent::Admission {
+                decision: sakuga_telemetry::Decision::Admit,
+                reason: sakuga_telemetry::AdmissionReason::OomSplit,
+                detail: format!(
+                    "out of device memory with a batch of {}: retrying once, at most {limit} at a time ({e})",
+                    job.batch
+                ),
+            });
+            let retry = JobRun {
+                batch_limit: Some(limit),
+                ..job.run.clone()
+            };
+            (executor.run(&job.plan, &retry), Some(limit))
+        }
+        other => (other, None),
     }
 }
 
