@@ -281,3 +281,61 @@ fn json_logs_carry_the_stage_events_in_order_with_one_trace_id() {
         .collect();
     assert_eq!(traces.len(), 1, "{traces:?}");
 }
+
+#[test]
+fn validate_exits_2_on_bad_json_and_on_the_servers_size_caps() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("broken.json"), "{\"1\": {").unwrap();
+    let broken = sakuga(dir.path(), &["validate", "broken.json"]);
+    assert_eq!(broken.status.code(), Some(2), "{}", text(&broken.stderr));
+    assert!(text(&broken.stderr).contains("not valid JSON"));
+
+    // Valid by itself, but over the node cap the server is configured with.
+    let wf = write(dir.path(), "wf.json", &image_workflow());
+    std::fs::write(
+        dir.path().join("tunables.toml"),
+        "[admission.limits]\nmax_nodes = 3\n",
+    )
+    .unwrap();
+    let plain = sakuga(dir.path(), &["validate", "wf.json"]);
+    assert_eq!(plain.status.code(), Some(0), "{}", text(&plain.stderr));
+    let capped = sakuga(
+        dir.path(),
+        &[
+            "validate",
+            wf.to_str().unwrap(),
+            "--tunables",
+            "tunables.toml",
+        ],
+    );
+    assert_eq!(capped.status.code(), Some(2), "{}", text(&capped.stderr));
+    assert!(
+        text(&capped.stderr).contains("node count is 4, the limit is 3"),
+        "{}",
+        text(&capped.stderr)
+    );
+}
+
+#[test]
+fn serve_refuses_an_empty_auth_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("token"), " \n").unwrap();
+    let out = sakuga(
+        dir.path(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--auth-token-file",
+            "token",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("auth token file token is empty"),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -2,9 +2,12 @@
 //!
 //! - [`v1`]: package `sakuga.v1`: `RenderService`, `SignalService`, `NodeService`.
 //! - [`externalscaler`]: KEDA's external scaler protocol, field names exactly as KEDA's.
+//! - [`codec`]: the services' codec (undecodable messages are `INVALID_ARGUMENT`).
 //! - [`FILE_DESCRIPTOR_SET`]: every file above, for server reflection.
 
 #![allow(missing_debug_implementations, clippy::all)]
+
+pub mod codec;
 
 /// Package `sakuga.v1`.
 pub mod v1 {

@@ -419,6 +419,8 @@ pub struct QueueView {
     pub queued_same_workload: usize,
     /// Expected seconds of work that would run before this job (queued ahead + running).
     pub work_ahead_s: f64,
+    /// Jobs of this workload that really finished per second lately (`None` until known).
+    pub drain_per_s: Option<f64>,
 }
 
 /// Admission's answer to a submission.
@@ -432,6 +434,17 @@ pub enum SubmitVerdict {
     },
 }
 
+/// When to retry: once the jobs of this workload queued now have drained at the rate they
+/// really drained lately, or by the estimated work ahead while no rate is known; at least
+/// 1 s, at most two minutes.
+pub fn retry_after(queue: QueueView) -> Duration {
+    let seconds = match queue.drain_per_s {
+        Some(rate) if rate > 0.0 => (queue.queued_same_workload + 1) as f64 / rate,
+        _ => queue.work_ahead_s,
+    };
+    Duration::from_secs_f64(seconds.clamp(1.0, 120.0))
+}
+
 /// Decides on a submission: deny when the workload's queue is full, when the job could
 /// never fit the memory budget, or when it cannot start before its deadline.
 pub fn decide_submit(
@@ -442,8 +455,7 @@ pub fn decide_submit(
     config: &AdmissionConfig,
 ) -> SubmitVerdict {
     let cap = config.queue_caps.get(workload);
-    // Retry once roughly the work ahead has drained, at least 1 s, at most a minute.
-    let drain = Duration::from_secs_f64(queue.work_ahead_s.clamp(1.0, 60.0));
+    let drain = retry_after(queue);
     if queue.queued_same_workload >= cap {
         return SubmitVerdict::Deny {
             reason: AdmissionReason::QueueFull,
@@ -529,11 +541,28 @@ mod tests {
     }
 
     #[test]
+    fn retry_after_follows_the_real_drain_rate_once_known() {
+        let mut view = QueueView {
+            queued_same_workload: 9,
+            work_ahead_s: 1.0,
+            drain_per_s: None,
+        };
+        assert_eq!(retry_after(view), Duration::from_secs(1));
+        // One job every 3 s really: ten jobs (nine ahead and this one) take 30 s.
+        view.drain_per_s = Some(1.0 / 3.0);
+        let retry = retry_after(view).as_secs_f64();
+        assert!((retry - 30.0).abs() < 1e-6, "{retry}");
+        view.drain_per_s = Some(1e-6);
+        assert_eq!(retry_after(view), Duration::from_secs(120));
+    }
+
+    #[test]
     fn a_full_queue_denies_with_a_retry_hint() {
         let config = AdmissionConfig::default();
         let view = QueueView {
             queued_same_workload: config.queue_caps.animation,
             work_ahead_s: 5.0,
+            drain_per_s: None,
         };
         match decide_submit(Workload::Animation, &estimate(1, 0.1), None, view, &config) {
             SubmitVerdict::Deny {
@@ -554,6 +583,7 @@ mod tests {
         let view = QueueView {
             queued_same_workload: 3,
             work_ahead_s: 10.0,
+            drain_per_s: None,
         };
         let verdict = decide_submit(
             Workload::Batch,
@@ -588,6 +618,7 @@ mod tests {
         let view = QueueView {
             queued_same_workload: 0,
             work_ahead_s: 0.0,
+            drain_per_s: None,
         };
         let verdict = decide_submit(
             Workload::SingleImage,

@@ -54,6 +54,10 @@ pub enum SchedulerError {
         actual: u64,
         limit: u64,
     },
+    /// A request field other than the workflow is out of bounds or unusable (a label too
+    /// long, a page token ListJobs never issued, a deadline already past).
+    #[error("{field}: {reason}")]
+    InvalidArgument { field: &'static str, reason: String },
     /// No job has this id.
     #[error("no job {job_id}")]
     JobNotFound { job_id: String },
@@ -77,7 +81,9 @@ impl SchedulerError {
             SchedulerError::NodePanicked { .. } => "internal",
             SchedulerError::Cancelled { .. } => "cancelled",
             SchedulerError::Denied { .. } => "resource_exhausted",
-            SchedulerError::TooLarge { .. } => "invalid_input",
+            SchedulerError::TooLarge { .. } | SchedulerError::InvalidArgument { .. } => {
+                "invalid_input"
+            }
             SchedulerError::JobNotFound { .. } => "not_found",
             SchedulerError::ShuttingDown => "unavailable",
             SchedulerError::Journal { .. } => "internal",

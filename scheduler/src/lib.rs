@@ -10,11 +10,13 @@
 //! - [`observe`]: stage events and metrics around execution.
 //! - [`engine`]: the job runtime behind an [`EngineHandle`]: submit, watch, cancel, demand.
 //! - [`admission`]: estimates, size caps, admit/deny/defer decisions.
+//! - [`bounds`]: caps on labels, keys, ids and tokens, and past deadlines.
 //! - [`queue`]: priority order with aging.
 //! - [`journal`]: the durable redb job journal with group commit.
 //! - [`error`]: the crate's one error enum, [`SchedulerError`].
 
 pub mod admission;
+pub mod bounds;
 pub mod cache;
 pub mod degrade;
 pub mod engine;

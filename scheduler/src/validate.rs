@@ -19,6 +19,49 @@ use sakuga_nodes::{ComboOptions, InputKind, InputSpec, Node, NodeEnv, NodeRegist
 use crate::error::SchedulerError;
 use crate::workflow::{RawInput, Workflow};
 
+/// Longest piece of a client's own text (an id, a value, a file name) echoed back in a
+/// problem; longer text is cut with its length noted, so a report stays small enough for
+/// status trailers whatever the workflow holds.
+pub const ECHO_LIMIT: usize = 160;
+
+/// Most members of a cycle named in its message; the rest are counted.
+const CYCLE_NAMES_SHOWN: usize = 8;
+
+/// Most output nodes listed as depending on one failing node.
+const DEPENDENTS_LISTED: usize = 32;
+
+/// `text` cut to at most `limit` bytes (on a char boundary), noting the full length.
+pub fn clip(text: &str, limit: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= limit {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = limit;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}... ({} bytes)", &text[..end], text.len()))
+}
+
+fn echo(text: &str) -> std::borrow::Cow<'_, str> {
+    clip(text, ECHO_LIMIT)
+}
+
+/// A received JSON value to echo: itself when short, else its clipped text.
+fn echo_json(value: &Json) -> Json {
+    match value {
+        Json::String(s) => Json::String(echo(s).into_owned()),
+        Json::Array(_) | Json::Object(_) => {
+            let text = value.to_string();
+            if text.len() <= ECHO_LIMIT {
+                value.clone()
+            } else {
+                Json::String(echo(&text).into_owned())
+            }
+        }
+        other => other.clone(),
+    }
+}
+
 /// One problem, in ComfyUI's `{type, message, details, extra_info}` shape.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ValidationError {
@@ -178,19 +221,20 @@ impl<'a> Validator<'a> {
                     error(
                         "invalid_prompt",
                         "Node has no class_type",
-                        format!("Node ID '#{}'", node.id),
-                        json!({"node_id": &*node.id}),
+                        format!("Node ID '#{}'", echo(&node.id)),
+                        json!({"node_id": echo(&node.id)}),
                     ),
                 );
             } else if self.classes[i].is_none() {
-                let class = node.class_type.as_deref().unwrap_or_default();
+                let class = echo(node.class_type.as_deref().unwrap_or_default());
+                let title = node.title.as_deref().map(echo);
                 self.push(
                     i,
                     error(
                         "missing_node_type",
                         format!("Node '{class}' not found. Is it a sakuga node type? See `sakuga nodes`."),
-                        format!("Node ID '#{}'", node.id),
-                        json!({"node_id": &*node.id, "class_type": class, "node_title": node.title}),
+                        format!("Node ID '#{}'", echo(&node.id)),
+                        json!({"node_id": echo(&node.id), "class_type": class, "node_title": title}),
                     ),
                 );
             }
@@ -270,11 +314,22 @@ impl<'a> Validator<'a> {
             }
             let mut members: Vec<usize> = component.iter().map(|&g| graph[g]).collect();
             members.sort_unstable();
-            let ids: Vec<&str> = members
+            // Every member gets the message, so it names a few: naming all would make the
+            // report quadratic in the cycle's length.
+            let ids: Vec<String> = members
                 .iter()
-                .map(|&i| &*self.workflow.nodes[i].id)
+                .take(CYCLE_NAMES_SHOWN)
+                .map(|&i| echo(&self.workflow.nodes[i].id).into_owned())
                 .collect();
-            let details = format!("cycle through nodes {}", ids.join(" -> "));
+            let more = members.len().saturating_sub(CYCLE_NAMES_SHOWN);
+            let details = if more == 0 {
+                format!("cycle through nodes {}", ids.join(" -> "))
+            } else {
+                format!(
+                    "cycle through nodes {} -> ... ({more} more)",
+                    ids.join(" -> ")
+                )
+            };
             for &i in &members {
                 self.push(
                     i,
@@ -282,7 +337,7 @@ impl<'a> Validator<'a> {
                         "dependency_cycle",
                         "Dependency cycle detected",
                         details.clone(),
-                        json!({"cycle": ids}),
+                        json!({"cycle": ids, "cycle_length": members.len()}),
                     ),
                 );
             }
@@ -336,7 +391,7 @@ impl<'a> Validator<'a> {
             self.push(
                 i,
                 ValidationError {
-                    details: format!("{}: node '{source}' does not exist", spec.name),
+                    details: format!("{}: node '{}' does not exist", spec.name, echo(source)),
                     ..input_error("bad_linked_input", "Linked node does not exist", spec, &raw)
                 },
             );
@@ -352,8 +407,9 @@ impl<'a> Validator<'a> {
                 i,
                 ValidationError {
                     details: format!(
-                        "{}: node '{source}' ({}) has {} output(s), slot {output} requested",
+                        "{}: node '{}' ({}) has {} output(s), slot {output} requested",
                         spec.name,
+                        echo(source),
                         source_class.schema().class_type,
                         outputs.len()
                     ),
@@ -391,7 +447,7 @@ impl<'a> Validator<'a> {
     #[allow(clippy::result_large_err)]
     fn convert_literal(&mut self, spec: &InputSpec, raw: &Json) -> Result<Value, ValidationError> {
         let invalid = |type_name: &str| ValidationError {
-            details: format!("{}, {raw}", spec.name),
+            details: format!("{}, {}", spec.name, echo(&raw.to_string())),
             ..input_error(
                 "invalid_input_type",
                 &format!("Failed to convert an input value to a {type_name} value"),
@@ -430,11 +486,12 @@ impl<'a> Validator<'a> {
                     Ok(Value::String(Arc::from(text.as_str())))
                 } else {
                     let choices = self.combo_choices(options);
-                    let shown: Vec<&String> = choices.iter().take(20).collect();
+                    let shown: Vec<_> = choices.iter().take(20).map(|c| echo(c)).collect();
                     Err(ValidationError {
                         details: format!(
-                            "{}: '{text}' not in {shown:?}{}",
+                            "{}: '{}' not in {shown:?}{}",
                             spec.name,
+                            echo(&text),
                             if choices.len() > 20 { " ..." } else { "" }
                         ),
                         ..input_error("value_not_in_list", "Value not in list", spec, raw)
@@ -443,8 +500,9 @@ impl<'a> Validator<'a> {
             }
             InputKind::Link(port) => Err(ValidationError {
                 details: format!(
-                    "{}: a {port} input takes a link [node_id, slot_index], got {raw}",
-                    spec.name
+                    "{}: a {port} input takes a link [node_id, slot_index], got {}",
+                    spec.name,
+                    echo(&raw.to_string())
                 ),
                 ..input_error(
                     "invalid_input_type",
@@ -502,10 +560,11 @@ impl<'a> Validator<'a> {
         for &o in outputs {
             for n in self.reachable_from(&[o]) {
                 if self.errors.contains_key(&n) {
-                    dependents
-                        .entry(n)
-                        .or_default()
-                        .push(wf.nodes[o].id.to_string());
+                    let listed = dependents.entry(n).or_default();
+                    // Many outputs over many failing nodes would list quadratically.
+                    if listed.len() < DEPENDENTS_LISTED {
+                        listed.push(echo(&wf.nodes[o].id).into_owned());
+                    }
                 }
             }
         }
@@ -519,7 +578,8 @@ impl<'a> Validator<'a> {
                     NodeErrors {
                         errors: errors.clone(),
                         dependent_outputs: dependents.remove(&i).unwrap_or_default(),
-                        class_type: node.class_type.clone().unwrap_or_default(),
+                        class_type: echo(node.class_type.as_deref().unwrap_or_default())
+                            .into_owned(),
                     },
                 )
             })
@@ -611,7 +671,7 @@ fn input_error(
         extra_info: json!({
             "input_name": spec.name,
             "input_config": spec.kind.port_type().as_str(),
-            "received_value": received,
+            "received_value": echo_json(received),
         }),
     }
 }
@@ -629,7 +689,7 @@ fn check_range(
             details: spec.name.to_string(),
             ..input_error(
                 "value_smaller_than_min",
-                &format!("Value {raw} smaller than min of {min}"),
+                &format!("Value {} smaller than min of {min}", echo(&raw.to_string())),
                 spec,
                 raw,
             )
@@ -640,7 +700,7 @@ fn check_range(
             details: spec.name.to_string(),
             ..input_error(
                 "value_bigger_than_max",
-                &format!("Value {raw} bigger than max of {max}"),
+                &format!("Value {} bigger than max of {max}", echo(&raw.to_string())),
                 spec,
                 raw,
             )

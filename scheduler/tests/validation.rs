@@ -153,3 +153,42 @@ fn post_prompt_bodies_and_malformed_text() {
     assert_eq!(kinds_of(&r, "1"), ["invalid_prompt"]);
     assert_eq!(kinds_of(&r, "2"), ["invalid_prompt"]);
 }
+
+#[test]
+fn echoed_client_text_is_clipped_and_long_cycles_stay_small() {
+    let f = common::fixture(1);
+    let model = "m".repeat(3000);
+    let class = "C".repeat(3000);
+    let wf = json!({
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": model}},
+        "2": {"class_type": class, "inputs": {}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "x"}},
+    });
+    let r = report(f.plan(&wf));
+    let text = r.to_json().to_string();
+    assert!(text.len() < 4000, "report is {} bytes: {text}", text.len());
+    assert!(text.contains("(3000 bytes)"), "{text}");
+
+    // A 2,000-node cycle: each member's message names a few members, not all of them.
+    let n = 2000;
+    let mut nodes = serde_json::Map::new();
+    for i in 0..n {
+        let source = (i + 1) % n;
+        nodes.insert(
+            format!("{i}"),
+            json!({"class_type": "ImageInvert", "inputs": {"image": [format!("{source}"), 0]}}),
+        );
+    }
+    nodes.insert(
+        "out".into(),
+        json!({"class_type": "SaveImage", "inputs": {"images": ["0", 0], "filename_prefix": "x"}}),
+    );
+    let r = report(f.plan(&serde_json::Value::Object(nodes)));
+    assert_eq!(r.node_errors.len(), n);
+    let text = r.to_json().to_string();
+    assert!(text.len() < 400 * n, "report is {} bytes", text.len());
+    assert_eq!(
+        r.node_errors["0"].errors[0].extra_info["cycle_length"],
+        json!(n)
+    );
+}

@@ -22,6 +22,10 @@ pub struct ServerArgs {
     /// File holding the bearer token.
     #[arg(long, env = "SAKUGA_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// PEM CA certificate that signed the server's certificate; needed for `https://`
+    /// server URLs (the server name verified is the URL's host).
+    #[arg(long, env = "SAKUGA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -33,10 +37,52 @@ impl ServerArgs {
             ),
             None => None,
         };
-        SakugaClient::connect(&self.server, token.as_deref())
+        let ca = self.tls_ca()?;
+        let host = tls_host(&self.server)?;
+        let tls = match (&ca, &host) {
+            (Some(ca), Some(host)) => Some((ca.as_slice(), host.as_str())),
+            _ => None,
+        };
+        SakugaClient::connect_with(&self.server, token.as_deref(), tls)
             .await
             .with_context(|| format!("connecting to {}", self.server))
     }
+
+    /// The CA to verify the server with: required for `https://`, refused for `http://`
+    /// (where it would silently do nothing).
+    fn tls_ca(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let https = self.server.starts_with("https://");
+        match &self.tls_ca {
+            Some(path) if https => Ok(Some(
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            )),
+            Some(_) => anyhow::bail!(
+                "--tls-ca is for https:// servers; {} is plaintext",
+                self.server
+            ),
+            None if https => anyhow::bail!(
+                "{} is a TLS server: pass the CA that signed its certificate with --tls-ca",
+                self.server
+            ),
+            None => Ok(None),
+        }
+    }
+}
+
+/// The host of an `https://` URL (the name its certificate must carry).
+fn tls_host(url: &str) -> anyhow::Result<Option<String>> {
+    if !url.starts_with("https://") {
+        return Ok(None);
+    }
+    let uri: tonic::transport::Uri = url.parse().with_context(|| format!("server URL {url}"))?;
+    let host = uri
+        .host()
+        .with_context(|| format!("server URL {url} has no host"))?;
+    Ok(Some(
+        host.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    ))
 }
 
 #[derive(Debug, Clone, Args)]

@@ -21,6 +21,9 @@ pub struct DoctorArgs {
     /// Bearer token file for `--server`.
     #[arg(long, env = "SAKUGA_AUTH_TOKEN_FILE")]
     pub auth_token_file: Option<PathBuf>,
+    /// PEM CA for an `https://` `--server`.
+    #[arg(long, env = "SAKUGA_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
     /// Also print the golden signals the findings were drawn from.
     #[arg(long)]
     pub verbose: bool,
@@ -32,6 +35,7 @@ pub fn run(_common: &CommonArgs, args: &DoctorArgs) -> anyhow::Result<ExitCode> 
             return super::client::doctor(&super::client::ServerArgs {
                 server: server.clone(),
                 auth_token_file: args.auth_token_file.clone(),
+                tls_ca: args.tls_ca.clone(),
             });
         }
         (None, Some(from)) => from,

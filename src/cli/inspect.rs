@@ -5,9 +5,10 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use sakuga_scheduler::{SchedulerError, validate as validate_workflow};
+use sakuga_scheduler::admission::check_limits;
+use sakuga_scheduler::{SchedulerError, Workflow, validate as validate_workflow};
 
-use super::{CommonArgs, EXIT_INVALID, read_workflow};
+use super::{CommonArgs, EXIT_INVALID};
 use crate::runtime;
 
 #[derive(Debug, Args)]
@@ -17,13 +18,47 @@ pub struct ValidateArgs {
     /// Print ComfyUI's `{error, node_errors}` JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// The server's tunables TOML, whose size caps (`[admission.limits]`) apply here too;
+    /// the default caps when omitted.
+    #[arg(long, env = "SAKUGA_TUNABLES")]
+    pub tunables: Option<PathBuf>,
 }
 
 pub fn validate(common: &CommonArgs, args: &ValidateArgs) -> anyhow::Result<ExitCode> {
+    use anyhow::Context;
     let config = common.resolve()?;
     let env = runtime::node_env(&config)?;
     let registry = runtime::registry();
-    let workflow = read_workflow(&args.workflow)?;
+    let limits = super::serve::load_tunables(args.tunables.as_ref())?
+        .admission
+        .limits;
+    let path = &args.workflow;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read workflow {}", path.display()))?;
+    // What the server refuses before validating (not JSON, over a size cap, not an object
+    // of nodes) is an invalid workflow too, so it exits 2 like a failed validation.
+    let workflow = serde_json::from_str(&text)
+        .map_err(|e| SchedulerError::Malformed {
+            reason: format!("not valid JSON: {e}"),
+        })
+        .and_then(|json| {
+            check_limits(&json, text.len() as u64, &limits)?;
+            Workflow::from_json(json)
+        });
+    let workflow = match workflow {
+        Ok(workflow) => workflow,
+        Err(e) => {
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"valid": false, "error": e.to_string()})
+                );
+            } else {
+                eprintln!("{}: {e}", path.display());
+            }
+            return Ok(ExitCode::from(EXIT_INVALID));
+        }
+    };
     match validate_workflow(&workflow, &registry, &env) {
         Ok(valid) => {
             if args.json {
@@ -34,7 +69,7 @@ pub fn validate(common: &CommonArgs, args: &ValidateArgs) -> anyhow::Result<Exit
             } else {
                 println!(
                     "{}: valid ({} nodes run, {} outputs)",
-                    args.workflow.display(),
+                    path.display(),
                     valid.nodes.len(),
                     valid.outputs.len()
                 );
@@ -45,7 +80,7 @@ pub fn validate(common: &CommonArgs, args: &ValidateArgs) -> anyhow::Result<Exit
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json())?);
             } else {
-                eprintln!("{}: {}", args.workflow.display(), report.summary());
+                eprintln!("{}: {}", path.display(), report.summary());
                 for line in report.lines() {
                     eprintln!("  {line}");
                 }

@@ -55,7 +55,7 @@ pub struct ServeArgs {
     pub drain_timeout: f64,
 }
 
-fn load_tunables(path: Option<&PathBuf>) -> anyhow::Result<EngineTunables> {
+pub(super) fn load_tunables(path: Option<&PathBuf>) -> anyhow::Result<EngineTunables> {
     match path {
         None => Ok(EngineTunables::default()),
         Some(path) => {
@@ -66,21 +66,50 @@ fn load_tunables(path: Option<&PathBuf>) -> anyhow::Result<EngineTunables> {
     }
 }
 
+/// The bearer token in `path`. An empty (or blank) file is refused: serving with it would
+/// accept an empty bearer token, which is no auth at all.
+fn read_auth_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the auth token file {}", path.display()))?
+        .trim()
+        .to_owned();
+    if token.is_empty() {
+        anyhow::bail!(
+            "the auth token file {} is empty; put a token in it or drop --auth-token-file",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+/// Raises the open-file limit to its hard limit and keeps the connection cap under it, with
+/// room left for the journal, model files and /metrics, so the cap (not EMFILE) is what a
+/// flood of connections meets.
+fn connection_limits() -> crate::server::conn::ConnectionLimits {
+    const RESERVED_FDS: u64 = 256;
+    let mut limits = crate::server::conn::ConnectionLimits::default();
+    #[cfg(unix)]
+    match crate::server::conn::raise_fd_limit() {
+        Ok(soft) => {
+            let room = soft.saturating_sub(RESERVED_FDS).max(64);
+            limits.max_connections = limits.max_connections.min(room as usize);
+        }
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+    limits
+}
+
 /// Runs the server until SIGTERM or Ctrl-C.
 ///
 /// # Errors
 /// Bad configuration, an address in use, or a journal that cannot be opened.
 pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> {
     let config = common.resolve()?;
-    let token = match &args.auth_token_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the auth token file {}", path.display()))?
-                .trim()
-                .to_owned(),
-        ),
-        None => None,
-    };
+    let token = args
+        .auth_token_file
+        .as_deref()
+        .map(read_auth_token)
+        .transpose()?;
     let tunables = load_tunables(args.tunables.as_ref())?;
     let telemetry = runtime::start_signals(
         &config,
@@ -126,6 +155,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         reload: Some(reload.clone()),
         drain_timeout: std::time::Duration::try_from_secs_f64(args.drain_timeout)
             .context("--drain-timeout must be a number of seconds, 0 or more")?,
+        connections: connection_limits(),
         ..ServerConfig::default()
     };
     let warmup = args.warmup.clone();

@@ -1,12 +1,13 @@
 //! The gRPC server: every service on one port (`RenderService`, `SignalService`,
 //! `NodeService`, KEDA's `ExternalScaler`, `grpc.health.v1`, reflection v1 and v1alpha),
 //! bearer-token auth on the sakuga and KEDA services (health and reflection stay open),
-//! bounded message sizes, and graceful shutdown: health goes NOT_SERVING, admission stops,
+//! bounded message sizes, bounded connections ([`conn`]), and graceful shutdown: health goes NOT_SERVING, admission stops,
 //! running work finishes (queued work stays journaled), then the port closes.
 //!
 //! [`run`] takes a bound listener and a shutdown future (as mini-redis does), so tests
 //! start the real server on port 0.
 
+pub mod conn;
 pub mod convert;
 pub mod ops;
 pub mod render;
@@ -19,7 +20,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 
@@ -53,6 +53,8 @@ pub struct ServerConfig {
     /// (they run again after the next start) and exits; keep it under the orchestrator's
     /// grace period (120 s in deploy/kubernetes).
     pub drain_timeout: Duration,
+    /// Caps and timeouts of client connections.
+    pub connections: conn::ConnectionLimits,
 }
 
 /// A PEM certificate chain and its private key.
@@ -81,6 +83,7 @@ impl Default for ServerConfig {
             reload: None,
             tls: None,
             drain_timeout: Duration::from_secs(90),
+            connections: conn::ConnectionLimits::default(),
         }
     }
 }
@@ -92,6 +95,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("keda_metric_name", &self.keda_metric_name)
             .field("tls", &self.tls.is_some())
+            .field("connections", &self.connections)
             .finish_non_exhaustive()
     }
 }
@@ -312,7 +316,11 @@ pub async fn run(
         }
         let _ = closing_tx.send(true);
     };
-    let mut builder = tonic::transport::Server::builder();
+    let limits = shared.config.connections;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams);
     if let Some(tls) = &shared.config.tls {
         let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
         builder =
@@ -326,11 +334,7 @@ pub async fn run(
         .add_service(InterceptedService::new(signals, auth.clone()))
         .add_service(InterceptedService::new(nodes, auth.clone()))
         .add_service(InterceptedService::new(scaler, auth))
-        // Nagle plus delayed ACKs would add ~40 ms to every small unary reply.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            graceful,
-        )
+        .serve_with_incoming_shutdown(conn::bounded_incoming(listener, limits), graceful)
         .await?;
     if !starter.is_finished() {
         starter.abort();

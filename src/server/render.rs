@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status};
 use sakuga_proto::v1;
 use sakuga_proto::v1::render_service_server::RenderService;
 use sakuga_scheduler::SubmitRequest;
+use sakuga_scheduler::bounds::check_job_id;
 use sakuga_scheduler::engine::{Frame, JobWatch, ListFilter, WatchItem};
 use sakuga_telemetry::{PlaybackReport, TraceContext, Window};
 
@@ -166,6 +167,7 @@ impl RenderService for RenderApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let engine = self.shared.engine()?;
         let req = request.into_inner();
+        check_job_id(&req.job_id).map_err(status_of)?;
         let watch = engine.watch(&req.job_id).await.map_err(status_of)?;
         let cursor = WatchCursor {
             trace_id: watch.trace_id().to_owned(),
@@ -189,10 +191,12 @@ impl RenderService for RenderApi {
         &self,
         request: Request<v1::CancelRequest>,
     ) -> Result<Response<v1::Job>, Status> {
+        let job_id = request.into_inner().job_id;
+        check_job_id(&job_id).map_err(status_of)?;
         let info = self
             .shared
             .engine()?
-            .cancel(&request.into_inner().job_id)
+            .cancel(&job_id)
             .await
             .map_err(status_of)?;
         Ok(Response::new(job_to_proto(&info)))
@@ -202,10 +206,12 @@ impl RenderService for RenderApi {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
+        let job_id = request.into_inner().job_id;
+        check_job_id(&job_id).map_err(status_of)?;
         let info = self
             .shared
             .engine()?
-            .get(&request.into_inner().job_id)
+            .get(&job_id)
             .await
             .map_err(status_of)?;
         Ok(Response::new(job_to_proto(&info)))
@@ -233,10 +239,12 @@ impl RenderService for RenderApi {
             .list(filter, size, token)
             .await
             .map_err(status_of)?;
-        Ok(Response::new(v1::ListJobsResponse {
-            jobs: page.jobs.iter().map(job_to_proto).collect(),
-            next_page_token: page.next_page_token.unwrap_or_default(),
-        }))
+        let budget = self
+            .shared
+            .config
+            .max_message_bytes
+            .min(LIST_RESPONSE_BYTES);
+        Ok(Response::new(page_within(page, budget)))
     }
 
     async fn report_playback(
@@ -245,20 +253,57 @@ impl RenderService for RenderApi {
     ) -> Result<Response<v1::ReportPlaybackResponse>, Status> {
         let engine = self.shared.engine()?;
         let req = request.into_inner();
-        let info = engine.get(&req.job_id).await.map_err(status_of)?;
+        check_job_id(&req.job_id).map_err(status_of)?;
+        // Counted only up to the frames the job's stream produced: one client must not be
+        // able to drive an SLO budget by claiming a million drops.
+        let claim = engine
+            .claim_playback(&req.job_id, req.frames_displayed, req.frames_dropped)
+            .await
+            .map_err(status_of)?;
         let report = PlaybackReport {
-            delivered_frames: req.frames_displayed,
-            dropped_frames: req.frames_dropped,
+            delivered_frames: claim.displayed,
+            dropped_frames: claim.dropped,
             ..PlaybackReport::default()
         };
-        engine.signals().playback_report(info.workload, &report);
+        engine.signals().playback_report(claim.workload, &report);
         let health = engine
             .signals()
-            .golden(info.workload, Window::TwoMinutes)
+            .golden(claim.workload, Window::TwoMinutes)
             .fps_health;
         Ok(Response::new(v1::ReportPlaybackResponse {
             fps_health_ratio: health.unwrap_or(0.0),
         }))
+    }
+}
+
+/// Most bytes of one `ListJobs` response: gRPC clients refuse messages over 4 MiB unless
+/// told otherwise, and a page is cut short (with a token to go on) rather than fail.
+const LIST_RESPONSE_BYTES: usize = 4 << 20;
+
+/// The page as a response of at most `budget` bytes: jobs are kept while they fit (always
+/// at least one), and the token then continues after the last one kept.
+fn page_within(page: sakuga_scheduler::engine::JobPage, budget: usize) -> v1::ListJobsResponse {
+    use prost::Message;
+    // Room for the token and the field tags around each job.
+    let mut used = 64;
+    let mut jobs = Vec::with_capacity(page.jobs.len());
+    for info in &page.jobs {
+        let job = job_to_proto(info);
+        let len = job.encoded_len() + 8;
+        if !jobs.is_empty() && used + len > budget {
+            break;
+        }
+        used += len;
+        jobs.push(job);
+    }
+    let next_page_token = if jobs.len() < page.jobs.len() {
+        page.resume_tokens[jobs.len() - 1].clone()
+    } else {
+        page.next_page_token.unwrap_or_default()
+    };
+    v1::ListJobsResponse {
+        jobs,
+        next_page_token,
     }
 }
 

@@ -413,8 +413,9 @@ pub struct SloSlot {
 impl SlotData for SloSlot {
     fn merge(&mut self, other: &Self) {
         for i in 0..SLO_COUNT {
-            self.good[i] += other.good[i];
-            self.bad[i] += other.bad[i];
+            // Saturating: counts come partly from clients and must never wrap to small.
+            self.good[i] = self.good[i].saturating_add(other.good[i]);
+            self.bad[i] = self.bad[i].saturating_add(other.bad[i]);
         }
     }
 }
@@ -474,8 +475,9 @@ impl SloTracker {
     #[inline]
     pub fn record(&self, at: Duration, slo: SloId, good: u64, bad: u64) {
         self.ring.record(at, |slot| {
-            slot.good[slo.index()] += good;
-            slot.bad[slo.index()] += bad;
+            let i = slo.index();
+            slot.good[i] = slot.good[i].saturating_add(good);
+            slot.bad[i] = slot.bad[i].saturating_add(bad);
         });
     }
 
@@ -493,8 +495,8 @@ impl SloTracker {
     pub fn bad_ratio(&self, now: Duration, slo: SloId, minutes: usize) -> Option<f64> {
         let sum = self.ring.sum_recent(now, minutes);
         let (good, bad) = (sum.good[slo.index()], sum.bad[slo.index()]);
-        let total = good + bad;
-        (total > 0).then(|| bad as f64 / total as f64)
+        let total = good as f64 + bad as f64;
+        (total > 0.0).then(|| bad as f64 / total)
     }
 
     /// Burn rate of one SLO over one window; 0 without events.

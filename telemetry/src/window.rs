@@ -169,7 +169,7 @@ struct WorkloadSlot {
 impl WorkloadSlot {
     fn merge(&mut self, other: &WorkloadSlot) {
         for (mine, theirs) in self.frames.iter_mut().zip(other.frames) {
-            *mine += theirs;
+            *mine = mine.saturating_add(theirs);
         }
         for (mine, theirs) in self.intervals.iter_mut().zip(other.intervals.iter()) {
             mine.merge(theirs);
@@ -181,7 +181,7 @@ impl WorkloadSlot {
         for (mine, theirs) in self.outcomes.iter_mut().zip(other.outcomes) {
             *mine += theirs;
         }
-        self.images += other.images;
+        self.images = self.images.saturating_add(other.images);
         // Slots merge oldest first: keep the earliest first and the latest last.
         if self.depth_first.is_none() {
             self.depth_first = other.depth_first;
@@ -327,7 +327,10 @@ impl Windows {
     /// Count `n` frames of one kind.
     #[inline]
     pub fn frames(&self, at: Duration, workload: Workload, kind: FrameKind, n: u64) {
-        self.workload(at, workload, |w| w.frames[kind.index()] += n);
+        self.workload(at, workload, |w| {
+            let count = &mut w.frames[kind.index()];
+            *count = count.saturating_add(n);
+        });
     }
 
     /// A frame counted and its interval since the stream's previous frame, in one lock.
@@ -365,7 +368,7 @@ impl Windows {
             if outcome == Outcome::Success {
                 w.render_latency
                     .record(RENDER_LATENCY_BUCKETS, latency.as_secs_f64());
-                w.images += images;
+                w.images = w.images.saturating_add(images);
             }
         });
     }

@@ -124,6 +124,8 @@ struct FeedState {
     finished: bool,
     /// A watcher is metering delivery for the stream.
     metered: bool,
+    /// Frames clients reported as displayed or dropped so far (never over `frames_pushed`).
+    frames_reported: u64,
 }
 
 /// The feed of one job. See the module docs.
@@ -226,6 +228,18 @@ impl JobFeed {
         }
         drop(state);
         self.wake();
+    }
+
+    /// Bounds a client's playback report (`displayed`, `dropped`) by the frames this job
+    /// produced and not yet reported: a client cannot claim more frames than the stream
+    /// made, nor count one twice over repeated reports. Returns what may be counted.
+    pub fn claim_playback(&self, displayed: u64, dropped: u64) -> (u64, u64) {
+        let mut state = self.state.lock();
+        let left = state.frames_pushed.saturating_sub(state.frames_reported);
+        let displayed = displayed.min(left);
+        let dropped = dropped.min(left - displayed);
+        state.frames_reported += displayed + dropped;
+        (displayed, dropped)
     }
 
     /// Drops the frames kept for replay (finished jobs past the retention count).

@@ -218,6 +218,8 @@ pub(crate) struct QueueState {
     /// Scratch for [`Self::expire_deadlines`], kept to avoid an allocation per tick.
     timeouts: Vec<(String, String)>,
     self_tx: Option<Sender<Command>>,
+    /// Recent completions per workload, for `RetryInfo`.
+    throughput: super::throughput::Throughput,
 }
 
 fn streams_paced(step: &crate::plan::PlanStep) -> bool {
@@ -281,6 +283,7 @@ impl QueueState {
             drain_waiters: Vec::new(),
             timeouts: Vec::new(),
             self_tx: None,
+            throughput: Default::default(),
         }
     }
 
@@ -424,9 +427,11 @@ impl QueueState {
         let signals = self.shared.signals.clone();
         let workload = p.workload;
         let cost = p.estimate.expected_duration.as_secs_f64();
+        let now = self.now();
         let view = QueueView {
             queued_same_workload: self.queue.len_of(workload),
             work_ahead_s: self.work_ahead_s(workload, cost, p.priority),
+            drain_per_s: self.throughput.per_second(workload, now),
         };
         let deadline_in = p.deadline.map(|d| {
             d.duration_since(SystemTime::now())
@@ -850,6 +855,7 @@ impl QueueState {
         job.info.error = error.clone();
         job.info.outputs = done.outputs;
         let workload = job.info.workload;
+        self.throughput.record(workload, self.started.elapsed());
         let latency = job.info.submitted_at.elapsed().unwrap_or_default();
         let mut outcome = outcome_of(state);
         if let Err(e) = &done.result
@@ -977,10 +983,11 @@ impl QueueState {
         }
     }
 
-    fn list(&self, filter: &ListFilter, page_size: usize, token: Option<String>) -> JobPage {
+    fn list(&self, filter: &ListFilter, page_size: usize, before: Option<u64>) -> JobPage {
         let page_size = page_size.clamp(1, 1000);
-        let before: u64 = token.and_then(|t| t.parse().ok()).unwrap_or(u64::MAX);
+        let before = before.unwrap_or(u64::MAX);
         let mut jobs = Vec::new();
+        let mut resume_tokens = Vec::new();
         let mut last_seq = None;
         for (seq, id) in self.order.range(..before).rev() {
             let Some(job) = self.jobs.get(id) else {
@@ -1000,14 +1007,17 @@ impl QueueState {
                 return JobPage {
                     jobs,
                     next_page_token: last_seq.map(|s: u64| s.to_string()),
+                    resume_tokens,
                 };
             }
             jobs.push(self.info(job));
+            resume_tokens.push(seq.to_string());
             last_seq = Some(*seq);
         }
         JobPage {
             jobs,
             next_page_token: None,
+            resume_tokens,
         }
     }
 
@@ -1230,6 +1240,20 @@ impl QueueState {
                     .map(|j| j.feed.watch())
                     .ok_or(SchedulerError::JobNotFound { job_id: id });
                 let _ = reply.send(result);
+            }
+            Command::Playback(id, (displayed, dropped), reply) => {
+                let claim = match self.jobs.get(&id) {
+                    Some(job) => {
+                        let (displayed, dropped) = job.feed.claim_playback(displayed, dropped);
+                        Ok(super::PlaybackClaim {
+                            workload: job.info.workload,
+                            displayed,
+                            dropped,
+                        })
+                    }
+                    None => Err(SchedulerError::JobNotFound { job_id: id }),
+                };
+                let _ = reply.send(claim);
             }
             Command::List(filter, size, token, reply) => {
                 let _ = reply.send(self.list(&filter, size, token));

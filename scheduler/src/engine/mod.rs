@@ -13,6 +13,7 @@
 pub mod feed;
 mod jobs;
 mod pacer;
+mod throughput;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -201,6 +202,14 @@ pub struct JobInfo {
     pub recovered: bool,
 }
 
+/// What of a playback report counts: frames the job's stream really produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlaybackClaim {
+    pub workload: Workload,
+    pub displayed: u64,
+    pub dropped: u64,
+}
+
 /// `ListJobs` filter; `None` fields match everything.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ListFilter {
@@ -216,6 +225,9 @@ pub struct JobPage {
     pub jobs: Vec<JobInfo>,
     /// Pass back to get the next page; `None` on the last page.
     pub next_page_token: Option<String>,
+    /// The token that continues right after each job of `jobs` (same length), so a
+    /// caller that must cut the page short (to fit a message) can still page on.
+    pub resume_tokens: Vec<String>,
 }
 
 /// Demand for autoscaling: work queued and running, weighted by estimated cost.
@@ -246,7 +258,12 @@ pub(crate) enum Command {
     Cancel(String, oneshot::Sender<Result<JobInfo, SchedulerError>>),
     Get(String, oneshot::Sender<Result<JobInfo, SchedulerError>>),
     Watch(String, oneshot::Sender<Result<JobWatch, SchedulerError>>),
-    List(ListFilter, usize, Option<String>, oneshot::Sender<JobPage>),
+    Playback(
+        String,
+        (u64, u64),
+        oneshot::Sender<Result<PlaybackClaim, SchedulerError>>,
+    ),
+    List(ListFilter, usize, Option<u64>, oneshot::Sender<JobPage>),
     Demand(oneshot::Sender<Demand>),
     /// Stop admitting; answer once nothing is running.
     Drain(oneshot::Sender<()>),
@@ -427,6 +444,7 @@ impl EngineHandle {
         if self.is_draining() {
             return Err(SchedulerError::ShuttingDown);
         }
+        crate::bounds::check_submit(&request, SystemTime::now())?;
         let features = self.shared.tunables.read().features;
         let workload_hint = request.workload;
         let mut workflow = request.workflow;
@@ -563,6 +581,22 @@ impl EngineHandle {
         rx.await.map_err(|_| SchedulerError::ShuttingDown)?
     }
 
+    /// Takes a client's playback report for `job_id` (frames displayed, dropped), bounded
+    /// by what the job's stream produced and not yet reported.
+    ///
+    /// # Errors
+    /// [`SchedulerError::JobNotFound`].
+    pub async fn claim_playback(
+        &self,
+        job_id: &str,
+        displayed: u64,
+        dropped: u64,
+    ) -> Result<PlaybackClaim, SchedulerError> {
+        let rx =
+            self.ask(|reply| Command::Playback(job_id.to_owned(), (displayed, dropped), reply))?;
+        rx.await.map_err(|_| SchedulerError::ShuttingDown)?
+    }
+
     /// [`Self::get`] for threads outside tokio.
     ///
     /// # Errors
@@ -595,14 +629,20 @@ impl EngineHandle {
     /// Jobs matching `filter`, newest first, `page_size` at a time (capped at 1000).
     ///
     /// # Errors
-    /// [`SchedulerError::ShuttingDown`].
+    /// [`SchedulerError::InvalidArgument`] for a page token this engine did not issue or a
+    /// label filter over the caps, [`SchedulerError::ShuttingDown`].
     pub async fn list(
         &self,
         filter: ListFilter,
         page_size: usize,
         page_token: Option<String>,
     ) -> Result<JobPage, SchedulerError> {
-        let rx = self.ask(|reply| Command::List(filter, page_size, page_token, reply))?;
+        crate::bounds::check_labels("labels", filter.labels.iter())?;
+        let before = page_token
+            .as_deref()
+            .map(crate::bounds::parse_page_token)
+            .transpose()?;
+        let rx = self.ask(|reply| Command::List(filter, page_size, before, reply))?;
         rx.await.map_err(|_| SchedulerError::ShuttingDown)
     }
 
