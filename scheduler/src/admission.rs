@@ -278,11 +278,13 @@ impl Estimator {
                     weights = weights.saturating_add(bytes);
                 }
             }
-            let duration = Duration::from_secs_f64(
-                (config.default_node_duration_ms / 1000.0 * cost.work.max(0.01))
-                    .max(0.0)
-                    .min(1e9),
-            );
+            let seconds = config.default_node_duration_ms / 1000.0 * cost.work.max(0.01);
+            // A misconfigured prior (negative, NaN) must not panic the estimate.
+            let duration = if seconds.is_finite() {
+                Duration::from_secs_f64(seconds.clamp(0.0, 1e9))
+            } else {
+                Duration::ZERO
+            };
             prior += duration;
             nodes.push(NodeEstimate {
                 node_id: node.id.to_string(),
