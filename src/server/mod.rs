@@ -291,6 +291,15 @@ pub async fn run(
     // already open, so probes see NOT_SERVING rather than a refused connection.
     let slot = shared.engine.clone();
     let start_reporter = reporter.clone();
+    // An engine that is already running serves the first request: no window in which a
+    // client that connected at once is told it is starting.
+    let engine = match engine {
+        EngineStart::Ready(engine) => {
+            let _ = slot.set(engine.clone());
+            EngineStart::Ready(engine)
+        }
+        start => start,
+    };
     let starter = tokio::spawn(async move {
         let engine = match engine {
             EngineStart::Ready(engine) => engine,
