@@ -330,6 +330,17 @@ pub fn scaled(size: u64, factor: f64) -> u64 {
     ((size as f64 * factor).round() as u64).max(1)
 }
 
+/// The size a resize to `width` x `height` gives a `w` x `h` source, where 0 on one side
+/// keeps the aspect ratio and 0 on both keeps the source size (ComfyUI's rule).
+pub fn target_size(w: u64, h: u64, width: u64, height: u64) -> (u64, u64) {
+    match (width, height) {
+        (0, 0) => (w, h),
+        (0, height) => (scaled(w, height as f64 / h.max(1) as f64), height),
+        (width, 0) => (width, scaled(h, width as f64 / w.max(1) as f64)),
+        both => both,
+    }
+}
+
 impl ExecContext<'_> {
     /// Checks that allocating `bytes` fits the job's memory budget, so that a job past its
     /// budget fails with `oom` instead of taking the process down in the allocator. Nodes

@@ -778,14 +778,12 @@ static LATENT_UPSCALE: LazyLock<NodeSchema> = LazyLock::new(|| {
             let Some((h, w)) = source.spatial() else {
                 return NodeCost::outputs(vec![source]);
             };
-            let width = i.size("width", 512) / LATENT_FACTOR;
-            let height = i.size("height", 512) / LATENT_FACTOR;
-            let (width, height) = match (width, height) {
-                (0, 0) => (w, h),
-                (0, height) => (scaled(w, height as f64 / h.max(1) as f64), height),
-                (width, 0) => (width, scaled(h, width as f64 / w.max(1) as f64)),
-                both => both,
-            };
+            let (width, height) = crate::shape::target_size(
+                w,
+                h,
+                i.size("width", 512) / LATENT_FACTOR,
+                i.size("height", 512) / LATENT_FACTOR,
+            );
             latent_resize_cost(source, height, width)
         })
 });

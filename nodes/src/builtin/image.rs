@@ -188,13 +188,8 @@ static IMAGE_SCALE: LazyLock<NodeSchema> = LazyLock::new(|| {
             let Some((h, w)) = source.spatial() else {
                 return NodeCost::outputs(vec![source]);
             };
-            let (width, height) = (i.size("width", 512), i.size("height", 512));
-            let (width, height) = match (width, height) {
-                (0, 0) => (w, h),
-                (0, height) => (scaled(w, height as f64 / h.max(1) as f64), height),
-                (width, 0) => (width, scaled(h, width as f64 / w.max(1) as f64)),
-                both => both,
-            };
+            let (width, height) =
+                crate::shape::target_size(w, h, i.size("width", 512), i.size("height", 512));
             resize_cost(source, height, width)
         })
 });
