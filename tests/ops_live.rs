@@ -222,9 +222,9 @@ async fn prometheus_and_alertmanager_see_a_live_server_right() {
     let seen = seen.lock().clone();
     assert!(
         seen.is_empty(),
-        "alerts pending or firing under healthy load: {seen:?}\nerror ratios: {:#?}\nqueue waits: {:#?}",
+        "alerts pending or firing under healthy load: {seen:?}\nerror ratios: {:#?}\nframe intervals: {:#?}",
         stack.query("sakuga:slo_error_ratio:rate5m"),
-        stack.query("sakuga_queue_wait_seconds_bucket{workload=\"batch\"}"),
+        stack.query("sakuga_frame_interval_seconds_bucket{workload=\"animation\", le=~\"0.0425|0.05|0.0666.*|\\\\+Inf\"}"),
     );
     assert_slo_budgets_positive(&stack);
 

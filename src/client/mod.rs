@@ -61,7 +61,10 @@ impl SakugaClient {
         token: Option<&str>,
         tls: Option<(&[u8], &str)>,
     ) -> anyhow::Result<Self> {
-        let mut endpoint = Endpoint::from_shared(url.to_owned())?;
+        // Frames stream without waiting on window updates (see the server's window).
+        let mut endpoint = Endpoint::from_shared(url.to_owned())?
+            .initial_stream_window_size(crate::server::FRAME_WINDOW_BYTES)
+            .initial_connection_window_size(2 * crate::server::FRAME_WINDOW_BYTES);
         if let Some((ca_pem, domain)) = tls {
             let config = tonic::transport::ClientTlsConfig::new()
                 .ca_certificate(tonic::transport::Certificate::from_pem(ca_pem))

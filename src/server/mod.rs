@@ -57,6 +57,9 @@ pub struct ServerConfig {
     pub connections: conn::ConnectionLimits,
 }
 
+/// HTTP/2 flow-control window per stream: room for a few preview frames in flight.
+pub const FRAME_WINDOW_BYTES: u32 = 4 << 20;
+
 /// A PEM certificate chain and its private key.
 #[derive(Clone)]
 pub struct TlsIdentity {
@@ -329,7 +332,11 @@ pub async fn run(
     let mut builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(limits.keepalive_interval))
         .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .max_concurrent_streams(limits.max_concurrent_streams);
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // A preview frame is hundreds of KiB: with HTTP/2's default 64 KiB window each one
+        // waits on the client's window updates, and that wait shows up as late frames.
+        .initial_stream_window_size(Some(FRAME_WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * FRAME_WINDOW_BYTES));
     if let Some(tls) = &shared.config.tls {
         let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
         builder =
