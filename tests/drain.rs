@@ -109,25 +109,7 @@ async fn rerun(dir: &std::path::Path, job_id: &str) -> (ServerProcess, v1::Job) 
 
 async fn wait_not_serving(url: &str) {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-    let request = tonic_health::pb::HealthCheckRequest {
-        service: String::new(),
-    };
-    let mut updates = health.watch(request).await.unwrap().into_inner();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(update) = updates.message().await.unwrap() {
-            if update.status == ServingStatus::NotServing as i32 {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the server started draining");
+    support::wait_health(url, ServingStatus::NotServing).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,6 +21,14 @@ impl Drop for ServerProcess {
 /// Waits on the health Watch stream (not a poll) until the server says SERVING.
 pub async fn wait_serving(url: &str) {
     use tonic_health::pb::health_check_response::ServingStatus;
+    wait_health(url, ServingStatus::Serving).await;
+}
+
+/// Waits on the health Watch stream (not a poll) until the server reports `status`.
+pub async fn wait_health(
+    url: &str,
+    status: tonic_health::pb::health_check_response::ServingStatus,
+) {
     let channel = tonic::transport::Endpoint::from_shared(url.to_owned())
         .unwrap()
         .connect()
@@ -33,14 +41,14 @@ pub async fn wait_serving(url: &str) {
     let mut updates = health.watch(request).await.unwrap().into_inner();
     tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(update) = updates.message().await.unwrap() {
-            if update.status == ServingStatus::Serving as i32 {
+            if update.status == status as i32 {
                 return;
             }
         }
-        panic!("the health stream ended before SERVING");
+        panic!("the health stream ended before {status:?}");
     })
     .await
-    .expect("the server became ready");
+    .unwrap_or_else(|_| panic!("the server did not report {status:?}"));
 }
 
 /// A `sakuga serve` process started by [`spawn_server_full`].
