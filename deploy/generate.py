@@ -50,6 +50,8 @@ LATE_FRAME_TOLERANCE = 1.02
 LE_24_FPS = 'le="0.0425"'
 # Mean FPS under this is too slow for the 24 FPS floor, tolerance included.
 FPS_FLOOR = f"(24 / {LATE_FRAME_TOLERANCE})"
+# Bad frames a frame SLO's burn needs in its short window (catalogue::MIN_BAD_FRAMES_TO_ALERT).
+MIN_BAD_FRAMES_TO_ALERT = 24
 
 # --------------------------------------------------------------------------------------
 # SLOs (DESIGN.md section 6) and their multi-window, multi-burn-rate alerts.
@@ -73,6 +75,11 @@ class Slo:
     bad_ratio: str  # PromQL template; {w} is the rate window; labels: workload only
     suppressed: bool  # latency/capacity SLOs are muted during planned heavy load
     category: str
+    # Low-traffic guard (SRE workbook, "low-traffic services"): a burn also needs this many
+    # bad events in its short window, so one late frame among the first ten of a fresh
+    # preview (a 10% ratio) is not a page. PromQL template of the bad-event count.
+    bad_events: str | None = None
+    min_bad_events: int = 0
 
     @property
     def budget(self) -> float:
@@ -97,6 +104,14 @@ SLOS = [
         ),
         suppressed=True,
         category="latency",
+        bad_events=(
+            "sum by (workload) (increase(sakuga_frame_interval_seconds_count"
+            '{workload="animation", side="delivered"}[{w}]))\n'
+            "-\n"
+            "sum by (workload) (increase(sakuga_frame_interval_seconds_bucket"
+            '{workload="animation", side="delivered", ' + LE_24_FPS + "}[{w}]))"
+        ),
+        min_bad_events=MIN_BAD_FRAMES_TO_ALERT,
     ),
     Slo(
         name="animation_dropped_frames",
@@ -111,6 +126,8 @@ SLOS = [
         ),
         suppressed=True,
         category="capacity",
+        bad_events='sum by (workload) (increase(sakuga_frames_total{workload="animation", kind="dropped"}[{w}]))',
+        min_bad_events=MIN_BAD_FRAMES_TO_ALERT,
     ),
     Slo(
         name="single_image_latency",
@@ -217,6 +234,12 @@ def burn_condition(slo: Slo, windows: list[tuple[str, str, float]]) -> str:
             f'  {sli_record(short_window)}{{slo="{slo.name}"}} > {threshold}\n'
             ")"
         )
+        if slo.bad_events:
+            count = slo.bad_events.replace("{w}", short_window)
+            clause = (
+                f"(\n{indent(clause)}\n  and on (workload)\n"
+                f"{indent('(' + chr(10) + indent(count) + chr(10) + ') >= ' + str(slo.min_bad_events))}\n)"
+            )
         if slo.suppressed:
             # Muted while the short window still holds planned load: it has to agree.
             clause = f"(\n{indent(clause)}\n{indent(heavy_load_suppression(short_window))}\n)"

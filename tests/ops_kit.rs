@@ -749,3 +749,29 @@ fn generated_files_are_up_to_date() {
     let output = run("python3", &["deploy/generate.py", "--check"]);
     assert_success(&output, "python3 deploy/generate.py --check");
 }
+
+/// The rule generator writes the late-frame tolerance and the low-traffic guard into the
+/// rules as numbers; they are the catalogue's numbers.
+#[test]
+fn rule_generator_constants_match_the_catalogue() {
+    let source = std::fs::read_to_string("deploy/generate.py").unwrap();
+    let constant = |name: &str| -> f64 {
+        let prefix = format!("{name} = ");
+        let line = source
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("deploy/generate.py defines no {name}"));
+        line.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("{name} = {line}: {e}"))
+    };
+    use sakuga_telemetry::catalogue;
+    assert_eq!(
+        constant("LATE_FRAME_TOLERANCE"),
+        catalogue::LATE_FRAME_TOLERANCE
+    );
+    assert_eq!(
+        constant("MIN_BAD_FRAMES_TO_ALERT"),
+        catalogue::MIN_BAD_FRAMES_TO_ALERT as f64
+    );
+}

@@ -74,6 +74,12 @@ pub const LATE_FRAME_INTERVAL_24FPS_S: f64 = 0.0425;
 /// The late-frame interval at 30 FPS: 1.02 / 30 s.
 pub const LATE_FRAME_INTERVAL_30FPS_S: f64 = 0.034;
 
+/// Low-traffic guard of the frame SLOs' burn alerts: a page or ticket also needs this many
+/// bad frames (late or dropped) in its short window, one second of playback at the floor.
+/// One late frame among the first ten of a fresh preview is a 10% error ratio, not a page.
+/// `deploy/generate.py` uses the same number.
+pub const MIN_BAD_FRAMES_TO_ALERT: u64 = 24;
+
 /// The late-frame threshold for a stream whose FPS floor is `min_fps`.
 pub fn late_frame_interval_s(min_fps: f64) -> f64 {
     LATE_FRAME_TOLERANCE / min_fps

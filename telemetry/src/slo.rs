@@ -47,6 +47,16 @@ impl SloId {
         SloId::TimeoutsAndOoms,
     ];
 
+    /// Bad events a burn needs in its short window before it pages or files a ticket.
+    pub const fn min_bad_events_to_alert(self) -> u64 {
+        match self {
+            SloId::AnimationFps | SloId::AnimationDroppedFrames => {
+                crate::catalogue::MIN_BAD_FRAMES_TO_ALERT
+            }
+            _ => 0,
+        }
+    }
+
     /// The `slo` label value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -529,10 +539,16 @@ impl SloTracker {
                 .find(|(x, _)| *x == w)
                 .map_or(0.0, |r| r.1)
         };
-        let page = (rate(BurnWindow::H1) > 14.4 && rate(BurnWindow::M5) > 14.4)
-            || (rate(BurnWindow::H6) > 6.0 && rate(BurnWindow::M30) > 6.0);
-        let ticket = (rate(BurnWindow::D1) > 3.0 && rate(BurnWindow::H2) > 3.0)
-            || (rate(BurnWindow::D3) > 1.0 && rate(BurnWindow::H6) > 1.0);
+        let burning = |long: BurnWindow, short: BurnWindow, factor: f64| {
+            rate(long) > factor
+                && rate(short) > factor
+                && self.ring.sum_recent(now, short.minutes()).bad[slo.index()]
+                    >= slo.min_bad_events_to_alert()
+        };
+        let page = burning(BurnWindow::H1, BurnWindow::M5, 14.4)
+            || burning(BurnWindow::H6, BurnWindow::M30, 6.0);
+        let ticket = burning(BurnWindow::D1, BurnWindow::H2, 3.0)
+            || burning(BurnWindow::D3, BurnWindow::H6, 1.0);
         SloStatus {
             slo,
             objective,
@@ -637,6 +653,23 @@ mod tests {
             10.0 / 1000.0 / 0.005
         ));
         assert!(!status.page);
+    }
+
+    #[test]
+    fn a_few_late_frames_on_a_fresh_stream_do_not_page_until_a_second_of_them() {
+        let config = SloConfig::default();
+        let tracker = SloTracker::new();
+        let now = Duration::from_secs(3600 * 5);
+        // A fresh 10-frame preview with one late interval: 10% bad, 10x the 1% budget.
+        tracker.record(now, SloId::AnimationFps, 9, 1);
+        let status = tracker.status(now, SloId::AnimationFps, &config);
+        assert!(status.burn_rate(BurnWindow::M5) > 6.0);
+        assert!(!status.page && !status.ticket, "one late frame paged");
+        // A second's worth of late frames at the same ratio is a real burn.
+        tracker.record(now, SloId::AnimationFps, 207, 23);
+        let status = tracker.status(now, SloId::AnimationFps, &config);
+        assert_eq!(status.bad, crate::catalogue::MIN_BAD_FRAMES_TO_ALERT);
+        assert!(status.page);
     }
 
     #[test]
