@@ -34,6 +34,9 @@ pub use node::{
 };
 pub use port::PortType;
 pub use registry::NodeRegistry;
-pub use schema::{ComboOptions, InputKind, InputSpec, NodeSchema, OutputSpec};
+pub use schema::{
+    ComboOptions, DegradeKnob, Feature, InputKind, InputSpec, ModelSlot, NodeRoles, NodeSchema,
+    OutputSpec,
+};
 pub use shape::{NodeCost, Shape, ShapeInputs};
 pub use value::Value;

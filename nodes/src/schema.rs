@@ -4,6 +4,8 @@
 
 use serde_json::{Map, Value as Json, json};
 
+use sakuga_telemetry::{ModelKind, Stage};
+
 use crate::port::PortType;
 use crate::shape::{NodeCost, ShapeFn, ShapeInputs, passthrough_cost};
 
@@ -164,6 +166,57 @@ pub struct OutputSpec {
     pub port: PortType,
 }
 
+/// The models folder a loader reads, the input that names the file, and its kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelSlot {
+    /// Folder under the models dir, as ComfyUI names it (`checkpoints`, `upscale_models`).
+    pub folder: &'static str,
+    /// The input holding the file name.
+    pub input: &'static str,
+    pub kind: ModelKind,
+}
+
+/// What degrading an animation for FPS may change on a node (DESIGN.md section 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DegradeKnob {
+    /// A source of key frames: its `batch_size` sets them, its `width`/`height` the
+    /// preview resolution.
+    KeyFrames,
+    /// A sampler: its `steps` may be halved.
+    Steps,
+    /// An interpolator: its `multiplier` may double while the key frames halve.
+    InterpolationMultiplier,
+}
+
+/// A feature flag that bypasses a node, passing its image input through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feature {
+    Upscaler,
+    Interpolator,
+}
+
+impl Feature {
+    pub const ALL: [Feature; 2] = [Feature::Upscaler, Feature::Interpolator];
+}
+
+/// What the engine, signals, admission and warmup need to know about a node class, so
+/// none of them matches class names.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct NodeRoles {
+    /// Pipeline stage of its duration and stage events.
+    pub stage: Option<Stage>,
+    /// Its end marks `inference_finished` (samplers, VAE decode).
+    pub ends_inference: bool,
+    /// A loader: what it loads and from where (warmup and model listings use it).
+    pub loads: Option<ModelSlot>,
+    /// Streams its images as frames (inputs `fps`, `pace`): a preview's stream node.
+    pub streams: bool,
+    /// Its presence makes a plan an animation.
+    pub animation: bool,
+    pub degrade: Option<DegradeKnob>,
+    pub feature: Option<Feature>,
+}
+
 /// Everything the validator and the catalogue need to know about a node class.
 #[derive(Debug, Clone)]
 pub struct NodeSchema {
@@ -178,6 +231,7 @@ pub struct NodeSchema {
     /// Output shapes, scratch memory and work from input shapes; `None` passes the largest
     /// linked image or latent through (see [`passthrough_cost`]).
     pub shape: Option<ShapeFn>,
+    pub roles: NodeRoles,
 }
 
 impl NodeSchema {
@@ -196,7 +250,54 @@ impl NodeSchema {
             outputs: Vec::new(),
             output_node: false,
             shape: None,
+            roles: NodeRoles::default(),
         }
+    }
+
+    /// Puts the node in a pipeline stage.
+    pub fn stage(mut self, stage: Stage) -> Self {
+        self.roles.stage = Some(stage);
+        self
+    }
+
+    /// Marks its end as the end of inference.
+    pub fn ends_inference(mut self) -> Self {
+        self.roles.ends_inference = true;
+        self
+    }
+
+    /// Declares a loader of `kind` files from `folder`, named by `input` (stage: load).
+    pub fn loads(mut self, folder: &'static str, input: &'static str, kind: ModelKind) -> Self {
+        self.roles.loads = Some(ModelSlot {
+            folder,
+            input,
+            kind,
+        });
+        self.stage(Stage::ModelLoad)
+    }
+
+    /// Declares a frame stream node (stage: deliver; makes the plan an animation).
+    pub fn streams(mut self) -> Self {
+        self.roles.streams = true;
+        self.animation().stage(Stage::Deliver)
+    }
+
+    /// Makes any plan holding this node an animation.
+    pub fn animation(mut self) -> Self {
+        self.roles.animation = true;
+        self
+    }
+
+    /// Declares what degrading for FPS may change on it.
+    pub fn degrade(mut self, knob: DegradeKnob) -> Self {
+        self.roles.degrade = Some(knob);
+        self
+    }
+
+    /// Declares the feature flag that may bypass it.
+    pub fn feature(mut self, feature: Feature) -> Self {
+        self.roles.feature = Some(feature);
+        self
     }
 
     /// Sets the description shown in the catalogue.

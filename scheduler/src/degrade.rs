@@ -9,14 +9,15 @@
 //! 3. lower preview resolution: three quarters of the width and height of the source
 //!    (`EmptyLatentImage`, `EmptyImage`), kept on the 8-pixel grid.
 //!
+//! Which node plays which part is read off its schema's roles ([`DegradeKnob`], the
+//! stream node), never off its class name.
+//!
 //! Only what the workflow has can be degraded; whatever is still short shows later as late
 //! or dropped frames. Each step taken is listed so the job's events can say so.
 
 use serde_json::{Map, Value as Json};
 
-/// Nodes whose `batch_size` sets the key frames and whose size sets the resolution.
-const SOURCES: [&str; 2] = ["EmptyLatentImage", "EmptyImage"];
-const SAMPLERS: [&str; 2] = ["KSampler", "KSamplerAdvanced"];
+use sakuga_nodes::{DegradeKnob, NodeRegistry, NodeRoles};
 /// The smallest preview side the resolution step goes down to.
 const MIN_SIDE: i64 = 64;
 
@@ -43,18 +44,28 @@ pub struct Degraded {
     pub speedup: f64,
 }
 
-fn nodes_of<'a>(workflow: &'a Map<String, Json>, classes: &[&str]) -> Vec<&'a str> {
-    let mut ids: Vec<&str> = workflow
+/// Ids of the nodes whose roles match, in id order.
+fn nodes_of(
+    workflow: &Map<String, Json>,
+    registry: &NodeRegistry,
+    wanted: impl Fn(&NodeRoles) -> bool,
+) -> Vec<String> {
+    let mut ids: Vec<String> = workflow
         .iter()
         .filter(|(_, node)| {
             node.get("class_type")
                 .and_then(Json::as_str)
-                .is_some_and(|c| classes.contains(&c))
+                .and_then(|c| registry.get(c))
+                .is_some_and(|n| wanted(&n.schema().roles))
         })
-        .map(|(id, _)| id.as_str())
+        .map(|(id, _)| id.clone())
         .collect();
     ids.sort_unstable();
     ids
+}
+
+fn knob(knob: DegradeKnob) -> impl Fn(&NodeRoles) -> bool {
+    move |roles| roles.degrade == Some(knob)
 }
 
 fn literal_i64(workflow: &Map<String, Json>, id: &str, input: &str) -> Option<i64> {
@@ -85,16 +96,17 @@ fn set(workflow: &mut Map<String, Json>, id: &str, input: &str, value: i64) {
 /// The stream a workflow plays: the first `StreamFrames` node's FPS, and the frames that
 /// reach it (key frames, times the interpolation multiplier between them). `None` when it
 /// streams nothing or its sizes are links rather than literals.
-pub fn stream_shape(workflow: &Json) -> Option<StreamShape> {
+pub fn stream_shape(workflow: &Json, registry: &NodeRegistry) -> Option<StreamShape> {
     let nodes = workflow.as_object()?;
-    let stream = *nodes_of(nodes, &["StreamFrames"]).first()?;
+    let streams = nodes_of(nodes, registry, |roles| roles.streams);
+    let stream = streams.first()?;
     let target_fps = literal_f64(nodes, stream, "fps").unwrap_or(24.0);
-    let key_frames = nodes_of(nodes, &SOURCES)
+    let key_frames = nodes_of(nodes, registry, knob(DegradeKnob::KeyFrames))
         .iter()
         .filter_map(|id| literal_i64(nodes, id, "batch_size"))
         .max()?
         .max(1) as u64;
-    let multiplier = nodes_of(nodes, &["FrameInterpolate"])
+    let multiplier = nodes_of(nodes, registry, knob(DegradeKnob::InterpolationMultiplier))
         .iter()
         .filter_map(|id| literal_i64(nodes, id, "multiplier"))
         .product::<i64>()
@@ -107,7 +119,7 @@ pub fn stream_shape(workflow: &Json) -> Option<StreamShape> {
 
 /// Degrades `workflow` until the nominal speed-up reaches `needed` (expected render time
 /// over playback time) or no step is left; `None` when no step applies or none is needed.
-pub fn degrade(workflow: &Json, needed: f64) -> Option<Degraded> {
+pub fn degrade(workflow: &Json, needed: f64, registry: &NodeRegistry) -> Option<Degraded> {
     // NaN (an unknown render time) degrades nothing either.
     if needed.is_nan() || needed <= 1.0 {
         return None;
@@ -116,14 +128,8 @@ pub fn degrade(workflow: &Json, needed: f64) -> Option<Degraded> {
     let mut steps = Vec::new();
     let mut speedup = 1.0;
 
-    let interpolators = nodes_of(&nodes, &["FrameInterpolate"])
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
-    let sources = nodes_of(&nodes, &SOURCES)
-        .into_iter()
-        .map(str::to_owned)
-        .collect::<Vec<_>>();
+    let interpolators = nodes_of(&nodes, registry, knob(DegradeKnob::InterpolationMultiplier));
+    let sources = nodes_of(&nodes, registry, knob(DegradeKnob::KeyFrames));
     if let (Some(interpolate), false) = (interpolators.first(), sources.is_empty()) {
         let multiplier = literal_i64(&nodes, interpolate, "multiplier").unwrap_or(2);
         let key_frames = sources
@@ -148,10 +154,7 @@ pub fn degrade(workflow: &Json, needed: f64) -> Option<Degraded> {
     }
 
     if speedup < needed {
-        let samplers = nodes_of(&nodes, &SAMPLERS)
-            .into_iter()
-            .map(str::to_owned)
-            .collect::<Vec<_>>();
+        let samplers = nodes_of(&nodes, registry, knob(DegradeKnob::Steps));
         let mut changed = Vec::new();
         let mut gain: f64 = 1.0;
         for id in &samplers {
@@ -217,6 +220,18 @@ pub fn degrade(workflow: &Json, needed: f64) -> Option<Degraded> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn registry() -> NodeRegistry {
+        NodeRegistry::with_builtins()
+    }
+
+    fn stream_shape(workflow: &Json) -> Option<StreamShape> {
+        super::stream_shape(workflow, &registry())
+    }
+
+    fn degrade(workflow: &Json, needed: f64) -> Option<Degraded> {
+        super::degrade(workflow, needed, &registry())
+    }
 
     fn preview() -> Json {
         json!({

@@ -15,7 +15,9 @@ use crossbeam_channel::{Receiver, Sender};
 use serde::Deserialize;
 use serde_json::Value as Json;
 
-use sakuga_nodes::{CancelToken, ExecContext, Inputs, JobSink, Node, NodeEnv, NodeError};
+use sakuga_nodes::{
+    CancelToken, ExecContext, Inputs, JobSink, Node, NodeEnv, NodeError, NodeRoles,
+};
 
 use crate::cache::{OutputCache, OutputCacheConfig, Outputs};
 use crate::error::SchedulerError;
@@ -44,7 +46,7 @@ impl Default for ExecutorConfig {
 /// Hooks around every step, on top of the node-level [`JobSink`].
 pub trait ExecutionObserver: JobSink {
     /// A step is about to run (not called for cached steps).
-    fn node_started(&self, _node_id: &str, _class_type: &str) {}
+    fn node_started(&self, _node_id: &str, _class_type: &str, _roles: NodeRoles) {}
     /// A step finished, from the cache or by running.
     fn node_finished(&self, _run: &NodeRun) {}
 }
@@ -54,6 +56,8 @@ pub trait ExecutionObserver: JobSink {
 pub struct NodeRun {
     pub node_id: Arc<str>,
     pub class_type: &'static str,
+    /// What the engine knows of its class (stage, loader, stream).
+    pub roles: NodeRoles,
     pub duration: Duration,
     pub cached: bool,
 }
@@ -306,7 +310,8 @@ impl Executor {
                 cached: true,
             });
         }
-        job.observer.node_started(&s.id, s.class_type);
+        job.observer
+            .node_started(&s.id, s.class_type, s.node.schema().roles);
         Prepared::Run(StepTask {
             step,
             key,
@@ -386,6 +391,7 @@ impl Executor {
         let run = NodeRun {
             node_id: s.id.clone(),
             class_type: s.class_type,
+            roles: s.node.schema().roles,
             duration: c.duration,
             cached: c.cached,
         };

@@ -11,7 +11,7 @@
 //! - [`engine`]: the job runtime behind an [`EngineHandle`]: submit, watch, cancel, demand.
 //! - [`admission`]: estimates, size caps, admit/deny/defer decisions.
 //! - [`bounds`]: caps on labels, keys, ids and tokens, and past deadlines.
-//! - [`queue`]: priority order with aging.
+//! - [`ordering`]: which queued job starts next: class order, cost, aging.
 //! - [`journal`]: the durable redb job journal with group commit.
 //! - [`error`]: the crate's one error enum, [`SchedulerError`].
 
@@ -24,8 +24,8 @@ pub mod error;
 pub mod executor;
 pub mod journal;
 pub mod observe;
+pub mod ordering;
 pub mod plan;
-pub mod queue;
 pub mod validate;
 pub mod workflow;
 

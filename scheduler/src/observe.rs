@@ -1,4 +1,4 @@
-//! Telemetry around execution: classifies nodes into pipeline stages, emits the stage
+//! Telemetry around execution: reads each node's stage off its schema roles, emits the stage
 //! events of DESIGN.md section 2 at the real boundaries, records node and stage durations,
 //! and meters frames of `StreamFrames` streams. Wraps any other observer (a progress bar,
 //! a `Watch` publisher) and forwards everything to it.
@@ -6,36 +6,21 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use sakuga_nodes::{JobSink, OutputFile, StreamFrame, Value};
-use sakuga_telemetry::{EventFields, FrameStream, Signals, Stage, TraceContext, Workload, events};
+use sakuga_nodes::{JobSink, NodeRoles, OutputFile, StreamFrame, Value};
+use sakuga_telemetry::{
+    EventFields, FrameStream, ModelKind, Signals, Stage, TraceContext, Workload, events,
+};
 
 use crate::executor::{ExecutionObserver, NodeRun};
 use crate::plan::ExecutionPlan;
 
-/// The pipeline stage a node class belongs to, for stage metrics and events.
-pub fn stage_of(class_type: &str) -> Option<Stage> {
-    match class_type {
-        "KSampler" | "KSamplerAdvanced" | "CLIPTextEncode" | "VAEDecode" | "VAEEncode" => {
-            Some(Stage::Inference)
-        }
-        "ImageUpscaleWithModel" | "FrameInterpolate" | "ImageScale" | "ImageScaleBy" => {
-            Some(Stage::Postprocess)
-        }
-        "StreamFrames" | "SaveImage" | "PreviewImage" | "SaveAnimatedWEBP" => Some(Stage::Deliver),
-        c if c.ends_with("Loader") || c.ends_with("LoaderSimple") => Some(Stage::ModelLoad),
-        _ => None,
-    }
-}
-
-/// The workload a plan most likely is: an animation if it streams frames, a batch if it
-/// renders more than one image per output, else a single image.
+/// The workload a plan most likely is: an animation if a node says it makes one
+/// (streams, interpolation), a batch if it renders more than one image per output, else a
+/// single image.
 pub fn workload_of(plan: &ExecutionPlan) -> Workload {
     let mut batch = false;
     for step in &plan.steps {
-        if matches!(
-            step.class_type,
-            "StreamFrames" | "FrameInterpolate" | "SaveAnimatedWEBP"
-        ) {
+        if step.node.schema().roles.animation {
             return Workload::Animation;
         }
         batch |= literal_int(&step.literals, "batch_size").is_some_and(|b| b > 1);
@@ -45,6 +30,27 @@ pub fn workload_of(plan: &ExecutionPlan) -> Workload {
     } else {
         Workload::SingleImage
     }
+}
+
+/// The target FPS of the plan's paced frame stream; `None` when it streams nothing paced
+/// (no stream node, or `pace` off).
+pub fn paced_stream_fps(plan: &ExecutionPlan) -> Option<f64> {
+    let stream = plan.steps.iter().find(|s| s.node.schema().roles.streams)?;
+    let paced = !stream
+        .literals
+        .iter()
+        .any(|(n, v)| &**n == "pace" && matches!(v, Value::Boolean(false)));
+    let fps = stream
+        .literals
+        .iter()
+        .find(|(n, _)| &**n == "fps")
+        .and_then(|(_, v)| match v {
+            Value::Float(f) => Some(*f),
+            Value::Int(i) => Some(*i as f64),
+            _ => None,
+        })
+        .unwrap_or(24.0);
+    paced.then_some(fps)
 }
 
 fn literal_int(literals: &[(Arc<str>, Value)], name: &str) -> Option<i64> {
@@ -77,8 +83,14 @@ pub fn event_fields(
     let mut fields = EventFields::new(job_id, workload, trace);
     for step in &plan.steps {
         let l = &step.literals;
-        if let Some(ckpt) = literal_str(l, "ckpt_name") {
-            fields = fields.with_model(ckpt);
+        let checkpoint = step
+            .node
+            .schema()
+            .roles
+            .loads
+            .filter(|slot| slot.kind == ModelKind::Checkpoint);
+        if let Some(name) = checkpoint.and_then(|slot| literal_str(l, slot.input)) {
+            fields = fields.with_model(name);
         }
         if let (Some(sampler), Some(steps)) =
             (literal_str(l, "sampler_name"), literal_int(l, "steps"))
@@ -166,32 +178,27 @@ impl JobSink for TelemetryObserver {
 }
 
 impl ExecutionObserver for TelemetryObserver {
-    fn node_started(&self, node_id: &str, class_type: &str) {
-        if stage_of(class_type) == Some(Stage::Inference)
+    fn node_started(&self, node_id: &str, class_type: &str, roles: NodeRoles) {
+        if roles.stage == Some(Stage::Inference)
             && !self.inference_started.swap(true, Ordering::Relaxed)
         {
             events::inference_started(&self.fields);
         }
-        self.inner.node_started(node_id, class_type);
+        self.inner.node_started(node_id, class_type, roles);
     }
 
     fn node_finished(&self, run: &NodeRun) {
         if !run.cached {
             self.signals.node_finished(run.class_type, run.duration);
         }
-        if let Some(stage) = stage_of(run.class_type) {
+        if let Some(stage) = run.roles.stage {
             self.signals
                 .stage_finished(self.workload, stage, run.duration);
             match stage {
                 Stage::ModelLoad => {
                     events::model_loaded(&self.fields, &run.node_id, run.cached, run.duration)
                 }
-                Stage::Inference
-                    if matches!(
-                        run.class_type,
-                        "KSampler" | "KSamplerAdvanced" | "VAEDecode"
-                    ) =>
-                {
+                Stage::Inference if run.roles.ends_inference => {
                     events::inference_finished(&self.fields, run.duration)
                 }
                 Stage::Postprocess => events::postprocess_done(&self.fields, run.duration),

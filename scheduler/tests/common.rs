@@ -146,7 +146,7 @@ impl JobSink for Recorder {
     }
 }
 impl ExecutionObserver for Recorder {
-    fn node_started(&self, _: &str, _: &str) {
+    fn node_started(&self, _: &str, _: &str, _: sakuga_nodes::NodeRoles) {
         self.started.fetch_add(1, Ordering::Relaxed);
     }
 }

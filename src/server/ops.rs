@@ -228,11 +228,11 @@ impl SignalService for SignalsApi {
 /// cache keys, so the first job finds it resident), with
 /// `sakuga_planned_heavy_load{reason="warmup"}` at 1 meanwhile so alerts stay quiet.
 ///
-/// A name is looked up in `checkpoints/`, `upscale_models/`, `interpolation_models/`,
-/// `loras/` and `vae/` in turn (or given with its folder, `checkpoints/x.safetensors`).
-/// Checkpoints, upscalers and interpolators are loaded onto the device through their
-/// loader nodes; LoRAs and VAE files only apply on top of a checkpoint, so they are read
-/// through once into the page cache.
+/// A name is looked up in the folder of every registered loader (its schema's `loads`
+/// role: `checkpoints/`, `upscale_models/`, `interpolation_models/`, `loras/`), or given
+/// with its folder (`checkpoints/x.safetensors`). Files whose loader runs on its own are
+/// loaded onto the device through it; LoRAs only apply on top of a checkpoint, so they are
+/// read through once into the page cache.
 pub fn warmup(engine: &sakuga_scheduler::EngineHandle, models: &[String]) -> v1::WarmupResponse {
     let started = Instant::now();
     let signals = engine.signals();
@@ -259,30 +259,46 @@ pub fn warmup(engine: &sakuga_scheduler::EngineHandle, models: &[String]) -> v1:
     }
 }
 
-/// Folders warmup searches, with the loader node (class, input) that fills the cache.
-const WARMUP_FOLDERS: [(&str, Option<(&str, &str)>); 5] = [
-    ("checkpoints", Some(("CheckpointLoaderSimple", "ckpt_name"))),
-    ("upscale_models", Some(("UpscaleModelLoader", "model_name"))),
-    (
-        "interpolation_models",
-        Some(("FrameInterpolationModelLoader", "model_name")),
-    ),
-    ("loras", None),
-    ("vae", None),
-];
+/// A folder warmup searches: the loader node (class, file input) that fills the cache,
+/// or `None` when its loader needs other nodes' outputs (a LoRA applies on top of a
+/// checkpoint), so the file is only read through into the page cache.
+type WarmupFolder = (&'static str, Option<(&'static str, &'static str)>);
+
+/// Every registered loader's folder, from its schema's `loads` role.
+fn warmup_folders(registry: &sakuga_nodes::NodeRegistry) -> Vec<WarmupFolder> {
+    let mut folders: Vec<WarmupFolder> = Vec::new();
+    for node in registry.iter() {
+        let schema = node.schema();
+        let Some(slot) = schema.roles.loads else {
+            continue;
+        };
+        let standalone = schema
+            .inputs
+            .iter()
+            .all(|i| !i.required || !matches!(i.kind, sakuga_nodes::InputKind::Link(_)));
+        let loader = standalone.then_some((schema.class_type, slot.input));
+        match folders.iter_mut().find(|(f, _)| *f == slot.folder) {
+            Some(entry) if entry.1.is_none() => entry.1 = loader,
+            Some(_) => {}
+            None => folders.push((slot.folder, loader)),
+        }
+    }
+    // Loaders that run first: a name found in two folders warms the runnable one.
+    folders.sort_by_key(|(_, loader)| loader.is_none());
+    folders
+}
 
 fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> Result<(), String> {
     let env = engine.env();
     if name.split(['/', '\\']).any(|part| part == "..") || name.starts_with('/') {
         return Err("model names stay inside the models dir".into());
     }
+    let folders = warmup_folders(engine.registry());
     let (folder_hint, file) = match name.split_once('/') {
-        Some((folder, file)) if WARMUP_FOLDERS.iter().any(|(f, _)| *f == folder) => {
-            (Some(folder), file)
-        }
+        Some((folder, file)) if folders.iter().any(|(f, _)| *f == folder) => (Some(folder), file),
         _ => (None, name),
     };
-    let (folder, loader) = WARMUP_FOLDERS
+    let (folder, loader) = folders
         .iter()
         .filter(|(folder, _)| folder_hint.is_none_or(|hint| hint == *folder))
         .find(|(folder, _)| env.models_dir.join(folder).join(file).is_file())

@@ -27,9 +27,10 @@ use crate::error::NodeError;
 use crate::node::{ExecContext, Inputs, Node, NodeEnv};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
-use crate::schema::{ComboOptions, InputKind, InputSpec, NodeSchema};
+use crate::schema::{ComboOptions, DegradeKnob, InputKind, InputSpec, NodeSchema};
 use crate::shape::{LATENT_FACTOR, NodeCost, Shape, ShapeInputs, megapasses, scaled};
 use crate::value::Value;
+use sakuga_telemetry::Stage;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(CheckpointLoaderSimple);
@@ -271,6 +272,7 @@ struct CheckpointLoaderSimple;
 
 static CHECKPOINT_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("CheckpointLoaderSimple", "Load Checkpoint", "loaders")
+        .loads("checkpoints", "ckpt_name", ModelKind::Checkpoint)
         .description("Loads a diffusion model checkpoint (UNet, CLIP text encoder and VAE).")
         .input(model_combo("ckpt_name", "checkpoints").tooltip("The checkpoint to load."))
         .output(PortType::Model)
@@ -317,6 +319,7 @@ static CLIP_TEXT_ENCODE: LazyLock<NodeSchema> = LazyLock::new(|| {
         "CLIP Text Encode (Prompt)",
         "conditioning",
     )
+    .stage(Stage::Inference)
     .description("Encodes a text prompt with a CLIP model into conditioning for sampling.")
     .input(InputSpec::string("text", "", true).tooltip("The text to be encoded."))
     .input(InputSpec::link("clip", PortType::Clip))
@@ -365,6 +368,7 @@ struct LoraLoader;
 
 static LORA_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("LoraLoader", "Load LoRA", "loaders")
+        .loads("loras", "lora_name", ModelKind::Lora)
         .description("Applies a LoRA to the diffusion and CLIP models.")
         .input(InputSpec::link("model", PortType::Model))
         .input(InputSpec::link("clip", PortType::Clip))
@@ -431,6 +435,7 @@ struct EmptyLatentImage;
 
 static EMPTY_LATENT_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("EmptyLatentImage", "Empty Latent Image", "latent")
+        .degrade(DegradeKnob::KeyFrames)
         .description("Creates a new batch of empty latent images to be denoised via sampling.")
         .input(int_step("width", 512, 16, MAX_RESOLUTION, 8))
         .input(int_step("height", 512, 16, MAX_RESOLUTION, 8))
@@ -526,6 +531,9 @@ struct KSampler;
 static KSAMPLER: LazyLock<NodeSchema> = LazyLock::new(|| {
     sampler_inputs(
         NodeSchema::new("KSampler", "KSampler", "sampling")
+            .stage(Stage::Inference)
+            .ends_inference()
+            .degrade(DegradeKnob::Steps)
             .description("Denoises the latent image with the model, guided by the prompts.")
             .input(InputSpec::link("model", PortType::Model)),
         "seed",
@@ -559,6 +567,9 @@ struct KSamplerAdvanced;
 
 static KSAMPLER_ADVANCED: LazyLock<NodeSchema> = LazyLock::new(|| {
     let schema = NodeSchema::new("KSamplerAdvanced", "KSampler (Advanced)", "sampling")
+        .stage(Stage::Inference)
+        .ends_inference()
+        .degrade(DegradeKnob::Steps)
         .input(InputSpec::link("model", PortType::Model))
         .input(InputSpec::combo("add_noise", &["enable", "disable"]));
     sampler_inputs(schema, "noise_seed")
@@ -601,6 +612,8 @@ struct VaeDecode;
 
 static VAE_DECODE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("VAEDecode", "VAE Decode", "latent")
+        .stage(Stage::Inference)
+        .ends_inference()
         .description("Decodes latent images back into pixel space images.")
         .input(InputSpec::link("samples", PortType::Latent))
         .input(InputSpec::link("vae", PortType::Vae))
@@ -676,6 +689,7 @@ struct VaeEncode;
 
 static VAE_ENCODE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("VAEEncode", "VAE Encode", "latent")
+        .stage(Stage::Inference)
         .input(InputSpec::link("pixels", PortType::Image))
         .input(InputSpec::link("vae", PortType::Vae))
         .output(PortType::Latent)

@@ -13,9 +13,10 @@ use crate::image::{RESIZE_METHODS, load_image, resize};
 use crate::node::{ExecContext, Inputs, Node, NodeEnv};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
-use crate::schema::{ComboOptions, InputSpec, NodeSchema};
+use crate::schema::{ComboOptions, DegradeKnob, InputSpec, NodeSchema};
 use crate::shape::{NodeCost, Shape, ShapeInputs, scaled};
 use crate::value::Value;
+use sakuga_telemetry::Stage;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(EmptyImage);
@@ -36,6 +37,7 @@ struct EmptyImage;
 
 static EMPTY_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("EmptyImage", "EmptyImage", "image")
+        .degrade(DegradeKnob::KeyFrames)
         .input(InputSpec::int("width", 512, 1, MAX_RESOLUTION))
         .input(InputSpec::int("height", 512, 1, MAX_RESOLUTION))
         .input(InputSpec::int("batch_size", 1, 1, 4096))
@@ -177,6 +179,7 @@ struct ImageScale;
 
 static IMAGE_SCALE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("ImageScale", "Upscale Image", "image/upscaling")
+        .stage(Stage::Postprocess)
         .input(InputSpec::link("image", PortType::Image))
         .input(InputSpec::combo("upscale_method", RESIZE_METHODS))
         .input(InputSpec::int("width", 512, 0, MAX_RESOLUTION))
@@ -239,6 +242,7 @@ struct ImageScaleBy;
 
 static IMAGE_SCALE_BY: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("ImageScaleBy", "Upscale Image By", "image/upscaling")
+        .stage(Stage::Postprocess)
         .input(InputSpec::link("image", PortType::Image))
         .input(InputSpec::combo("upscale_method", RESIZE_METHODS))
         .input(InputSpec::float("scale_by", 1.0, 0.01, 8.0, 0.01))

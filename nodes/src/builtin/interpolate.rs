@@ -15,9 +15,10 @@ use crate::error::NodeError;
 use crate::node::{ExecContext, Inputs, Node};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
-use crate::schema::{ComboOptions, InputSpec, NodeSchema};
+use crate::schema::{ComboOptions, DegradeKnob, Feature, InputSpec, NodeSchema};
 use crate::shape::{NodeCost, megapasses};
 use crate::value::Value;
+use sakuga_telemetry::Stage;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(FrameInterpolationModelLoader);
@@ -32,6 +33,11 @@ static FRAME_INTERPOLATION_MODEL_LOADER: LazyLock<NodeSchema> = LazyLock::new(||
         "FrameInterpolationModelLoader",
         "Load Frame Interpolation Model",
         "loaders",
+    )
+    .loads(
+        "interpolation_models",
+        "model_name",
+        ModelKind::Interpolation,
     )
     .input(InputSpec::files(
         "model_name",
@@ -67,6 +73,10 @@ struct FrameInterpolate;
 
 static FRAME_INTERPOLATE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("FrameInterpolate", "Frame Interpolate", "image/animation")
+        .stage(Stage::Postprocess)
+        .animation()
+        .degrade(DegradeKnob::InterpolationMultiplier)
+        .feature(Feature::Interpolator)
         .input(InputSpec::link(
             "interpolation_model",
             PortType::InterpolationModel,

@@ -19,6 +19,7 @@ use crate::registry::NodeRegistry;
 use crate::schema::{InputSpec, NodeSchema};
 use crate::shape::{NodeCost, ShapeInputs, megapasses};
 use crate::value::Value;
+use sakuga_telemetry::Stage;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(SaveImage);
@@ -128,6 +129,7 @@ struct SaveImage;
 
 static SAVE_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("SaveImage", "Save Image", "image")
+        .stage(Stage::Deliver)
         .description("Saves the input images to your output directory.")
         .input(InputSpec::link("images", PortType::Image).tooltip("The images to save."))
         .input(
@@ -162,6 +164,7 @@ struct PreviewImage;
 
 static PREVIEW_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("PreviewImage", "Preview Image", "image")
+        .stage(Stage::Deliver)
         .description("Saves the input images to the temporary directory.")
         .input(InputSpec::link("images", PortType::Image))
         .output_node()
@@ -192,6 +195,7 @@ struct StreamFrames;
 
 static STREAM_FRAMES: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("StreamFrames", "Stream Frames", "sakuga/animation")
+        .streams()
         .description(
             "Streams the batch to the job's Watch stream as frames at a target FPS; \
              animation previews end in it.",

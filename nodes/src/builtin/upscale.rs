@@ -13,9 +13,10 @@ use crate::error::NodeError;
 use crate::node::{ExecContext, Inputs, Node, NodeEnv};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
-use crate::schema::{ComboOptions, InputSpec, NodeSchema};
+use crate::schema::{ComboOptions, Feature, InputSpec, NodeSchema};
 use crate::shape::{NodeCost, Shape, megapasses};
 use crate::value::Value;
+use sakuga_telemetry::Stage;
 
 /// The factor assumed for an upscale model before it is loaded: the largest of the
 /// released Real-ESRGAN models, so admission never underestimates.
@@ -57,6 +58,7 @@ struct UpscaleModelLoader;
 
 static UPSCALE_MODEL_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("UpscaleModelLoader", "Load Upscale Model", "loaders")
+        .loads("upscale_models", "model_name", ModelKind::Upscale)
         .input(InputSpec::files(
             "model_name",
             ComboOptions::ModelFolder("upscale_models"),
@@ -100,6 +102,8 @@ static IMAGE_UPSCALE_WITH_MODEL: LazyLock<NodeSchema> = LazyLock::new(|| {
         "Upscale Image (using Model)",
         "image/upscaling",
     )
+    .stage(Stage::Postprocess)
+    .feature(Feature::Upscaler)
     .input(InputSpec::link("upscale_model", PortType::UpscaleModel))
     .input(InputSpec::link("image", PortType::Image))
     .output(PortType::Image)

@@ -12,7 +12,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use serde_json::Value as Json;
 use tokio::sync::oneshot;
 
-use sakuga_nodes::{CancelToken, Value};
+use sakuga_nodes::CancelToken;
 use sakuga_telemetry::{
     AdmissionReason, Decision, ErrorKind, EventFields, JobReport as SignalsJobReport, Outcome,
     RetryReason, Stage, TraceContext, Workload, events,
@@ -25,15 +25,15 @@ use crate::engine::feed::{JobEvent, JobFeed, JobWatch};
 use crate::engine::pacer::{PacedObserver, PacerHandle};
 use crate::engine::worker::{DeviceJob, FeedObserver, Finished};
 use crate::engine::{
-    Command, Demand, EngineConfig, EngineHandle, FeatureFlags, JobInfo, JobOutput, JobPage,
-    ListFilter, RunLimits, Shared, Submitted,
+    Command, Demand, EngineConfig, EngineHandle, JobInfo, JobOutput, JobPage, ListFilter,
+    RunLimits, Shared, Submitted,
 };
 use crate::error::SchedulerError;
 use crate::executor::{ExecutionObserver, JobRun};
 use crate::journal::{JobRecord, Journal, RecordState, unix_ms};
 use crate::observe::{TelemetryObserver, event_fields};
+use crate::ordering::JobQueue;
 use crate::plan::ExecutionPlan;
-use crate::queue::JobQueue;
 
 /// A submission after the caller-side work (parse, caps, validation, estimate).
 pub(crate) struct PreparedJob {
@@ -52,107 +52,6 @@ pub(crate) struct PreparedJob {
     pub submitted_at: SystemTime,
     /// Why and how the workflow was degraded to keep its target FPS.
     pub degraded: Option<String>,
-}
-
-/// A fresh job id: 16 hex digits that sort by submission time, unique per process and
-/// across restarts: the Unix time in milliseconds shifted left by 20 bits, bumped past the
-/// last id handed out. Ordered ids keep the journal's B-tree appending at its right edge,
-/// so a group commit dirties a few pages instead of one per job (random ids did).
-pub(crate) fn new_job_id() -> String {
-    static LAST: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let now = unix_ms(SystemTime::now()) << 20;
-    let previous = LAST
-        .fetch_update(
-            std::sync::atomic::Ordering::Relaxed,
-            std::sync::atomic::Ordering::Relaxed,
-            |last| Some(now.max(last + 1)),
-        )
-        .unwrap_or_default();
-    format!("{:016x}", now.max(previous + 1))
-}
-
-/// Hash of the tunables and signals config in force, for `sakuga_config_generation{config_hash}`.
-pub fn config_hash(
-    tunables: &crate::engine::EngineTunables,
-    signals: &sakuga_telemetry::SignalsConfig,
-) -> String {
-    let text = serde_json::to_string(&(tunables, signals)).unwrap_or_default();
-    // FNV-1a: stable across processes, unlike the std hasher's random seed.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    format!("{hash:016x}")
-}
-
-/// Rewrites a workflow so nodes switched off by `features` for `workload` pass their
-/// image input through: every link to the bypassed node's output 0 is redirected to the
-/// node's own `image`/`images` input, and the node is removed.
-pub(crate) fn apply_features(workflow: Json, features: FeatureFlags, workload: Workload) -> Json {
-    let mut bypass: Vec<&str> = Vec::new();
-    if features.upscaler_off.get(workload) {
-        bypass.push("ImageUpscaleWithModel");
-    }
-    if features.interpolator_off.get(workload) {
-        bypass.push("FrameInterpolate");
-    }
-    if bypass.is_empty() {
-        return workflow;
-    }
-    let Json::Object(mut nodes) = workflow else {
-        return workflow;
-    };
-    let mut redirects: HashMap<String, Json> = HashMap::new();
-    nodes.retain(|id, node| {
-        let class = node
-            .get("class_type")
-            .and_then(Json::as_str)
-            .unwrap_or_default();
-        if !bypass.contains(&class) {
-            return true;
-        }
-        let source = node
-            .get("inputs")
-            .and_then(|i| i.get("image").or_else(|| i.get("images")))
-            .cloned();
-        match source {
-            Some(link @ Json::Array(_)) => {
-                redirects.insert(id.clone(), link);
-                false
-            }
-            _ => true,
-        }
-    });
-    // Follow chains of bypassed nodes to the first kept source.
-    let resolve = |link: &Json| {
-        let mut link = link.clone();
-        for _ in 0..redirects.len() {
-            let target = link
-                .get(0)
-                .and_then(Json::as_str)
-                .and_then(|id| redirects.get(id));
-            match target {
-                Some(next) => link = next.clone(),
-                None => break,
-            }
-        }
-        link
-    };
-    for node in nodes.values_mut() {
-        if let Some(Json::Object(inputs)) = node.get_mut("inputs") {
-            for value in inputs.values_mut() {
-                if value
-                    .get(0)
-                    .and_then(Json::as_str)
-                    .is_some_and(|id| redirects.contains_key(id))
-                {
-                    *value = resolve(value);
-                }
-            }
-        }
-    }
-    Json::Object(nodes)
 }
 
 struct Job {
@@ -220,14 +119,6 @@ pub(crate) struct QueueState {
     self_tx: Option<Sender<Command>>,
     /// Recent completions per workload, for `RetryInfo`.
     throughput: super::throughput::Throughput,
-}
-
-fn streams_paced(step: &crate::plan::PlanStep) -> bool {
-    step.class_type == "StreamFrames"
-        && !step
-            .literals
-            .iter()
-            .any(|(n, v)| &**n == "pace" && matches!(v, Value::Boolean(false)))
 }
 
 /// Why a running job must stop now: its deadline passed, or it ran past its workload's
@@ -316,7 +207,7 @@ impl QueueState {
         let fields = event_fields(&p.job_id, p.workload, &p.trace, &p.plan)
             .with_hardware_class(self.shared.hardware_class.as_str());
         sakuga_telemetry::record_job_attributes(&p.span, &fields);
-        let paced = p.plan.steps.iter().any(streams_paced);
+        let paced = crate::observe::paced_stream_fps(&p.plan).is_some();
         let seq = self.next_seq;
         self.next_seq += 1;
         let trace_id = p.trace.trace_id.clone();
@@ -732,17 +623,7 @@ impl QueueState {
             job.enqueued_at.elapsed(),
         );
         signals.stage_finished(workload, Stage::Queue, job.enqueued_at.elapsed());
-        let target_fps = plan
-            .steps
-            .iter()
-            .find(|s| s.class_type == "StreamFrames")
-            .and_then(|s| s.literals.iter().find(|(n, _)| &**n == "fps"))
-            .and_then(|(_, v)| match v {
-                Value::Float(f) => Some(*f),
-                Value::Int(i) => Some(*i as f64),
-                _ => None,
-            })
-            .unwrap_or(24.0);
+        let target_fps = crate::observe::paced_stream_fps(&plan).unwrap_or(24.0);
         let feed_observer = Arc::new(FeedObserver::new(job.feed.clone()));
         let telemetry = TelemetryObserver::new(
             signals.clone(),
@@ -1324,26 +1205,5 @@ pub(crate) fn queue_worker(mut state: QueueState, commands: Receiver<Command>) {
     }
     if let Some(journal) = &state.journal {
         journal.flush();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn job_ids_are_sixteen_hex_digits_that_sort_in_submission_order() {
-        let ids: Vec<String> = (0..10_000).map(|_| new_job_id()).collect();
-        assert!(
-            ids.iter()
-                .all(|id| id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()))
-        );
-        assert!(
-            ids.windows(2).all(|w| w[0] < w[1]),
-            "strictly increasing, so unique"
-        );
-        let first_ms = u64::from_str_radix(&ids[0], 16).unwrap() >> 20;
-        let now_ms = unix_ms(SystemTime::now());
-        assert!(now_ms.abs_diff(first_ms) < 60_000, "carries the wall clock");
     }
 }

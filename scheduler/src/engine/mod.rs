@@ -11,8 +11,10 @@
 //! channel so the queue worker stays a fast bookkeeper.
 
 pub mod feed;
+mod ids;
 mod jobs;
 mod pacer;
+mod rewrite;
 mod throughput;
 mod worker;
 
@@ -42,7 +44,7 @@ use crate::validate::validate;
 use crate::workflow::Workflow;
 
 pub use feed::{FeedConfig, Frame, JobEvent, JobFeed, JobWatch, TimedEvent, WatchItem};
-pub use jobs::config_hash;
+pub use ids::config_hash;
 
 /// A job's state; the journal's record states are the public ones.
 pub type JobState = RecordState;
@@ -449,13 +451,18 @@ impl EngineHandle {
         let workload_hint = request.workload;
         let mut workflow = request.workflow;
         if let Some(w) = workload_hint {
-            workflow = jobs::apply_features(workflow, features, w);
+            workflow = rewrite::apply_features(workflow, features, w, &self.shared.registry);
         }
         let (plan, estimate) = self.check(&workflow, request.workflow_bytes)?;
         let workload = workload_hint.unwrap_or_else(|| workload_of(&plan));
         let (plan, estimate, workflow) =
             if workload_hint.is_none() && features != FeatureFlags::default() {
-                let toggled = jobs::apply_features(workflow.clone(), features, workload);
+                let toggled = rewrite::apply_features(
+                    workflow.clone(),
+                    features,
+                    workload,
+                    &self.shared.registry,
+                );
                 if toggled == workflow {
                     (plan, estimate, workflow)
                 } else {
@@ -470,7 +477,7 @@ impl EngineHandle {
                 Some((degraded, plan, estimate, note)) => (plan, estimate, degraded, Some(note)),
                 None => (plan, estimate, workflow, None),
             };
-        let job_id = jobs::new_job_id();
+        let job_id = ids::new_job_id();
         let trace = request.trace.unwrap_or_else(TraceContext::new_root);
         let span = sakuga_telemetry::open_job_span(&job_id, workload, &trace);
         Ok(jobs::PreparedJob {
@@ -505,12 +512,13 @@ impl EngineHandle {
         {
             return Ok(None);
         }
-        let Some(shape) = crate::degrade::stream_shape(workflow) else {
+        let Some(shape) = crate::degrade::stream_shape(workflow, &self.shared.registry) else {
             return Ok(None);
         };
         let render_s = estimate.expected_duration.as_secs_f64();
         let needed = render_s / shape.playback_s().max(1e-6);
-        let Some(degraded) = crate::degrade::degrade(workflow, needed) else {
+        let Some(degraded) = crate::degrade::degrade(workflow, needed, &self.shared.registry)
+        else {
             return Ok(None);
         };
         let (plan, estimate) = self.check(&degraded.workflow, None)?;
@@ -682,7 +690,7 @@ impl EngineHandle {
         version: &str,
     ) -> Reloaded {
         let signals_changed = signals.is_some_and(|c| self.shared.signals.set_config(c));
-        let hash = jobs::config_hash(&tunables, &self.shared.signals.config());
+        let hash = ids::config_hash(&tunables, &self.shared.signals.config());
         let mut current = self.shared.tunables.write();
         let tunables_changed = *current != tunables;
         if tunables_changed {

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use parking_lot::Mutex;
 
-use sakuga_nodes::{CancelToken, JobSink, OutputFile, StreamFrame};
+use sakuga_nodes::{CancelToken, JobSink, NodeRoles, OutputFile, StreamFrame};
 
 use crate::error::SchedulerError;
 use crate::executor::{ExecutionObserver, NodeRun};
@@ -185,8 +185,8 @@ impl JobSink for PacedObserver {
 }
 
 impl ExecutionObserver for PacedObserver {
-    fn node_started(&self, node_id: &str, class_type: &str) {
-        self.lane.sink.node_started(node_id, class_type);
+    fn node_started(&self, node_id: &str, class_type: &str, roles: NodeRoles) {
+        self.lane.sink.node_started(node_id, class_type, roles);
     }
 
     fn node_finished(&self, run: &NodeRun) {

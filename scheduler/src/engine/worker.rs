@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 use parking_lot::Mutex;
 
-use sakuga_nodes::{JobSink, NodeEnv, OutputFile, StreamFrame};
+use sakuga_nodes::{JobSink, NodeEnv, NodeRoles, OutputFile, StreamFrame};
 use sakuga_telemetry::{Stage, events};
 
 use crate::engine::feed::{JobEvent, JobFeed};
@@ -19,7 +19,6 @@ use crate::engine::pacer::{Lane, PacerHandle};
 use crate::engine::{Command, JobOutput};
 use crate::error::SchedulerError;
 use crate::executor::{ExecutionObserver, Executor, ExecutorConfig, JobReport, JobRun, NodeRun};
-use crate::observe::stage_of;
 use crate::plan::ExecutionPlan;
 
 /// A job handed to the device worker.
@@ -222,8 +221,8 @@ impl JobSink for FeedObserver {
 }
 
 impl ExecutionObserver for FeedObserver {
-    fn node_started(&self, node_id: &str, class_type: &str) {
-        if stage_of(class_type) == Some(Stage::Inference)
+    fn node_started(&self, node_id: &str, class_type: &str, roles: NodeRoles) {
+        if roles.stage == Some(Stage::Inference)
             && !self.inference_started.swap(true, Ordering::Relaxed)
         {
             self.stage(
@@ -250,14 +249,9 @@ impl ExecutionObserver for FeedObserver {
             run.class_type,
             run.duration.as_secs_f64()
         );
-        match stage_of(run.class_type) {
+        match run.roles.stage {
             Some(Stage::ModelLoad) => self.stage(events::MODEL_LOADED, detail),
-            Some(Stage::Inference)
-                if matches!(
-                    run.class_type,
-                    "KSampler" | "KSamplerAdvanced" | "VAEDecode"
-                ) =>
-            {
+            Some(Stage::Inference) if run.roles.ends_inference => {
                 self.stage(events::INFERENCE_FINISHED, detail)
             }
             Some(Stage::Postprocess) => self.stage(events::POSTPROCESS_DONE, detail),
