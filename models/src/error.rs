@@ -3,6 +3,7 @@
 //! Variants carry the file and what is wrong with it, so a message read in a log names both.
 //! `kind()` gives the low-cardinality label used for metrics and status codes.
 
+use sakuga_telemetry::ErrorKind;
 use std::path::PathBuf;
 
 /// Everything that can go wrong loading, resolving or running a model.
@@ -58,16 +59,17 @@ pub enum ModelError {
 }
 
 impl ModelError {
-    /// Low-cardinality label for `sakuga_errors_total{kind}` and status mapping.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            ModelError::InvalidInput(_) => "invalid_input",
-            ModelError::Candle(e) if is_oom(e) => "oom",
-            ModelError::Candle(_) => "device",
-            ModelError::OverBudget { .. } => "oom",
-            ModelError::Cancelled { .. } => "cancelled",
-            _ => "model_load",
-        }
+    /// The error class of `sakuga_errors_total{kind}`; `None` for a cancellation, which
+    /// is not a failure.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        Some(match self {
+            ModelError::InvalidInput(_) => ErrorKind::InvalidInput,
+            ModelError::Candle(e) if is_oom(e) => ErrorKind::Oom,
+            ModelError::Candle(_) => ErrorKind::Device,
+            ModelError::OverBudget { .. } => ErrorKind::Oom,
+            ModelError::Cancelled { .. } => return None,
+            _ => ErrorKind::ModelLoad,
+        })
     }
 }
 

@@ -83,7 +83,7 @@ fn over_budget_and_wrong_type_are_errors() {
         ),
         "{err}"
     );
-    assert_eq!(err.kind(), "oom");
+    assert_eq!(err.kind(), Some(sakuga_telemetry::ErrorKind::Oom));
     let _: Arc<u8> = cache
         .get_or_load("k", ModelKind::Lora, || Ok((1u8, 1)))
         .unwrap();

@@ -252,11 +252,11 @@ fn bad_frames_and_times_are_invalid_input() {
     let (b, _) = frame_pair(32, 64);
     assert_eq!(
         interpolator.interpolate(&a, &b, 0.5).unwrap_err().kind(),
-        "invalid_input"
+        Some(sakuga_telemetry::ErrorKind::InvalidInput)
     );
     assert_eq!(
         interpolator.interpolate(&a, &a, 1.5).unwrap_err().kind(),
-        "invalid_input"
+        Some(sakuga_telemetry::ErrorKind::InvalidInput)
     );
 }
 

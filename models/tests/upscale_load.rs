@@ -42,7 +42,7 @@ fn assert_names(err: &ModelError, path: &Path, words: &str) {
         path.display()
     );
     assert!(text.contains(words), "{text:?} should say {words:?}");
-    assert_eq!(err.kind(), "model_load");
+    assert_eq!(err.kind(), Some(sakuga_telemetry::ErrorKind::ModelLoad));
 }
 
 #[test]
@@ -241,7 +241,11 @@ fn bad_image_shapes_are_invalid_input() {
     for dims in [vec![1, 8, 8, 4], vec![8, 8, 3], vec![0, 8, 8, 3]] {
         let image = Tensor::zeros(dims.clone(), candle_core::DType::F32, &Device::Cpu).unwrap();
         let err = upscaler.upscale(&image, TileConfig::default()).unwrap_err();
-        assert_eq!(err.kind(), "invalid_input", "{dims:?}: {err}");
+        assert_eq!(
+            err.kind(),
+            Some(sakuga_telemetry::ErrorKind::InvalidInput),
+            "{dims:?}: {err}"
+        );
     }
 }
 

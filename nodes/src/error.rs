@@ -1,6 +1,7 @@
 //! The one error type of `sakuga-nodes`: what a node reports when it cannot produce its
 //! outputs. The executor adds the node id and class around it.
 
+use sakuga_telemetry::ErrorKind;
 use std::path::PathBuf;
 
 /// Why a node failed.
@@ -62,25 +63,26 @@ impl From<sakuga_models::ModelError> for NodeError {
 }
 
 impl NodeError {
-    /// Low-cardinality label for `sakuga_errors_total{kind}`.
-    pub fn kind(&self) -> &'static str {
-        match self {
+    /// The error class of `sakuga_errors_total{kind}`; `None` for a cancellation, which
+    /// is not a failure.
+    pub fn kind(&self) -> Option<ErrorKind> {
+        Some(match self {
             NodeError::MissingInput { .. }
             | NodeError::WrongInputType { .. }
             | NodeError::InvalidInput(_)
             | NodeError::PathEscapes { .. }
-            | NodeError::Image { .. } => "invalid_input",
-            NodeError::Io { .. } => "internal",
-            NodeError::Model(e) => e.kind(),
+            | NodeError::Image { .. } => ErrorKind::InvalidInput,
+            NodeError::Io { .. } => ErrorKind::Internal,
+            NodeError::Model(e) => return e.kind(),
             NodeError::Tensor(e) => {
                 if e.to_string().to_ascii_lowercase().contains("out of memory") {
-                    "oom"
+                    ErrorKind::Oom
                 } else {
-                    "device"
+                    ErrorKind::Device
                 }
             }
-            NodeError::OverBudget { .. } => "oom",
-            NodeError::Cancelled => "cancelled",
-        }
+            NodeError::OverBudget { .. } => ErrorKind::Oom,
+            NodeError::Cancelled => return None,
+        })
     }
 }

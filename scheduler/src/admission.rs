@@ -151,6 +151,21 @@ pub struct Estimate {
 }
 
 impl Estimate {
+    /// Nothing expected: the estimate of a job restored only for lookups.
+    pub fn none() -> Self {
+        Estimate {
+            peak_memory_bytes: 0,
+            peak_node: None,
+            expected_duration: Duration::ZERO,
+            learned: false,
+            width: 0,
+            height: 0,
+            batch: 0,
+            signature: 0,
+            nodes: Vec::new(),
+        }
+    }
+
     /// The job's weight in KEDA demand: duration over the reference job, in `[0.1, 100]`.
     pub fn demand_weight(&self, reference_job_s: f64) -> f64 {
         let reference = if reference_job_s > 0.0 {

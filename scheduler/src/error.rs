@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use sakuga_nodes::NodeError;
-use sakuga_telemetry::{AdmissionReason, Workload};
+use sakuga_telemetry::{AdmissionReason, ErrorKind, Workload};
 
 use crate::validate::ValidationReport;
 
@@ -73,21 +73,29 @@ pub enum SchedulerError {
 }
 
 impl SchedulerError {
-    /// Low-cardinality label for `sakuga_errors_total{kind}` and status codes.
-    pub fn kind(&self) -> &'static str {
-        match self {
-            SchedulerError::Malformed { .. } | SchedulerError::Invalid(_) => "invalid_input",
-            SchedulerError::NodeFailed { source, .. } => source.kind(),
-            SchedulerError::NodePanicked { .. } => "internal",
-            SchedulerError::Cancelled { .. } => "cancelled",
-            SchedulerError::Denied { .. } => "resource_exhausted",
-            SchedulerError::TooLarge { .. } | SchedulerError::InvalidArgument { .. } => {
-                "invalid_input"
+    /// The error class of `sakuga_errors_total{kind}` when this error fails a job; `None`
+    /// when it is no failure of the job's own (cancelled, refused, unknown, shutting
+    /// down).
+    pub fn kind(&self) -> Option<ErrorKind> {
+        Some(match self {
+            SchedulerError::Malformed { .. }
+            | SchedulerError::Invalid(_)
+            | SchedulerError::TooLarge { .. }
+            | SchedulerError::InvalidArgument { .. } => ErrorKind::InvalidInput,
+            SchedulerError::NodeFailed { source, .. } => return source.kind(),
+            SchedulerError::NodePanicked { .. } | SchedulerError::Journal { .. } => {
+                ErrorKind::Internal
             }
-            SchedulerError::JobNotFound { .. } => "not_found",
-            SchedulerError::ShuttingDown => "unavailable",
-            SchedulerError::Journal { .. } => "internal",
-            SchedulerError::DeadlineExceeded { .. } => "timeout",
-        }
+            SchedulerError::DeadlineExceeded { .. } => ErrorKind::Timeout,
+            SchedulerError::Cancelled { .. }
+            | SchedulerError::Denied { .. }
+            | SchedulerError::JobNotFound { .. }
+            | SchedulerError::ShuttingDown => return None,
+        })
+    }
+
+    /// Whether the job ran out of memory (device or its budget).
+    pub fn is_oom(&self) -> bool {
+        self.kind() == Some(ErrorKind::Oom)
     }
 }

@@ -177,7 +177,7 @@ fn a_node_past_the_budget_at_run_time_fails_with_oom_and_allocates_nothing() {
     f.executor.env().set_memory_budget(32 << 20);
     let rec = Arc::new(Recorder::default());
     let err = f.executor.run(&plan, &job("oom", &rec)).unwrap_err();
-    assert_eq!(err.kind(), "oom", "{err}");
+    assert_eq!(err.kind(), Some(sakuga_telemetry::ErrorKind::Oom), "{err}");
     assert!(err.to_string().contains("ImageScaleBy"), "{err}");
     assert!(rec.outputs.lock().is_empty());
     // Within budget the same plan runs.

@@ -124,7 +124,7 @@ fn a_node_error_names_the_node_and_class() {
     let text = err.to_string();
     assert!(text.contains("node img (LoadImage)"), "{text}");
     assert!(text.contains("gone.png"), "{text}");
-    assert_eq!(err.kind(), "invalid_input");
+    assert_eq!(err.kind(), Some(sakuga_telemetry::ErrorKind::InvalidInput));
 }
 
 #[test]

@@ -147,7 +147,7 @@ label_enum! {
 }
 
 label_enum! {
-    /// Error classes (`sakuga_errors_total{kind}`); other crates' `kind()` strings parse into it.
+    /// Error classes (`sakuga_errors_total{kind}`); every crate's error `kind()` returns one.
     ErrorKind as "kind" {
         Timeout => "timeout",
         Oom => "oom",
@@ -155,13 +155,6 @@ label_enum! {
         InvalidInput => "invalid_input",
         ModelLoad => "model_load",
         Internal => "internal",
-    }
-}
-
-impl ErrorKind {
-    /// Maps another crate's `kind()` label onto this set; anything unknown is `internal`.
-    pub fn from_label(label: &str) -> ErrorKind {
-        label.parse().unwrap_or(ErrorKind::Internal)
     }
 }
 
@@ -244,12 +237,6 @@ mod tests {
         assert_eq!(Workload::SingleImage.as_str(), "single_image");
         assert_eq!(Workload::Batch.index(), 2);
         assert!("video".parse::<Workload>().is_err());
-    }
-
-    #[test]
-    fn foreign_error_kinds_map_to_internal() {
-        assert_eq!(ErrorKind::from_label("oom"), ErrorKind::Oom);
-        assert_eq!(ErrorKind::from_label("cuda_exploded"), ErrorKind::Internal);
     }
 
     #[test]

@@ -30,7 +30,7 @@ use crate::registry::NodeRegistry;
 use crate::schema::{ComboOptions, DegradeKnob, InputKind, InputSpec, NodeSchema};
 use crate::shape::{LATENT_FACTOR, NodeCost, Shape, ShapeInputs, megapasses, scaled};
 use crate::value::Value;
-use sakuga_telemetry::Stage;
+use sakuga_telemetry::{ErrorKind, Stage};
 
 pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(CheckpointLoaderSimple);
@@ -653,7 +653,7 @@ impl Node for VaeDecode {
             }
             match vae.vae.decode_with(samples, &proceed) {
                 Ok(images) => Ok(images),
-                Err(e) if e.kind() == "oom" => {
+                Err(e) if e.kind() == Some(ErrorKind::Oom) => {
                     tracing::warn!(error = %e, "vae decode out of memory, retrying tiled");
                     Ok(vae.vae.decode_tiled_with(
                         samples,

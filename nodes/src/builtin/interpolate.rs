@@ -245,7 +245,7 @@ mod tests {
             ]
         };
         let err = run(&env, &cancel, &FrameInterpolate, &inputs(17)).unwrap_err();
-        assert_eq!(err.kind(), "invalid_input");
+        assert_eq!(err.kind(), Some(sakuga_telemetry::ErrorKind::InvalidInput));
         cancel.cancel();
         let err = run(&env, &cancel, &FrameInterpolate, &inputs(2)).unwrap_err();
         assert!(matches!(err, NodeError::Cancelled), "{err:?}");

@@ -324,7 +324,7 @@ mod tests {
             inputs.insert(name, Value::Int(v));
         }
         let err = node.execute(&ctx, &inputs).unwrap_err();
-        assert_eq!(err.kind(), "oom", "{err}");
+        assert_eq!(err.kind(), Some(sakuga_telemetry::ErrorKind::Oom), "{err}");
         assert!(matches!(err, NodeError::OverBudget { bytes, budget, .. }
             if bytes == 1024 * 1024 * 12 && budget == 1 << 20));
         inputs.insert("width", Value::Int(64));

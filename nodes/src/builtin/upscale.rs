@@ -228,7 +228,11 @@ mod tests {
             &[("model_name", Value::String("nope.pth".into()))],
         )
         .unwrap_err();
-        assert_eq!(err.kind(), "model_load", "{err}");
+        assert_eq!(
+            err.kind(),
+            Some(sakuga_telemetry::ErrorKind::ModelLoad),
+            "{err}"
+        );
         let err = run(
             &rig,
             &UpscaleModelLoader,

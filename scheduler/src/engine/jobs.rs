@@ -1,8 +1,7 @@
 //! The queue worker: the one thread that owns every job's state. It answers commands,
-//! admits or denies submissions, journals every state change, hands the best-ranked job
-//! to the device worker when it is idle, expires deadlines, and recovers unfinished jobs
-//! from the journal at start-up. Every admission decision is counted and put on the
-//! job's feed.
+//! admits or denies submissions, hands the best-ranked job to the device worker when it
+//! is idle, and expires deadlines and run-time limits. Each state change it decides on is
+//! a [`Transition`] applied in `transition.rs`; recovery at start-up is `recovery.rs`.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -14,23 +13,22 @@ use tokio::sync::oneshot;
 
 use sakuga_nodes::CancelToken;
 use sakuga_telemetry::{
-    AdmissionReason, Decision, ErrorKind, EventFields, JobReport as SignalsJobReport, Outcome,
-    RetryReason, Stage, TraceContext, Workload, events,
+    AdmissionReason, Decision, ErrorKind, EventFields, Stage, TraceContext, Workload, events,
 };
 
 use crate::admission::{
     DeviceView, Estimate, QueueView, StartVerdict, SubmitVerdict, decide_start, decide_submit,
 };
-use crate::engine::feed::{JobEvent, JobFeed, JobWatch};
+use crate::engine::feed::{JobFeed, JobWatch};
 use crate::engine::pacer::{PacedObserver, PacerHandle};
+use crate::engine::transition::Transition;
 use crate::engine::worker::{DeviceJob, FeedObserver, Finished};
 use crate::engine::{
-    Command, Demand, EngineConfig, EngineHandle, JobInfo, JobOutput, JobPage, ListFilter,
-    RunLimits, Shared, Submitted,
+    Command, Demand, EngineConfig, JobInfo, JobPage, ListFilter, RunLimits, Shared, Submitted,
 };
 use crate::error::SchedulerError;
 use crate::executor::{ExecutionObserver, JobRun};
-use crate::journal::{JobRecord, Journal, RecordState, unix_ms};
+use crate::journal::{JobRecord, Journal, JournalAck, RecordState, unix_ms};
 use crate::observe::{TelemetryObserver, event_fields};
 use crate::ordering::JobQueue;
 use crate::plan::ExecutionPlan;
@@ -54,28 +52,28 @@ pub(crate) struct PreparedJob {
     pub degraded: Option<String>,
 }
 
-struct Job {
-    info: JobInfo,
-    seq: u64,
-    plan: Option<ExecutionPlan>,
-    estimate: Estimate,
-    fields: EventFields,
+pub(super) struct Job {
+    pub(super) info: JobInfo,
+    pub(super) seq: u64,
+    pub(super) plan: Option<ExecutionPlan>,
+    pub(super) estimate: Estimate,
+    pub(super) fields: EventFields,
     /// Open until the job's final state (dropping the last clone ends and exports it).
-    span: tracing::Span,
-    feed: Arc<JobFeed>,
-    cancel: CancelToken,
-    enqueued_at: Instant,
-    deferrals_reported: Vec<AdmissionReason>,
+    pub(super) span: tracing::Span,
+    pub(super) feed: Arc<JobFeed>,
+    pub(super) cancel: CancelToken,
+    pub(super) enqueued_at: Instant,
+    pub(super) deferrals_reported: Vec<AdmissionReason>,
     /// It streams paced frames (a `StreamFrames` node with `pace` on).
-    paced: bool,
+    pub(super) paced: bool,
     /// When it started running, for its run-time limit.
-    started: Option<Instant>,
+    pub(super) started: Option<Instant>,
     /// Why it was stopped for time (its deadline or its run-time limit), once it was.
-    timeout: Option<String>,
+    pub(super) timeout: Option<String>,
 }
 
 impl Job {
-    fn record(&self) -> JobRecord {
+    pub(super) fn record(&self) -> JobRecord {
         let info = &self.info;
         JobRecord {
             job_id: info.job_id.clone(),
@@ -97,28 +95,28 @@ impl Job {
 }
 
 pub(crate) struct QueueState {
-    config: EngineConfig,
-    shared: Arc<Shared>,
-    journal: Option<Journal>,
-    device: Sender<DeviceJob>,
-    pacer: PacerHandle,
-    jobs: HashMap<String, Job>,
+    pub(super) config: EngineConfig,
+    pub(super) shared: Arc<Shared>,
+    pub(super) journal: Option<Journal>,
+    pub(super) device: Sender<DeviceJob>,
+    pub(super) pacer: PacerHandle,
+    pub(super) jobs: HashMap<String, Job>,
     /// Listing order: submission sequence to job id.
-    order: BTreeMap<u64, String>,
-    next_seq: u64,
-    queue: JobQueue,
-    running: Option<String>,
+    pub(super) order: BTreeMap<u64, String>,
+    pub(super) next_seq: u64,
+    pub(super) queue: JobQueue,
+    pub(super) running: Option<String>,
     /// Jobs off the device whose frames the pacer still plays out.
-    delivering: HashSet<String>,
-    by_key: HashMap<String, String>,
-    finished: VecDeque<String>,
-    started: Instant,
-    drain_waiters: Vec<oneshot::Sender<()>>,
+    pub(super) delivering: HashSet<String>,
+    pub(super) by_key: HashMap<String, String>,
+    pub(super) finished: VecDeque<String>,
+    pub(super) started: Instant,
+    pub(super) drain_waiters: Vec<oneshot::Sender<()>>,
     /// Scratch for [`Self::expire_deadlines`], kept to avoid an allocation per tick.
-    timeouts: Vec<(String, String)>,
-    self_tx: Option<Sender<Command>>,
+    pub(super) timeouts: Vec<(String, String)>,
+    pub(super) self_tx: Option<Sender<Command>>,
     /// Recent completions per workload, for `RetryInfo`.
-    throughput: super::throughput::Throughput,
+    pub(super) throughput: super::throughput::Throughput,
 }
 
 /// Why a running job must stop now: its deadline passed, or it ran past its workload's
@@ -135,15 +133,6 @@ fn time_up(job: &Job, now: SystemTime, limits: &RunLimits) -> Option<String> {
             job.info.workload
         )
     })
-}
-
-fn outcome_of(state: RecordState) -> Outcome {
-    match state {
-        RecordState::Succeeded => Outcome::Success,
-        RecordState::Cancelled => Outcome::Cancelled,
-        RecordState::TimedOut => Outcome::Timeout,
-        _ => Outcome::Failed,
-    }
 }
 
 impl QueueState {
@@ -182,11 +171,15 @@ impl QueueState {
         self.started.elapsed()
     }
 
-    fn journal(&self, job: &Job, ack: Option<crate::journal::JournalAck>) {
+    pub(super) fn journal(&self, job: &Job, ack: Option<crate::journal::JournalAck>) {
         self.journal_record(job.record(), ack);
     }
 
-    fn journal_record(&self, record: JobRecord, ack: Option<crate::journal::JournalAck>) {
+    pub(super) fn journal_record(
+        &self,
+        record: JobRecord,
+        ack: Option<crate::journal::JournalAck>,
+    ) {
         match &self.journal {
             Some(journal) => journal.put(record, ack),
             None => {
@@ -197,13 +190,13 @@ impl QueueState {
         }
     }
 
-    fn queue_depth(&self, workload: Workload) {
+    pub(super) fn queue_depth(&self, workload: Workload) {
         self.shared
             .signals
             .queue_depth(workload, self.queue.len_of(workload));
     }
 
-    fn new_job(&mut self, p: PreparedJob, recovered: bool, attempts: u32) -> Job {
+    pub(super) fn new_job(&mut self, p: PreparedJob, recovered: bool, attempts: u32) -> Job {
         let fields = event_fields(&p.job_id, p.workload, &p.trace, &p.plan)
             .with_hardware_class(self.shared.hardware_class.as_str());
         sakuga_telemetry::record_job_attributes(&p.span, &fields);
@@ -246,7 +239,7 @@ impl QueueState {
         }
     }
 
-    fn enqueue(&mut self, job: Job) {
+    pub(super) fn enqueue(&mut self, job: Job) {
         let cost = job.estimate.expected_duration.as_secs_f64();
         let now = self.now();
         self.queue.push(
@@ -366,43 +359,9 @@ impl QueueState {
             }));
             return;
         }
-        signals.job_submitted(workload);
-        signals.admission(workload, Decision::Admit, AdmissionReason::Capacity);
-        events::prompt_received(&fields);
-        events::admission_decision(&fields, Decision::Admit, AdmissionReason::Capacity);
-        // Journaled once, with the record that accepts the job; nothing else needs it.
         let workflow = std::mem::take(&mut p.workflow);
         let degraded = p.degraded.take();
         let job = self.new_job(p, false, 0);
-        job.feed.push(JobEvent::Stage {
-            name: events::PROMPT_RECEIVED,
-            detail: format!(
-                "{} nodes, workload {workload}",
-                job.plan.as_ref().map_or(0, ExecutionPlan::len)
-            ),
-        });
-        job.feed.push(JobEvent::Admission {
-            decision: Decision::Admit,
-            reason: AdmissionReason::Capacity,
-            detail: format!(
-                "expected {:.3}s, peak {} MiB",
-                job.estimate.expected_duration.as_secs_f64(),
-                job.estimate.peak_memory_bytes >> 20
-            ),
-        });
-        if let Some(note) = degraded {
-            signals.admission(workload, Decision::Admit, AdmissionReason::DegradedForFps);
-            events::admission_decision(
-                &job.fields,
-                Decision::Admit,
-                AdmissionReason::DegradedForFps,
-            );
-            job.feed.push(JobEvent::Admission {
-                decision: Decision::Admit,
-                reason: AdmissionReason::DegradedForFps,
-                detail: note,
-            });
-        }
         let job_id = job.info.job_id.clone();
         self.enqueue(job);
         let job = &self.jobs[&job_id];
@@ -416,86 +375,31 @@ impl QueueState {
             deduplicated: false,
         };
         let undo = self.self_tx.clone();
-        let mut record = job.record();
-        record.workflow = Some(workflow);
-        self.journal_record(
-            record,
-            Some(Box::new(
-                move |result: Result<(), SchedulerError>| match result {
-                    Ok(()) => {
-                        let _ = reply.send(Ok(submitted));
-                    }
-                    Err(e) => {
-                        // Not durable, so not accepted: take it back out of the queue.
-                        if let Some(tx) = undo {
-                            let (dummy, _) = oneshot::channel();
-                            let _ = tx.try_send(Command::Cancel(job_id, dummy));
-                        }
-                        let _ = reply.send(Err(e));
-                    }
-                },
-            )),
-        );
-    }
-
-    /// Ends a job that is not running: cancelled while queued, deadline passed, or
-    /// rejected on recovery.
-    fn finish_unstarted(&mut self, job_id: &str, state: RecordState, error: Option<String>) {
-        self.queue.remove(job_id);
-        let Some(job) = self.jobs.get_mut(job_id) else {
-            return;
-        };
-        job.info.state = state;
-        // The job span ends (and is exported) with the job.
-        job.span = tracing::Span::none();
-        job.info.finished_at = Some(SystemTime::now());
-        job.info.error = error.clone();
-        job.plan = None;
-        let workload = job.info.workload;
-        let latency = job.info.submitted_at.elapsed().unwrap_or_default();
-        let signals = &self.shared.signals;
-        signals.job_finished(
-            &SignalsJobReport::new(workload, outcome_of(state), latency).with_images(0),
-        );
-        match state {
-            RecordState::Cancelled => events::job_cancelled(&job.fields),
-            RecordState::TimedOut => {
-                signals.error(ErrorKind::Timeout, Stage::Queue);
-                events::job_failed(
-                    &job.fields,
-                    ErrorKind::Timeout,
-                    &error.clone().unwrap_or_default(),
-                );
+        let rejected = job_id.clone();
+        let ack: JournalAck = Box::new(move |result: Result<(), SchedulerError>| match result {
+            Ok(()) => {
+                let _ = reply.send(Ok(submitted));
             }
-            _ => {
-                signals.error(ErrorKind::Internal, Stage::Queue);
-                events::job_failed(
-                    &job.fields,
-                    ErrorKind::Internal,
-                    &error.clone().unwrap_or_default(),
-                );
+            Err(e) => {
+                // Not durable, so not accepted: the submitter hears so, and the job ends.
+                if let Some(tx) = undo {
+                    let _ = tx.try_send(Command::Unjournaled(rejected, e.to_string()));
+                }
+                let _ = reply.send(Err(e));
             }
-        }
-        if state == RecordState::Cancelled {
-            job.feed.push(JobEvent::Stage {
-                name: events::JOB_CANCELLED,
-                detail: "cancelled while queued".into(),
-            });
-        } else {
-            job.feed.push(JobEvent::Stage {
-                name: events::JOB_FAILED,
-                detail: error.clone().unwrap_or_default(),
-            });
-        }
-        job.feed.push(JobEvent::Finished { state, error });
-        let job = &self.jobs[job_id];
-        self.journal(job, None);
-        self.queue_depth(workload);
-        self.retire(job_id.to_owned());
+        });
+        self.apply(
+            &job_id,
+            Transition::Queued {
+                workflow,
+                degraded,
+                ack,
+            },
+        );
     }
 
     /// Remembers a finished job, evicting the oldest past the retention counts.
-    fn retire(&mut self, job_id: String) {
+    pub(super) fn retire(&mut self, job_id: String) {
         self.finished.push_back(job_id);
         let frames_kept = self.config.finished_frames_kept;
         if self.finished.len() > frames_kept
@@ -526,10 +430,11 @@ impl QueueState {
             });
         };
         match job.info.state {
-            RecordState::Queued => self.finish_unstarted(
+            RecordState::Queued => self.apply(
                 job_id,
-                RecordState::Cancelled,
-                Some("cancelled by the client".into()),
+                Transition::Cancelled {
+                    detail: "cancelled by the client".into(),
+                },
             ),
             RecordState::Running => job.cancel.cancel(),
             _ => {}
@@ -572,29 +477,7 @@ impl QueueState {
                 })
         };
         for (job_id, reason) in picked.deferred {
-            let Some(job) = self.jobs.get_mut(&job_id) else {
-                continue;
-            };
-            if job.deferrals_reported.contains(&reason) {
-                continue;
-            }
-            job.deferrals_reported.push(reason);
-            signals.admission(job.info.workload, Decision::Defer, reason);
-            events::admission_decision(&job.fields, Decision::Defer, reason);
-            job.feed.push(JobEvent::Admission {
-                decision: Decision::Defer,
-                reason,
-                detail: match reason {
-                    AdmissionReason::MemoryHeadroom => "waiting for device memory headroom".into(),
-                    AdmissionReason::FpsDegraded => {
-                        "waiting while animation FPS is degraded".into()
-                    }
-                    AdmissionReason::Capacity => {
-                        "waiting for the paced stream playing out to end".into()
-                    }
-                    other => format!("waiting ({other})"),
-                },
-            });
+            self.apply(&job_id, Transition::Deferred(reason));
         }
         let Some(entry) = picked.started else { return };
         self.start(&entry.job_id);
@@ -612,17 +495,6 @@ impl QueueState {
             .gpu_memory_total()
             .unwrap_or_else(|| self.shared.tunables.read().admission.memory_budget_bytes);
         self.shared.env.set_memory_budget(budget);
-        job.info.state = RecordState::Running;
-        job.info.started_at = Some(SystemTime::now());
-        job.started = Some(Instant::now());
-        job.info.attempts += 1;
-        let workload = job.info.workload;
-        signals.job_started(
-            workload,
-            job.fields.model_id.as_deref(),
-            job.enqueued_at.elapsed(),
-        );
-        signals.stage_finished(workload, Stage::Queue, job.enqueued_at.elapsed());
         let target_fps = crate::observe::paced_stream_fps(&plan).unwrap_or(24.0);
         let feed_observer = Arc::new(FeedObserver::new(job.feed.clone()));
         let telemetry = TelemetryObserver::new(
@@ -652,25 +524,17 @@ impl QueueState {
             observer: feed_observer,
             lane,
         };
-        let job = &self.jobs[job_id];
-        // The attempt is durable before the job runs: if the job takes the process down,
-        // recovery finds it `Running` with this attempt counted and fails it as poison
-        // instead of running it into the same crash again.
         let device = self.device.clone();
         let id = job_id.to_owned();
-        self.journal(
-            job,
-            Some(Box::new(move |written| {
-                if let Err(e) = written {
-                    tracing::error!(job_id = %id, error = %e, "journaling the start failed; running it anyway");
-                }
-                if device.send(device_job).is_err() {
-                    tracing::error!(job_id = %id, "the device worker is gone");
-                }
-            })),
-        );
-        self.queue_depth(workload);
-        self.running = Some(job_id.to_owned());
+        let ack: JournalAck = Box::new(move |written| {
+            if let Err(e) = written {
+                tracing::error!(job_id = %id, error = %e, "journaling the start failed; running it anyway");
+            }
+            if device.send(device_job).is_err() {
+                tracing::error!(job_id = %id, "the device worker is gone");
+            }
+        });
+        self.apply(job_id, Transition::Started { ack });
     }
 
     /// Journals every running or delivering job back as queued, its attempt not counted
@@ -683,14 +547,7 @@ impl QueueState {
             .cloned()
             .collect();
         for id in &ids {
-            let Some(job) = self.jobs.get_mut(id) else {
-                continue;
-            };
-            job.cancel.cancel();
-            job.info.state = RecordState::Queued;
-            job.info.attempts = job.info.attempts.saturating_sub(1);
-            tracing::warn!(job_id = %id, "interrupted by shutdown; it runs again after the next start");
-            self.journal(&self.jobs[id], None);
+            self.apply(id, Transition::Interrupted);
         }
         if let Some(journal) = &self.journal {
             journal.flush();
@@ -715,103 +572,50 @@ impl QueueState {
             self.running = None;
         }
         self.delivering.remove(&done.job_id);
-        let signals = self.shared.signals.clone();
-        let Some(job) = self.jobs.get_mut(&done.job_id) else {
+        let Some(job) = self.jobs.get(&done.job_id) else {
             return;
         };
-        let (state, error) = match &done.result {
-            Ok(_) => (RecordState::Succeeded, None),
+        let transition = match done.result {
+            Ok(_) => Transition::Succeeded {
+                outputs: done.outputs,
+                frames: done.frames,
+                elapsed: done.elapsed,
+            },
             Err(SchedulerError::Cancelled { .. }) if job.timeout.is_some() => {
-                (RecordState::TimedOut, job.timeout.clone())
+                Transition::TimedOut {
+                    stage: Stage::Inference,
+                    reason: job.timeout.clone().unwrap_or_default(),
+                }
             }
-            Err(e @ SchedulerError::Cancelled { .. }) => {
-                (RecordState::Cancelled, Some(e.to_string()))
-            }
-            Err(e) => (RecordState::Failed, Some(e.to_string())),
+            Err(e @ SchedulerError::Cancelled { .. }) => Transition::Cancelled {
+                detail: e.to_string(),
+            },
+            Err(e) => Transition::Failed {
+                kind: e.kind().unwrap_or(ErrorKind::Internal),
+                stage: self.stage_of_failure(&e),
+                error: e.to_string(),
+            },
         };
-        job.info.state = state;
-        // The job span ends (and is exported) with the job.
-        job.span = tracing::Span::none();
-        job.info.finished_at = Some(SystemTime::now());
-        job.info.error = error.clone();
-        job.info.outputs = done.outputs;
-        let workload = job.info.workload;
-        self.throughput.record(workload, self.started.elapsed());
-        let latency = job.info.submitted_at.elapsed().unwrap_or_default();
-        let mut outcome = outcome_of(state);
-        if let Err(e) = &done.result
-            && e.kind() == "oom"
-        {
-            outcome = Outcome::Oom;
-        }
-        let images = if state == RecordState::Succeeded {
-            (job.info.outputs.len() as u64 + done.frames).max(1)
-        } else {
-            0
-        };
-        if let Some(limit) = done.oom_split {
-            // The first run's OOM is an error of its own whatever the retry does.
-            signals.error(ErrorKind::Oom, Stage::Inference);
-            signals.retry(RetryReason::OomSplit);
-            signals.admission(workload, Decision::Admit, AdmissionReason::OomSplit);
-            events::admission_decision(&job.fields, Decision::Admit, AdmissionReason::OomSplit);
-            tracing::warn!(job_id = %done.job_id, batch_limit = limit, "out of device memory; retried once with the batch split");
-        }
-        let report = SignalsJobReport::new(workload, outcome, latency)
-            .with_resolution(job.estimate.width.max(1), job.estimate.height.max(1))
-            .with_images(images);
-        let report = match job.fields.model_id.as_deref() {
-            Some(model) => report.with_model(model),
-            None => report,
-        };
-        signals.job_finished(&report);
-        match (&done.result, state) {
-            (Ok(_), _) => {
-                self.shared
-                    .estimator
-                    .learn(job.estimate.signature, done.elapsed);
-                events::deliver_complete(&job.fields, latency);
-                job.feed.push(JobEvent::Stage {
-                    name: events::DELIVER_COMPLETE,
-                    detail: format!(
-                        "{} outputs, {} frames in {:.3}s",
-                        job.info.outputs.len(),
-                        done.frames,
-                        done.elapsed.as_secs_f64()
-                    ),
-                });
-            }
-            (Err(_), RecordState::Cancelled) => {
-                events::job_cancelled(&job.fields);
-                job.feed.push(JobEvent::Stage {
-                    name: events::JOB_CANCELLED,
-                    detail: error.clone().unwrap_or_default(),
-                });
-            }
-            (Err(e), _) => {
-                let kind = if state == RecordState::TimedOut {
-                    ErrorKind::Timeout
-                } else {
-                    ErrorKind::from_label(e.kind())
-                };
-                signals.error(kind, Stage::Inference);
-                events::job_failed(&job.fields, kind, e);
-                job.feed.push(JobEvent::Stage {
-                    name: events::JOB_FAILED,
-                    detail: error.clone().unwrap_or_default(),
-                });
-            }
-        }
-        job.feed.push(JobEvent::Finished { state, error });
-        job.feed.end_stream();
-        let job = &self.jobs[&done.job_id];
-        self.journal(job, None);
-        self.retire(done.job_id);
+        self.apply(&done.job_id, transition);
         if self.idle() {
             for waiter in self.drain_waiters.drain(..) {
                 let _ = waiter.send(());
             }
         }
+    }
+
+    /// The stage of the node that failed, by its schema's roles (inference otherwise).
+    fn stage_of_failure(&self, error: &SchedulerError) -> Stage {
+        let class = match error {
+            SchedulerError::NodeFailed { class_type, .. }
+            | SchedulerError::NodePanicked { class_type, .. } => class_type.as_str(),
+            _ => return Stage::Inference,
+        };
+        self.shared
+            .registry
+            .get(class)
+            .and_then(|node| node.schema().roles.stage)
+            .unwrap_or(Stage::Inference)
     }
 
     fn expire_deadlines(&mut self) {
@@ -833,12 +637,13 @@ impl QueueState {
                 job_id: job_id.clone(),
             }
             .to_string();
-            self.shared.signals.admission(
-                self.jobs[&job_id].info.workload,
-                Decision::Deny,
-                AdmissionReason::Deadline,
+            self.apply(
+                &job_id,
+                Transition::TimedOut {
+                    stage: Stage::Queue,
+                    reason,
+                },
             );
-            self.finish_unstarted(&job_id, RecordState::TimedOut, Some(reason));
         }
         let limits = self.shared.tunables.read().limits;
         let active = self.running.iter().chain(self.delivering.iter());
@@ -923,183 +728,6 @@ impl QueueState {
         demand
     }
 
-    /// Brings back jobs from the journal: final ones for lookups and dedupe, unfinished
-    /// ones queued again (`job_recovered`) or failed with the reason.
-    pub fn recover(&mut self, records: Vec<JobRecord>, handle: &EngineHandle) {
-        self.self_tx = Some(handle.tx.clone());
-        for record in records {
-            let workload: Workload = record.workload.parse().unwrap_or(Workload::SingleImage);
-            let trace = TraceContext::root_of(record.trace_id.clone());
-            if record.state.is_final() {
-                self.restore_final(record, workload, trace);
-                continue;
-            }
-            let deadline = record
-                .deadline_unix_ms
-                .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
-            let rejection = if deadline.is_some_and(|d| d <= SystemTime::now()) {
-                Some((
-                    RecordState::TimedOut,
-                    "the deadline passed while the server was down".to_owned(),
-                ))
-            } else if record.state == RecordState::Running
-                && record.attempts >= self.config.max_attempts
-            {
-                Some((
-                    RecordState::Failed,
-                    format!(
-                        "{POISON}: the server went down while running it ({} of {} attempt(s)); not run again",
-                        record.attempts, self.config.max_attempts
-                    ),
-                ))
-            } else {
-                None
-            };
-            let workflow = record.workflow.clone().unwrap_or(Json::Null);
-            let checked = handle.check(&workflow, None);
-            let (plan, estimate) = match checked {
-                Ok(ok) => ok,
-                Err(e) => {
-                    let reason = format!("not runnable after the restart: {e}");
-                    self.restore_rejected(record, workload, trace, RecordState::Failed, reason);
-                    continue;
-                }
-            };
-            let prepared = PreparedJob {
-                job_id: record.job_id.clone(),
-                workflow,
-                plan,
-                estimate,
-                workload,
-                priority: record.priority,
-                deadline,
-                idempotency_key: record.idempotency_key.clone(),
-                labels: record.labels.clone(),
-                span: sakuga_telemetry::open_job_span(&record.job_id, workload, &trace),
-                trace,
-                submitted_at: SystemTime::UNIX_EPOCH
-                    + Duration::from_millis(record.submitted_unix_ms),
-                degraded: None,
-            };
-            let job = self.new_job(prepared, true, record.attempts);
-            let job_id = job.info.job_id.clone();
-            self.enqueue(job);
-            if let Some((state, reason)) = rejection {
-                self.finish_unstarted(&job_id, state, Some(reason));
-                continue;
-            }
-            let job = &self.jobs[&job_id];
-            events::job_recovered(&job.fields);
-            job.feed.push(JobEvent::Stage {
-                name: events::JOB_RECOVERED,
-                detail: format!(
-                    "found unfinished after a restart (attempts so far: {})",
-                    record.attempts
-                ),
-            });
-            self.journal(job, None);
-        }
-        if let Some(journal) = &self.journal {
-            journal.flush();
-        }
-    }
-
-    fn restore_final(&mut self, record: JobRecord, workload: Workload, trace: TraceContext) {
-        let fields = EventFields::new(record.job_id.clone(), workload, &trace);
-        let feed = Arc::new(JobFeed::for_job(self.config.feed, record.trace_id.clone()));
-        feed.push(JobEvent::Finished {
-            state: record.state,
-            error: record.error.clone(),
-        });
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        let job = Job {
-            info: JobInfo {
-                job_id: record.job_id.clone(),
-                workload,
-                state: record.state,
-                priority: record.priority,
-                labels: record.labels,
-                trace_id: record.trace_id,
-                idempotency_key: record.idempotency_key.clone(),
-                submitted_at: SystemTime::UNIX_EPOCH
-                    + Duration::from_millis(record.submitted_unix_ms),
-                started_at: None,
-                finished_at: record
-                    .finished_unix_ms
-                    .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
-                deadline: record
-                    .deadline_unix_ms
-                    .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
-                queue_position: None,
-                estimate: None,
-                error: record.error,
-                outputs: record
-                    .outputs
-                    .into_iter()
-                    .map(|path| JobOutput {
-                        node_id: String::new(),
-                        path,
-                        kind: "output".into(),
-                    })
-                    .collect(),
-                attempts: record.attempts,
-                recovered: false,
-            },
-            seq,
-            plan: None,
-            estimate: Estimate {
-                peak_memory_bytes: 0,
-                peak_node: None,
-                expected_duration: Duration::ZERO,
-                learned: false,
-                width: 0,
-                height: 0,
-                batch: 0,
-                signature: 0,
-                nodes: Vec::new(),
-            },
-            fields,
-            span: tracing::Span::none(),
-            feed,
-            cancel: CancelToken::new(),
-            enqueued_at: Instant::now(),
-            deferrals_reported: Vec::new(),
-            started: None,
-            paced: false,
-            timeout: None,
-        };
-        if let Some(key) = &record.idempotency_key {
-            self.by_key.insert(key.clone(), record.job_id.clone());
-        }
-        self.order.insert(seq, record.job_id.clone());
-        self.jobs.insert(record.job_id.clone(), job);
-        self.retire(record.job_id);
-    }
-
-    fn restore_rejected(
-        &mut self,
-        mut record: JobRecord,
-        workload: Workload,
-        trace: TraceContext,
-        state: RecordState,
-        reason: String,
-    ) {
-        let fields = EventFields::new(record.job_id.clone(), workload, &trace);
-        self.shared
-            .signals
-            .error(ErrorKind::InvalidInput, Stage::Parse);
-        events::job_failed(&fields, ErrorKind::InvalidInput, &reason);
-        record.state = state;
-        record.error = Some(reason);
-        record.finished_unix_ms = Some(unix_ms(SystemTime::now()));
-        record.workflow = None;
-        if let Some(journal) = &self.journal {
-            journal.put(record.clone(), None);
-        }
-        self.restore_final(record, workload, trace);
-    }
-
     fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::Submit(p, reply) => self.submit(*p, reply),
@@ -1151,6 +779,24 @@ impl QueueState {
             }
             Command::DeviceFree(job_id) => self.device_free(job_id),
             Command::Finished(done) => self.finished(*done),
+            Command::Retried {
+                job_id,
+                batch_limit,
+                error,
+            } => self.apply(&job_id, Transition::Retried { batch_limit, error }),
+            Command::Unjournaled(job_id, error) => {
+                if self.jobs.get(&job_id).map(|j| j.info.state) == Some(RecordState::Queued) {
+                    let error = format!("not accepted: the journal could not record it ({error})");
+                    self.apply(
+                        &job_id,
+                        Transition::Failed {
+                            kind: ErrorKind::Internal,
+                            stage: Stage::Queue,
+                            error,
+                        },
+                    );
+                }
+            }
             Command::Shutdown => return false,
             Command::Interrupt(reply) => {
                 let _ = reply.send(self.interrupt());
@@ -1161,8 +807,6 @@ impl QueueState {
     }
 }
 
-/// How a job that took the server down is reported: its error starts with this word.
-const POISON: &str = "poison";
 /// Tick while jobs wait on deadlines or deferrals; idle otherwise.
 const BUSY_TICK: Duration = Duration::from_millis(50);
 const IDLE_TICK: Duration = Duration::from_secs(1);

@@ -14,8 +14,10 @@ pub mod feed;
 mod ids;
 mod jobs;
 mod pacer;
+mod recovery;
 mod rewrite;
 mod throughput;
+mod transition;
 mod worker;
 
 use std::collections::BTreeMap;
@@ -274,6 +276,15 @@ pub(crate) enum Command {
     DeviceFree(String),
     /// From the device worker or the pacer: the running job ended.
     Finished(Box<worker::Finished>),
+    /// From the device worker: the running job ran out of memory and runs once more with
+    /// its batch split.
+    Retried {
+        job_id: String,
+        batch_limit: usize,
+        error: String,
+    },
+    /// From the journal: a submission's record could not be written, so it was refused.
+    Unjournaled(String, String),
     /// Stop the queue worker (the device worker follows once its job ends).
     Shutdown,
     /// Give up on running work: journal it back as queued, its attempt not counted, cancel

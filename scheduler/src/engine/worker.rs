@@ -41,9 +41,6 @@ pub(crate) struct Finished {
     pub elapsed: Duration,
     pub outputs: Vec<JobOutput>,
     pub frames: u64,
-    /// The first run ran out of device memory and this batch limit was used for the
-    /// one retry (DESIGN.md section 7: an OOM splits the batch and retries once).
-    pub oom_split: Option<usize>,
 }
 
 pub(crate) struct DeviceWorker {
@@ -87,7 +84,7 @@ fn device_worker(
 ) {
     while let Ok(job) = jobs.recv() {
         let started = Instant::now();
-        let (result, oom_split) = run_job(&executor, &job);
+        let result = run_job(&executor, &job, &done);
         let elapsed = started.elapsed();
         let DeviceJob {
             job_id,
@@ -102,7 +99,6 @@ fn device_worker(
                 elapsed,
                 outputs: std::mem::take(&mut *observer.outputs.lock()),
                 frames: observer.frames.load(Ordering::Relaxed),
-                oom_split,
             }))
         };
         if !lane.used() {
@@ -132,32 +128,31 @@ fn device_worker(
     }
 }
 
-/// Runs the job's plan; an out-of-memory error with a batch splits it and retries once.
+/// Runs the job's plan; an out-of-memory error with a batch splits it and retries once
+/// (DESIGN.md section 7), telling the queue worker first so the retry is on record.
 fn run_job(
     executor: &Executor,
     job: &DeviceJob,
-) -> (Result<JobReport, SchedulerError>, Option<usize>) {
+    queue: &Sender<Command>,
+) -> Result<JobReport, SchedulerError> {
     let _entered = job.span.enter();
     match executor.run(&job.plan, &job.run) {
-        Err(e) if e.kind() == "oom" && job.batch > 1 => {
+        Err(e) if e.is_oom() && job.batch > 1 => {
             // Nodes that finished before the OOM come from the output cache; the
             // rest run again at most half the batch at a time.
             let limit = job.batch.div_ceil(2);
-            job.observer.feed.push(JobEvent::Admission {
-                decision: sakuga_telemetry::Decision::Admit,
-                reason: sakuga_telemetry::AdmissionReason::OomSplit,
-                detail: format!(
-                    "out of device memory with a batch of {}: retrying once, at most {limit} at a time ({e})",
-                    job.batch
-                ),
+            let _ = queue.send(Command::Retried {
+                job_id: job.job_id.clone(),
+                batch_limit: limit,
+                error: e.to_string(),
             });
             let retry = JobRun {
                 batch_limit: Some(limit),
                 ..job.run.clone()
             };
-            (executor.run(&job.plan, &retry), Some(limit))
+            executor.run(&job.plan, &retry)
         }
-        other => (other, None),
+        other => other,
     }
 }
 

@@ -1,0 +1,378 @@
+//! The one way a job's state changes. Every state change is a [`Transition`], and
+//! [`QueueState::apply`] writes it to all four sinks together: the job's record (and the
+//! journal), the signals (metrics and SLO windows), the stage event (`tracing`, so logs
+//! and OTLP spans) and the job's `Watch` feed. Nothing else in the engine changes a job's
+//! state, so a new state, a new sink (cluster mode's JetStream KV), or a fix to what one
+//! of them records lands here once.
+//!
+//! Progress inside a running job (node started and finished, frames) is no state change:
+//! it flows from the executor through the observer chain (`observe::TelemetryObserver`
+//! into `worker::FeedObserver`), which records signals, events and the feed the same way.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use serde_json::Value as Json;
+
+use sakuga_telemetry::{
+    AdmissionReason, Decision, ErrorKind, JobReport as SignalsJobReport, Outcome, RetryReason,
+    Stage, events,
+};
+
+use crate::engine::JobOutput;
+use crate::engine::feed::JobEvent;
+use crate::engine::jobs::QueueState;
+use crate::journal::{JournalAck, RecordState};
+
+/// A change of one job's state.
+pub(crate) enum Transition {
+    /// Accepted and queued: journaled with its workflow; `ack` answers the submitter once
+    /// the record is durable.
+    Queued {
+        workflow: Json,
+        /// How it was degraded to keep its target FPS, if it was.
+        degraded: Option<String>,
+        ack: JournalAck,
+    },
+    /// Passed over at dispatch, for a reason the job had not been told yet.
+    Deferred(AdmissionReason),
+    /// Handed to the device; `ack` hands it over once the attempt is durable.
+    Started {
+        ack: JournalAck,
+    },
+    /// Ran out of device memory with a batch; it runs once more, the batch split.
+    Retried {
+        batch_limit: usize,
+        error: String,
+    },
+    Succeeded {
+        outputs: Vec<JobOutput>,
+        frames: u64,
+        elapsed: Duration,
+    },
+    Failed {
+        kind: ErrorKind,
+        stage: Stage,
+        error: String,
+    },
+    Cancelled {
+        detail: String,
+    },
+    /// Stopped for time: its deadline passed (while queued or running) or it ran past its
+    /// workload's run-time limit.
+    TimedOut {
+        stage: Stage,
+        reason: String,
+    },
+    /// Found unfinished in the journal at start-up and queued again.
+    Recovered,
+    /// Given up by a shutdown: back to queued, its attempt not counted (the server chose to
+    /// stop it; the job did nothing wrong).
+    Interrupted,
+}
+
+/// The final states, with what each records.
+enum End {
+    Succeeded { frames: u64, elapsed: Duration },
+    Failed { kind: ErrorKind, stage: Stage },
+    Cancelled,
+    TimedOut { stage: Stage },
+}
+
+impl QueueState {
+    /// Applies `transition` to the job: its record, the journal, the signals, the stage
+    /// event and its feed.
+    pub(crate) fn apply(&mut self, job_id: &str, transition: Transition) {
+        if !self.jobs.contains_key(job_id) {
+            return;
+        }
+        match transition {
+            Transition::Queued {
+                workflow,
+                degraded,
+                ack,
+            } => self.queued(job_id, workflow, degraded, ack),
+            Transition::Deferred(reason) => self.deferred(job_id, reason),
+            Transition::Started { ack } => self.started(job_id, ack),
+            Transition::Retried { batch_limit, error } => self.retried(job_id, batch_limit, &error),
+            Transition::Recovered => self.recovered(job_id),
+            Transition::Interrupted => self.interrupted(job_id),
+            Transition::Succeeded {
+                outputs,
+                frames,
+                elapsed,
+            } => self.end(
+                job_id,
+                RecordState::Succeeded,
+                None,
+                outputs,
+                End::Succeeded { frames, elapsed },
+            ),
+            Transition::Failed { kind, stage, error } => self.end(
+                job_id,
+                RecordState::Failed,
+                Some(error),
+                Vec::new(),
+                End::Failed { kind, stage },
+            ),
+            Transition::Cancelled { detail } => self.end(
+                job_id,
+                RecordState::Cancelled,
+                Some(detail),
+                Vec::new(),
+                End::Cancelled,
+            ),
+            Transition::TimedOut { stage, reason } => self.end(
+                job_id,
+                RecordState::TimedOut,
+                Some(reason),
+                Vec::new(),
+                End::TimedOut { stage },
+            ),
+        }
+    }
+
+    fn queued(&mut self, job_id: &str, workflow: Json, degraded: Option<String>, ack: JournalAck) {
+        let job = &self.jobs[job_id];
+        let signals = &self.shared.signals;
+        let workload = job.info.workload;
+        signals.job_submitted(workload);
+        events::prompt_received(&job.fields);
+        job.feed.push(JobEvent::Stage {
+            name: events::PROMPT_RECEIVED,
+            detail: format!(
+                "{} nodes, workload {workload}",
+                job.plan.as_ref().map_or(0, |p| p.len())
+            ),
+        });
+        let admitted = format!(
+            "expected {:.3}s, peak {} MiB",
+            job.estimate.expected_duration.as_secs_f64(),
+            job.estimate.peak_memory_bytes >> 20
+        );
+        self.admission(job_id, Decision::Admit, AdmissionReason::Capacity, admitted);
+        if let Some(note) = degraded {
+            self.admission(
+                job_id,
+                Decision::Admit,
+                AdmissionReason::DegradedForFps,
+                note,
+            );
+        }
+        let mut record = self.jobs[job_id].record();
+        record.workflow = Some(workflow);
+        self.journal_record(record, Some(ack));
+        self.queue_depth(workload);
+    }
+
+    /// One admission decision about an accepted job: counted, logged, on its feed.
+    fn admission(&self, job_id: &str, decision: Decision, reason: AdmissionReason, detail: String) {
+        let job = &self.jobs[job_id];
+        self.shared
+            .signals
+            .admission(job.info.workload, decision, reason);
+        events::admission_decision(&job.fields, decision, reason);
+        job.feed.push(JobEvent::Admission {
+            decision,
+            reason,
+            detail,
+        });
+    }
+
+    fn deferred(&mut self, job_id: &str, reason: AdmissionReason) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        if job.deferrals_reported.contains(&reason) {
+            return;
+        }
+        job.deferrals_reported.push(reason);
+        let detail = match reason {
+            AdmissionReason::MemoryHeadroom => "waiting for device memory headroom".into(),
+            AdmissionReason::FpsDegraded => "waiting while animation FPS is degraded".into(),
+            AdmissionReason::Capacity => "waiting for the paced stream playing out to end".into(),
+            other => format!("waiting ({other})"),
+        };
+        self.admission(job_id, Decision::Defer, reason, detail);
+    }
+
+    fn started(&mut self, job_id: &str, ack: JournalAck) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        job.info.state = RecordState::Running;
+        job.info.started_at = Some(SystemTime::now());
+        job.started = Some(Instant::now());
+        job.info.attempts += 1;
+        let workload = job.info.workload;
+        let waited = job.enqueued_at.elapsed();
+        let signals = &self.shared.signals;
+        signals.job_started(workload, job.fields.model_id.as_deref(), waited);
+        signals.stage_finished(workload, Stage::Queue, waited);
+        // The attempt is durable before the job runs: if the job takes the process down,
+        // recovery finds it `Running` with this attempt counted and fails it as poison
+        // instead of running it into the same crash again.
+        self.journal(&self.jobs[job_id], Some(ack));
+        self.running = Some(job_id.to_owned());
+        self.queue_depth(workload);
+    }
+
+    fn retried(&mut self, job_id: &str, batch_limit: usize, error: &str) {
+        let job = &self.jobs[job_id];
+        let signals = &self.shared.signals;
+        // The first run's OOM is an error of its own whatever the retry does.
+        signals.error(ErrorKind::Oom, Stage::Inference);
+        signals.retry(RetryReason::OomSplit);
+        tracing::warn!(
+            job_id,
+            batch_limit,
+            error,
+            "out of device memory; retrying once with the batch split"
+        );
+        let detail = format!(
+            "out of device memory with a batch of {}: retrying once, at most {batch_limit} at a time ({error})",
+            job.estimate.batch
+        );
+        self.admission(job_id, Decision::Admit, AdmissionReason::OomSplit, detail);
+    }
+
+    fn recovered(&mut self, job_id: &str) {
+        let job = &self.jobs[job_id];
+        events::job_recovered(&job.fields);
+        job.feed.push(JobEvent::Stage {
+            name: events::JOB_RECOVERED,
+            detail: format!(
+                "found unfinished after a restart (attempts so far: {})",
+                job.info.attempts
+            ),
+        });
+        self.journal(job, None);
+    }
+
+    fn interrupted(&mut self, job_id: &str) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        job.cancel.cancel();
+        job.info.state = RecordState::Queued;
+        job.info.attempts = job.info.attempts.saturating_sub(1);
+        tracing::warn!(
+            job_id,
+            "interrupted by shutdown; it runs again after the next start"
+        );
+        self.journal(&self.jobs[job_id], None);
+    }
+
+    /// A final state: the record, the outcome and its error, the closing stage event, the
+    /// end of the feed, the journal, and retirement.
+    fn end(
+        &mut self,
+        job_id: &str,
+        state: RecordState,
+        error: Option<String>,
+        outputs: Vec<JobOutput>,
+        end: End,
+    ) {
+        let was_queued = self.queue.remove(job_id).is_some();
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            return;
+        };
+        job.info.state = state;
+        // The job span ends (and is exported) with the job.
+        job.span = tracing::Span::none();
+        job.plan = None;
+        job.info.finished_at = Some(SystemTime::now());
+        job.info.error = error.clone();
+        job.info.outputs = outputs;
+        let workload = job.info.workload;
+        if job.started.is_some() {
+            self.throughput.record(workload, self.started.elapsed());
+        }
+        let job = &self.jobs[job_id];
+        self.record_outcome(job_id, state, &end);
+        let detail = error.clone().unwrap_or_default();
+        let (name, detail) = match end {
+            End::Succeeded { frames, elapsed } => {
+                self.shared.estimator.learn(job.estimate.signature, elapsed);
+                let latency = job.info.submitted_at.elapsed().unwrap_or_default();
+                events::deliver_complete(&job.fields, latency);
+                let detail = format!(
+                    "{} outputs, {frames} frames in {:.3}s",
+                    job.info.outputs.len(),
+                    elapsed.as_secs_f64()
+                );
+                (events::DELIVER_COMPLETE, detail)
+            }
+            End::Cancelled => {
+                events::job_cancelled(&job.fields);
+                let detail = if was_queued {
+                    format!("{detail} (while queued)")
+                } else {
+                    detail
+                };
+                (events::JOB_CANCELLED, detail)
+            }
+            End::Failed { kind, stage } => self.failure(job_id, kind, stage, detail),
+            End::TimedOut { stage } => {
+                if stage == Stage::Queue {
+                    self.shared.signals.admission(
+                        workload,
+                        Decision::Deny,
+                        AdmissionReason::Deadline,
+                    );
+                }
+                self.failure(job_id, ErrorKind::Timeout, stage, detail)
+            }
+        };
+        let job = &self.jobs[job_id];
+        job.feed.push(JobEvent::Stage { name, detail });
+        job.feed.push(JobEvent::Finished { state, error });
+        job.feed.end_stream();
+        self.journal(job, None);
+        self.queue_depth(workload);
+        self.retire(job_id.to_owned());
+    }
+
+    fn failure(
+        &self,
+        job_id: &str,
+        kind: ErrorKind,
+        stage: Stage,
+        detail: String,
+    ) -> (&'static str, String) {
+        let job = &self.jobs[job_id];
+        self.shared.signals.error(kind, stage);
+        events::job_failed(&job.fields, kind, &detail);
+        (events::JOB_FAILED, detail)
+    }
+
+    /// `sakuga_jobs_finished_total` and the latency SLOs, with the job's labels.
+    fn record_outcome(&self, job_id: &str, state: RecordState, end: &End) {
+        let job = &self.jobs[job_id];
+        let outcome = match (state, end) {
+            (
+                _,
+                End::Failed {
+                    kind: ErrorKind::Oom,
+                    ..
+                },
+            ) => Outcome::Oom,
+            (RecordState::Succeeded, _) => Outcome::Success,
+            (RecordState::Cancelled, _) => Outcome::Cancelled,
+            (RecordState::TimedOut, _) => Outcome::Timeout,
+            _ => Outcome::Failed,
+        };
+        let images = match end {
+            End::Succeeded { frames, .. } => (job.info.outputs.len() as u64 + frames).max(1),
+            _ => 0,
+        };
+        let latency = job.info.submitted_at.elapsed().unwrap_or_default();
+        let report = SignalsJobReport::new(job.info.workload, outcome, latency)
+            .with_resolution(job.estimate.width.max(1), job.estimate.height.max(1))
+            .with_images(images);
+        let report = match job.fields.model_id.as_deref() {
+            Some(model) => report.with_model(model),
+            None => report,
+        };
+        self.shared.signals.job_finished(&report);
+    }
+}
