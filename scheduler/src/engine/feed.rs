@@ -296,7 +296,7 @@ impl JobWatch {
         self.meter
     }
 
-    fn try_next(&mut self) -> Option<WatchItem> {
+    pub(crate) fn try_next(&mut self) -> Option<WatchItem> {
         let state = self.feed.state.lock();
         // Skips first, so the watcher learns about gaps before what follows them.
         let first_event = state.events_pushed - state.events.len() as u64;

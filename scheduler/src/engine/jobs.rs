@@ -728,7 +728,7 @@ impl QueueState {
         demand
     }
 
-    fn handle(&mut self, command: Command) -> bool {
+    pub(super) fn handle(&mut self, command: Command) -> bool {
         match command {
             Command::Submit(p, reply) => self.submit(*p, reply),
             Command::Cancel(id, reply) => {

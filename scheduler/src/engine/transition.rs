@@ -376,3 +376,289 @@ impl QueueState {
         self.shared.signals.job_finished(&report);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each sink of `apply`, tested once: the journal, the signals, the feed (whose stage
+    //! entries carry the same names as the `tracing` stage events, written side by side).
+
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    use parking_lot::{Mutex, RwLock};
+    use serde_json::json;
+
+    use sakuga_nodes::{NodeEnv, NodeRegistry};
+    use sakuga_telemetry::window::Window;
+    use sakuga_telemetry::{Signals, SignalsConfig, TraceContext, Workload};
+
+    use super::*;
+    use crate::admission::Estimator;
+    use crate::engine::feed::WatchItem;
+    use crate::engine::jobs::PreparedJob;
+    use crate::engine::{Command, EngineConfig, Shared, pacer};
+    use crate::journal::{JobRecord, Journal};
+    use crate::plan::ExecutionPlan;
+    use crate::workflow::Workflow;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        state: QueueState,
+        signals: Signals,
+        _device: crossbeam_channel::Receiver<crate::engine::worker::DeviceJob>,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let env = Arc::new(NodeEnv::new(
+            dir.path().join("input"),
+            dir.path().join("output"),
+            dir.path().join("models"),
+        ));
+        let signals = Signals::new(SignalsConfig::default());
+        let config = EngineConfig::default();
+        let shared = Arc::new(Shared {
+            registry: Arc::new(NodeRegistry::with_builtins()),
+            env,
+            signals: signals.clone(),
+            estimator: Estimator::new(),
+            tunables: RwLock::new(config.tunables.clone()),
+            hardware_class: "cpu".into(),
+            ready: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            threads: Mutex::new(Vec::new()),
+        });
+        let (journal, _) = Journal::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let (device, device_rx) = crossbeam_channel::bounded(1);
+        let (pacer, _) = pacer::spawn_pacer().unwrap();
+        let state = QueueState::new(config, shared, Some(journal), device, pacer);
+        Fixture {
+            dir,
+            state,
+            signals,
+            _device: device_rx,
+        }
+    }
+
+    /// Accepts a tiny single-image job, as a submit does; returns its id.
+    fn accept(state: &mut QueueState) -> String {
+        let workflow = json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        });
+        let shared = state.shared.clone();
+        let parsed = Workflow::from_json(workflow.clone()).unwrap();
+        let valid = crate::validate(&parsed, &shared.registry, &shared.env).unwrap();
+        let estimate =
+            shared
+                .estimator
+                .estimate(&valid, &shared.env, &shared.tunables.read().admission);
+        let job_id = crate::engine::ids::new_job_id();
+        let trace = TraceContext::new_root();
+        let prepared = PreparedJob {
+            job_id: job_id.clone(),
+            workflow: workflow.clone(),
+            plan: ExecutionPlan::compile(valid),
+            estimate,
+            workload: Workload::SingleImage,
+            priority: 0,
+            deadline: None,
+            idempotency_key: None,
+            labels: Default::default(),
+            span: tracing::Span::none(),
+            trace,
+            submitted_at: SystemTime::now(),
+            degraded: None,
+        };
+        let job = state.new_job(prepared, false, 0);
+        state.enqueue(job);
+        let acked = Arc::new(AtomicBool::new(false));
+        let flag = acked.clone();
+        let ack: JournalAck = Box::new(move |r| flag.store(r.is_ok(), Ordering::SeqCst));
+        state.apply(
+            &job_id,
+            Transition::Queued {
+                workflow,
+                degraded: None,
+                ack,
+            },
+        );
+        state.journal.as_ref().unwrap().flush();
+        assert!(
+            acked.load(Ordering::SeqCst),
+            "the submitter hears once it is durable"
+        );
+        job_id
+    }
+
+    use std::sync::atomic::Ordering;
+
+    fn journaled(fixture: Fixture, job_id: &str) -> JobRecord {
+        let Fixture { dir, state, .. } = fixture;
+        drop(state);
+        let (_journal, records) = Journal::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        records.into_iter().find(|r| r.job_id == job_id).unwrap()
+    }
+
+    fn feed(state: &QueueState, job_id: &str) -> Vec<JobEvent> {
+        let mut watch = state.jobs[job_id].feed.watch();
+        let mut events = Vec::new();
+        while let Some(item) = watch.try_next() {
+            if let WatchItem::Event(e) = item {
+                events.push(e.event.clone());
+            }
+        }
+        events
+    }
+
+    fn stages(events: &[JobEvent]) -> Vec<&'static str> {
+        events
+            .iter()
+            .filter_map(|e| match e {
+                JobEvent::Stage { name, .. } => Some(*name),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn finished(events: &[JobEvent]) -> Option<(RecordState, Option<String>)> {
+        events.iter().find_map(|e| match e {
+            JobEvent::Finished { state, error } => Some((*state, error.clone())),
+            _ => None,
+        })
+    }
+
+    fn start(state: &mut QueueState, job_id: &str) {
+        state.queue.remove(job_id);
+        state.apply(
+            job_id,
+            Transition::Started {
+                ack: Box::new(|_| {}),
+            },
+        );
+    }
+
+    #[test]
+    fn a_job_that_succeeds_reaches_the_journal_the_signals_and_the_feed() {
+        let mut f = fixture();
+        let id = accept(&mut f.state);
+        start(&mut f.state, &id);
+        assert_eq!(f.state.running.as_deref(), Some(id.as_str()));
+        f.state.apply(
+            &id,
+            Transition::Succeeded {
+                outputs: Vec::new(),
+                frames: 0,
+                elapsed: Duration::from_millis(5),
+            },
+        );
+        let events = feed(&f.state, &id);
+        assert_eq!(
+            stages(&events),
+            [events::PROMPT_RECEIVED, events::DELIVER_COMPLETE]
+        );
+        assert!(events.iter().any(|e| matches!(
+            e,
+            JobEvent::Admission {
+                decision: Decision::Admit,
+                reason: AdmissionReason::Capacity,
+                ..
+            }
+        )));
+        assert_eq!(finished(&events), Some((RecordState::Succeeded, None)));
+        let golden = f.signals.snapshot();
+        let golden = golden
+            .golden(Workload::SingleImage, Window::FiveMinutes)
+            .unwrap();
+        assert_eq!(golden.jobs_finished, 1);
+        assert_eq!(golden.success_ratio, Some(1.0));
+        let record = journaled(f, &id);
+        assert_eq!(record.state, RecordState::Succeeded);
+        assert_eq!(record.attempts, 1);
+    }
+
+    #[test]
+    fn a_deadline_that_passes_in_the_queue_is_a_timeout_on_every_sink() {
+        let mut f = fixture();
+        let id = accept(&mut f.state);
+        f.state.apply(
+            &id,
+            Transition::TimedOut {
+                stage: Stage::Queue,
+                reason: "missed its deadline".into(),
+            },
+        );
+        assert!(f.state.queue.is_empty(), "it left the queue");
+        let events = feed(&f.state, &id);
+        assert_eq!(stages(&events).last(), Some(&events::JOB_FAILED));
+        assert_eq!(
+            finished(&events),
+            Some((RecordState::TimedOut, Some("missed its deadline".into())))
+        );
+        let snapshot = f.signals.snapshot();
+        let golden = snapshot
+            .golden(Workload::SingleImage, Window::FiveMinutes)
+            .unwrap();
+        assert_eq!((golden.jobs_finished, golden.success_ratio), (1, Some(0.0)));
+        let record = journaled(f, &id);
+        assert_eq!(record.state, RecordState::TimedOut);
+        assert_eq!(record.attempts, 0, "it never started");
+    }
+
+    #[test]
+    fn a_submission_the_journal_refused_ends_failed_not_cancelled() {
+        let mut f = fixture();
+        let id = accept(&mut f.state);
+        f.state
+            .handle(Command::Unjournaled(id.clone(), "disk full".into()));
+        let events = feed(&f.state, &id);
+        let (state, error) = finished(&events).unwrap();
+        assert_eq!(state, RecordState::Failed);
+        assert!(
+            error
+                .unwrap()
+                .contains("journal could not record it (disk full)")
+        );
+        assert!(!stages(&events).contains(&events::JOB_CANCELLED));
+    }
+
+    #[test]
+    fn an_oom_retry_is_on_the_feed_once_and_the_attempt_is_not_recounted() {
+        let mut f = fixture();
+        let id = accept(&mut f.state);
+        start(&mut f.state, &id);
+        f.state.apply(
+            &id,
+            Transition::Retried {
+                batch_limit: 2,
+                error: "out of memory".into(),
+            },
+        );
+        let splits = feed(&f.state, &id)
+            .into_iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    JobEvent::Admission {
+                        reason: AdmissionReason::OomSplit,
+                        ..
+                    }
+                )
+            })
+            .count();
+        assert_eq!(splits, 1);
+        assert_eq!(f.state.jobs[&id].info.attempts, 1);
+    }
+
+    #[test]
+    fn an_interrupted_job_goes_back_to_queued_without_its_attempt() {
+        let mut f = fixture();
+        let id = accept(&mut f.state);
+        start(&mut f.state, &id);
+        f.state.apply(&id, Transition::Interrupted);
+        assert!(f.state.jobs[&id].cancel.is_cancelled());
+        let record = journaled(f, &id);
+        assert_eq!(record.state, RecordState::Queued);
+        assert_eq!(record.attempts, 0);
+    }
+}
