@@ -132,6 +132,32 @@ pub fn write_generation(dir: &Path, generation: u64) -> Result<(), RuntimeError>
     std::fs::rename(&tmp, &path).map_err(io)
 }
 
+/// Settles `config.device` on a device this build and machine can use. A GPU that cannot
+/// be used (a CPU-only build, no driver, no such GPU, CUDA libraries missing) falls back to
+/// the CPU with a warning that says why: the job still runs, and every metric label and the
+/// hardware class then name the device that really renders. `sakuga selftest` does not
+/// settle: a check asked to run on a GPU fails instead.
+///
+/// # Errors
+/// A spec that is neither `cpu` nor a CUDA device.
+pub fn settle_device(config: &mut SakugaConfig) -> Result<(), RuntimeError> {
+    let (device, reason) =
+        sakuga_models::device::settle_device(&config.device).map_err(|source| {
+            RuntimeError::Device {
+                spec: config.device.clone(),
+                source,
+            }
+        })?;
+    if let Some(reason) = reason {
+        tracing::warn!(
+            requested = %config.device,
+            "GPU unavailable, rendering on the CPU: {reason}"
+        );
+    }
+    config.device = device;
+    Ok(())
+}
+
 /// The node environment for `config`, with the model store and cache registered as
 /// resources for model nodes.
 ///

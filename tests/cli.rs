@@ -339,3 +339,86 @@ fn serve_refuses_an_empty_auth_token_file() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn a_gpu_this_machine_cannot_use_falls_back_to_the_cpu_and_says_why() {
+    let Some(reason) = sakuga_models::device::cuda_unavailable(0) else {
+        eprintln!("skipped: GPU 0 is usable here, so there is nothing to fall back from");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let wf = write(dir.path(), "wf.json", &image_workflow());
+    let out = sakuga(
+        dir.path(),
+        &[
+            "--models-dir",
+            "models",
+            "--device",
+            "cuda:0",
+            "run",
+            wf.to_str().unwrap(),
+            "--out",
+            "rendered",
+            "--metrics-out",
+            "metrics.prom",
+            "--no-progress",
+        ],
+    );
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    assert!(
+        stderr.contains("GPU unavailable, rendering on the CPU") && stderr.contains(&reason),
+        "{stderr}"
+    );
+    // Every series names the device that really rendered.
+    let metrics = std::fs::read_to_string(dir.path().join("metrics.prom")).unwrap();
+    assert!(metrics.contains("device=\"cpu\""), "{metrics}");
+    assert!(!metrics.contains("device=\"cuda:0\""), "{metrics}");
+}
+
+#[test]
+fn selftest_runs_the_golden_checks_and_never_falls_back() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tests/fixtures");
+    let dir = tempfile::tempdir().unwrap();
+    let out = sakuga(
+        dir.path(),
+        &[
+            "selftest",
+            "--fixtures",
+            fixtures.to_str().unwrap(),
+            "--json",
+            "selftest.json",
+        ],
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\nstderr: {}",
+        text(&out.stderr)
+    );
+    assert!(stdout.contains("8 passed, 0 failed"), "{stdout}");
+    let report: Json =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("selftest.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["device"], "cpu");
+    assert_eq!(report["checks"].as_array().unwrap().len(), 8);
+
+    // Missing references fail the checks that need them, by name.
+    let out = sakuga(dir.path(), &["selftest", "--fixtures", "nowhere"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("goldens.json"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    if let Some(reason) = sakuga_models::device::cuda_unavailable(0) {
+        let out = sakuga(dir.path(), &["--device", "cuda:0", "selftest"]);
+        assert!(!out.status.success());
+        let stderr = text(&out.stderr);
+        assert!(
+            stderr.contains("cannot be used") && stderr.contains(&reason),
+            "{stderr}"
+        );
+    }
+}

@@ -138,21 +138,119 @@ impl CudaProbe {
     }
 }
 
-/// Whether libcuda can be loaded. With the `cuda` feature candle links it, so it is there
-/// by construction; without it cudarc loads it at run time and we ask first, because
-/// cudarc panics on first use when the library is missing.
-#[cfg(feature = "cuda")]
-fn cuda_driver_present() -> bool {
-    true
-}
-
-#[cfg(not(feature = "cuda"))]
+/// Whether libcuda can be loaded. cudarc loads it at run time in every build (the `cuda`
+/// build too, see README "CUDA"), and panics on first use when it is missing, so we ask
+/// first.
 #[allow(unsafe_code)]
 fn cuda_driver_present() -> bool {
     // SAFETY: `is_culib_present` only tries to dlopen libcuda by its usual names and drops
     // the handle; cudarc marks it unsafe because loading a library runs its initialisers,
     // which for the NVIDIA driver library is the intended use.
     unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+/// The GPU a device spec names: `None` for `cpu`, `Some(0)` for `cuda` or `gpu`,
+/// `Some(n)` for `cuda:n`.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] for any other spec.
+pub fn spec_ordinal(device_spec: &str) -> Result<Option<usize>> {
+    let spec = device_spec.trim().to_ascii_lowercase();
+    match spec.as_str() {
+        "cpu" => Ok(None),
+        "cuda" | "gpu" => Ok(Some(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(Some)
+            .ok_or_else(|| {
+                ModelError::InvalidInput(format!(
+                    "unknown device {device_spec:?} (expected cpu, cuda or cuda:N)"
+                ))
+            }),
+    }
+}
+
+/// Why this build cannot render on GPU `ordinal` here, in words for the operator; `None`
+/// when it can. Checked before candle opens the device, because cudarc panics (rather than
+/// returning an error) when a library it loads at run time is missing.
+pub fn cuda_unavailable(ordinal: usize) -> Option<String> {
+    if !cfg!(feature = "cuda") {
+        return Some(
+            "this sakuga was built without the `cuda` feature (README, \"CUDA\")".to_owned(),
+        );
+    }
+    if !cuda_driver_present() {
+        return Some(
+            "the NVIDIA driver library (libcuda.so.1) is not installed or not on the loader path"
+                .to_owned(),
+        );
+    }
+    if let Err(e) = cudarc::driver::result::init() {
+        return Some(format!("the NVIDIA driver did not start: {e}"));
+    }
+    match cudarc::driver::result::device::get_count() {
+        Ok(count) if (ordinal as i64) < i64::from(count) => {}
+        Ok(count) => {
+            return Some(format!(
+                "there is no GPU {ordinal}: the driver sees {count}"
+            ));
+        }
+        Err(e) => return Some(format!("the NVIDIA driver cannot count GPUs: {e}")),
+    }
+    let missing = missing_cuda_libraries();
+    if !missing.is_empty() {
+        return Some(format!(
+            "CUDA 13 libraries not found: {} (install the CUDA 13 toolkit, or put its lib64 \
+             on LD_LIBRARY_PATH)",
+            missing.join(", ")
+        ));
+    }
+    None
+}
+
+/// The CUDA libraries candle opens with a device that cannot be loaded. Without the `cuda`
+/// feature nothing else is loaded.
+#[cfg(feature = "cuda")]
+#[allow(unsafe_code)]
+fn missing_cuda_libraries() -> Vec<&'static str> {
+    // SAFETY: as in `cuda_driver_present`: each call dlopens a CUDA library by its usual
+    // names and drops the handle again.
+    let found = unsafe {
+        [
+            ("libcublas.so.13", cudarc::cublas::sys::is_culib_present()),
+            (
+                "libcublasLt.so.13",
+                cudarc::cublaslt::sys::is_culib_present(),
+            ),
+            ("libcurand.so.10", cudarc::curand::sys::is_culib_present()),
+            ("libnvrtc.so.13", cudarc::nvrtc::sys::is_culib_present()),
+        ]
+    };
+    found
+        .into_iter()
+        .filter_map(|(name, present)| (!present).then_some(name))
+        .collect()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn missing_cuda_libraries() -> Vec<&'static str> {
+    Vec::new()
+}
+
+/// What a device spec comes to on this machine: the spec itself when it can be used, or
+/// `cpu` and the reason when it names a GPU this build or machine cannot use.
+///
+/// # Errors
+/// [`ModelError::InvalidInput`] for a spec that is neither `cpu` nor a CUDA device.
+pub fn settle_device(device_spec: &str) -> Result<(String, Option<String>)> {
+    let Some(ordinal) = spec_ordinal(device_spec)? else {
+        return Ok(("cpu".to_owned(), None));
+    };
+    Ok(match cuda_unavailable(ordinal) {
+        None => (format!("cuda:{ordinal}"), None),
+        Some(reason) => ("cpu".to_owned(), Some(reason)),
+    })
 }
 
 impl DeviceProbe for CudaProbe {
@@ -196,22 +294,11 @@ impl DeviceProbe for CudaProbe {
 /// # Errors
 /// [`ModelError::InvalidInput`] for a spec that is neither.
 pub fn probe_for(device_spec: &str) -> Result<Box<dyn DeviceProbe>> {
-    let spec = device_spec.trim().to_ascii_lowercase();
-    if spec == "cpu" {
+    let Some(ordinal) = spec_ordinal(device_spec)? else {
         return Ok(Box::new(CpuProbe::new()));
-    }
-    let ordinal = match spec.strip_prefix("cuda") {
-        Some("") => 0,
-        Some(rest) => rest
-            .strip_prefix(':')
-            .and_then(|n| n.parse::<u32>().ok())
-            .ok_or_else(|| ModelError::InvalidInput(format!("bad device spec {device_spec:?}")))?,
-        None => {
-            return Err(ModelError::InvalidInput(format!(
-                "unknown device spec {device_spec:?} (expected cpu, cuda or cuda:N)"
-            )));
-        }
     };
+    let ordinal = u32::try_from(ordinal)
+        .map_err(|_| ModelError::InvalidInput(format!("bad device spec {device_spec:?}")))?;
     match CudaProbe::try_new(ordinal) {
         Some(probe) => Ok(Box::new(probe)),
         None => {

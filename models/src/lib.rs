@@ -39,5 +39,6 @@ pub mod demo;
 pub mod device;
 pub mod diffusion;
 pub mod interpolate;
+pub mod selftest;
 pub mod store;
 pub mod upscale;

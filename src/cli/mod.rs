@@ -8,6 +8,7 @@ mod doctor;
 mod inspect;
 mod models;
 mod run;
+mod selftest;
 mod serve;
 
 use std::path::PathBuf;
@@ -133,6 +134,8 @@ pub enum Command {
     Cancel(client::JobArgs),
     /// A server's golden signals, SLOs, demand and replica advice.
     Signals(client::SignalsArgs),
+    /// Run the model golden checks on --device (a GPU host check; no CPU fallback).
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -160,6 +163,7 @@ pub fn main() -> ExitCode {
         Command::Watch(args) => client::watch(args),
         Command::Cancel(args) => client::cancel(args),
         Command::Signals(args) => client::signals(args),
+        Command::Selftest(args) => selftest::run(&cli.common, args),
     };
     drop(guard);
     match result {

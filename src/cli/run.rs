@@ -40,7 +40,8 @@ pub struct RunArgs {
 }
 
 pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
-    let config = common.resolve()?;
+    let mut config = common.resolve()?;
+    runtime::settle_device(&mut config)?;
     if common.default_models_dir(&config) && !config.models_dir.join("checkpoints").exists() {
         eprintln!(
             "models dir {} is empty: installing the demo models",

@@ -104,7 +104,8 @@ fn connection_limits() -> crate::server::conn::ConnectionLimits {
 /// # Errors
 /// Bad configuration, an address in use, or a journal that cannot be opened.
 pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> {
-    let config = common.resolve()?;
+    let mut config = common.resolve()?;
+    runtime::settle_device(&mut config)?;
     let token = args
         .auth_token_file
         .as_deref()

@@ -37,28 +37,22 @@ pub use vae::VaeModel;
 
 use crate::error::{ModelError, Result};
 
-/// Parses a device spec: `cpu`, `cuda` (device 0) or `cuda:N`.
+/// Opens the device a spec names: `cpu`, `cuda` (device 0) or `cuda:N`.
 ///
 /// # Errors
-/// [`ModelError::InvalidInput`] for an unknown spec, [`ModelError::Candle`] when the CUDA
-/// device cannot be opened (or sakuga was built without the `cuda` feature).
+/// [`ModelError::InvalidInput`] for an unknown spec or a GPU this build or machine cannot
+/// use (with the reason, from [`crate::device::cuda_unavailable`]), [`ModelError::Candle`]
+/// when candle cannot open it.
 pub fn device_from_spec(spec: &str) -> Result<Device> {
-    let spec = spec.trim().to_ascii_lowercase();
-    if spec == "cpu" {
+    let Some(ordinal) = crate::device::spec_ordinal(spec)? else {
         return Ok(Device::Cpu);
-    }
-    let ordinal = match spec.as_str() {
-        "cuda" | "gpu" => Some(0),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse::<usize>().ok()),
     };
-    match ordinal {
-        Some(n) => Ok(Device::new_cuda(n)?),
-        None => Err(ModelError::InvalidInput(format!(
-            "unknown device {spec:?} (expected cpu, cuda or cuda:N)"
-        ))),
+    if let Some(reason) = crate::device::cuda_unavailable(ordinal) {
+        return Err(ModelError::InvalidInput(format!(
+            "device {spec:?} cannot be used: {reason}"
+        )));
     }
+    Ok(Device::new_cuda(ordinal)?)
 }
 
 /// What `KSampler`/`KSamplerAdvanced` ask of a sampling run.
