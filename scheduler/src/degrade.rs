@@ -127,92 +127,109 @@ pub fn degrade(workflow: &Json, needed: f64, registry: &NodeRegistry) -> Option<
     let mut nodes = workflow.as_object()?.clone();
     let mut steps = Vec::new();
     let mut speedup = 1.0;
-
-    let interpolators = nodes_of(&nodes, registry, knob(DegradeKnob::InterpolationMultiplier));
     let sources = nodes_of(&nodes, registry, knob(DegradeKnob::KeyFrames));
-    if let (Some(interpolate), false) = (interpolators.first(), sources.is_empty()) {
-        let multiplier = literal_i64(&nodes, interpolate, "multiplier").unwrap_or(2);
-        let key_frames = sources
-            .iter()
-            .filter_map(|id| literal_i64(&nodes, id, "batch_size"))
-            .max()
-            .unwrap_or(1);
-        if key_frames >= 3 && multiplier * 2 <= 16 {
-            let fewer = key_frames / 2 + 1;
-            for id in &sources {
-                if literal_i64(&nodes, id, "batch_size") == Some(key_frames) {
-                    set(&mut nodes, id, "batch_size", fewer);
-                }
-            }
-            set(&mut nodes, interpolate, "multiplier", multiplier * 2);
-            speedup *= key_frames as f64 / fewer as f64;
-            steps.push(format!(
-                "interpolation x2: {key_frames} -> {fewer} key frames, multiplier {multiplier} -> {}",
-                multiplier * 2
-            ));
+    let order: [&dyn Fn(&mut Map<String, Json>) -> Option<(f64, String)>; 3] = [
+        &|nodes| interpolate_more(nodes, registry, &sources),
+        &|nodes| fewer_steps(nodes, registry),
+        &|nodes| lower_resolution(nodes, &sources),
+    ];
+    for step in order {
+        if speedup >= needed {
+            break;
         }
-    }
-
-    if speedup < needed {
-        let samplers = nodes_of(&nodes, registry, knob(DegradeKnob::Steps));
-        let mut changed = Vec::new();
-        let mut gain: f64 = 1.0;
-        for id in &samplers {
-            let Some(steps_now) = literal_i64(&nodes, id, "steps") else {
-                continue;
-            };
-            if steps_now < 2 {
-                continue;
-            }
-            let fewer = (steps_now + 1) / 2;
-            set(&mut nodes, id, "steps", fewer);
-            // KSamplerAdvanced counts its window in the same steps.
-            for bound in ["start_at_step", "end_at_step"] {
-                if let Some(at) = literal_i64(&nodes, id, bound)
-                    && at < 10_000
-                {
-                    set(&mut nodes, id, bound, (at + 1) / 2);
-                }
-            }
-            gain = gain.max(steps_now as f64 / fewer as f64);
-            changed.push(format!("{steps_now} -> {fewer}"));
-        }
-        if !changed.is_empty() {
+        if let Some((gain, note)) = step(&mut nodes) {
             speedup *= gain;
-            steps.push(format!("fewer steps: {}", changed.join(", ")));
+            steps.push(note);
         }
     }
-
-    if speedup < needed {
-        let mut changed = Vec::new();
-        let mut gain: f64 = 1.0;
-        for id in &sources {
-            let (Some(w), Some(h)) = (
-                literal_i64(&nodes, id, "width"),
-                literal_i64(&nodes, id, "height"),
-            ) else {
-                continue;
-            };
-            let shrink = |side: i64| ((side * 3 / 4) / 8 * 8).max(MIN_SIDE).min(side);
-            let (w2, h2) = (shrink(w), shrink(h));
-            if (w2, h2) == (w, h) {
-                continue;
-            }
-            set(&mut nodes, id, "width", w2);
-            set(&mut nodes, id, "height", h2);
-            gain = gain.max((w * h) as f64 / (w2 * h2) as f64);
-            changed.push(format!("{w}x{h} -> {w2}x{h2}"));
-        }
-        if !changed.is_empty() {
-            speedup *= gain;
-            steps.push(format!("lower preview resolution: {}", changed.join(", ")));
-        }
-    }
-
     (!steps.is_empty()).then(|| Degraded {
         workflow: Json::Object(nodes),
         steps,
         speedup,
+    })
+}
+
+/// Step 1: half the key frames, twice the interpolation multiplier.
+fn interpolate_more(
+    nodes: &mut Map<String, Json>,
+    registry: &NodeRegistry,
+    sources: &[String],
+) -> Option<(f64, String)> {
+    let interpolators = nodes_of(nodes, registry, knob(DegradeKnob::InterpolationMultiplier));
+    let interpolate = interpolators.first()?;
+    let multiplier = literal_i64(nodes, interpolate, "multiplier").unwrap_or(2);
+    let key_frames = sources
+        .iter()
+        .filter_map(|id| literal_i64(nodes, id, "batch_size"))
+        .max()?;
+    if key_frames < 3 || multiplier * 2 > 16 {
+        return None;
+    }
+    let fewer = key_frames / 2 + 1;
+    for id in sources {
+        if literal_i64(nodes, id, "batch_size") == Some(key_frames) {
+            set(nodes, id, "batch_size", fewer);
+        }
+    }
+    set(nodes, interpolate, "multiplier", multiplier * 2);
+    let note = format!(
+        "interpolation x2: {key_frames} -> {fewer} key frames, multiplier {multiplier} -> {}",
+        multiplier * 2
+    );
+    Some((key_frames as f64 / fewer as f64, note))
+}
+
+/// Step 2: half the sampler steps (at least one).
+fn fewer_steps(nodes: &mut Map<String, Json>, registry: &NodeRegistry) -> Option<(f64, String)> {
+    let mut changed = Vec::new();
+    let mut gain: f64 = 1.0;
+    for id in &nodes_of(nodes, registry, knob(DegradeKnob::Steps)) {
+        let Some(steps_now) = literal_i64(nodes, id, "steps") else {
+            continue;
+        };
+        if steps_now < 2 {
+            continue;
+        }
+        let fewer = (steps_now + 1) / 2;
+        set(nodes, id, "steps", fewer);
+        // KSamplerAdvanced counts its window in the same steps.
+        for bound in ["start_at_step", "end_at_step"] {
+            if let Some(at) = literal_i64(nodes, id, bound)
+                && at < 10_000
+            {
+                set(nodes, id, bound, (at + 1) / 2);
+            }
+        }
+        gain = gain.max(steps_now as f64 / fewer as f64);
+        changed.push(format!("{steps_now} -> {fewer}"));
+    }
+    (!changed.is_empty()).then(|| (gain, format!("fewer steps: {}", changed.join(", "))))
+}
+
+/// Step 3: three quarters of the source's width and height, on the 8-pixel grid.
+fn lower_resolution(nodes: &mut Map<String, Json>, sources: &[String]) -> Option<(f64, String)> {
+    let mut changed = Vec::new();
+    let mut gain: f64 = 1.0;
+    for id in sources {
+        let (Some(w), Some(h)) = (
+            literal_i64(nodes, id, "width"),
+            literal_i64(nodes, id, "height"),
+        ) else {
+            continue;
+        };
+        let shrink = |side: i64| ((side * 3 / 4) / 8 * 8).max(MIN_SIDE).min(side);
+        let (w2, h2) = (shrink(w), shrink(h));
+        if (w2, h2) == (w, h) {
+            continue;
+        }
+        set(nodes, id, "width", w2);
+        set(nodes, id, "height", h2);
+        gain = gain.max((w * h) as f64 / (w2 * h2) as f64);
+        changed.push(format!("{w}x{h} -> {w2}x{h2}"));
+    }
+    (!changed.is_empty()).then(|| {
+        let note = format!("lower preview resolution: {}", changed.join(", "));
+        (gain, note)
     })
 }
 

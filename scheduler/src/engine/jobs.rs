@@ -281,6 +281,51 @@ impl QueueState {
             + running
     }
 
+    /// The earlier job with the same idempotency key, answered again.
+    fn deduplicated(&self, p: &PreparedJob) -> Option<Submitted> {
+        let existing = p
+            .idempotency_key
+            .as_ref()
+            .and_then(|k| self.by_key.get(k))?;
+        let job = self.jobs.get(existing)?;
+        let info = self.info(job);
+        Some(Submitted {
+            job_id: info.job_id,
+            queue_position: info.queue_position.unwrap_or(0),
+            estimate: job.estimate.clone(),
+            workload: info.workload,
+            trace_id: info.trace_id,
+            deduplicated: true,
+        })
+    }
+
+    /// Admission's verdict on a submission, against the queue as it stands.
+    fn submit_verdict(&mut self, p: &PreparedJob) -> SubmitVerdict {
+        let workload = p.workload;
+        let cost = p.estimate.expected_duration.as_secs_f64();
+        let now = self.now();
+        let view = QueueView {
+            queued_same_workload: self.queue.len_of(workload),
+            work_ahead_s: self.work_ahead_s(workload, cost, p.priority),
+            drain_per_s: self.throughput.per_second(workload, now),
+        };
+        let deadline_in = p.deadline.map(|d| {
+            d.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        });
+        let tunables = self.shared.tunables.read();
+        // On a GPU the budget is the device's real memory, as its sampler reads it; on the
+        // CPU the configured `memory_budget_bytes` stands in for device memory.
+        let admission = match self.shared.signals.gpu_memory_total() {
+            Some(total) => crate::admission::AdmissionConfig {
+                memory_budget_bytes: total,
+                ..tunables.admission.clone()
+            },
+            None => tunables.admission.clone(),
+        };
+        decide_submit(workload, &p.estimate, deadline_in, view, &admission)
+    }
+
     fn submit(
         &mut self,
         mut p: PreparedJob,
@@ -294,54 +339,13 @@ impl QueueState {
             let _ = reply.send(Err(SchedulerError::ShuttingDown));
             return;
         }
-        if let Some(existing) = p.idempotency_key.as_ref().and_then(|k| self.by_key.get(k))
-            && let Some(job) = self.jobs.get(existing)
-        {
-            let info = self.info(job);
-            let _ = reply.send(Ok(Submitted {
-                job_id: info.job_id,
-                queue_position: info.queue_position.unwrap_or(0),
-                estimate: job.estimate.clone(),
-                workload: info.workload,
-                trace_id: info.trace_id,
-                deduplicated: true,
-            }));
+        if let Some(existing) = self.deduplicated(&p) {
+            let _ = reply.send(Ok(existing));
             return;
         }
         let signals = self.shared.signals.clone();
         let workload = p.workload;
-        let cost = p.estimate.expected_duration.as_secs_f64();
-        let now = self.now();
-        let view = QueueView {
-            queued_same_workload: self.queue.len_of(workload),
-            work_ahead_s: self.work_ahead_s(workload, cost, p.priority),
-            drain_per_s: self.throughput.per_second(workload, now),
-        };
-        let deadline_in = p.deadline.map(|d| {
-            d.duration_since(SystemTime::now())
-                .unwrap_or(Duration::ZERO)
-        });
-        let verdict = {
-            let tunables = self.shared.tunables.read();
-            // On the CPU the configured `memory_budget_bytes` stands in for device memory.
-            match signals.gpu_memory_total() {
-                // On a GPU the budget is the device's real memory, as its sampler reads it.
-                Some(total) => {
-                    let admission = crate::admission::AdmissionConfig {
-                        memory_budget_bytes: total,
-                        ..tunables.admission.clone()
-                    };
-                    decide_submit(workload, &p.estimate, deadline_in, view, &admission)
-                }
-                None => decide_submit(
-                    workload,
-                    &p.estimate,
-                    deadline_in,
-                    view,
-                    &tunables.admission,
-                ),
-            }
-        };
+        let verdict = self.submit_verdict(&p);
         let fields = event_fields(&p.job_id, workload, &p.trace, &p.plan);
         if let SubmitVerdict::Deny {
             reason,
