@@ -29,6 +29,10 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
         .route("/system_stats", get(system_stats))
         .route("/features", get(features))
         .route("/extensions", get(|| async { JsonBody(json!([])) }))
+        .route("/i18n", get(|| async { JsonBody(json!({})) }))
+        .route("/global_subgraphs", get(|| async { JsonBody(json!({})) }))
+        .route("/workflow_templates", get(|| async { JsonBody(json!({})) }))
+        .route("/experiment/models", get(|| async { JsonBody(json!([])) }))
         .route("/users", get(users).post(create_user))
         .route("/settings", get(settings).post(post_settings))
         .route("/settings/{id}", get(setting).post(post_setting))
@@ -44,9 +48,12 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 
 async fn object_info(State(app): State<Arc<AppState>>) -> Result<JsonBody<Json>, ComfyError> {
     let engine = app.engine()?.clone();
-    let info = tokio::task::spawn_blocking(move || engine.registry().object_info(engine.env()))
+    let mut info = tokio::task::spawn_blocking(move || engine.registry().object_info(engine.env()))
         .await
         .map_err(|e| ComfyError::Io(std::io::Error::other(e)))?;
+    if let Some(classes) = info.as_object_mut() {
+        classes.values_mut().for_each(with_module);
+    }
     Ok(JsonBody(info))
 }
 
@@ -59,9 +66,18 @@ async fn object_info_one(
     if let Some(node) = engine.registry().get(&class) {
         let env = engine.env();
         let list = |options: &_| sakuga_nodes::files::list_options(env, options);
-        out.insert(class, node.schema().to_object_info(&list));
+        let mut info = node.schema().to_object_info(&list);
+        with_module(&mut info);
+        out.insert(class, info);
     }
     Ok(JsonBody(Json::Object(out)))
+}
+
+/// The frontend reads `python_module` to tell core nodes from custom ones.
+fn with_module(info: &mut Json) {
+    if let Some(map) = info.as_object_mut() {
+        map.entry("python_module").or_insert_with(|| json!("nodes"));
+    }
 }
 
 /// `MemTotal` and `MemAvailable` of /proc/meminfo in bytes (0 where unknown).

@@ -8,6 +8,7 @@
 //! - [`events`]: a job's feed translated into ComfyUI's WebSocket messages.
 //! - [`ws`]: `/ws?clientId=`, the hub of connected clients, the per-job relay.
 //! - [`files`]: `/view`, `/upload/image|mask`, `/models`, `/embeddings`.
+//! - [`jobs`]: the unified `/jobs` API the current frontend reads its queue from.
 //! - [`info`]: `/object_info`, `/system_stats`, `/features`, `/extensions`, the user data
 //!   and settings endpoints the frontend boots from, and the frontend's static files.
 //!
@@ -20,6 +21,7 @@
 pub mod events;
 pub mod files;
 pub mod info;
+pub mod jobs;
 pub mod prompt;
 pub mod ws;
 
@@ -269,6 +271,7 @@ pub fn router(app: Arc<AppState>) -> Router {
         .merge(ws::routes())
         .merge(files::routes())
         .merge(info::routes())
+        .merge(jobs::routes())
         .layer(axum::middleware::from_fn_with_state(
             app.clone(),
             require_token,
