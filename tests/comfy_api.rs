@@ -408,6 +408,31 @@ async fn one_engine_serves_both_protocols() {
     };
     assert_eq!(entry["status"]["status_str"], "success");
     assert!(entry["outputs"]["9"]["images"][0]["filename"].is_string());
+
+    // The unified jobs API the frontend reads: both jobs, newest first, with outputs.
+    let jobs = http::get(addr, "/api/jobs?status=completed,failed&limit=10&offset=0")
+        .await
+        .json();
+    let ids: Vec<&str> = jobs["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [job.as_str(), id.as_str()]);
+    assert_eq!(jobs["jobs"][0]["status"], "completed");
+    assert_eq!(jobs["jobs"][0]["preview_output"]["nodeId"], "9");
+    assert_eq!(
+        jobs["pagination"],
+        json!({"offset": 0, "limit": 10, "total": 2, "has_more": false})
+    );
+    let pending = http::get(addr, "/jobs?status=pending,in_progress")
+        .await
+        .json();
+    assert_eq!(pending["jobs"], json!([]));
+    let detail = http::get(addr, &format!("/jobs/{id}")).await.json();
+    assert_eq!(detail["outputs"]["9"]["images"][0]["type"], "output");
+    assert_eq!(http::get(addr, "/jobs/nope").await.status, 404);
 }
 
 #[tokio::test]
