@@ -142,6 +142,8 @@ fn main() {
             "127.0.0.1:0",
             "--metrics-listen",
             "127.0.0.1:0",
+            "--comfy-listen",
+            "off",
         ])
         .stderr(Stdio::piped())
         .spawn()

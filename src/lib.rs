@@ -10,10 +10,12 @@
 //! - [`runtime`]: building the node environment and registry from a config.
 //! - [`cli`]: the `sakuga` commands.
 //! - [`server`]: the gRPC services on one port, auth, health, reflection, shutdown.
+//! - [`comfy`]: ComfyUI's HTTP + WebSocket API on the same engine.
 //! - [`client`]: helpers for talking to a server (`submit`, `watch`, `signals`).
 
 pub mod cli;
 pub mod client;
+pub mod comfy;
 pub mod config;
 pub mod runtime;
 pub mod server;

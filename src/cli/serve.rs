@@ -53,6 +53,36 @@ pub struct ServeArgs {
         value_name = "SECONDS"
     )]
     pub drain_timeout: f64,
+    /// ComfyUI HTTP + WebSocket API address (at `/` and `/api/`), or `off`.
+    #[arg(long, env = "SAKUGA_COMFY_LISTEN", default_value = "127.0.0.1:8188")]
+    pub comfy_listen: String,
+    /// The ComfyUI frontend's static files (a folder with index.html) to serve at `/`;
+    /// without it, the PyPI package `comfyui-frontend-package` is used when `python3`
+    /// can import it.
+    #[arg(long, env = "SAKUGA_FRONTEND")]
+    pub frontend: Option<PathBuf>,
+}
+
+/// The ComfyUI address, `None` for `off`.
+fn comfy_addr(text: &str) -> anyhow::Result<Option<SocketAddr>> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(None);
+    }
+    text.parse().map(Some).with_context(|| {
+        format!("--comfy-listen {text:?}: an address such as 127.0.0.1:8188, or off")
+    })
+}
+
+/// The static folder of the `comfyui-frontend-package` that `python3` imports, if any.
+fn installed_frontend() -> Option<PathBuf> {
+    let script = "import os, comfyui_frontend_package as p; print(os.path.join(os.path.dirname(p.__file__), 'static'))";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let dir = PathBuf::from(String::from_utf8(out.stdout).ok()?.trim());
+    (out.status.success() && dir.join("index.html").is_file()).then_some(dir)
 }
 
 pub(super) fn load_tunables(path: Option<&PathBuf>) -> anyhow::Result<EngineTunables> {
@@ -159,6 +189,22 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         connections: connection_limits(),
         ..ServerConfig::default()
     };
+    let comfy = comfy_addr(&args.comfy_listen)?;
+    let frontend = match &args.frontend {
+        Some(dir) if !dir.join("index.html").is_file() => {
+            anyhow::bail!("--frontend {}: no index.html there", dir.display())
+        }
+        Some(dir) => Some(dir.clone()),
+        None if comfy.is_some() => installed_frontend(),
+        None => None,
+    };
+    let comfy_config = crate::comfy::ComfyConfig {
+        auth_token: server_config.auth_token.clone(),
+        max_body_bytes: server_config.max_message_bytes,
+        max_connections: server_config.connections.max_connections,
+        user_dir: config.data_dir.join("comfy").join("user").join("default"),
+        frontend,
+    };
     let warmup = args.warmup.clone();
     let started: Arc<OnceLock<EngineHandle>> = Arc::new(OnceLock::new());
     let started_slot = started.clone();
@@ -179,15 +225,54 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
+        let comfy_listener = match comfy {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+                format!("binding the ComfyUI API on {addr} (--comfy-listen ADDR, or off)")
+            })?),
+            None => None,
+        };
         let metrics = telemetry
             .metrics_addr
             .map_or_else(|| "off".to_owned(), |addr| format!("http://{addr}/metrics"));
+        let (stop_comfy, comfy_stopped) = tokio::sync::oneshot::channel::<()>();
+        let comfy_task = match comfy_listener {
+            Some(comfy_listener) => {
+                eprintln!(
+                    "sakuga serving the ComfyUI API on http://{}{}",
+                    comfy_listener.local_addr()?,
+                    if comfy_config.frontend.is_some() {
+                        " (with the ComfyUI frontend)"
+                    } else {
+                        ""
+                    }
+                );
+                let stopped = async move {
+                    let _ = comfy_stopped.await;
+                };
+                Some(tokio::spawn(crate::comfy::run(
+                    comfy_listener,
+                    started.clone(),
+                    comfy_config,
+                    stopped,
+                )))
+            }
+            None => None,
+        };
         eprintln!(
             "sakuga serving gRPC on {} (metrics on {metrics})",
             listener.local_addr()?
         );
         tokio::spawn(reload_on_sighup(started.clone(), reload));
-        run(listener, start, server_config, shutdown_signal(started)).await?;
+        let served = run(listener, start, server_config, shutdown_signal(started)).await;
+        let _ = stop_comfy.send(());
+        if let Some(task) = comfy_task {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the ComfyUI API listener failed"),
+                Err(_) => tracing::warn!("the ComfyUI API listener did not stop in time"),
+                _ => {}
+            }
+        }
+        served?;
         anyhow::Ok(())
     });
     // Nothing left should need waiting for; a stuck blocking task must not hold the exit.

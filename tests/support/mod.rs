@@ -1,6 +1,7 @@
 //! A real `sakuga serve` process for end-to-end tests.
 #![allow(dead_code)]
 
+pub mod http;
 pub mod promstack;
 
 use std::io::{BufRead, BufReader};
@@ -58,6 +59,8 @@ pub struct Spawned {
     pub url: String,
     /// `host:port` of `/metrics`.
     pub metrics_addr: String,
+    /// `host:port` of the ComfyUI API (empty with `--comfy-listen off`).
+    pub comfy_addr: String,
     /// Its stderr, line by line, after the address line.
     pub logs: mpsc::Receiver<String>,
 }
@@ -79,16 +82,28 @@ pub fn spawn_server_full(dir: &std::path::Path, global: &[&str], serve: &[&str])
             "127.0.0.1:0",
         ])
         .args(serve)
+        // Free ports for the ComfyUI API too, unless the test chose its own.
+        .args(if serve.contains(&"--comfy-listen") {
+            &[][..]
+        } else {
+            &["--comfy-listen", "127.0.0.1:0"][..]
+        })
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
     let mut lines = BufReader::new(stderr).lines();
+    let mut comfy_addr = String::new();
     let (addr, metrics_addr) = loop {
         let line = lines
             .next()
             .expect("the server printed its address")
             .unwrap();
+        // "sakuga serving the ComfyUI API on http://ADDR", before the gRPC line.
+        if let Some(rest) = line.strip_prefix("sakuga serving the ComfyUI API on http://") {
+            comfy_addr = rest.split_whitespace().next().unwrap().to_owned();
+            continue;
+        }
         // "sakuga serving gRPC on ADDR (metrics on http://ADDR/metrics)"
         if let Some(rest) = line.strip_prefix("sakuga serving gRPC on ") {
             let addr = rest.split_whitespace().next().unwrap().to_owned();
@@ -112,6 +127,7 @@ pub fn spawn_server_full(dir: &std::path::Path, global: &[&str], serve: &[&str])
         process: ServerProcess(child),
         url: format!("http://{addr}"),
         metrics_addr,
+        comfy_addr,
         logs,
     }
 }
