@@ -155,3 +155,36 @@ async fn a_second_sigterm_exits_at_once() {
     assert!(job.recovered);
     assert_eq!(job.attempts, 1);
 }
+
+/// Long-lived streams that are not jobs (`WatchSignals`, KEDA's `StreamIsActive`) end when
+/// shutdown begins, so they cannot hold the server past its drain.
+#[tokio::test]
+async fn shutdown_ends_signal_and_scaler_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let (server, url) = spawn_server(dir.path());
+    wait_serving(&url).await;
+    let mut client = SakugaClient::connect(&url, None).await.unwrap();
+    let mut signals = client
+        .signals
+        .watch_signals(v1::WatchSignalsRequest { interval_ms: 250 })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut active = client
+        .scaler
+        .stream_is_active(sakuga_proto::externalscaler::ScaledObjectRef::default())
+        .await
+        .unwrap()
+        .into_inner();
+    // Both streams are live: each delivers its first message.
+    assert!(signals.message().await.unwrap().is_some());
+    assert!(active.message().await.unwrap().is_some());
+    sigterm(&server);
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(_)) = signals.message().await {}
+        while let Ok(Some(_)) = active.message().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "a stream outlived the shutdown");
+    exit_within(server, Duration::from_secs(20)).await;
+}

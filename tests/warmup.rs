@@ -83,5 +83,12 @@ fn warmed_models_are_cache_hits_for_the_first_job() {
         warmed.hits + 1,
         "the job's loader hit the cache"
     );
+    // Lookups go through the signals, so the rolling windows show the hit rate.
+    let snapshot = engine.signals().snapshot();
+    let system = snapshot
+        .system(sakuga_telemetry::window::Window::FiveMinutes)
+        .unwrap();
+    let hit_rate = system.cache_hit_rate.expect("a cache hit rate");
+    assert!(hit_rate > 0.0 && hit_rate < 1.0, "{hit_rate}");
     engine.shutdown_blocking();
 }

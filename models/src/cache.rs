@@ -62,6 +62,9 @@ pub struct ModelCache {
     budget_bytes: u64,
     device_label: String,
     state: Mutex<CacheState>,
+    /// Where lookups are recorded once an engine runs (metrics and the rolling windows,
+    /// so `sakuga run` and `GetSignals` show the hit rate); the bare metric before that.
+    signals: std::sync::OnceLock<sakuga_telemetry::Signals>,
 }
 
 impl std::fmt::Debug for ModelCache {
@@ -84,6 +87,26 @@ impl ModelCache {
             budget_bytes,
             device_label: device_label.into(),
             state: Mutex::new(CacheState::default()),
+            signals: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Records lookups and loads through `signals` from now on (the first call wins).
+    pub fn record_to(&self, signals: sakuga_telemetry::Signals) {
+        let _ = self.signals.set(signals);
+    }
+
+    fn lookup(&self, kind: ModelKind, result: CacheResult) {
+        match self.signals.get() {
+            Some(signals) => signals.model_cache(kind, result),
+            None => record::model_cache_request(kind, result),
+        }
+    }
+
+    fn loaded(&self, kind: ModelKind, took: std::time::Duration) {
+        match self.signals.get() {
+            Some(signals) => signals.model_loaded(kind, took),
+            None => record::model_loaded(kind, took),
         }
     }
 
@@ -152,17 +175,17 @@ impl ModelCache {
                 let value = entry.value.clone();
                 state.stats.hits += 1;
                 drop(state);
-                record::model_cache_request(kind, CacheResult::Hit);
+                self.lookup(kind, CacheResult::Hit);
                 return downcast_entry(key, value);
             }
             state.stats.misses += 1;
         }
-        record::model_cache_request(kind, CacheResult::Miss);
+        self.lookup(kind, CacheResult::Miss);
 
         let started = Instant::now();
         let (value, bytes) = load()?;
         let load_time = started.elapsed();
-        record::model_loaded(kind, load_time);
+        self.loaded(kind, load_time);
         if bytes > self.budget_bytes {
             return Err(ModelError::OverBudget {
                 name: key.to_string(),

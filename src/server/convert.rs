@@ -216,3 +216,122 @@ pub fn graph_to_json(graph: &v1::Graph) -> Result<Json, Status> {
     }
     Ok(Json::Object(nodes))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip_through_unix_milliseconds_and_zero_means_none() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_796_077_875_245);
+        assert_eq!(from_unix_ms(unix_ms(Some(at))), Some(at));
+        assert_eq!(unix_ms(None), 0);
+        assert_eq!(from_unix_ms(0), None);
+        assert_eq!(from_unix_ms(-5), None);
+    }
+
+    #[test]
+    fn every_workload_and_state_round_trips_and_unspecified_is_none() {
+        for &w in Workload::ALL {
+            assert_eq!(workload_from_proto(workload_to_proto(w) as i32), Some(w));
+        }
+        for s in [
+            JobState::Queued,
+            JobState::Running,
+            JobState::Succeeded,
+            JobState::Failed,
+            JobState::Cancelled,
+            JobState::TimedOut,
+        ] {
+            assert_eq!(state_from_proto(state_to_proto(s) as i32), Some(s));
+        }
+        assert_eq!(workload_from_proto(v1::Workload::Unspecified as i32), None);
+        assert_eq!(state_from_proto(v1::JobState::Unspecified as i32), None);
+        assert_eq!(workload_from_proto(99), None, "unknown numbers");
+        assert_eq!(state_from_proto(-1), None);
+    }
+
+    #[test]
+    fn final_events_carry_their_state_and_error() {
+        let event = TimedEvent {
+            seq: 3,
+            at: UNIX_EPOCH + Duration::from_millis(42),
+            event: JobEvent::Finished {
+                state: JobState::TimedOut,
+                error: Some("deadline".into()),
+            },
+        };
+        let proto = event_to_proto(&event, "trace");
+        assert_eq!(proto.at_unix_ms, 42);
+        let Some(v1::watch_event::Kind::FinalStatus(status)) = proto.kind else {
+            panic!("{proto:?}")
+        };
+        assert_eq!(status.state, v1::JobState::TimedOut as i32);
+        assert_eq!(status.error, "deadline");
+        let stage = TimedEvent {
+            seq: 1,
+            at: UNIX_EPOCH,
+            event: JobEvent::Stage {
+                name: "prompt_received",
+                detail: "2 nodes".into(),
+            },
+        };
+        let Some(v1::watch_event::Kind::Stage(stage)) = event_to_proto(&stage, "t1").kind else {
+            panic!("a stage event")
+        };
+        assert_eq!(
+            (stage.name.as_str(), stage.trace_id.as_str()),
+            ("prompt_received", "t1")
+        );
+    }
+
+    #[test]
+    fn a_native_graph_becomes_api_format_json() {
+        use v1::input_value::Value as V;
+        let input = |value| v1::InputValue { value: Some(value) };
+        let graph = v1::Graph {
+            nodes: vec![
+                v1::GraphNode {
+                    id: "1".into(),
+                    class_type: "EmptyImage".into(),
+                    inputs: [
+                        ("width".to_owned(), input(V::IntValue(64))),
+                        ("scale".to_owned(), input(V::FloatValue(0.5))),
+                        ("name".to_owned(), input(V::StringValue("x".into()))),
+                        ("flag".to_owned(), input(V::BoolValue(true))),
+                    ]
+                    .into(),
+                    title: "Source".into(),
+                },
+                v1::GraphNode {
+                    id: "2".into(),
+                    class_type: "PreviewImage".into(),
+                    inputs: [(
+                        "images".to_owned(),
+                        input(V::Link(v1::Link {
+                            node_id: "1".into(),
+                            output_index: 0,
+                        })),
+                    )]
+                    .into(),
+                    title: String::new(),
+                },
+            ],
+        };
+        let json = graph_to_json(&graph).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "scale": 0.5, "name": "x", "flag": true}, "_meta": {"title": "Source"}},
+                "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+            })
+        );
+        let mut missing = graph.clone();
+        missing.nodes[1]
+            .inputs
+            .insert("empty".into(), v1::InputValue { value: None });
+        let err = graph_to_json(&missing).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("node 2 input empty has no value"));
+    }
+}

@@ -147,10 +147,15 @@ impl SignalService for SignalsApi {
         };
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let api = self.clone();
+        let mut closing = self.shared.closing.clone();
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(Duration::from_millis(u64::from(ms)));
             loop {
-                ticker.tick().await;
+                // A shutdown ends the stream, so the server does not wait on it.
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = closing.wait_for(|c| *c) => break,
+                }
                 if tx.send(api.signals().await).await.is_err() {
                     break;
                 }
@@ -449,11 +454,15 @@ impl ExternalScaler for ScalerApi {
     ) -> Result<Response<Self::StreamIsActiveStream>, Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         let api = self.clone();
+        let mut closing = self.shared.closing.clone();
         tokio::spawn(async move {
             let mut last = None;
             let mut ticker = tokio::time::interval(Duration::from_secs(1));
             loop {
-                ticker.tick().await;
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = closing.wait_for(|c| *c) => break,
+                }
                 let message = api
                     .demand()
                     .await

@@ -133,3 +133,136 @@ fn invalid_details(report: &ValidationReport, total: usize, shown: usize) -> Err
     details.set_error_info(report.error.kind, ERROR_DOMAIN, metadata);
     details
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use sakuga_scheduler::ValidationError;
+    use sakuga_telemetry::{AdmissionReason, Workload};
+    use serde_json::json;
+
+    use super::*;
+
+    fn problem(message: &str) -> ValidationError {
+        ValidationError {
+            kind: "value_bigger_than_max",
+            message: message.into(),
+            details: "width".into(),
+            extra_info: json!({}),
+        }
+    }
+
+    /// A report with `nodes` nodes of `per_node` problems each, messages `size` bytes long.
+    fn report(nodes: usize, per_node: usize, size: usize) -> ValidationReport {
+        let node_errors: BTreeMap<String, NodeErrors> = (0..nodes)
+            .map(|n| {
+                let errors = (0..per_node).map(|_| problem(&"x".repeat(size))).collect();
+                let node = NodeErrors {
+                    errors,
+                    dependent_outputs: vec!["9".into()],
+                    class_type: "EmptyImage".into(),
+                };
+                (n.to_string(), node)
+            })
+            .collect();
+        ValidationReport {
+            error: ValidationError {
+                kind: "prompt_outputs_failed_validation",
+                message: "Prompt outputs failed validation".into(),
+                details: String::new(),
+                extra_info: json!({}),
+            },
+            node_errors,
+        }
+    }
+
+    #[test]
+    fn an_invalid_workflow_lists_its_problems_within_the_trailer_budget() {
+        let status = status_of(SchedulerError::Invalid(Box::new(report(3, 2, 20))));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        let details = status.get_error_details();
+        assert_eq!(details.bad_request().unwrap().field_violations.len(), 6);
+        let info = details.error_info().unwrap();
+        assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata["problems"], "6");
+        assert_eq!(info.metadata["omitted"], "0");
+        let node_errors: serde_json::Value =
+            serde_json::from_str(&info.metadata["node_errors"]).unwrap();
+        assert_eq!(node_errors["node_errors"]["0"]["class_type"], "EmptyImage");
+
+        let huge = status_of(SchedulerError::Invalid(Box::new(report(50, 10, 250))));
+        assert!(huge.details().len() <= MAX_STATUS_DETAILS_BYTES);
+        assert!(huge.message().len() <= MAX_MESSAGE_BYTES);
+        let info = huge.get_error_details().error_info().unwrap().clone();
+        assert_eq!(info.metadata["problems"], "500");
+        assert!(info.metadata["omitted"].parse::<usize>().unwrap() >= 490);
+    }
+
+    #[test]
+    fn each_error_class_has_its_code_and_denials_carry_a_retry_hint() {
+        let denied = status_of(SchedulerError::Denied {
+            workload: Workload::Batch,
+            reason: AdmissionReason::QueueFull,
+            detail: "12 queued".into(),
+            retry_after: Duration::from_secs(7),
+        });
+        assert_eq!(denied.code(), Code::ResourceExhausted);
+        let details = denied.get_error_details();
+        assert_eq!(
+            details.retry_info().unwrap().retry_delay,
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(details.error_info().unwrap().reason, "queue_full");
+        let cases = [
+            (
+                SchedulerError::JobNotFound { job_id: "x".into() },
+                Code::NotFound,
+            ),
+            (SchedulerError::ShuttingDown, Code::Unavailable),
+            (
+                SchedulerError::DeadlineExceeded { job_id: "x".into() },
+                Code::DeadlineExceeded,
+            ),
+            (
+                SchedulerError::Malformed {
+                    reason: "not JSON".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                SchedulerError::InvalidArgument {
+                    field: "labels",
+                    reason: "too many".into(),
+                },
+                Code::InvalidArgument,
+            ),
+            (
+                SchedulerError::NodePanicked {
+                    node_id: "1".into(),
+                    class_type: "X".into(),
+                    message: "boom".into(),
+                },
+                Code::Internal,
+            ),
+        ];
+        for (error, code) in cases {
+            let text = error.to_string();
+            let status = status_of(error);
+            assert_eq!(status.code(), code, "{text}");
+            assert_eq!(status.message(), text);
+        }
+        let labelled = status_of(SchedulerError::InvalidArgument {
+            field: "labels",
+            reason: "too many".into(),
+        });
+        let violations = labelled
+            .get_error_details()
+            .bad_request()
+            .unwrap()
+            .field_violations
+            .clone();
+        assert_eq!(violations[0].field, "labels");
+    }
+}

@@ -328,6 +328,9 @@ fn default_hardware_class(device: &candle_core::Device) -> String {
     if device.is_cuda() { "cuda" } else { "cpu" }.to_owned()
 }
 
+/// Graphs with more nodes than this are validated on a blocking thread, not on tokio.
+const LARGE_GRAPH_NODES: usize = 64;
+
 /// Commands waiting for the queue worker; senders wait when it is full.
 const COMMAND_CAPACITY: usize = 8192;
 
@@ -356,6 +359,9 @@ impl EngineHandle {
             }
             None => (None, Vec::new()),
         };
+        if let Some(cache) = env.resources.get::<sakuga_models::cache::ModelCache>() {
+            cache.record_to(signals.clone());
+        }
         let shared = Arc::new(Shared {
             registry,
             env: env.clone(),
@@ -566,7 +572,16 @@ impl EngineHandle {
     /// Invalid or too large workflows, [`SchedulerError::Denied`] with a retry hint,
     /// [`SchedulerError::ShuttingDown`], or a journal failure.
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, SchedulerError> {
-        let prepared = self.prepare(request)?;
+        let nodes = request.workflow.as_object().map_or(0, |n| n.len());
+        // Validating a large graph takes milliseconds: off the async runtime's threads.
+        let prepared = if nodes > LARGE_GRAPH_NODES {
+            let engine = self.clone();
+            tokio::task::spawn_blocking(move || engine.prepare(request))
+                .await
+                .map_err(|_| SchedulerError::ShuttingDown)??
+        } else {
+            self.prepare(request)?
+        };
         let rx = self.ask(|reply| Command::Submit(Box::new(prepared), reply))?;
         rx.await.map_err(|_| SchedulerError::ShuttingDown)?
     }
