@@ -39,6 +39,11 @@ impl ModelFolder {
         ModelFolder::InterpolationModels,
     ];
 
+    /// The folder of a directory name (`checkpoints`, `upscale_models`...).
+    pub fn from_dir_name(name: &str) -> Option<ModelFolder> {
+        ModelFolder::ALL.into_iter().find(|f| f.dir_name() == name)
+    }
+
     /// The directory name under the models root, as ComfyUI names it.
     pub fn dir_name(self) -> &'static str {
         match self {

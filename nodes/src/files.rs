@@ -3,23 +3,14 @@
 
 use std::path::{Component, Path, PathBuf};
 
+use sakuga_models::store::{ModelFolder, ModelStore};
+
 use crate::error::NodeError;
 use crate::node::NodeEnv;
 use crate::schema::ComboOptions;
 
 /// Image files LoadImage offers.
 const IMAGE_EXTENSIONS: &[&str] = &["png", "jpg", "jpeg", "webp", "bmp"];
-/// Model files the model loaders offer.
-const MODEL_EXTENSIONS: &[&str] = &[
-    "safetensors",
-    "ckpt",
-    "pt",
-    "pth",
-    "bin",
-    "param",
-    "pkl",
-    "sft",
-];
 
 /// Resolves `name` (may contain `/` subfolders) inside `root`; rejects absolute paths, `..`
 /// and symlinks that lead out of `root`.
@@ -89,9 +80,10 @@ pub fn list_options(env: &NodeEnv, options: &ComboOptions) -> Vec<String> {
     match options {
         ComboOptions::Static(list) => list.iter().map(|s| (*s).to_string()).collect(),
         ComboOptions::InputFiles => list_files(&env.input_dir, IMAGE_EXTENSIONS),
-        ComboOptions::ModelFolder(folder) => {
-            list_files(&env.models_dir.join(folder), MODEL_EXTENSIONS)
-        }
+        // The model store's listing: its one extension table and its one path check.
+        ComboOptions::ModelFolder(folder) => ModelFolder::from_dir_name(folder)
+            .map(|folder| ModelStore::new(&env.models_dir).list(folder))
+            .unwrap_or_default(),
     }
 }
 

@@ -6,6 +6,7 @@
 //! queue totals, a few signals) so they are tested here without threads; the engine's
 //! queue worker calls them and counts every decision.
 
+use sakuga_models::store::{ModelFolder, ModelStore};
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::Path;
@@ -414,19 +415,12 @@ fn clamp_u32(v: u64) -> u32 {
 }
 
 fn model_file_bytes(models_dir: &Path, name: &str) -> Option<u64> {
-    if name.contains("..") {
-        return None;
-    }
-    [
-        "checkpoints",
-        "vae",
-        "loras",
-        "upscale_models",
-        "interpolation_models",
-    ]
-    .iter()
-    .find_map(|folder| std::fs::metadata(models_dir.join(folder).join(name)).ok())
-    .map(|m| m.len())
+    let store = ModelStore::new(models_dir);
+    ModelFolder::ALL
+        .into_iter()
+        .find_map(|folder| store.resolve(folder, name).ok())
+        .and_then(|path| std::fs::metadata(path).ok())
+        .map(|m| m.len())
 }
 
 /// What the queue looks like to a submission of one workload.

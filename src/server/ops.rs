@@ -3,6 +3,8 @@
 //! KEDA's `externalscaler.ExternalScaler` (demand as queued + running work weighted by
 //! estimated cost; an internal error is an error, never a zero).
 
+use sakuga_models::ModelError;
+use sakuga_models::store::{ModelFolder, ModelStore};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
@@ -295,23 +297,35 @@ fn warmup_folders(registry: &sakuga_nodes::NodeRegistry) -> Vec<WarmupFolder> {
 
 fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> Result<(), String> {
     let env = engine.env();
-    if name.split(['/', '\\']).any(|part| part == "..") || name.starts_with('/') {
-        return Err("model names stay inside the models dir".into());
-    }
+    let store = ModelStore::new(&env.models_dir);
     let folders = warmup_folders(engine.registry());
     let (folder_hint, file) = match name.split_once('/') {
         Some((folder, file)) if folders.iter().any(|(f, _)| *f == folder) => (Some(folder), file),
         _ => (None, name),
     };
-    let (folder, loader) = folders
+    let mut found = None;
+    for (folder, loader) in folders
         .iter()
         .filter(|(folder, _)| folder_hint.is_none_or(|hint| hint == *folder))
-        .find(|(folder, _)| env.models_dir.join(folder).join(file).is_file())
-        .ok_or_else(|| format!("not found in {}", env.models_dir.display()))?;
+    {
+        let Some(model_folder) = ModelFolder::from_dir_name(folder) else {
+            continue;
+        };
+        match store.resolve(model_folder, file) {
+            Ok(path) => {
+                found = Some((path, loader));
+                break;
+            }
+            Err(e @ ModelError::PathEscapes { .. }) => {
+                return Err(format!("model names stay inside the models dir: {e}"));
+            }
+            Err(_) => {}
+        }
+    }
+    let (path, loader) =
+        found.ok_or_else(|| format!("not found in {}", env.models_dir.display()))?;
     let Some((class_type, input)) = loader else {
-        return std::fs::read(env.models_dir.join(folder).join(file))
-            .map(drop)
-            .map_err(|e| e.to_string());
+        return std::fs::read(path).map(drop).map_err(|e| e.to_string());
     };
     let node = engine
         .registry()
