@@ -197,32 +197,8 @@ impl Executor {
                 continue;
             }
 
-            // Surplus ready steps go to the pool; this thread keeps one.
-            while state.ready.len() > 1 && in_flight < self.workers {
-                let step = state.ready.pop_back().expect("len > 1");
-                let outcome = match self.prepare(plan, step, &state, job) {
-                    Prepared::Cached(c) => self.complete(plan, c, &mut state, job),
-                    Prepared::Run(task) => {
-                        let tx = done_tx.clone();
-                        let pool = self
-                            .pool
-                            .as_ref()
-                            .expect("pool lives as long as the executor");
-                        pool.send(Box::new(move || {
-                            let _ = tx.send(task.run());
-                        }))
-                        .expect("node workers live as long as the executor");
-                        in_flight += 1;
-                        Ok(())
-                    }
-                    Prepared::Failed(e) => Err(e),
-                };
-                if let Err(e) = outcome {
-                    failure = Some(e);
-                    break;
-                }
-            }
-            if failure.is_some() {
+            if let Err(e) = self.hand_out_surplus(plan, &mut state, job, &done_tx, &mut in_flight) {
+                failure = Some(e);
                 continue;
             }
 
@@ -260,6 +236,37 @@ impl Executor {
             Some(e) => Err(e),
             None => Ok(report),
         }
+    }
+
+    /// Surplus ready steps go to the node pool; the calling thread keeps one.
+    fn hand_out_surplus(
+        &self,
+        plan: &ExecutionPlan,
+        state: &mut JobState,
+        job: &JobRun,
+        done_tx: &crossbeam_channel::Sender<Completion>,
+        in_flight: &mut usize,
+    ) -> Result<(), SchedulerError> {
+        while state.ready.len() > 1 && *in_flight < self.workers {
+            let step = state.ready.pop_back().expect("len > 1");
+            match self.prepare(plan, step, state, job) {
+                Prepared::Cached(c) => self.complete(plan, c, state, job)?,
+                Prepared::Run(task) => {
+                    let tx = done_tx.clone();
+                    let pool = self
+                        .pool
+                        .as_ref()
+                        .expect("pool lives as long as the executor");
+                    pool.send(Box::new(move || {
+                        let _ = tx.send(task.run());
+                    }))
+                    .expect("node workers live as long as the executor");
+                    *in_flight += 1;
+                }
+                Prepared::Failed(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// Gathers a step's inputs and either finds its outputs in the cache or packages the

@@ -197,13 +197,9 @@ impl<'a> Validator<'a> {
         self.errors.entry(node).or_default().push(error);
     }
 
-    fn run(mut self) -> Result<ValidWorkflow, SchedulerError> {
+    /// Nodes that are malformed, have no class, or name a class that is not registered.
+    fn check_classes(&mut self) {
         let wf = self.workflow;
-        self.classes = wf
-            .nodes
-            .iter()
-            .map(|n| n.class_type.as_deref().and_then(|c| self.registry.get(c)))
-            .collect();
         for (i, node) in wf.nodes.iter().enumerate() {
             if let Some(reason) = &node.malformed {
                 self.push(
@@ -239,6 +235,16 @@ impl<'a> Validator<'a> {
                 );
             }
         }
+    }
+
+    fn run(mut self) -> Result<ValidWorkflow, SchedulerError> {
+        let wf = self.workflow;
+        self.classes = wf
+            .nodes
+            .iter()
+            .map(|n| n.class_type.as_deref().and_then(|c| self.registry.get(c)))
+            .collect();
+        self.check_classes();
 
         let outputs: Vec<usize> = (0..wf.len())
             .filter(|&i| self.classes[i].is_some_and(|c| c.schema().output_node))

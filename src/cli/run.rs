@@ -42,16 +42,7 @@ pub struct RunArgs {
 pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
     let mut config = common.resolve()?;
     runtime::settle_device(&mut config)?;
-    if common.default_models_dir(&config) && !config.models_dir.join("checkpoints").exists() {
-        eprintln!(
-            "models dir {} is empty: installing the demo models",
-            config.models_dir.display()
-        );
-        sakuga_models::demo::write_demo_models(&config.models_dir)?;
-    }
-    std::fs::create_dir_all(&config.input_dir)
-        .with_context(|| format!("cannot create input dir {}", config.input_dir.display()))?;
-    ensure_writable(&config.out)?;
+    prepare_dirs(common, &config)?;
 
     let telemetry = runtime::start_signals(&config, &Default::default(), None, None)?;
     let (metrics, signals) = (&telemetry.metrics, telemetry.signals.clone());
@@ -111,6 +102,31 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
             ExitCode::FAILURE
         }
     };
+    report_signals(&signals, metrics, args)?;
+    Ok(code)
+}
+
+/// The demo models on first use of the default models dir, the input dir, a writable out.
+fn prepare_dirs(common: &CommonArgs, config: &crate::config::SakugaConfig) -> anyhow::Result<()> {
+    if common.default_models_dir(&config) && !config.models_dir.join("checkpoints").exists() {
+        eprintln!(
+            "models dir {} is empty: installing the demo models",
+            config.models_dir.display()
+        );
+        sakuga_models::demo::write_demo_models(&config.models_dir)?;
+    }
+    std::fs::create_dir_all(&config.input_dir)
+        .with_context(|| format!("cannot create input dir {}", config.input_dir.display()))?;
+    ensure_writable(&config.out)?;
+    Ok(())
+}
+
+/// The signal summary and findings after the job, and the files asked for.
+fn report_signals(
+    signals: &sakuga_telemetry::Signals,
+    metrics: &sakuga_telemetry::MetricsHandle,
+    args: &RunArgs,
+) -> anyhow::Result<()> {
     signals.publish();
     let snapshot = signals.snapshot();
     println!("\n{}", snapshot.render_text());
@@ -128,7 +144,7 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
             .save(path)
             .with_context(|| format!("cannot write signals to {}", path.display()))?;
     }
-    Ok(code)
+    Ok(())
 }
 
 fn print_invalid(path: &Path, report: &sakuga_scheduler::ValidationReport) {

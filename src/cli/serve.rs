@@ -157,66 +157,16 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         data_dir: Some(config.data_dir.clone()),
         ..EngineConfig::default()
     };
-    let tunables_path = args.tunables.clone();
-    let reload_common = common.clone();
-    let generation_dir = config.data_dir.clone();
-    // Re-reads the tunables file and the config file's `[signals]` (SLO targets, quality
-    // checks); folders, device and listeners need a restart and are left as they are.
-    let reload: ReloadFn = Arc::new(move |engine: &EngineHandle| -> Result<Reloaded, String> {
-        let tunables = load_tunables(tunables_path.as_ref()).map_err(|e| format!("{e:#}"))?;
-        let signals = reload_common
-            .resolve()
-            .map_err(|e| format!("{e:#}"))?
-            .signals;
-        let reloaded = engine.reload_config(tunables, Some(signals), env!("CARGO_PKG_VERSION"));
-        runtime::write_generation(&generation_dir, reloaded.generation)
-            .map_err(|e| format!("{e:#}"))?;
-        Ok(reloaded)
-    });
-    let tls = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::server::TlsIdentity {
-            cert_pem: std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
-            key_pem: std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
-        }),
-        _ => None,
-    };
-    let server_config = ServerConfig {
-        auth_token: token,
-        tls,
-        reload: Some(reload.clone()),
-        drain_timeout: std::time::Duration::try_from_secs_f64(args.drain_timeout)
-            .context("--drain-timeout must be a number of seconds, 0 or more")?,
-        connections: connection_limits(),
-        ..ServerConfig::default()
-    };
+    let reload = reload_fn(common, args, &config.data_dir);
+    let server_config = server_config(args, token, reload.clone())?;
     let comfy = comfy_addr(&args.comfy_listen)?;
-    let frontend = match &args.frontend {
-        Some(dir) if !dir.join("index.html").is_file() => {
-            anyhow::bail!("--frontend {}: no index.html there", dir.display())
-        }
-        Some(dir) => Some(dir.clone()),
-        None if comfy.is_some() => installed_frontend(),
-        None => None,
-    };
-    let comfy_config = crate::comfy::ComfyConfig {
-        auth_token: server_config.auth_token.clone(),
-        max_body_bytes: server_config.max_message_bytes,
-        max_connections: server_config.connections.max_connections,
-        user_dir: config.data_dir.join("comfy").join("user").join("default"),
-        frontend,
-    };
-    let warmup = args.warmup.clone();
+    let comfy_config = comfy_config(args, comfy.is_some(), &server_config, &config.data_dir)?;
     let started: Arc<OnceLock<EngineHandle>> = Arc::new(OnceLock::new());
-    let started_slot = started.clone();
-    let start = EngineStart::Start(Box::new(move || {
-        let engine = EngineHandle::start(engine_config, registry, env, signals)?;
-        let _ = started_slot.set(engine.clone());
-        if !warmup.is_empty() {
-            let report = crate::server::ops::warmup(&engine, &warmup);
-            tracing::info!(loaded = ?report.loaded, failed = ?report.failed, "warmup done");
-        }
-        Ok(engine)
-    }));
+    let start = engine_start(
+        (engine_config, registry, env, signals),
+        args.warmup.clone(),
+        started.clone(),
+    );
     let listen = args.listen;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -235,29 +185,9 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
             .metrics_addr
             .map_or_else(|| "off".to_owned(), |addr| format!("http://{addr}/metrics"));
         let (stop_comfy, comfy_stopped) = tokio::sync::oneshot::channel::<()>();
-        let comfy_task = match comfy_listener {
-            Some(comfy_listener) => {
-                eprintln!(
-                    "sakuga serving the ComfyUI API on http://{}{}",
-                    comfy_listener.local_addr()?,
-                    if comfy_config.frontend.is_some() {
-                        " (with the ComfyUI frontend)"
-                    } else {
-                        ""
-                    }
-                );
-                let stopped = async move {
-                    let _ = comfy_stopped.await;
-                };
-                Some(tokio::spawn(crate::comfy::run(
-                    comfy_listener,
-                    started.clone(),
-                    comfy_config,
-                    stopped,
-                )))
-            }
-            None => None,
-        };
+        let comfy_task = comfy_listener
+            .map(|listener| spawn_comfy(listener, started.clone(), comfy_config, comfy_stopped))
+            .transpose()?;
         eprintln!(
             "sakuga serving gRPC on {} (metrics on {metrics})",
             listener.local_addr()?
@@ -279,6 +209,122 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     served?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Starts the engine (on the server's blocking pool), keeps it in `started` for the
+/// ComfyUI API and SIGHUP, and warms the models asked for.
+fn engine_start(
+    (config, registry, env, signals): (
+        EngineConfig,
+        Arc<sakuga_nodes::NodeRegistry>,
+        Arc<sakuga_nodes::NodeEnv>,
+        sakuga_telemetry::Signals,
+    ),
+    warmup: Vec<String>,
+    started: Arc<OnceLock<EngineHandle>>,
+) -> EngineStart {
+    EngineStart::Start(Box::new(move || {
+        let engine = EngineHandle::start(config, registry, env, signals)?;
+        let _ = started.set(engine.clone());
+        if !warmup.is_empty() {
+            let report = crate::server::ops::warmup(&engine, &warmup);
+            tracing::info!(loaded = ?report.loaded, failed = ?report.failed, "warmup done");
+        }
+        Ok(engine)
+    }))
+}
+
+/// Runs the ComfyUI API on its listener until `stop`; says where it serves.
+fn spawn_comfy(
+    listener: tokio::net::TcpListener,
+    engine: Arc<OnceLock<EngineHandle>>,
+    config: crate::comfy::ComfyConfig,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<tokio::task::JoinHandle<std::io::Result<()>>> {
+    eprintln!(
+        "sakuga serving the ComfyUI API on http://{}{}",
+        listener.local_addr()?,
+        if config.frontend.is_some() {
+            " (with the ComfyUI frontend)"
+        } else {
+            ""
+        }
+    );
+    let stopped = async move {
+        let _ = stop.await;
+    };
+    Ok(tokio::spawn(crate::comfy::run(
+        listener, engine, config, stopped,
+    )))
+}
+
+/// The reload of SIGHUP and the `Reload` RPC: re-reads the tunables file and the config
+/// file's `[signals]` (SLO targets, quality checks); folders, device and listeners need a
+/// restart and are left as they are.
+fn reload_fn(common: &CommonArgs, args: &ServeArgs, data_dir: &std::path::Path) -> ReloadFn {
+    let tunables_path = args.tunables.clone();
+    let reload_common = common.clone();
+    let generation_dir = data_dir.to_path_buf();
+    Arc::new(move |engine: &EngineHandle| -> Result<Reloaded, String> {
+        let tunables = load_tunables(tunables_path.as_ref()).map_err(|e| format!("{e:#}"))?;
+        let signals = reload_common
+            .resolve()
+            .map_err(|e| format!("{e:#}"))?
+            .signals;
+        let reloaded = engine.reload_config(tunables, Some(signals), env!("CARGO_PKG_VERSION"));
+        runtime::write_generation(&generation_dir, reloaded.generation)
+            .map_err(|e| format!("{e:#}"))?;
+        Ok(reloaded)
+    })
+}
+
+/// The gRPC server's settings from the flags.
+fn server_config(
+    args: &ServeArgs,
+    auth_token: Option<String>,
+    reload: ReloadFn,
+) -> anyhow::Result<ServerConfig> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::server::TlsIdentity {
+            cert_pem: std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?,
+            key_pem: std::fs::read(key).with_context(|| format!("reading {}", key.display()))?,
+        }),
+        _ => None,
+    };
+    Ok(ServerConfig {
+        auth_token,
+        tls,
+        reload: Some(reload),
+        drain_timeout: std::time::Duration::try_from_secs_f64(args.drain_timeout)
+            .context("--drain-timeout must be a number of seconds, 0 or more")?,
+        connections: connection_limits(),
+        ..ServerConfig::default()
+    })
+}
+
+/// The ComfyUI API's settings: the gRPC side's token and limits, the user dir under the
+/// data dir, and the frontend (`--frontend`, else the installed PyPI package).
+fn comfy_config(
+    args: &ServeArgs,
+    enabled: bool,
+    server: &ServerConfig,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<crate::comfy::ComfyConfig> {
+    let frontend = match &args.frontend {
+        Some(dir) if !dir.join("index.html").is_file() => {
+            anyhow::bail!("--frontend {}: no index.html there", dir.display())
+        }
+        Some(dir) => Some(dir.clone()),
+        None if enabled => installed_frontend(),
+        None => None,
+    };
+    Ok(crate::comfy::ComfyConfig {
+        auth_token: server.auth_token.clone(),
+        max_body_bytes: server.max_message_bytes,
+        max_connections: server.connections.max_connections,
+        user_dir: data_dir.join("comfy").join("user").join("default"),
+        frontend,
+    })
 }
 
 /// Applies the tunables file again on every SIGHUP, without dropping work.

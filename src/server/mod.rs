@@ -263,14 +263,6 @@ pub async fn run(
     };
     let limit = shared.config.max_message_bytes;
     let auth = BearerAuth::new(shared.config.auth_token.as_deref());
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sakuga_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(sakuga_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
     let render = RenderServiceServer::new(render::RenderApi {
         shared: shared.clone(),
     })
@@ -290,29 +282,7 @@ pub async fn run(
         shared: shared.clone(),
     });
 
-    // The engine starts (journal recovery, device worker handshake) while the port is
-    // already open, so probes see NOT_SERVING rather than a refused connection.
-    let slot = shared.engine.clone();
-    let start_reporter = reporter.clone();
-    // An engine that is already running serves the first request: no window in which a
-    // client that connected at once is told it is starting.
-    let engine = match engine {
-        EngineStart::Ready(engine) => {
-            let _ = slot.set(engine.clone());
-            EngineStart::Ready(engine)
-        }
-        start => start,
-    };
-    let starter = tokio::spawn(async move {
-        let engine = match engine {
-            EngineStart::Ready(engine) => engine,
-            EngineStart::Start(start) => tokio::task::spawn_blocking(start).await??,
-        };
-        let _ = slot.set(engine);
-        set_health(&start_reporter, ServingStatus::Serving).await;
-        Ok::<(), ServerError>(())
-    });
-
+    let starter = start_engine(&shared, engine, reporter.clone());
     let drain_slot = shared.engine.clone();
     let drain_reporter = reporter.clone();
     let drain_timeout = shared.config.drain_timeout;
@@ -329,23 +299,10 @@ pub async fn run(
         let _ = closing_tx.send(true);
     };
     let limits = shared.config.connections;
-    let mut builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(limits.keepalive_interval))
-        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        // A preview frame is hundreds of KiB: with HTTP/2's default 64 KiB window each one
-        // waits on the client's window updates, and that wait shows up as late frames.
-        .initial_stream_window_size(Some(FRAME_WINDOW_BYTES))
-        .initial_connection_window_size(Some(2 * FRAME_WINDOW_BYTES));
-    if let Some(tls) = &shared.config.tls {
-        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
-        builder =
-            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
-    }
-    builder
+    transport(&shared.config)?
         .add_service(health)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_service(reflection_v1()?)
+        .add_service(reflection_v1alpha()?)
         .add_service(InterceptedService::new(render, auth.clone()))
         .add_service(InterceptedService::new(signals, auth.clone()))
         .add_service(InterceptedService::new(nodes, auth.clone()))
@@ -364,6 +321,77 @@ pub async fn run(
         tokio::task::spawn_blocking(move || engine.shutdown_blocking()).await?;
     }
     Ok(())
+}
+
+fn reflection_v1() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    ServerError,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sakuga_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    ServerError,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(sakuga_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?)
+}
+
+/// The HTTP/2 transport: keepalives, stream caps, windows sized for frames, TLS.
+fn transport(config: &ServerConfig) -> Result<tonic::transport::Server, ServerError> {
+    let limits = config.connections;
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // A preview frame is hundreds of KiB: with HTTP/2's default 64 KiB window each one
+        // waits on the client's window updates, and that wait shows up as late frames.
+        .initial_stream_window_size(Some(FRAME_WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * FRAME_WINDOW_BYTES));
+    if let Some(tls) = &config.tls {
+        let identity = tonic::transport::Identity::from_pem(&tls.cert_pem, &tls.key_pem);
+        builder =
+            builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
+    }
+    Ok(builder)
+}
+
+/// Starts the engine (journal recovery, device worker handshake) while the port is already
+/// open, so probes see NOT_SERVING rather than a refused connection; SERVING once it runs.
+fn start_engine(
+    shared: &Shared,
+    engine: EngineStart,
+    reporter: tonic_health::server::HealthReporter,
+) -> tokio::task::JoinHandle<Result<(), ServerError>> {
+    let slot = shared.engine.clone();
+    // An engine that is already running serves the first request: no window in which a
+    // client that connected at once is told it is starting.
+    let engine = match engine {
+        EngineStart::Ready(engine) => {
+            let _ = slot.set(engine.clone());
+            EngineStart::Ready(engine)
+        }
+        start => start,
+    };
+    tokio::spawn(async move {
+        let engine = match engine {
+            EngineStart::Ready(engine) => engine,
+            EngineStart::Start(start) => tokio::task::spawn_blocking(start).await??,
+        };
+        let _ = slot.set(engine);
+        set_health(&reporter, ServingStatus::Serving).await;
+        Ok::<(), ServerError>(())
+    })
 }
 
 #[cfg(test)]
