@@ -11,9 +11,11 @@
 //! - [`cli`]: the `sakuga` commands.
 //! - [`server`]: the gRPC services on one port, auth, health, reflection, shutdown.
 //! - [`client`]: helpers for talking to a server (`submit`, `watch`, `signals`).
+//! - [`report`]: `sakuga report`, the weekly review from the job history or Prometheus.
 
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod report;
 pub mod runtime;
 pub mod server;

@@ -7,6 +7,7 @@ mod client;
 mod doctor;
 mod inspect;
 mod models;
+mod report;
 mod run;
 mod serve;
 
@@ -133,6 +134,9 @@ pub enum Command {
     Cancel(client::JobArgs),
     /// A server's golden signals, SLOs, demand and replica advice.
     Signals(client::SignalsArgs),
+    /// The weekly review: SLO budgets, tail latency, FPS health and regressions, with
+    /// deploys overlaid (HTML, Markdown and JSON).
+    Report(report::ReportArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -160,6 +164,7 @@ pub fn main() -> ExitCode {
         Command::Watch(args) => client::watch(args),
         Command::Cancel(args) => client::cancel(args),
         Command::Signals(args) => client::signals(args),
+        Command::Report(args) => report::run(&cli.common, args),
     };
     drop(guard);
     match result {

@@ -257,6 +257,34 @@ pub fn read_range(dir: &Path, from: f64, to: f64) -> Result<HistoryRead> {
     Ok(read)
 }
 
+/// The last marker before `at` (unix seconds), looking back day file by day file; the
+/// report needs it to tell a deploy (new version) from a config change at the period start.
+///
+/// # Errors
+/// When the folder or one of its files cannot be read.
+pub fn last_marker_before(dir: &Path, at: f64) -> Result<Option<Marker>> {
+    let last_day = (at / SECONDS_PER_DAY as f64).floor() as i64;
+    for (_, path) in day_files(dir)?.iter().rev().filter(|(d, _)| *d <= last_day) {
+        let file = File::open(path).map_err(|source| TelemetryError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let latest = BufReader::new(file)
+            .lines()
+            .map_while(std::result::Result::ok)
+            .filter(|line| line.contains("\"type\":\"marker\""))
+            .filter_map(|line| match serde_json::from_str(&line) {
+                Ok(HistoryEntry::Marker(m)) if m.at < at => Some(m),
+                _ => None,
+            })
+            .max_by(|a, b| a.at.total_cmp(&b.at));
+        if latest.is_some() {
+            return Ok(latest);
+        }
+    }
+    Ok(None)
+}
+
 /// Appends entries to their day files at once (no writer thread); tests and tools that
 /// build a history use it.
 ///

@@ -62,7 +62,7 @@ impl SignalsConfig {
 }
 
 /// How a job ended, for [`Signals::job_finished`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobReport<'a> {
     pub workload: Workload,
     pub outcome: Outcome,
@@ -74,14 +74,14 @@ pub struct JobReport<'a> {
     /// Images the job produced (0 for a failed job).
     pub images: u64,
     /// What the job history keeps beyond the metrics (see [`JobReport::with_detail`]).
-    pub detail: JobDetail<'a>,
+    pub detail: JobDetail,
 }
 
 /// What the job history records about a job beyond its metrics; all optional.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct JobDetail<'a> {
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobDetail {
     /// Settings that tell jobs of one model apart (resolution, sampler, steps).
-    pub settings: Option<&'a str>,
+    pub settings: Option<String>,
     pub queue_wait: Option<Duration>,
     /// Why it failed, when it did (timeouts and OOMs are known from the outcome).
     pub error: Option<(ErrorKind, Stage)>,
@@ -103,7 +103,7 @@ impl<'a> JobReport<'a> {
         }
     }
 
-    pub fn with_detail(mut self, detail: JobDetail<'a>) -> Self {
+    pub fn with_detail(mut self, detail: JobDetail) -> Self {
         self.detail = detail;
         self
     }
@@ -550,7 +550,7 @@ impl Signals {
             workload: report.workload,
             outcome: report.outcome,
             model: report.model_id.map(str::to_owned),
-            settings: detail.settings.map(str::to_owned),
+            settings: detail.settings.clone(),
             error_kind: error.map(|(kind, _)| kind),
             error_stage: error.map(|(_, stage)| stage),
             latency_s: report.latency.as_secs_f64(),

@@ -883,6 +883,12 @@ impl QueueState {
             Some(model) => report.with_model(model),
             None => report,
         };
+        let report = report.with_detail(crate::history::detail(
+            &job.info,
+            &job.fields,
+            job.feed.stream(),
+            &done.result,
+        ));
         signals.job_finished(&report);
         match (&done.result, state) {
             (Ok(_), _) => {
