@@ -100,6 +100,10 @@ fn assert_truth(report: &Value, truth: &Truth, exact: bool) {
     );
     assert!(budget["worst_hour"]["start"].is_number(), "{budget:#}");
 
+    assert_fps_and_latency(report, truth, exact);
+}
+
+fn assert_fps_and_latency(report: &Value, truth: &Truth, exact: bool) {
     // FPS: delivered 18 against 24 produced from day 5: the client/CDN rule.
     let fps = regression(report, "fps_health_ratio");
     assert_eq!(fps["day"], truth.fps_day, "{fps:#}");

@@ -2,6 +2,7 @@
 //! so the HTML needs no file, script or font from anywhere). Every chart gets the
 //! period's deploy and config markers as vertical lines.
 
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use super::ReportError;
@@ -137,27 +138,7 @@ impl Chart<'_> {
                 .label(name.as_str())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], style));
         }
-        for marker in self.markers {
-            let x = (marker.at - self.period.from) / DAY_S;
-            let color = if marker.kind == MarkerKind::Deploy {
-                DEPLOY
-            } else {
-                CONFIG
-            };
-            chart
-                .draw_series(std::iter::once(PathElement::new(
-                    vec![(x, 0.0), (x, y_max)],
-                    color.stroke_width(2),
-                )))
-                .map_err(chart_error)?;
-            chart
-                .draw_series(std::iter::once(Text::new(
-                    marker.label.clone(),
-                    (x, y_max * 0.97),
-                    ("sans-serif", 11).into_font().color(&color),
-                )))
-                .map_err(chart_error)?;
-        }
+        draw_markers(&mut chart, self.markers, self.period, y_max)?;
         if !self.lines.is_empty() {
             chart
                 .configure_series_labels()
@@ -169,4 +150,37 @@ impl Chart<'_> {
         }
         Ok(())
     }
+}
+
+type Plot<'a, 'b> = ChartContext<'a, SVGBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Deploys and config changes as labelled vertical lines.
+fn draw_markers(
+    chart: &mut Plot<'_, '_>,
+    markers: &[MarkerPoint],
+    period: Period,
+    y_max: f64,
+) -> Result<(), ReportError> {
+    for marker in markers {
+        let x = (marker.at - period.from) / DAY_S;
+        let color = if marker.kind == MarkerKind::Deploy {
+            DEPLOY
+        } else {
+            CONFIG
+        };
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![(x, 0.0), (x, y_max)],
+                color.stroke_width(2),
+            )))
+            .map_err(chart_error)?;
+        chart
+            .draw_series(std::iter::once(Text::new(
+                marker.label.clone(),
+                (x, y_max * 0.97),
+                ("sans-serif", 11).into_font().color(&color),
+            )))
+            .map_err(chart_error)?;
+    }
+    Ok(())
 }

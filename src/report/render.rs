@@ -30,6 +30,28 @@ pub fn markdown(report: &Report) -> String {
     for item in &report.todo {
         let _ = writeln!(md, "- {item}");
     }
+    md_slos(report, &mut md);
+    md_regressions(report, &mut md);
+    md_latency(report, &mut md);
+    let _ = writeln!(
+        md,
+        "\nMarkers: {}",
+        if report.data.markers.is_empty() {
+            "none".to_owned()
+        } else {
+            report
+                .data
+                .markers
+                .iter()
+                .map(|m| format!("{} at {}", m.label, super::iso(m.at)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    );
+    md
+}
+
+fn md_slos(report: &Report, md: &mut String) {
     let _ = writeln!(
         md,
         "\n## SLOs\n\n| SLO | objective | budget left | worst day burn | worst hour |\n|---|---|---|---|---|"
@@ -54,6 +76,9 @@ pub fn markdown(report: &Report) -> String {
             worst_day.map_or("-".into(), |b| format!("{}x", num(b)))
         );
     }
+}
+
+fn md_regressions(report: &Report, md: &mut String) {
     let _ = writeln!(md, "\n## Regressions\n");
     if report.regressions.is_empty() {
         let _ = writeln!(md, "None found.");
@@ -77,6 +102,9 @@ pub fn markdown(report: &Report) -> String {
             r.runbook_url
         );
     }
+}
+
+fn md_latency(report: &Report, md: &mut String) {
     let _ = writeln!(
         md,
         "\n## Latency per workload (p50 / p95 / p99 seconds, last day)\n"
@@ -94,22 +122,6 @@ pub fn markdown(report: &Report) -> String {
             );
         }
     }
-    let _ = writeln!(
-        md,
-        "\nMarkers: {}",
-        if report.data.markers.is_empty() {
-            "none".to_owned()
-        } else {
-            report
-                .data
-                .markers
-                .iter()
-                .map(|m| format!("{} at {}", m.label, super::iso(m.at)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        }
-    );
-    md
 }
 
 fn opt(v: Option<f64>) -> String {
