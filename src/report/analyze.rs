@@ -234,8 +234,7 @@ fn oom_regression(
     let change = data
         .markers
         .iter()
-        .filter(|mk| mk.at < day_start + DAY_S && mk.at >= day_start - DAY_S)
-        .last();
+        .rfind(|mk| mk.at < day_start + DAY_S && mk.at >= day_start - DAY_S);
     let finding = change.and_then(|mk| {
         let evidence = vec![
             ev("ooms_per_day", value),

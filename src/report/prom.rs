@@ -196,7 +196,7 @@ impl Prometheus {
         query: &Query,
         period: Period,
         step: f64,
-    ) -> Result<Vec<(BTreeMap<String, String>, Vec<Option<f64>>)>, ReportError> {
+    ) -> Result<Vec<Series2>, ReportError> {
         let window = if step == DAY_S { "1d" } else { "1h" };
         let slots = ((period.to - period.from) / step).ceil() as usize;
         let series = self.range(&query.over(window), period.from + step, period.to, step)?;
@@ -451,6 +451,7 @@ impl Prometheus {
     }
 }
 
+/// A series' labels and its value per day (or hour).
 type Series2 = (BTreeMap<String, String>, Vec<Option<f64>>);
 
 fn series(value: &Value) -> Series {

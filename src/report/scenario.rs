@@ -81,10 +81,10 @@ fn single_image(truth: &Truth, at: f64, i: usize) -> JobSummary {
     j.latency_s = 1.0 + (i % 5) as f64 * 0.4;
     j.queue_wait_s = Some(0.1 + (i % 4) as f64 * 0.1);
     if truth.day(at).is_some_and(|d| d >= truth.latency_day) {
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             j.latency_s = 25.0;
         }
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             j.queue_wait_s = Some(12.0);
         }
     }
@@ -100,7 +100,7 @@ fn batch(truth: &Truth, at: f64, i: usize) -> JobSummary {
     );
     j.latency_s = 8.0 + (i % 5) as f64;
     j.queue_wait_s = Some(2.0 + (i % 4) as f64);
-    if at >= truth.deploy_at && i % 10 == 0 {
+    if at >= truth.deploy_at && i.is_multiple_of(10) {
         j.outcome = Outcome::Oom;
         j.error_kind = Some(ErrorKind::Oom);
         j.error_stage = Some(Stage::Inference);
@@ -196,11 +196,15 @@ pub fn entries(to: f64) -> Vec<HistoryEntry> {
     out
 }
 
+/// Metric families of one scrape: family -> (type, series -> value).
+type Families = BTreeMap<String, (&'static str, BTreeMap<String, f64>)>;
+/// The same, regrouped per series over all scrapes.
+type FamilyPoints<'a> = BTreeMap<&'a str, (&'a str, BTreeMap<&'a str, Vec<(f64, f64)>>)>;
+
 /// Cumulative series, as an exporter would show them at each scrape.
 #[derive(Default)]
 struct Exposition {
-    /// family -> (type, label set -> value)
-    families: BTreeMap<String, (&'static str, BTreeMap<String, f64>)>,
+    families: Families,
 }
 
 impl Exposition {
@@ -366,8 +370,7 @@ pub fn openmetrics(to: f64, step_s: f64) -> String {
             0.0,
         );
     }
-    let mut scrapes: Vec<(f64, BTreeMap<String, (&'static str, BTreeMap<String, f64>)>)> =
-        Vec::new();
+    let mut scrapes: Vec<(f64, Families)> = Vec::new();
     let mut next = 0;
     let mut version = String::new();
     let mut at = start + step_s;
@@ -402,10 +405,8 @@ pub fn openmetrics(to: f64, step_s: f64) -> String {
 
 /// OpenMetrics wants each family's samples together and each series' samples in time
 /// order, so the scrapes are written family by family, series by series.
-fn write_openmetrics(
-    scrapes: &[(f64, BTreeMap<String, (&'static str, BTreeMap<String, f64>)>)],
-) -> String {
-    let mut families: BTreeMap<&str, (&str, BTreeMap<&str, Vec<(f64, f64)>>)> = BTreeMap::new();
+fn write_openmetrics(scrapes: &[(f64, Families)]) -> String {
+    let mut families: FamilyPoints<'_> = BTreeMap::new();
     for (at, scrape) in scrapes {
         for (family, (kind, series)) in scrape {
             let entry = families
