@@ -22,6 +22,9 @@ fi
 echo "== promtool check rules"
 promtool check rules deploy/prometheus/*.rules.yml
 
+echo "== promtool check rules (sakuga report's queries)"
+promtool check rules deploy/prometheus/report-queries.json
+
 echo "== promtool test rules"
 promtool test rules deploy/prometheus/tests/*.test.yml
 

@@ -682,6 +682,82 @@ def rule_files() -> dict[Path, str]:
 
 
 # --------------------------------------------------------------------------------------
+# The weekly review's queries (`sakuga report --prometheus`, DESIGN.md section 13).
+# --------------------------------------------------------------------------------------
+
+REPORT_QUERIES_FILE = RULES_DIR / "report-queries.json"
+# Every report query is written over a one-day window; the report evaluates it once a day
+# and swaps `[1d]` for `[1h]` (worst hour) or the whole period's length (budget left).
+REPORT_WINDOW = "1d"
+LATE_DELIVERED = (
+    'sum(increase(sakuga_frame_interval_seconds_count{workload="animation", side="delivered"}[1d]))\n'
+    "-\n"
+    'sum(increase(sakuga_frame_interval_seconds_bucket{workload="animation", side="delivered", '
+    + LE_24_FPS
+    + "}[1d]))"
+)
+
+
+def mean_fps(side: str) -> str:
+    selector = f'{{workload="animation", side="{side}"}}'
+    return (
+        f"sum(increase(sakuga_frame_interval_seconds_count{selector}[1d]))\n"
+        "/\n"
+        f"sum(increase(sakuga_frame_interval_seconds_sum{selector}[1d]))"
+    )
+
+
+def report_queries() -> list[dict]:
+    queries = [
+        {
+            "id": f"slo_bad_ratio:{slo.name}",
+            "expr": slo.bad_ratio.replace("{w}", REPORT_WINDOW),
+            "labels": {"slo": slo.name, "alert": slo.alert, "objective": str(slo.objective), "description": slo.description},
+        }
+        for slo in SLOS
+    ]
+    for q in ("0.5", "0.95", "0.99"):
+        for metric, name in (("sakuga_render_latency_seconds", "latency"), ("sakuga_queue_wait_seconds", "queue_wait")):
+            queries.append(
+                {
+                    "id": f"{name}_quantile:{q}",
+                    "expr": f"histogram_quantile({q}, sum by (workload, le) (increase({metric}_bucket[1d])))",
+                }
+            )
+    queries += [
+        {"id": "jobs_finished", "expr": "sum by (workload, outcome) (increase(sakuga_jobs_finished_total[1d]))"},
+        {"id": "frames", "expr": 'sum by (kind) (increase(sakuga_frames_total{workload="animation"}[1d]))'},
+        {"id": "late_frames", "expr": LATE_DELIVERED},
+        {"id": "produced_fps", "expr": mean_fps("produced")},
+        {"id": "delivered_fps", "expr": mean_fps("delivered")},
+        {"id": "errors", "expr": "sum by (kind, stage) (increase(sakuga_errors_total[1d]))"},
+        # Markers: the generation steps on every config change and restart; the version
+        # label of the build info changes on a deploy. Evaluated every few minutes.
+        {"id": "config_generation", "expr": "max(sakuga_config_generation)"},
+        {"id": "build_versions", "expr": "count by (version) (sakuga_build_info)"},
+        # Whether the Prometheus holds sakuga's series at all over the period.
+        {"id": "presence", "expr": "count(sakuga_jobs_finished_total)"},
+    ]
+    return queries
+
+
+def report_queries_file() -> dict[Path, str]:
+    """JSON, which is also YAML: promtool checks it as a rule file (never loaded into
+    Prometheus), and sakuga report includes it. The SLO queries carry their SLO's name,
+    alert and objective as labels."""
+    rules = [
+        {
+            "record": "sakuga:report:" + q["id"].split(":")[0],
+            "expr": q["expr"],
+            "labels": {"report_query": q["id"], **q.get("labels", {})},
+        }
+        for q in report_queries()
+    ]
+    document = {"groups": [{"name": "sakuga-report", "rules": rules}]}
+    return {REPORT_QUERIES_FILE: json.dumps(document, indent=2) + "\n"}
+
+
+# --------------------------------------------------------------------------------------
 # Grafana dashboards.
 # --------------------------------------------------------------------------------------
 
@@ -1256,7 +1332,7 @@ def dashboard_files() -> dict[Path, str]:
 
 def main(argv: list[str]) -> int:
     check = "--check" in argv[1:]
-    outputs = {**rule_files(), **dashboard_files()}
+    outputs = {**rule_files(), **dashboard_files(), **report_queries_file()}
     stale = []
     for path, text in outputs.items():
         current = path.read_text() if path.exists() else None

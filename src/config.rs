@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use sakuga_scheduler::ExecutorConfig;
-use sakuga_telemetry::SignalsConfig;
+use sakuga_telemetry::{HistoryConfig, SignalsConfig};
 
 /// Everything a `sakuga` process is configured with.
 #[derive(Debug, Clone, Deserialize)]
@@ -26,6 +26,8 @@ pub struct SakugaConfig {
     pub model_cache_bytes: u64,
     pub executor: ExecutorConfig,
     pub signals: SignalsConfig,
+    /// The job history in the data dir that `sakuga report` reads.
+    pub history: HistoryConfig,
 }
 
 impl Default for SakugaConfig {
@@ -39,6 +41,7 @@ impl Default for SakugaConfig {
             model_cache_bytes: 4 << 30,
             executor: ExecutorConfig::default(),
             signals: SignalsConfig::default(),
+            history: HistoryConfig::default(),
         }
     }
 }

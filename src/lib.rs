@@ -12,10 +12,12 @@
 //! - [`server`]: the gRPC services on one port, auth, health, reflection, shutdown.
 //! - [`comfy`]: ComfyUI's HTTP + WebSocket API on the same engine.
 //! - [`client`]: helpers for talking to a server (`submit`, `watch`, `signals`).
+//! - [`report`]: `sakuga report`, the weekly review from the job history or Prometheus.
 
 pub mod cli;
 pub mod client;
 pub mod comfy;
 pub mod config;
+pub mod report;
 pub mod runtime;
 pub mod server;

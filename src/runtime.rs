@@ -13,7 +13,7 @@ use sakuga_nodes::{NodeEnv, NodeRegistry};
 
 use sakuga_scheduler::engine::{EngineTunables, config_hash};
 use sakuga_telemetry::prometheus::{self, MetricsHandle, PrometheusConfig};
-use sakuga_telemetry::{DeviceSampler, Signals};
+use sakuga_telemetry::{DeviceSampler, History, Signals};
 
 use crate::config::SakugaConfig;
 
@@ -58,7 +58,8 @@ pub struct SignalsRuntime {
 /// Starts the signals the same way in every mode (`serve`, `run`), so that the first
 /// scrape already sees every catalogue series: the recorder, every series primed at its
 /// true zero, the build and config identity (a start counts as a config change; with a
-/// `data_dir` the generation continues from the previous run), a first device sample, the
+/// `data_dir` the generation continues from the previous run, and the job history there
+/// records every finished job and config change), a first device sample, the
 /// SLO gauges, and then the `/metrics` listener when `metrics_listen` is given.
 ///
 /// # Errors
@@ -77,6 +78,9 @@ pub fn start_signals(
     let signals = Signals::new(config.signals.clone());
     if let Some(dir) = data_dir {
         signals.resume_config_generation(read_generation(dir)?);
+        if config.history.enabled {
+            signals.attach_history(History::open(dir, &config.history)?);
+        }
     }
     let hash = config_hash(tunables, &signals.config());
     let generation = signals.config_changed(env!("CARGO_PKG_VERSION"), &hash);

@@ -6,6 +6,7 @@
 //!   in ComfyUI's `node_errors` shape; yields a [`ValidWorkflow`].
 //! - [`plan`]: compiling a valid workflow into a flat [`ExecutionPlan`].
 //! - [`executor`]: running plans on worker threads with an output cache.
+//! - [`history`]: the job history detail of a finished job (for `sakuga report`).
 //! - [`cache`]: the bounded LRU of node outputs.
 //! - [`observe`]: stage events and metrics around execution.
 //! - [`engine`]: the job runtime behind an [`EngineHandle`]: submit, watch, cancel, demand.
@@ -22,6 +23,7 @@ pub mod degrade;
 pub mod engine;
 pub mod error;
 pub mod executor;
+pub mod history;
 pub mod journal;
 pub mod observe;
 pub mod ordering;

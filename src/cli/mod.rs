@@ -7,6 +7,7 @@ mod client;
 mod doctor;
 mod inspect;
 mod models;
+mod report;
 mod run;
 mod selftest;
 mod serve;
@@ -136,6 +137,9 @@ pub enum Command {
     Signals(client::SignalsArgs),
     /// Run the model golden checks on --device (a GPU host check; no CPU fallback).
     Selftest(selftest::SelftestArgs),
+    /// The weekly review: SLO budgets, tail latency, FPS health and regressions, with
+    /// deploys overlaid (HTML, Markdown and JSON).
+    Report(report::ReportArgs),
 }
 
 /// Parses the command line and runs the command.
@@ -164,6 +168,7 @@ pub fn main() -> ExitCode {
         Command::Cancel(args) => client::cancel(args),
         Command::Signals(args) => client::signals(args),
         Command::Selftest(args) => selftest::run(&cli.common, args),
+        Command::Report(args) => report::run(&cli.common, args),
     };
     drop(guard);
     match result {

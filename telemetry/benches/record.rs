@@ -65,5 +65,64 @@ fn record_benches(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, record_benches);
+/// The job history's hot-path call (`History::record`, a `try_send` of the summary) and,
+/// separately, the whole cost per job including the writer thread's serialise and append.
+/// Batches of 1000 are flushed between timings so the queue never fills (a full queue
+/// would measure the drop path instead).
+fn history_benches(c: &mut Criterion) {
+    use sakuga_telemetry::history::{FrameTotals, History, HistoryConfig, JobSummary};
+    use sakuga_telemetry::{ErrorKind, Outcome, Stage};
+    use std::time::Instant;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let history = History::open(dir.path(), &HistoryConfig::default()).expect("history opens");
+    let summary = JobSummary {
+        finished_at: sakuga_telemetry::history::unix_now(),
+        workload: Workload::Animation,
+        outcome: Outcome::Oom,
+        model: Some("sd15-anime".into()),
+        settings: Some("512x512 euler 20 steps".into()),
+        error_kind: Some(ErrorKind::Oom),
+        error_stage: Some(Stage::Inference),
+        latency_s: 3.2,
+        queue_wait_s: Some(0.4),
+        frames: FrameTotals::default(),
+        config_generation: 3,
+    };
+    const BATCH: u64 = 1000;
+    let flush = Duration::from_secs(30);
+    c.bench_function("history_record", |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(BATCH);
+                let start = Instant::now();
+                for _ in 0..n {
+                    history.record(black_box(summary.clone()));
+                }
+                spent += start.elapsed();
+                history.flush(flush);
+                left -= n;
+            }
+            spent
+        })
+    });
+    c.bench_function("history_record_and_write", |b| {
+        b.iter_custom(|iters| {
+            let start = Instant::now();
+            for i in 0..iters {
+                history.record(black_box(summary.clone()));
+                if i % BATCH == BATCH - 1 {
+                    history.flush(flush);
+                }
+            }
+            history.flush(flush);
+            start.elapsed()
+        })
+    });
+    assert_eq!(history.dropped(), 0, "the writer kept up");
+}
+
+criterion_group!(benches, record_benches, history_benches);
 criterion_main!(benches);

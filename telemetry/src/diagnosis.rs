@@ -352,6 +352,27 @@ pub fn diagnose(snapshot: &SignalsSnapshot, config: &DiagnosisConfig) -> Vec<Fin
         .collect()
 }
 
+/// The finding of the rule named `alert` for evidence gathered elsewhere (the weekly
+/// report judges daily history, not a live snapshot), in the rule's own words.
+pub fn finding(
+    alert: &str,
+    workload: Option<Workload>,
+    evidence: Vec<Evidence>,
+    config: &DiagnosisConfig,
+) -> Option<Finding> {
+    let rule = RULES.iter().find(|r| r.alert == alert)?;
+    let base = config.runbook_base.trim_end_matches('/');
+    Some(Finding {
+        rule: rule.alert.to_owned(),
+        severity: rule.severity,
+        workload,
+        evidence,
+        probable_cause: rule.probable_cause.to_owned(),
+        action: rule.action.to_owned(),
+        runbook_url: format!("{base}/{}.md", rule.alert),
+    })
+}
+
 /// Findings as text for the CLI (`sakuga doctor`).
 pub fn render_findings(findings: &[Finding]) -> String {
     if findings.is_empty() {

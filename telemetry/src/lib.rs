@@ -12,6 +12,7 @@
 //! - [`device`]: the `DeviceProbe` trait and the sampler thread.
 //! - [`quality`]: duplicate-frame detection and blank/NaN frame checks.
 //! - [`signals`]: the shared [`Signals`] handle tying the above together, and snapshots.
+//! - [`history`]: the embedded job history (`sakuga report`): summaries and markers by day.
 //! - [`diagnosis`]: signal-pattern rules turning a snapshot into findings with runbooks.
 //! - [`error`]: the crate's one error enum, [`TelemetryError`].
 //!
@@ -59,6 +60,7 @@ pub mod device;
 pub mod diagnosis;
 pub mod error;
 pub mod events;
+pub mod history;
 pub mod labels;
 pub mod logging;
 pub mod prometheus;
@@ -78,12 +80,14 @@ pub use error::{Result, TelemetryError};
 pub use events::{
     EventFields, FrameEventSampler, TraceContext, node_span, open_job_span, record_job_attributes,
 };
+pub use history::{FrameTotals, History, HistoryConfig, JobSummary, Marker};
 pub use labels::*;
 pub use logging::{LogConfig, LogFormat, LoggingGuard, init_logging};
 pub use prometheus::{MetricsHandle, PrometheusConfig};
 pub use quality::{FrameChecker, QcReport, QualityConfig};
 pub use signals::{
-    FrameStream, JobReport, PlaybackReport, ProducedFrame, Signals, SignalsConfig, SignalsSnapshot,
+    FrameStream, JobDetail, JobReport, PlaybackReport, ProducedFrame, Signals, SignalsConfig,
+    SignalsSnapshot,
 };
 pub use slo::{SloConfig, SloId, SloStatus};
 pub use window::{GoldenSignals, Window};

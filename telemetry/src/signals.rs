@@ -21,6 +21,7 @@ use crate::clock::{Clock, MonotonicClock};
 use crate::device::{self, DeviceProbe, DeviceSample, DeviceSampler};
 use crate::error::{Result, TelemetryError};
 use crate::events::{self, FrameEventSampler};
+use crate::history::{self, FrameTotals, History, JobSummary, Marker};
 use crate::labels::*;
 use crate::quality::{QcReport, QualityConfig};
 use crate::record;
@@ -61,7 +62,7 @@ impl SignalsConfig {
 }
 
 /// How a job ended, for [`Signals::job_finished`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct JobReport<'a> {
     pub workload: Workload,
     pub outcome: Outcome,
@@ -72,6 +73,19 @@ pub struct JobReport<'a> {
     pub height: u32,
     /// Images the job produced (0 for a failed job).
     pub images: u64,
+    /// What the job history keeps beyond the metrics (see [`JobReport::with_detail`]).
+    pub detail: JobDetail,
+}
+
+/// What the job history records about a job beyond its metrics; all optional.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobDetail {
+    /// Settings that tell jobs of one model apart (resolution, sampler, steps).
+    pub settings: Option<String>,
+    pub queue_wait: Option<Duration>,
+    /// Why it failed, when it did (timeouts and OOMs are known from the outcome).
+    pub error: Option<(ErrorKind, Stage)>,
+    pub frames: Option<FrameTotals>,
 }
 
 impl<'a> JobReport<'a> {
@@ -85,7 +99,13 @@ impl<'a> JobReport<'a> {
             width: 768,
             height: 768,
             images: u64::from(outcome == Outcome::Success),
+            detail: JobDetail::default(),
         }
+    }
+
+    pub fn with_detail(mut self, detail: JobDetail) -> Self {
+        self.detail = detail;
+        self
     }
 
     pub fn with_model(mut self, model_id: &'a str) -> Self {
@@ -158,6 +178,8 @@ struct Inner {
     frame_metrics: record::FrameMetrics,
     /// Streams that produced a frame and have not ended, for [`Signals::is_fps_degraded`].
     live_streams: Mutex<Vec<LiveStream>>,
+    /// The job history of the data dir, once attached.
+    history: std::sync::OnceLock<History>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -195,6 +217,7 @@ impl Signals {
                 last_publish: Mutex::new(None),
                 frame_metrics: record::FrameMetrics::new(),
                 live_streams: Mutex::new(Vec::new()),
+                history: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -273,6 +296,9 @@ impl Signals {
         let at = self.now();
         let inner = &self.inner;
         record::job_finished(report.workload, report.outcome, report.latency);
+        if let Some(history) = inner.history.get() {
+            history.record(self.summary(report));
+        }
         if report.images > 0 {
             record::images(report.workload, report.images);
         }
@@ -489,7 +515,49 @@ impl Signals {
         drop(changes);
         record::identity(version, config_hash, generation);
         events::config_changed(config_hash, generation);
+        if let Some(history) = self.inner.history.get() {
+            history.marker(Marker {
+                at: history::unix_now(),
+                generation,
+                version: version.to_owned(),
+                config_hash: config_hash.to_owned(),
+            });
+        }
         generation
+    }
+
+    /// Keeps a summary of every job finished from now on, and a marker of every config
+    /// change, in `history` (the first one attached stays).
+    pub fn attach_history(&self, history: History) {
+        let _ = self.inner.history.set(history);
+    }
+
+    /// The attached job history, if any.
+    pub fn history(&self) -> Option<&History> {
+        self.inner.history.get()
+    }
+
+    fn summary(&self, report: &JobReport<'_>) -> JobSummary {
+        let detail = &report.detail;
+        let error = detail.error.or(match report.outcome {
+            Outcome::Timeout => Some((ErrorKind::Timeout, Stage::Inference)),
+            Outcome::Oom => Some((ErrorKind::Oom, Stage::Inference)),
+            Outcome::Failed => Some((ErrorKind::Internal, Stage::Inference)),
+            Outcome::Success | Outcome::Cancelled => None,
+        });
+        JobSummary {
+            finished_at: history::unix_now(),
+            workload: report.workload,
+            outcome: report.outcome,
+            model: report.model_id.map(str::to_owned),
+            settings: detail.settings.clone(),
+            error_kind: error.map(|(kind, _)| kind),
+            error_stage: error.map(|(_, stage)| stage),
+            latency_s: report.latency.as_secs_f64(),
+            queue_wait_s: detail.queue_wait.map(|w| w.as_secs_f64()),
+            frames: detail.frames.unwrap_or_default(),
+            config_generation: self.config_generation(),
+        }
     }
 
     /// Marks planned heavy load on or off. Off takes effect once the load has been on for
@@ -681,6 +749,12 @@ struct StreamState {
     last_produced: AtomicU64,
     last_delivered: AtomicU64,
     produced: AtomicU64,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+    late: AtomicU64,
+    /// Clock nanos + 1 of the first frame at each end; 0 before it.
+    first_produced: AtomicU64,
+    first_delivered: AtomicU64,
     ended: AtomicBool,
     recent: Mutex<RecentFrames>,
 }
@@ -767,6 +841,12 @@ pub struct FrameStream {
     state: Arc<StreamState>,
 }
 
+/// Stores `at` as the first timestamp unless one is stored already.
+fn mark_first(first: &AtomicU64, at: Duration) {
+    let stamp = at.as_nanos() as u64 + 1;
+    let _ = first.compare_exchange(0, stamp, Ordering::Relaxed, Ordering::Relaxed);
+}
+
 /// Swaps in `at` as the last timestamp and returns the interval since the previous one.
 fn interval_since(last: &AtomicU64, at: Duration) -> Option<Duration> {
     let stamp = at.as_nanos() as u64 + 1;
@@ -784,6 +864,7 @@ impl FrameStream {
     pub fn frame_produced_at(&self, at: Duration) -> ProducedFrame {
         let index = self.state.produced.fetch_add(1, Ordering::Relaxed);
         let interval = interval_since(&self.state.last_produced, at);
+        mark_first(&self.state.first_produced, at);
         push_recent(&mut self.state.recent.lock().produced, at);
         if index == 0 {
             self.go_live(at);
@@ -812,6 +893,11 @@ impl FrameStream {
     /// A frame reached the client at `at`; returns the delivered interval.
     pub fn frame_delivered_at(&self, at: Duration) -> Option<Duration> {
         let interval = interval_since(&self.state.last_delivered, at);
+        mark_first(&self.state.first_delivered, at);
+        self.state.delivered.fetch_add(1, Ordering::Relaxed);
+        if interval.is_some_and(|i| !self.meets_floor(i)) {
+            self.state.late.fetch_add(1, Ordering::Relaxed);
+        }
         push_recent(&mut self.state.recent.lock().delivered, at);
         let metrics = &self.signals.inner.frame_metrics;
         metrics.frames(self.workload, FrameKind::Delivered, 1);
@@ -836,6 +922,7 @@ impl FrameStream {
     /// `n` produced frames will never be delivered.
     pub fn frames_dropped(&self, n: u64) {
         let at = self.signals.now();
+        self.state.dropped.fetch_add(n, Ordering::Relaxed);
         self.signals
             .inner
             .frame_metrics
@@ -846,6 +933,28 @@ impl FrameStream {
             .frames(at, self.workload, FrameKind::Dropped, n);
         if self.workload == Workload::Animation {
             inner.slo.record(at, SloId::AnimationDroppedFrames, 0, n);
+        }
+    }
+
+    /// The stream's frame counts and mean FPS at each end so far.
+    pub fn totals(&self) -> FrameTotals {
+        let state = &self.state;
+        let fps = |count: u64, first: &AtomicU64, last: &AtomicU64| {
+            let span = last
+                .load(Ordering::Relaxed)
+                .saturating_sub(first.load(Ordering::Relaxed));
+            (count > 1 && span > 0).then(|| (count - 1) as f64 / (span as f64 / 1e9))
+        };
+        let produced = state.produced.load(Ordering::Relaxed);
+        let delivered = state.delivered.load(Ordering::Relaxed);
+        FrameTotals {
+            produced,
+            delivered,
+            dropped: state.dropped.load(Ordering::Relaxed),
+            duplicated: 0,
+            late: state.late.load(Ordering::Relaxed),
+            produced_fps: fps(produced, &state.first_produced, &state.last_produced),
+            delivered_fps: fps(delivered, &state.first_delivered, &state.last_delivered),
         }
     }
 

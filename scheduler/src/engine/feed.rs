@@ -162,6 +162,11 @@ impl JobFeed {
         let _ = self.stream.set(stream);
     }
 
+    /// The job's frame stream, once it started one.
+    pub fn stream(&self) -> Option<&FrameStream> {
+        self.stream.get()
+    }
+
     /// The job ended: its frame stream no longer counts as running.
     pub fn end_stream(&self) {
         if let Some(stream) = self.stream.get() {

@@ -373,6 +373,17 @@ impl QueueState {
             Some(model) => report.with_model(model),
             None => report,
         };
+        let error = match end {
+            End::Failed { kind, stage } => Some((*kind, *stage)),
+            End::TimedOut { stage } => Some((ErrorKind::Timeout, *stage)),
+            End::Succeeded { .. } | End::Cancelled => None,
+        };
+        let report = report.with_detail(crate::history::detail(
+            &job.info,
+            &job.fields,
+            job.feed.stream(),
+            error,
+        ));
         self.shared.signals.job_finished(&report);
     }
 }
