@@ -263,6 +263,11 @@ fn submit_sends_a_ui_format_workflow_to_a_live_server() {
     let demo = sakuga(dir.path(), &["models", "demo", "--dir", "models"]);
     assert!(demo.status.success(), "{}", text(&demo.stderr));
     let (_server, url) = support::spawn_server(dir.path());
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(support::wait_serving(&url));
     let submit = |workflow: &Path| {
         sakuga(
             dir.path(),

@@ -447,8 +447,7 @@ impl EngineHandle {
         crate::bounds::check_submit(&request, SystemTime::now())?;
         let features = self.shared.tunables.read().features;
         let workload_hint = request.workload;
-        let mut workflow =
-            crate::ui_format::to_api_format(request.workflow, &self.shared.registry)?;
+        let mut workflow = crate::ui_format::to_api_format(request.workflow, self.registry())?;
         if let Some(w) = workload_hint {
             workflow = jobs::apply_features(workflow, features, w);
         }
