@@ -263,11 +263,14 @@ fn submit_sends_a_ui_format_workflow_to_a_live_server() {
     let demo = sakuga(dir.path(), &["models", "demo", "--dir", "models"]);
     assert!(demo.status.success(), "{}", text(&demo.stderr));
     let (_server, url) = support::spawn_server(dir.path());
-    tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .unwrap()
-        .block_on(support::wait_serving(&url));
+        .unwrap();
+    runtime.block_on(support::wait_serving(&url));
+    let ui_text =
+        std::fs::read_to_string(Path::new(EXAMPLES).join("ui/img2img_lora.json")).unwrap();
+    runtime.block_on(validate_and_estimate_over_grpc(&url, &ui_text));
     let submit = |workflow: &Path| {
         sakuga(
             dir.path(),
@@ -308,5 +311,44 @@ fn submit_sends_a_ui_format_workflow_to_a_live_server() {
             .contains("node 2 'Load LoRA (style)' (LoraLoader): input model uses link 77"),
         "{}",
         text(&out.stderr)
+    );
+}
+
+/// `ValidateWorkflow` and `EstimateWorkflow` take UI format as `Submit` does.
+async fn validate_and_estimate_over_grpc(url: &str, ui_text: &str) {
+    use sakuga_proto::v1;
+    let mut client = sakuga::client::SakugaClient::connect(url, None)
+        .await
+        .unwrap();
+    let report = client
+        .nodes
+        .validate_workflow(v1::ValidateWorkflowRequest {
+            workflow_json: ui_text.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(report.valid, "{:?}", report.problems);
+    let estimate = client
+        .nodes
+        .estimate_workflow(v1::EstimateWorkflowRequest {
+            workflow_json: ui_text.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(estimate.estimate.is_some());
+    let unknown = ui_text.replace("\"LoraLoader\"", "\"LoraLoaderX\"");
+    let refused = client
+        .nodes
+        .validate_workflow(v1::ValidateWorkflowRequest {
+            workflow_json: unknown,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        refused.message(),
+        "node 2 'Load LoRA (style)' (LoraLoaderX): unknown node type"
     );
 }

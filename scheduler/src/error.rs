@@ -22,7 +22,7 @@ pub enum SchedulerError {
         node_id: String,
         title: String,
         node_type: String,
-        problem: crate::ui_format::UiProblem,
+        problem: Box<crate::ui_format::UiProblem>,
     },
     /// A UI-format workflow whose structure (nodes, links, subgraph definitions) is broken.
     #[error("ui-format workflow: {reason}")]

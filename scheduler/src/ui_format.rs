@@ -430,7 +430,7 @@ impl<'a> Converter<'a> {
             node_id: format!("{}{}", frame.prefix, node.id),
             title,
             node_type: node.ty.to_string(),
-            problem,
+            problem: Box::new(problem),
         }
     }
 
