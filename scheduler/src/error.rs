@@ -15,6 +15,21 @@ pub enum SchedulerError {
     /// The text is not a workflow at all (not JSON, not an object of nodes).
     #[error("malformed workflow: {reason}")]
     Malformed { reason: String },
+    /// A UI-format (LiteGraph) workflow has a node that cannot be converted to API format.
+    #[error("node {node_id} '{title}' ({node_type}): {problem}")]
+    UiNode {
+        /// The UI node id; `"<instance>:<inner>"` inside a subgraph.
+        node_id: String,
+        title: String,
+        node_type: String,
+        problem: Box<crate::ui_format::UiProblem>,
+    },
+    /// A UI-format workflow whose structure (nodes, links, subgraph definitions) is broken.
+    #[error("ui-format workflow: {reason}")]
+    UiFormat { reason: String },
+    /// An image file holds no workflow sakuga or ComfyUI embedded.
+    #[error("{what}: {reason}")]
+    NoEmbeddedWorkflow { what: &'static str, reason: String },
     /// The workflow parsed but failed validation; the report names every problem.
     #[error("{}", .0.summary())]
     Invalid(Box<ValidationReport>),
@@ -80,6 +95,9 @@ impl SchedulerError {
         Some(match self {
             SchedulerError::Malformed { .. }
             | SchedulerError::Invalid(_)
+            | SchedulerError::UiNode { .. }
+            | SchedulerError::UiFormat { .. }
+            | SchedulerError::NoEmbeddedWorkflow { .. }
             | SchedulerError::TooLarge { .. }
             | SchedulerError::InvalidArgument { .. } => ErrorKind::InvalidInput,
             SchedulerError::NodeFailed { source, .. } => return source.kind(),

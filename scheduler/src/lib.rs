@@ -2,6 +2,8 @@
 //!
 //! Module map:
 //! - [`workflow`]: parsing ComfyUI API-format JSON (bare or as a `POST /prompt` body).
+//! - [`ui_format`]: ComfyUI's UI (LiteGraph) format converted to API format.
+//! - [`embedded`]: the workflow ComfyUI or sakuga embedded in a PNG or WebP.
 //! - [`validate`]: checking a workflow against the node registry, reporting every problem
 //!   in ComfyUI's `node_errors` shape; yields a [`ValidWorkflow`].
 //! - [`plan`]: compiling a valid workflow into a flat [`ExecutionPlan`].
@@ -20,6 +22,7 @@ pub mod admission;
 pub mod bounds;
 pub mod cache;
 pub mod degrade;
+pub mod embedded;
 pub mod engine;
 pub mod error;
 pub mod executor;
@@ -28,6 +31,7 @@ pub mod journal;
 pub mod observe;
 pub mod ordering;
 pub mod plan;
+pub mod ui_format;
 pub mod validate;
 pub mod workflow;
 

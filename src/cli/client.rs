@@ -87,7 +87,8 @@ fn tls_host(url: &str) -> anyhow::Result<Option<String>> {
 
 #[derive(Debug, Clone, Args)]
 pub struct SubmitArgs {
-    /// API-format workflow JSON file.
+    /// Workflow JSON file (API or UI format; the server converts UI format), or a PNG/WebP
+    /// saved by ComfyUI or sakuga with the workflow embedded.
     pub workflow: PathBuf,
     #[command(flatten)]
     pub server: ServerArgs,
@@ -138,14 +139,25 @@ fn workload(name: Option<&str>) -> anyhow::Result<v1::Workload> {
     })
 }
 
+/// The workflow text to submit: the file's own text, or the workflow embedded in an image.
+fn submit_text(path: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = super::read_workflow_bytes(path)?;
+    if sakuga_scheduler::embedded::image_kind(&bytes).is_some() {
+        let json = sakuga_scheduler::embedded::embedded_workflow(&bytes)
+            .with_context(|| format!("workflow {}", path.display()))?;
+        return Ok(json.to_string());
+    }
+    String::from_utf8(bytes)
+        .with_context(|| format!("workflow {} is not UTF-8 text", path.display()))
+}
+
 /// `sakuga submit`.
 ///
 /// # Errors
 /// Unreadable files, connection failures, refusals other than an invalid workflow.
 pub fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
     block_on(async {
-        let text = std::fs::read_to_string(&args.workflow)
-            .with_context(|| format!("reading {}", args.workflow.display()))?;
+        let text = submit_text(&args.workflow)?;
         let mut client = args.server.connect().await?;
         let request = v1::SubmitRequest {
             workflow: Some(v1::submit_request::Workflow::WorkflowJson(text)),

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::Args;
 
 use sakuga_scheduler::admission::check_limits;
+use sakuga_scheduler::ui_format::to_api_format;
 use sakuga_scheduler::{SchedulerError, Workflow, validate as validate_workflow};
 
 use super::{CommonArgs, EXIT_INVALID};
@@ -13,7 +14,8 @@ use crate::runtime;
 
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
-    /// Workflow in ComfyUI API format (or a `POST /prompt` body).
+    /// Workflow in ComfyUI API or UI format (or a `POST /prompt` body), or a PNG/WebP
+    /// with one embedded.
     pub workflow: PathBuf,
     /// Print ComfyUI's `{error, node_errors}` JSON instead of text.
     #[arg(long)]
@@ -25,7 +27,6 @@ pub struct ValidateArgs {
 }
 
 pub fn validate(common: &CommonArgs, args: &ValidateArgs) -> anyhow::Result<ExitCode> {
-    use anyhow::Context;
     let config = common.resolve()?;
     let env = runtime::node_env(&config)?;
     let registry = runtime::registry();
@@ -33,16 +34,14 @@ pub fn validate(common: &CommonArgs, args: &ValidateArgs) -> anyhow::Result<Exit
         .admission
         .limits;
     let path = &args.workflow;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read workflow {}", path.display()))?;
-    // What the server refuses before validating (not JSON, over a size cap, not an object
-    // of nodes) is an invalid workflow too, so it exits 2 like a failed validation.
-    let workflow = serde_json::from_str(&text)
-        .map_err(|e| SchedulerError::Malformed {
-            reason: format!("not valid JSON: {e}"),
-        })
+    let bytes = super::read_workflow_bytes(path)?;
+    // What the server refuses before validating (not JSON, not convertible from the UI
+    // format, over a size cap, not an object of nodes) is an invalid workflow too, so it
+    // exits 2 like a failed validation.
+    let workflow = super::workflow_json(&bytes)
+        .and_then(|json| to_api_format(json, &registry))
         .and_then(|json| {
-            check_limits(&json, text.len() as u64, &limits)?;
+            check_limits(&json, bytes.len() as u64, &limits)?;
             Workflow::from_json(json)
         });
     let workflow = match workflow {

@@ -180,14 +180,44 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// Reads and parses a workflow file with messages that name the file.
+/// Reads a workflow file's bytes, naming the file when it cannot.
 ///
 /// # Errors
-/// Missing file, unreadable file, or text that is not a workflow.
-pub fn read_workflow(path: &std::path::Path) -> anyhow::Result<sakuga_scheduler::Workflow> {
+/// Missing or unreadable file.
+pub fn read_workflow_bytes(path: &std::path::Path) -> anyhow::Result<Vec<u8>> {
     use anyhow::Context;
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read workflow {}", path.display()))?;
-    sakuga_scheduler::Workflow::from_json_str(&text)
+    std::fs::read(path).with_context(|| format!("cannot read workflow {}", path.display()))
+}
+
+/// The workflow JSON in a file's bytes: the text itself (API or UI format), or the
+/// workflow embedded in a PNG or WebP saved by ComfyUI or sakuga.
+///
+/// # Errors
+/// [`SchedulerError::Malformed`] for text that is not JSON, or
+/// [`SchedulerError::NoEmbeddedWorkflow`] for an image without one.
+pub fn workflow_json(bytes: &[u8]) -> Result<serde_json::Value, sakuga_scheduler::SchedulerError> {
+    use sakuga_scheduler::embedded;
+    if embedded::image_kind(bytes).is_some() {
+        return embedded::embedded_workflow(bytes);
+    }
+    serde_json::from_slice(bytes).map_err(|e| sakuga_scheduler::SchedulerError::Malformed {
+        reason: format!("not valid JSON: {e}"),
+    })
+}
+
+/// Reads a workflow file (API or UI format, or an image with one embedded) and parses it
+/// into API format, with messages that name the file.
+///
+/// # Errors
+/// Missing file, unreadable file, or contents that are not a workflow.
+pub fn read_workflow(
+    path: &std::path::Path,
+    registry: &sakuga_nodes::NodeRegistry,
+) -> anyhow::Result<sakuga_scheduler::Workflow> {
+    use anyhow::Context;
+    let bytes = read_workflow_bytes(path)?;
+    workflow_json(&bytes)
+        .and_then(|json| sakuga_scheduler::ui_format::to_api_format(json, registry))
+        .and_then(sakuga_scheduler::Workflow::from_json)
         .with_context(|| format!("workflow {}", path.display()))
 }

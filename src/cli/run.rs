@@ -23,7 +23,8 @@ use crate::runtime;
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Workflow in ComfyUI API format (or a `POST /prompt` body).
+    /// Workflow in ComfyUI API or UI format (or a `POST /prompt` body), or a PNG/WebP
+    /// with one embedded.
     pub workflow: PathBuf,
     /// Workload class for signals and SLOs (default: inferred from the graph).
     #[arg(long, value_parser = ["animation", "single_image", "batch"])]
@@ -49,7 +50,7 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
 
     let env = Arc::new(runtime::node_env(&config)?);
     let registry = Arc::new(runtime::registry());
-    let workflow = read_workflow(&args.workflow)?;
+    let workflow = read_workflow(&args.workflow, &registry)?;
     // Validate here first so the user gets every problem as text with exit code 2; the
     // engine validates again on submit, as it does for every client.
     let nodes = match validate(&workflow, &registry, &env) {

@@ -356,12 +356,17 @@ pub struct NodesApi {
     pub(crate) shared: Shared,
 }
 
-fn parse_workflow(text: &str) -> Result<serde_json::Value, Status> {
-    serde_json::from_str(text).map_err(|e| {
+/// Parses workflow text, API or UI format, into API-format JSON.
+fn parse_workflow(
+    text: &str,
+    engine: &sakuga_scheduler::EngineHandle,
+) -> Result<serde_json::Value, Status> {
+    let json = serde_json::from_str(text).map_err(|e| {
         status_of(SchedulerError::Malformed {
             reason: format!("not valid JSON: {e}"),
         })
-    })
+    })?;
+    sakuga_scheduler::ui_format::to_api_format(json, engine.registry()).map_err(status_of)
 }
 
 #[tonic::async_trait]
@@ -384,12 +389,9 @@ impl NodeService for NodesApi {
         request: Request<v1::ValidateWorkflowRequest>,
     ) -> Result<Response<v1::ValidateWorkflowResponse>, Status> {
         let text = request.into_inner().workflow_json;
-        let workflow = parse_workflow(&text)?;
-        let response = match self
-            .shared
-            .engine()?
-            .check(&workflow, Some(text.len() as u64))
-        {
+        let engine = self.shared.engine()?;
+        let workflow = parse_workflow(&text, engine)?;
+        let response = match engine.check(&workflow, Some(text.len() as u64)) {
             Ok(_) => v1::ValidateWorkflowResponse {
                 valid: true,
                 report_json: String::new(),
@@ -410,10 +412,9 @@ impl NodeService for NodesApi {
         request: Request<v1::EstimateWorkflowRequest>,
     ) -> Result<Response<v1::EstimateWorkflowResponse>, Status> {
         let text = request.into_inner().workflow_json;
-        let workflow = parse_workflow(&text)?;
-        let (_, estimate) = self
-            .shared
-            .engine()?
+        let engine = self.shared.engine()?;
+        let workflow = parse_workflow(&text, engine)?;
+        let (_, estimate) = engine
             .check(&workflow, Some(text.len() as u64))
             .map_err(status_of)?;
         Ok(Response::new(v1::EstimateWorkflowResponse {

@@ -29,7 +29,11 @@ pub fn status_of(error: SchedulerError) -> Status {
     let message = clip(&error.to_string(), MAX_MESSAGE_BYTES).into_owned();
     match error {
         SchedulerError::Invalid(report) => invalid_status(&report, message),
-        SchedulerError::Malformed { .. } | SchedulerError::TooLarge { .. } => {
+        SchedulerError::Malformed { .. }
+        | SchedulerError::TooLarge { .. }
+        | SchedulerError::UiNode { .. }
+        | SchedulerError::UiFormat { .. }
+        | SchedulerError::NoEmbeddedWorkflow { .. } => {
             let mut details = ErrorDetails::new();
             details.add_bad_request_violation("workflow", message.clone());
             Status::with_error_details(Code::InvalidArgument, message, details)

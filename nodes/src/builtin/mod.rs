@@ -1,5 +1,6 @@
 //! The built-in nodes, one family per file, and the list that registers them.
 
+mod animated;
 pub mod diffusion;
 mod image;
 mod interpolate;
@@ -16,6 +17,7 @@ pub fn register_all(registry: &mut NodeRegistry) {
     diffusion::register(registry);
     image::register(registry);
     output::register(registry);
+    animated::register(registry);
     upscale::register(registry);
     interpolate::register(registry);
 }

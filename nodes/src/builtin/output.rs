@@ -37,7 +37,7 @@ const MAX_COUNTERS: usize = 4096;
 /// per-job state. Their names carry the job id too, so runs never collide.
 static PREVIEW_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-fn next_counter(folder: &Path, stem: &str) -> u64 {
+pub(super) fn next_counter(folder: &Path, stem: &str) -> u64 {
     let key = folder.join(stem);
     let mut counters = COUNTERS.lock();
     if counters.len() >= MAX_COUNTERS && !counters.contains_key(&key) {
@@ -88,20 +88,7 @@ fn save_batch(
         Numbering::Continue => "output",
         Numbering::Preview => "temp",
     };
-    // The prefix may name subfolders ("anime/shot1"), never a way out of the root.
-    let target = resolve_inside(root, prefix)?;
-    let folder = target.parent().unwrap_or(root).to_path_buf();
-    let stem = target
-        .file_name()
-        .map(|s| s.to_string_lossy().into_owned())
-        .ok_or_else(|| NodeError::InvalidInput(format!("bad filename_prefix {prefix:?}")))?;
-    std::fs::create_dir_all(&folder).map_err(|source| NodeError::Io {
-        op: "create",
-        path: folder.clone(),
-        source,
-    })?;
-    // Judged again now that the folders exist: a link swapped in meanwhile is caught.
-    resolve_inside(root, prefix)?;
+    let (folder, stem) = output_target(root, prefix)?;
     let workflow = ctx.workflow.map(|w| w.to_string());
     let text: Vec<(&str, &str)> = workflow.iter().map(|w| ("prompt", w.as_str())).collect();
     for pixels in to_pixels(images)? {
@@ -116,8 +103,27 @@ fn save_batch(
     Ok(())
 }
 
+/// The folder and file stem `prefix` names under `root`, with the folders created.
+pub(super) fn output_target(root: &Path, prefix: &str) -> Result<(PathBuf, String), NodeError> {
+    // The prefix may name subfolders ("anime/shot1"), never a way out of the root.
+    let target = resolve_inside(root, prefix)?;
+    let folder = target.parent().unwrap_or(root).to_path_buf();
+    let stem = target
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .ok_or_else(|| NodeError::InvalidInput(format!("bad filename_prefix {prefix:?}")))?;
+    std::fs::create_dir_all(&folder).map_err(|source| NodeError::Io {
+        op: "create",
+        path: folder.clone(),
+        source,
+    })?;
+    // Judged again now that the folders exist: a link swapped in meanwhile is caught.
+    resolve_inside(root, prefix)?;
+    Ok((folder, stem))
+}
+
 /// Writing holds every image as 8-bit pixels besides the input batch.
-fn save_cost(i: &ShapeInputs<'_>) -> NodeCost {
+pub(super) fn save_cost(i: &ShapeInputs<'_>) -> NodeCost {
     let images = i.shape("images");
     NodeCost::outputs(Vec::new())
         .working(images.elements())

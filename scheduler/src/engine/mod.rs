@@ -466,7 +466,7 @@ impl EngineHandle {
         crate::bounds::check_submit(&request, SystemTime::now())?;
         let features = self.shared.tunables.read().features;
         let workload_hint = request.workload;
-        let mut workflow = request.workflow;
+        let mut workflow = crate::ui_format::to_api_format(request.workflow, self.registry())?;
         if let Some(w) = workload_hint {
             workflow = rewrite::apply_features(workflow, features, w, &self.shared.registry);
         }
