@@ -72,25 +72,9 @@ impl Node for SaveAnimatedWebp {
                 .find(|(name, _)| *name == method)
                 .map_or(4, |(_, effort)| *effort),
         };
-        let frames = to_pixels(inputs.image("images")?)?;
-        let (folder, stem) = output_target(&ctx.env.output_dir, inputs.str("filename_prefix")?)?;
-        let path = folder.join(format!("{stem}_{:05}_.webp", next_counter(&folder, &stem)));
-        let prompt = ctx.workflow.map(|w| w.to_string());
-        let bytes = encode_webp(&frames, &settings, prompt.as_deref()).map_err(|reason| {
-            NodeError::Image {
-                path: path.clone(),
-                reason,
-            }
-        })?;
-        write_atomically(&path, &bytes)?;
-        ctx.sink.output(
-            ctx.node_id,
-            OutputFile {
-                path,
-                kind: "output",
-            },
-        );
-        Ok(Vec::new())
+        save_animation(ctx, inputs, "webp", |frames, prompt| {
+            encode_webp(frames, &settings, prompt)
+        })
     }
 }
 
@@ -226,27 +210,40 @@ impl Node for SaveAnimatedPng {
         ctx.reserve_for(self.schema(), inputs)?;
         let duration_ms = frame_duration_ms(inputs.float("fps")?);
         let level = inputs.int("compress_level")?.clamp(0, 9) as u8;
-        let frames = to_pixels(inputs.image("images")?)?;
-        let (folder, stem) = output_target(&ctx.env.output_dir, inputs.str("filename_prefix")?)?;
-        let path = folder.join(format!("{stem}_{:05}_.png", next_counter(&folder, &stem)));
-        let prompt = ctx.workflow.map(|w| w.to_string());
-        let bytes =
-            encode_apng(&frames, duration_ms, level, prompt.as_deref()).map_err(|reason| {
-                NodeError::Image {
-                    path: path.clone(),
-                    reason,
-                }
-            })?;
-        write_atomically(&path, &bytes)?;
-        ctx.sink.output(
-            ctx.node_id,
-            OutputFile {
-                path,
-                kind: "output",
-            },
-        );
-        Ok(Vec::new())
+        save_animation(ctx, inputs, "png", |frames, prompt| {
+            encode_apng(frames, duration_ms, level, prompt)
+        })
     }
+}
+
+/// Encodes the node's `images` with `encode` (given the workflow to embed) into the next
+/// numbered `<prefix>_NNNNN_.<extension>` of the output dir, and reports the file.
+fn save_animation(
+    ctx: &ExecContext<'_>,
+    inputs: &Inputs,
+    extension: &str,
+    encode: impl FnOnce(&[Pixels], Option<&str>) -> Result<Vec<u8>, String>,
+) -> Result<Vec<Value>, NodeError> {
+    let frames = to_pixels(inputs.image("images")?)?;
+    let (folder, stem) = output_target(&ctx.env.output_dir, inputs.str("filename_prefix")?)?;
+    let path = folder.join(format!(
+        "{stem}_{:05}_.{extension}",
+        next_counter(&folder, &stem)
+    ));
+    let prompt = ctx.workflow.map(|w| w.to_string());
+    let bytes = encode(&frames, prompt.as_deref()).map_err(|reason| NodeError::Image {
+        path: path.clone(),
+        reason,
+    })?;
+    write_atomically(&path, &bytes)?;
+    ctx.sink.output(
+        ctx.node_id,
+        OutputFile {
+            path,
+            kind: "output",
+        },
+    );
+    Ok(Vec::new())
 }
 
 /// Encodes frames of one size as an endlessly looping APNG at zlib `level` (0-9), with
