@@ -32,9 +32,9 @@ pub fn workload_of(plan: &ExecutionPlan) -> Workload {
     }
 }
 
-/// The target FPS of the plan's paced frame stream; `None` when it streams nothing paced
-/// (no stream node, or `pace` off).
-pub fn paced_stream_fps(plan: &ExecutionPlan) -> Option<f64> {
+/// The plan's frame stream: its target FPS and whether it is paced (`pace` on); `None`
+/// when it has no stream node.
+pub fn frame_stream(plan: &ExecutionPlan) -> Option<(f64, bool)> {
     let stream = plan.steps.iter().find(|s| s.node.schema().roles.streams)?;
     let paced = !stream
         .literals
@@ -50,7 +50,7 @@ pub fn paced_stream_fps(plan: &ExecutionPlan) -> Option<f64> {
             _ => None,
         })
         .unwrap_or(24.0);
-    paced.then_some(fps)
+    Some((fps, paced))
 }
 
 fn literal_int(literals: &[(Arc<str>, Value)], name: &str) -> Option<i64> {

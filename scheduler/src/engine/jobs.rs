@@ -66,6 +66,8 @@ pub(super) struct Job {
     pub(super) deferrals_reported: Vec<AdmissionReason>,
     /// It streams paced frames (a `StreamFrames` node with `pace` on).
     pub(super) paced: bool,
+    /// Its stream's target FPS (24 without a stream).
+    pub(super) target_fps: f64,
     /// When it started running, for its run-time limit.
     pub(super) started: Option<Instant>,
     /// Why it was stopped for time (its deadline or its run-time limit), once it was.
@@ -200,7 +202,8 @@ impl QueueState {
         let fields = event_fields(&p.job_id, p.workload, &p.trace, &p.plan)
             .with_hardware_class(self.shared.hardware_class.as_str());
         sakuga_telemetry::record_job_attributes(&p.span, &fields);
-        let paced = crate::observe::paced_stream_fps(&p.plan).is_some();
+        let stream = crate::observe::frame_stream(&p.plan);
+        let (target_fps, paced) = stream.unwrap_or((24.0, false));
         let seq = self.next_seq;
         self.next_seq += 1;
         let trace_id = p.trace.trace_id.clone();
@@ -234,6 +237,7 @@ impl QueueState {
             enqueued_at: Instant::now(),
             deferrals_reported: Vec::new(),
             paced,
+            target_fps,
             started: None,
             timeout: None,
         }
@@ -499,7 +503,7 @@ impl QueueState {
             .gpu_memory_total()
             .unwrap_or_else(|| self.shared.tunables.read().admission.memory_budget_bytes);
         self.shared.env.set_memory_budget(budget);
-        let target_fps = crate::observe::paced_stream_fps(&plan).unwrap_or(24.0);
+        let target_fps = job.target_fps;
         let feed_observer = Arc::new(FeedObserver::new(job.feed.clone()));
         let telemetry = TelemetryObserver::new(
             signals.clone(),

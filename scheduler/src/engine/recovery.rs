@@ -164,6 +164,7 @@ impl QueueState {
             deferrals_reported: Vec::new(),
             started: None,
             paced: false,
+            target_fps: 24.0,
             timeout: None,
         };
         if let Some(key) = &record.idempotency_key {
