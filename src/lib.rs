@@ -16,6 +16,7 @@
 
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod comfy;
 pub mod config;
 pub mod report;

@@ -127,6 +127,9 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// Serve the gRPC API (render, signals, nodes, KEDA scaler, health, reflection).
     Serve(serve::ServeArgs),
+    /// Cluster mode: pull and run jobs from NATS JetStream (--nats URL required), serving
+    /// health, signals and /metrics of its own.
+    Worker(serve::ServeArgs),
     /// Submit a workflow to a server (optionally following it).
     Submit(client::SubmitArgs),
     /// Follow a job on a server: events, frames, final status.
@@ -163,6 +166,7 @@ pub fn main() -> ExitCode {
         Command::Models(command) => models::run(&cli.common, command),
         Command::Doctor(args) => doctor::run(&cli.common, args),
         Command::Serve(args) => serve::serve(&cli.common, args),
+        Command::Worker(args) => serve::worker(&cli.common, args),
         Command::Submit(args) => client::submit(args),
         Command::Watch(args) => client::watch(args),
         Command::Cancel(args) => client::cancel(args),

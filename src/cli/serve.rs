@@ -12,11 +12,13 @@ use anyhow::Context;
 use clap::Args;
 
 use sakuga_scheduler::engine::{EngineTunables, Reloaded};
+use sakuga_telemetry::Workload;
 use sakuga_scheduler::{EngineConfig, EngineHandle};
 
 use super::CommonArgs;
 use crate::runtime;
-use crate::server::{EngineStart, ReloadFn, ServerConfig, run};
+use crate::cluster::{Cluster, ClusterConfig, Gateway, WorkerConfig};
+use crate::server::{EngineStart, ReloadFn, Role, ServerConfig, run};
 
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -61,6 +63,77 @@ pub struct ServeArgs {
     /// can import it.
     #[arg(long, env = "SAKUGA_FRONTEND")]
     pub frontend: Option<PathBuf>,
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+/// Cluster mode (DESIGN.md section 11): without `--nats` nothing of this applies.
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// NATS server(s) with JetStream (e.g. nats://127.0.0.1:4222): run as a cluster
+    /// gateway (`serve`) or worker (`worker`); jobs, events and outputs live in JetStream.
+    #[arg(long, env = "SAKUGA_NATS")]
+    pub nats: Option<String>,
+    /// NATS credentials file (JWT and nkey seed).
+    #[arg(long, env = "SAKUGA_NATS_CREDS", requires = "nats")]
+    pub nats_creds: Option<PathBuf>,
+    /// CA certificate for NATS over TLS.
+    #[arg(long, env = "SAKUGA_NATS_TLS_CA", requires = "nats")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Replicas of the cluster's streams and buckets (3 on a NATS cluster).
+    #[arg(long, env = "SAKUGA_NATS_REPLICAS", default_value_t = 1)]
+    pub nats_replicas: usize,
+    /// Seconds a worker may stay silent on a job before it goes to another worker.
+    #[arg(long, env = "SAKUGA_ACK_WAIT", default_value_t = 30.0, value_name = "SECONDS")]
+    pub ack_wait: f64,
+    /// Deliveries of a job to workers that are lost before it fails as worker_lost.
+    #[arg(long, env = "SAKUGA_MAX_DELIVER", default_value_t = 3)]
+    pub max_deliver: u32,
+    /// With --nats on `serve`: also pull and run jobs in this process.
+    #[arg(long, requires = "nats")]
+    pub worker: bool,
+    /// This worker's name in heartbeats and job records (default: $HOSTNAME, else
+    /// worker-<pid>).
+    #[arg(long, env = "SAKUGA_WORKER_ID")]
+    pub worker_id: Option<String>,
+    /// Jobs a worker holds besides the one running, so its device never waits on a pull.
+    #[arg(long, env = "SAKUGA_WORKER_PREFETCH", default_value_t = 1)]
+    pub prefetch: usize,
+}
+
+impl ClusterArgs {
+    fn config(&self, tunables: &EngineTunables) -> anyhow::Result<Option<ClusterConfig>> {
+        let Some(url) = &self.nats else {
+            return Ok(None);
+        };
+        if self.max_deliver == 0 {
+            anyhow::bail!("--max-deliver must be 1 or more");
+        }
+        let caps = &tunables.admission.queue_caps;
+        Ok(Some(ClusterConfig {
+            creds: self.nats_creds.clone(),
+            tls_ca: self.nats_tls_ca.clone(),
+            replicas: self.nats_replicas.max(1),
+            ack_wait: std::time::Duration::try_from_secs_f64(self.ack_wait)
+                .ok()
+                .filter(|d| d.as_millis() >= 100)
+                .context("--ack-wait must be at least 0.1 seconds")?,
+            max_deliver: self.max_deliver,
+            queue_caps: [
+                caps.get(Workload::Animation),
+                caps.get(Workload::SingleImage),
+                caps.get(Workload::Batch),
+            ],
+            ..ClusterConfig::new(url.clone())
+        }))
+    }
+
+    fn worker_id(&self) -> String {
+        self.worker_id
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()))
+            .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+    }
 }
 
 /// The ComfyUI address, `None` for `off`.
@@ -129,11 +202,28 @@ fn connection_limits() -> crate::server::conn::ConnectionLimits {
     limits
 }
 
-/// Runs the server until SIGTERM or Ctrl-C.
+/// Runs the server until SIGTERM or Ctrl-C: embedded, or with `--nats` a cluster gateway
+/// (and with `--worker` a worker too).
 ///
 /// # Errors
 /// Bad configuration, an address in use, or a journal that cannot be opened.
 pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    serve_as(common, args, false)
+}
+
+/// `sakuga worker --nats URL`: pulls and runs cluster jobs, serving health, signals and
+/// `/metrics` of its own.
+///
+/// # Errors
+/// As [`serve`], and without `--nats`.
+pub fn worker(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> {
+    if args.cluster.nats.is_none() {
+        anyhow::bail!("sakuga worker runs in cluster mode: give it --nats URL");
+    }
+    serve_as(common, args, true)
+}
+
+fn serve_as(common: &CommonArgs, args: &ServeArgs, worker_only: bool) -> anyhow::Result<ExitCode> {
     let mut config = common.resolve()?;
     runtime::settle_device(&mut config)?;
     let token = args
@@ -142,6 +232,7 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
         .map(read_auth_token)
         .transpose()?;
     let tunables = load_tunables(args.tunables.as_ref())?;
+    let cluster = args.cluster.config(&tunables)?;
     let telemetry = runtime::start_signals(
         &config,
         &tunables,
@@ -154,23 +245,32 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
     let engine_config = EngineConfig {
         tunables,
         executor: config.executor.clone(),
-        data_dir: Some(config.data_dir.clone()),
+        // In cluster mode JetStream holds the jobs; a local journal would run them twice.
+        data_dir: cluster.is_none().then(|| config.data_dir.clone()),
         ..EngineConfig::default()
     };
     let reload = reload_fn(common, args, &config.data_dir);
-    let server_config = server_config(args, token, reload.clone())?;
-    let comfy = comfy_addr(&args.comfy_listen)?;
+    let mut server_config = server_config(args, token, reload.clone())?;
+    let comfy = match &cluster {
+        None => comfy_addr(&args.comfy_listen)?,
+        Some(_) => None,
+    };
     let comfy_config = comfy_config(args, comfy.is_some(), &server_config, &config.data_dir)?;
     let started: Arc<OnceLock<EngineHandle>> = Arc::new(OnceLock::new());
-    let start = engine_start(
-        (engine_config, registry, env, signals),
-        args.warmup.clone(),
-        started.clone(),
-    );
+    let parts = (engine_config, registry, env, signals);
+    let start = match &cluster {
+        None => engine_start(parts, args.warmup.clone(), started.clone()),
+        // Cluster roles need the engine before they connect: started here, recovery-free.
+        Some(_) => EngineStart::Ready(started_now(parts, &args.warmup, &started)?),
+    };
     let listen = args.listen;
+    let metrics = telemetry
+        .metrics_addr
+        .map_or_else(|| "off".to_owned(), |addr| format!("http://{addr}/metrics"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let cluster_args = args.cluster.clone();
     let served = runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -181,27 +281,35 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
             })?),
             None => None,
         };
-        let metrics = telemetry
-            .metrics_addr
-            .map_or_else(|| "off".to_owned(), |addr| format!("http://{addr}/metrics"));
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let worker = match cluster {
+            None => None,
+            Some(cluster) => {
+                let engine = started.get().cloned().context("the engine did not start")?;
+                let (role, worker) =
+                    cluster_role(cluster, &cluster_args, engine, worker_only, stop_rx).await?;
+                server_config.role = role;
+                worker
+            }
+        };
         let (stop_comfy, comfy_stopped) = tokio::sync::oneshot::channel::<()>();
         let comfy_task = comfy_listener
             .map(|listener| spawn_comfy(listener, started.clone(), comfy_config, comfy_stopped))
             .transpose()?;
         eprintln!(
-            "sakuga serving gRPC on {} (metrics on {metrics})",
-            listener.local_addr()?
+            "sakuga serving gRPC on {} (metrics on {metrics}){}",
+            listener.local_addr()?,
+            role_note(&server_config.role, worker.is_some())
         );
         tokio::spawn(reload_on_sighup(started.clone(), reload));
-        let served = run(listener, start, server_config, shutdown_signal(started)).await;
+        let stopping = shutdown_signal(started.clone());
+        let shutdown = async move {
+            stopping.await;
+            let _ = stop_tx.send(true);
+        };
+        let served = run(listener, start, server_config, shutdown).await;
         let _ = stop_comfy.send(());
-        if let Some(task) = comfy_task {
-            match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
-                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the ComfyUI API listener failed"),
-                Err(_) => tracing::warn!("the ComfyUI API listener did not stop in time"),
-                _ => {}
-            }
-        }
+        stop_side_tasks(comfy_task, worker).await;
         served?;
         anyhow::Ok(())
     });
@@ -209,6 +317,90 @@ pub fn serve(common: &CommonArgs, args: &ServeArgs) -> anyhow::Result<ExitCode> 
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     served?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn role_note(role: &Role, pulls: bool) -> &'static str {
+    match (role, pulls) {
+        (Role::Embedded, _) => "",
+        (Role::Gateway(_), false) => ", a cluster gateway",
+        (Role::Gateway(_), true) => ", a cluster gateway and worker",
+        (Role::Worker(_), _) => ", a cluster worker",
+    }
+}
+
+type WorkerTask = tokio::task::JoinHandle<Result<(), crate::cluster::ClusterError>>;
+
+/// Connects to NATS (waiting for it if need be) and starts this process's cluster roles.
+async fn cluster_role(
+    config: ClusterConfig,
+    args: &ClusterArgs,
+    engine: EngineHandle,
+    worker_only: bool,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<(Role, Option<WorkerTask>)> {
+    eprintln!("sakuga: connecting to NATS at {}", config.url);
+    let cluster = Cluster::connect_patiently(config).await?;
+    let worker = (worker_only || args.worker).then(|| {
+        let config = WorkerConfig {
+            worker_id: args.worker_id(),
+            out_dir: engine.env().output_dir.clone(),
+            prefetch: args.prefetch,
+        };
+        tokio::spawn(crate::cluster::run_worker(
+            cluster.clone(),
+            engine.clone(),
+            config,
+            stop,
+        ))
+    });
+    let role = if worker_only {
+        Role::Worker(cluster)
+    } else {
+        Role::Gateway(Gateway::new(cluster, engine))
+    };
+    Ok((role, worker))
+}
+
+/// Waits a little for the ComfyUI listener and the worker's pull loop to stop.
+async fn stop_side_tasks(
+    comfy: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    worker: Option<WorkerTask>,
+) {
+    let wait = std::time::Duration::from_secs(5);
+    if let Some(task) = comfy {
+        match tokio::time::timeout(wait, task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the ComfyUI API listener failed"),
+            Err(_) => tracing::warn!("the ComfyUI API listener did not stop in time"),
+            _ => {}
+        }
+    }
+    if let Some(task) = worker {
+        match tokio::time::timeout(wait, task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "the worker stopped with an error"),
+            Err(_) => tracing::warn!("the worker's pull loop did not stop in time"),
+            _ => {}
+        }
+    }
+}
+
+/// Starts the engine now (cluster roles), warming the models asked for.
+fn started_now(
+    (config, registry, env, signals): (
+        EngineConfig,
+        Arc<sakuga_nodes::NodeRegistry>,
+        Arc<sakuga_nodes::NodeEnv>,
+        sakuga_telemetry::Signals,
+    ),
+    warmup: &[String],
+    started: &Arc<OnceLock<EngineHandle>>,
+) -> anyhow::Result<EngineHandle> {
+    let engine = EngineHandle::start(config, registry, env, signals)?;
+    let _ = started.set(engine.clone());
+    if !warmup.is_empty() {
+        let report = crate::server::ops::warmup(&engine, warmup);
+        tracing::info!(loaded = ?report.loaded, failed = ?report.failed, "warmup done");
+    }
+    Ok(engine)
 }
 
 /// Starts the engine (on the server's blocking pool), keeps it in `started` for the

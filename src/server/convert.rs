@@ -111,6 +111,7 @@ pub fn job_to_proto(info: &JobInfo) -> v1::Job {
         outputs: info.outputs.iter().map(output_to_proto).collect(),
         attempts: info.attempts,
         recovered: info.recovered,
+        worker: info.worker.clone().unwrap_or_default(),
     }
 }
 

@@ -55,6 +55,31 @@ pub struct ServerConfig {
     pub drain_timeout: Duration,
     /// Caps and timeouts of client connections.
     pub connections: conn::ConnectionLimits,
+    /// Whose jobs the render service answers for.
+    pub role: Role,
+}
+
+/// What the server's render service fronts.
+#[derive(Clone, Debug, Default)]
+pub enum Role {
+    /// The local engine (the embedded default).
+    #[default]
+    Embedded,
+    /// A cluster gateway: every job in the cluster, through NATS.
+    Gateway(crate::cluster::Gateway),
+    /// A cluster worker only: no jobs are submitted here; health, signals and nodes serve.
+    Worker(crate::cluster::Cluster),
+}
+
+impl Role {
+    /// The cluster connection, in cluster mode.
+    pub fn cluster(&self) -> Option<&crate::cluster::Cluster> {
+        match self {
+            Role::Embedded => None,
+            Role::Gateway(g) => Some(g.cluster()),
+            Role::Worker(c) => Some(c),
+        }
+    }
 }
 
 /// HTTP/2 flow-control window per stream: room for a few preview frames in flight.
@@ -87,6 +112,7 @@ impl Default for ServerConfig {
             tls: None,
             drain_timeout: Duration::from_secs(90),
             connections: conn::ConnectionLimits::default(),
+            role: Role::Embedded,
         }
     }
 }
@@ -150,6 +176,19 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    /// Demand for autoscaling: the local engine's, or on a gateway the cluster's work
+    /// queue (its consumers' pending and ack-pending counts, weighted by cost).
+    pub async fn demand(&self) -> Result<sakuga_scheduler::engine::Demand, Status> {
+        match &self.config.role {
+            Role::Gateway(gateway) => Ok(gateway.demand()),
+            _ => self
+                .engine()?
+                .demand()
+                .await
+                .map_err(status::status_of),
+        }
+    }
+
     /// The engine, or UNAVAILABLE while it starts.
     pub fn engine(&self) -> Result<&EngineHandle, Status> {
         self.engine
@@ -283,6 +322,9 @@ pub async fn run(
     });
 
     let starter = start_engine(&shared, engine, reporter.clone());
+    if let Some(cluster) = shared.config.role.cluster() {
+        tokio::spawn(follow_nats(cluster.connected.clone(), reporter.clone()));
+    }
     let drain_slot = shared.engine.clone();
     let drain_reporter = reporter.clone();
     let drain_timeout = shared.config.drain_timeout;
@@ -364,6 +406,25 @@ fn transport(config: &ServerConfig) -> Result<tonic::transport::Server, ServerEr
             builder.tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?;
     }
     Ok(builder)
+}
+
+/// Cluster mode: NOT_SERVING while NATS is unreachable, SERVING again once reconnected.
+async fn follow_nats(
+    mut connected: tokio::sync::watch::Receiver<bool>,
+    reporter: tonic_health::server::HealthReporter,
+) {
+    loop {
+        let up = *connected.borrow_and_update();
+        let status = if up {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        set_health(&reporter, status).await;
+        if connected.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Starts the engine (journal recovery, device worker handshake) while the port is already

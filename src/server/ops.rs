@@ -74,7 +74,7 @@ pub struct SignalsApi {
 impl SignalsApi {
     async fn signals(&self) -> Result<v1::Signals, Status> {
         let engine = self.shared.engine()?;
-        let demand = engine.demand().await.map_err(status_of)?;
+        let demand = self.shared.demand().await?;
         let snapshot = engine.signals().snapshot();
         let workloads = Workload::ALL
             .iter()
@@ -122,7 +122,33 @@ impl SignalsApi {
             config_generation: engine.config_generation(),
             planned_heavy_load: snapshot.planned_heavy_load,
             snapshot_json: snapshot.to_json(),
+            workers: self.workers().await,
         })
+    }
+
+    /// The fleet's workers from their heartbeats (cluster mode).
+    async fn workers(&self) -> Vec<v1::WorkerStatus> {
+        let Some(cluster) = self.shared.config.role.cluster() else {
+            return Vec::new();
+        };
+        let beats = crate::cluster::gateway::read_heartbeats(cluster)
+            .await
+            .unwrap_or_default();
+        beats
+            .into_iter()
+            .map(|h| v1::WorkerStatus {
+                worker_id: h.worker_id,
+                device: h.device,
+                hardware_class: h.hardware_class,
+                memory_total_bytes: h.memory_total_bytes,
+                memory_headroom_bytes: h.memory_headroom_bytes,
+                utilization: h.utilization,
+                running_jobs: h.running_jobs,
+                jobs_finished: h.jobs_finished,
+                jobs_per_second: h.jobs_per_second,
+                heartbeat_unix_ms: h.heartbeat_unix_ms,
+            })
+            .collect()
     }
 }
 
@@ -439,11 +465,17 @@ impl ScalerApi {
 
     /// Demand, or an error status: KEDA must never read an internal failure as zero.
     async fn demand(&self) -> Result<Demand, Status> {
+        if let Some(cluster) = self.shared.config.role.cluster()
+            && !cluster.is_connected()
+        {
+            return Err(Status::unavailable(
+                "demand is unknown: reconnecting to NATS",
+            ));
+        }
         self.shared
-            .engine()?
             .demand()
             .await
-            .map_err(|e| Status::unavailable(format!("demand is unknown: {e}")))
+            .map_err(|e| Status::unavailable(format!("demand is unknown: {}", e.message())))
     }
 }
 

@@ -13,12 +13,14 @@ use sakuga_scheduler::bounds::check_job_id;
 use sakuga_scheduler::engine::{Frame, JobWatch, ListFilter, WatchItem};
 use sakuga_telemetry::{PlaybackReport, TraceContext, Window};
 
-use crate::server::Shared;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::server::{Role, Shared};
 use crate::server::convert::{
     estimate_to_proto, event_to_proto, from_unix_ms, graph_to_json, job_to_proto, state_from_proto,
     workload_from_proto, workload_to_proto,
 };
-use crate::server::status::status_of;
+use crate::server::status::{status_of, status_of_cluster};
 
 /// The render service.
 #[derive(Debug, Clone)]
@@ -112,6 +114,7 @@ impl RenderService for RenderApi {
         request: Request<v1::SubmitRequest>,
     ) -> Result<Response<v1::SubmitResponse>, Status> {
         let engine = self.shared.engine()?;
+        self.refuse_on_worker()?;
         let trace = request
             .metadata()
             .get("traceparent")
@@ -147,8 +150,12 @@ impl RenderService for RenderApi {
             idempotency_key: (!req.idempotency_key.is_empty()).then_some(req.idempotency_key),
             labels: req.labels.into_iter().collect(),
             trace,
+            assigned: None,
         };
-        let submitted = engine.submit(submit).await.map_err(status_of)?;
+        let submitted = match &self.shared.config.role {
+            Role::Gateway(gateway) => gateway.submit(submit).await.map_err(status_of_cluster)?,
+            _ => engine.submit(submit).await.map_err(status_of)?,
+        };
         Ok(Response::new(v1::SubmitResponse {
             job_id: submitted.job_id,
             queue_position: submitted.queue_position as u32,
@@ -166,8 +173,18 @@ impl RenderService for RenderApi {
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
         let engine = self.shared.engine()?;
+        self.refuse_on_worker()?;
         let req = request.into_inner();
         check_job_id(&req.job_id).map_err(status_of)?;
+        if let Role::Gateway(gateway) = &self.shared.config.role {
+            let watch = gateway.watch(&req.job_id).await.map_err(status_of_cluster)?;
+            return Ok(Response::new(cluster_watch_stream(
+                watch,
+                req.frame_encoding != v1::FrameEncoding::Rgb8 as i32,
+                req.skip_frames,
+                self.shared.closing.clone(),
+            )));
+        }
         let watch = engine.watch(&req.job_id).await.map_err(status_of)?;
         let cursor = WatchCursor {
             trace_id: watch.trace_id().to_owned(),
@@ -193,12 +210,16 @@ impl RenderService for RenderApi {
     ) -> Result<Response<v1::Job>, Status> {
         let job_id = request.into_inner().job_id;
         check_job_id(&job_id).map_err(status_of)?;
-        let info = self
-            .shared
-            .engine()?
-            .cancel(&job_id)
-            .await
-            .map_err(status_of)?;
+        self.refuse_on_worker()?;
+        let info = match &self.shared.config.role {
+            Role::Gateway(gateway) => gateway.cancel(&job_id).await.map_err(status_of_cluster)?,
+            _ => self
+                .shared
+                .engine()?
+                .cancel(&job_id)
+                .await
+                .map_err(status_of)?,
+        };
         Ok(Response::new(job_to_proto(&info)))
     }
 
@@ -208,12 +229,16 @@ impl RenderService for RenderApi {
     ) -> Result<Response<v1::Job>, Status> {
         let job_id = request.into_inner().job_id;
         check_job_id(&job_id).map_err(status_of)?;
-        let info = self
-            .shared
-            .engine()?
-            .get(&job_id)
-            .await
-            .map_err(status_of)?;
+        self.refuse_on_worker()?;
+        let info = match &self.shared.config.role {
+            Role::Gateway(gateway) => gateway.get(&job_id).await.map_err(status_of_cluster)?,
+            _ => self
+                .shared
+                .engine()?
+                .get(&job_id)
+                .await
+                .map_err(status_of)?,
+        };
         Ok(Response::new(job_to_proto(&info)))
     }
 
@@ -233,18 +258,51 @@ impl RenderService for RenderApi {
             req.page_size as usize
         };
         let token = (!req.page_token.is_empty()).then_some(req.page_token);
-        let page = self
-            .shared
-            .engine()?
-            .list(filter, size, token)
-            .await
-            .map_err(status_of)?;
+        self.refuse_on_worker()?;
+        let page = match &self.shared.config.role {
+            Role::Gateway(gateway) => gateway
+                .list(filter, size, token)
+                .await
+                .map_err(status_of_cluster)?,
+            _ => self
+                .shared
+                .engine()?
+                .list(filter, size, token)
+                .await
+                .map_err(status_of)?,
+        };
         let budget = self
             .shared
             .config
             .max_message_bytes
             .min(LIST_RESPONSE_BYTES);
         Ok(Response::new(page_within(page, budget)))
+    }
+
+    type GetOutputStream = OutputStream;
+
+    async fn get_output(
+        &self,
+        request: Request<v1::GetOutputRequest>,
+    ) -> Result<Response<Self::GetOutputStream>, Status> {
+        let req = request.into_inner();
+        check_job_id(&req.job_id).map_err(status_of)?;
+        self.refuse_on_worker()?;
+        let (name, size, reader): (String, u64, Box<dyn AsyncRead + Send + Unpin>) =
+            match &self.shared.config.role {
+                Role::Gateway(gateway) => {
+                    let (size, object) = gateway
+                        .output(&req.job_id, &req.name)
+                        .await
+                        .map_err(status_of_cluster)?;
+                    (req.name.clone(), size, Box::new(object))
+                }
+                _ => {
+                    let (name, size, file) = self.local_output(&req.job_id, &req.name).await?;
+                    (name, size, Box::new(file))
+                }
+            };
+        Ok(Response::new(output_stream(name, size, reader)))
     }
 
     async fn report_playback(
@@ -274,6 +332,155 @@ impl RenderService for RenderApi {
             fps_health_ratio: health.unwrap_or(0.0),
         }))
     }
+}
+
+impl RenderApi {
+    /// A worker-only process takes no jobs from clients: they go to a gateway.
+    fn refuse_on_worker(&self) -> Result<(), Status> {
+        match self.shared.config.role {
+            Role::Worker(_) => Err(Status::failed_precondition(
+                "this is a cluster worker; submit and watch jobs through a gateway (sakuga serve --nats)",
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// An output of a local job: `name` is its Output event's path or its name inside the
+    /// out dir; only files the job reported are served.
+    async fn local_output(
+        &self,
+        job_id: &str,
+        name: &str,
+    ) -> Result<(String, u64, tokio::fs::File), Status> {
+        let engine = self.shared.engine()?;
+        let info = engine.get(job_id).await.map_err(status_of)?;
+        let out_dir = &engine.env().output_dir;
+        let output = info
+            .outputs
+            .iter()
+            .find(|o| {
+                o.path == std::path::Path::new(name)
+                    || crate::cluster::worker::object_name(out_dir, &o.path) == name
+            })
+            .ok_or_else(|| Status::not_found(format!("job {job_id} has no output {name:?}")))?;
+        let file = tokio::fs::File::open(&output.path)
+            .await
+            .map_err(|e| Status::not_found(format!("{}: {e}", output.path.display())))?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .len();
+        Ok((crate::cluster::worker::object_name(out_dir, &output.path), size, file))
+    }
+}
+
+type OutputStream = Pin<Box<dyn Stream<Item = Result<v1::OutputChunk, Status>> + Send>>;
+
+/// Bytes per `OutputChunk`.
+const OUTPUT_CHUNK_BYTES: usize = 256 * 1024;
+
+/// The file as chunks, pulled by the transport; the first carries the name and size.
+fn output_stream(
+    name: String,
+    total_bytes: u64,
+    reader: Box<dyn AsyncRead + Send + Unpin>,
+) -> OutputStream {
+    let state = (reader, Some((name, total_bytes)), false);
+    Box::pin(futures_util::stream::unfold(
+        state,
+        |(mut reader, mut first, done)| async move {
+            if done {
+                return None;
+            }
+            let mut data = vec![0u8; OUTPUT_CHUNK_BYTES];
+            let mut filled = 0;
+            while filled < data.len() {
+                match reader.read(&mut data[filled..]).await {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) => {
+                        let status = Status::internal(format!("reading the output: {e}"));
+                        return Some((Err(status), (reader, first, true)));
+                    }
+                }
+            }
+            if filled == 0 && first.is_none() {
+                return None;
+            }
+            data.truncate(filled);
+            let (name, total_bytes) = first.take().unwrap_or_default();
+            let chunk = v1::OutputChunk {
+                name,
+                total_bytes,
+                data,
+            };
+            let end = filled < OUTPUT_CHUNK_BYTES;
+            Some((Ok(chunk), (reader, first, end)))
+        },
+    ))
+}
+
+/// A gateway's Watch: the cluster's events as they come; frames re-encoded as asked.
+fn cluster_watch_stream(
+    watch: crate::cluster::events::ClusterWatch,
+    png: bool,
+    skip_frames: bool,
+    closing: tokio::sync::watch::Receiver<bool>,
+) -> WatchStream {
+    let state = (watch, closing, false);
+    Box::pin(futures_util::stream::unfold(
+        state,
+        move |(mut watch, mut closing, ended)| async move {
+            if ended {
+                return None;
+            }
+            loop {
+                let next = tokio::select! {
+                    next = watch.next() => Some(next),
+                    _ = closing.wait_for(|c| *c) => None,
+                };
+                let Some(next) = next else {
+                    let status = Status::unavailable("the server is shutting down");
+                    return Some((Err(status), (watch, closing, true)));
+                };
+                let event = match next? {
+                    Ok(event) => event,
+                    Err(e) => return Some((Err(status_of_cluster(e)), (watch, closing, true))),
+                };
+                let event = match event.kind {
+                    Some(v1::watch_event::Kind::Frame(_)) if skip_frames => continue,
+                    Some(v1::watch_event::Kind::Frame(frame)) if png => {
+                        match frame_as_png(frame).await {
+                            Ok(frame) => v1::WatchEvent {
+                                at_unix_ms: event.at_unix_ms,
+                                kind: Some(v1::watch_event::Kind::Frame(frame)),
+                            },
+                            Err(status) => return Some((Err(status), (watch, closing, true))),
+                        }
+                    }
+                    kind => v1::WatchEvent {
+                        at_unix_ms: event.at_unix_ms,
+                        kind,
+                    },
+                };
+                return Some((Ok(event), (watch, closing, false)));
+            }
+        },
+    ))
+}
+
+async fn frame_as_png(mut frame: v1::Frame) -> Result<v1::Frame, Status> {
+    if frame.encoding == v1::FrameEncoding::Png as i32 {
+        return Ok(frame);
+    }
+    let (w, h, pixels) = (frame.width, frame.height, std::mem::take(&mut frame.data));
+    frame.data = tokio::task::spawn_blocking(move || encode_png(w, h, &pixels))
+        .await
+        .map_err(|e| Status::internal(format!("frame encoder task: {e}")))?
+        .map_err(|e| Status::internal(format!("encoding a frame: {e}")))?;
+    frame.encoding = v1::FrameEncoding::Png as i32;
+    Ok(frame)
 }
 
 /// Most bytes of one `ListJobs` response: gRPC clients refuse messages over 4 MiB unless

@@ -24,6 +24,22 @@ const MAX_MESSAGE_BYTES: usize = 1024;
 /// Longest field or description of one violation.
 const MAX_VIOLATION_BYTES: usize = 300;
 
+/// Maps a cluster-mode error to its status: NATS unreachable is UNAVAILABLE (clients
+/// retry), engine errors as [`status_of`].
+pub fn status_of_cluster(error: crate::cluster::ClusterError) -> Status {
+    use crate::cluster::ClusterError;
+    match error {
+        ClusterError::Scheduler(e) => status_of(e),
+        e @ (ClusterError::Unavailable { .. } | ClusterError::Connect { .. }) => {
+            Status::unavailable(clip(&e.to_string(), MAX_MESSAGE_BYTES).into_owned())
+        }
+        e @ ClusterError::NoOutput { .. } => Status::not_found(e.to_string()),
+        e @ (ClusterError::Record { .. } | ClusterError::Io { .. }) => {
+            Status::internal(clip(&e.to_string(), MAX_MESSAGE_BYTES).into_owned())
+        }
+    }
+}
+
 /// Maps an engine error to its status.
 pub fn status_of(error: SchedulerError) -> Status {
     let message = clip(&error.to_string(), MAX_MESSAGE_BYTES).into_owned();

@@ -183,6 +183,11 @@ pub const SLO_BURN_RATE: &str = "sakuga_slo_burn_rate";
 pub const PLANNED_HEAVY_LOAD: &str = "sakuga_planned_heavy_load";
 pub const BUILD_INFO: &str = "sakuga_build_info";
 pub const CONFIG_GENERATION: &str = "sakuga_config_generation";
+pub const CLUSTER_REDELIVERIES_TOTAL: &str = "sakuga_cluster_redeliveries_total";
+pub const CLUSTER_WORKER_LOST_TOTAL: &str = "sakuga_cluster_worker_lost_total";
+pub const CLUSTER_CONSUMER_PENDING: &str = "sakuga_cluster_consumer_pending";
+pub const CLUSTER_CONSUMER_ACK_PENDING: &str = "sakuga_cluster_consumer_ack_pending";
+pub const CLUSTER_WORKERS: &str = "sakuga_cluster_workers";
 
 const fn def(
     name: &'static str,
@@ -366,6 +371,36 @@ pub const METRICS: &[MetricDef] = &[
         "Configuration changes applied: each reload that changed something and each restart adds one (kept across restarts in the data dir).",
         &["version", "config_hash"],
     ),
+    def(
+        CLUSTER_REDELIVERIES_TOTAL,
+        Counter,
+        "Cluster mode (workers): jobs delivered again after their worker was lost.",
+        &["workload"],
+    ),
+    def(
+        CLUSTER_WORKER_LOST_TOTAL,
+        Counter,
+        "Cluster mode (workers): jobs failed as worker_lost after max_deliver lost attempts.",
+        &["workload"],
+    ),
+    def(
+        CLUSTER_CONSUMER_PENDING,
+        Gauge,
+        "Cluster mode (gateways): jobs waiting in the work queue's consumer, not yet delivered (consumer lag).",
+        &["workload"],
+    ),
+    def(
+        CLUSTER_CONSUMER_ACK_PENDING,
+        Gauge,
+        "Cluster mode (gateways): jobs delivered to workers and not yet acked.",
+        &["workload"],
+    ),
+    def(
+        CLUSTER_WORKERS,
+        Gauge,
+        "Cluster mode (gateways): workers with a live heartbeat.",
+        &[],
+    ),
 ];
 
 /// Looks a metric up by name.
@@ -440,6 +475,7 @@ mod tests {
                 assert!(def.name.ends_with("_total"), "{}", def.name);
             }
         }
-        assert_eq!(METRICS.len(), 29);
+        // DESIGN.md section 5 (29) and the cluster mode's five (section 11).
+        assert_eq!(METRICS.len(), 34);
     }
 }

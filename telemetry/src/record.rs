@@ -48,6 +48,27 @@ pub fn queue_depth(workload: Workload, depth: usize) {
     gauge!(QUEUE_DEPTH, "workload" => workload.as_str()).set(depth as f64);
 }
 
+/// Cluster mode: a job delivered again after its worker was lost.
+pub fn cluster_redelivery(workload: Workload) {
+    counter!(CLUSTER_REDELIVERIES_TOTAL, "workload" => workload.as_str()).increment(1);
+}
+
+/// Cluster mode: a job failed as `worker_lost`.
+pub fn cluster_worker_lost(workload: Workload) {
+    counter!(CLUSTER_WORKER_LOST_TOTAL, "workload" => workload.as_str()).increment(1);
+}
+
+/// Cluster mode: a workload consumer's waiting and delivered-unacked jobs.
+pub fn cluster_consumer(workload: Workload, pending: u64, ack_pending: u64) {
+    gauge!(CLUSTER_CONSUMER_PENDING, "workload" => workload.as_str()).set(pending as f64);
+    gauge!(CLUSTER_CONSUMER_ACK_PENDING, "workload" => workload.as_str()).set(ack_pending as f64);
+}
+
+/// Cluster mode: workers with a live heartbeat.
+pub fn cluster_workers(count: usize) {
+    gauge!(CLUSTER_WORKERS).set(count as f64);
+}
+
 /// How long a job waited in the queue before it started.
 pub fn queue_wait(workload: Workload, wait: Duration) {
     histogram!(QUEUE_WAIT_SECONDS, "workload" => workload.as_str()).record(wait);
@@ -208,6 +229,10 @@ pub fn prime_series(device: &str) {
             .absolute(0);
         }
         gauge!(QUEUE_DEPTH, "workload" => w.as_str()).set(0.0);
+        counter!(CLUSTER_REDELIVERIES_TOTAL, "workload" => w.as_str()).absolute(0);
+        counter!(CLUSTER_WORKER_LOST_TOTAL, "workload" => w.as_str()).absolute(0);
+        gauge!(CLUSTER_CONSUMER_PENDING, "workload" => w.as_str()).set(0.0);
+        gauge!(CLUSTER_CONSUMER_ACK_PENDING, "workload" => w.as_str()).set(0.0);
         counter!(IMAGES_TOTAL, "workload" => w.as_str()).absolute(0);
         for &k in FrameKind::ALL {
             counter!(FRAMES_TOTAL, "workload" => w.as_str(), "kind" => k.as_str()).absolute(0);
@@ -222,6 +247,7 @@ pub fn prime_series(device: &str) {
         }
     }
     gauge!(FPS_HEALTH_RATIO, "workload" => Workload::Animation.as_str()).set(1.0);
+    gauge!(CLUSTER_WORKERS).set(0.0);
     for &k in ModelKind::ALL {
         for &r in CacheResult::ALL {
             counter!(MODEL_CACHE_REQUESTS_TOTAL, "kind" => k.as_str(), "result" => r.as_str())
@@ -279,6 +305,10 @@ pub fn record_each_once() {
     slo_burn_rate("batch_success", "1h", 0.0);
     planned_heavy_load(PlannedLoad::Warmup, false);
     identity(env!("CARGO_PKG_VERSION"), "0000000000000000", 1);
+    cluster_redelivery(w);
+    cluster_worker_lost(w);
+    cluster_consumer(w, 3, 1);
+    cluster_workers(2);
 }
 
 #[cfg(test)]

@@ -50,6 +50,9 @@ pub(crate) struct PreparedJob {
     pub submitted_at: SystemTime,
     /// Why and how the workflow was degraded to keep its target FPS.
     pub degraded: Option<String>,
+    /// Attempts made elsewhere before this one (cluster mode: earlier deliveries of the
+    /// job to workers that were lost); more than 0 makes it a recovered job.
+    pub earlier_attempts: u32,
 }
 
 pub(super) struct Job {
@@ -226,6 +229,7 @@ impl QueueState {
                 outputs: Vec::new(),
                 attempts,
                 recovered,
+                worker: None,
             },
             seq,
             plan: Some(p.plan),
@@ -369,7 +373,8 @@ impl QueueState {
         }
         let workflow = std::mem::take(&mut p.workflow);
         let degraded = p.degraded.take();
-        let job = self.new_job(p, false, 0);
+        let earlier_attempts = p.earlier_attempts;
+        let job = self.new_job(p, earlier_attempts > 0, earlier_attempts);
         let job_id = job.info.job_id.clone();
         self.enqueue(job);
         let job = &self.jobs[&job_id];
@@ -404,6 +409,9 @@ impl QueueState {
                 ack,
             },
         );
+        if earlier_attempts > 0 {
+            self.apply(&job_id, Transition::Recovered);
+        }
     }
 
     /// Remembers a finished job, evicting the oldest past the retention counts.

@@ -148,6 +148,38 @@ pub struct SubmitRequest {
     pub labels: BTreeMap<String, String>,
     /// The client's trace (from `traceparent`); a new root trace when `None`.
     pub trace: Option<TraceContext>,
+    /// Set when a cluster gateway already accepted the job (cluster mode's workers): its
+    /// id and attempt are kept, and the gateway's rewrites (feature bypass, degrade) are
+    /// not applied twice.
+    pub assigned: Option<Assigned>,
+}
+
+/// A job a cluster gateway accepted, as a worker runs it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Assigned {
+    pub job_id: String,
+    /// Attempts made before this one (earlier deliveries to workers that were lost).
+    pub earlier_attempts: u32,
+    pub submitted_at: SystemTime,
+}
+
+/// A submission checked and rewritten the way [`EngineHandle::submit`] would, without
+/// queueing it: what a cluster gateway publishes for a worker to run.
+#[derive(Debug, Clone)]
+pub struct PreparedSubmission {
+    pub job_id: String,
+    /// API format, after feature bypass and degrading.
+    pub workflow: Json,
+    pub estimate: Estimate,
+    pub workload: Workload,
+    pub priority: i32,
+    pub deadline: Option<SystemTime>,
+    pub idempotency_key: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub trace: TraceContext,
+    pub submitted_at: SystemTime,
+    /// How it was degraded to keep its target FPS, if it was.
+    pub degraded: Option<String>,
 }
 
 impl SubmitRequest {
@@ -202,8 +234,11 @@ pub struct JobInfo {
     pub outputs: Vec<JobOutput>,
     /// Times it started running (more than 1 after a crash recovery).
     pub attempts: u32,
-    /// It was found unfinished in the journal after a restart.
+    /// It was found unfinished in the journal after a restart, or (cluster mode)
+    /// redelivered after its worker was lost.
     pub recovered: bool,
+    /// Cluster mode: the worker that ran (or runs) it.
+    pub worker: Option<String>,
 }
 
 /// What of a playback report counts: frames the job's stream really produced.
@@ -427,6 +462,11 @@ impl EngineHandle {
     }
 
     /// The current tunables.
+    /// The `hardware_class` of this engine's stage events (the device's model).
+    pub fn hardware_class(&self) -> &str {
+        &self.shared.hardware_class
+    }
+
     pub fn tunables(&self) -> EngineTunables {
         self.shared.tunables.read().clone()
     }
@@ -464,6 +504,9 @@ impl EngineHandle {
             return Err(SchedulerError::ShuttingDown);
         }
         crate::bounds::check_submit(&request, SystemTime::now())?;
+        if let Some(assigned) = request.assigned.clone() {
+            return self.prepare_assigned(request, assigned);
+        }
         let features = self.shared.tunables.read().features;
         let workload_hint = request.workload;
         let mut workflow = crate::ui_format::to_api_format(request.workflow, self.registry())?;
@@ -511,6 +554,63 @@ impl EngineHandle {
             span,
             submitted_at: SystemTime::now(),
             degraded,
+            earlier_attempts: 0,
+        })
+    }
+
+    /// A job a cluster gateway accepted: checked again (this worker's registry and models
+    /// decide), with its id, workload and attempt kept.
+    fn prepare_assigned(
+        &self,
+        request: SubmitRequest,
+        assigned: Assigned,
+    ) -> Result<jobs::PreparedJob, SchedulerError> {
+        let workflow = request.workflow;
+        let (plan, estimate) = self.check(&workflow, request.workflow_bytes)?;
+        let workload = request.workload.unwrap_or_else(|| workload_of(&plan));
+        let trace = request.trace.unwrap_or_else(TraceContext::new_root);
+        let span = sakuga_telemetry::open_job_span(&assigned.job_id, workload, &trace);
+        Ok(jobs::PreparedJob {
+            job_id: assigned.job_id,
+            workflow,
+            plan,
+            estimate,
+            workload,
+            priority: request.priority,
+            deadline: request.deadline,
+            idempotency_key: request.idempotency_key,
+            labels: request.labels,
+            trace,
+            span,
+            submitted_at: assigned.submitted_at,
+            degraded: None,
+            earlier_attempts: assigned.earlier_attempts,
+        })
+    }
+
+    /// Checks and rewrites a submission as [`Self::submit`] does (caps, UI format, feature
+    /// bypass, validation, estimate, degrade-for-FPS, a new job id) without queueing it:
+    /// cluster mode's gateways publish the result for a worker.
+    ///
+    /// # Errors
+    /// As [`Self::submit`], before admission.
+    pub fn prepare_submission(
+        &self,
+        request: SubmitRequest,
+    ) -> Result<PreparedSubmission, SchedulerError> {
+        let p = self.prepare(request)?;
+        Ok(PreparedSubmission {
+            job_id: p.job_id,
+            workflow: p.workflow,
+            estimate: p.estimate,
+            workload: p.workload,
+            priority: p.priority,
+            deadline: p.deadline,
+            idempotency_key: p.idempotency_key,
+            labels: p.labels,
+            trace: p.trace,
+            submitted_at: p.submitted_at,
+            degraded: p.degraded,
         })
     }
 

@@ -101,6 +101,7 @@ impl QueueState {
             trace,
             submitted_at: at_unix_ms(record.submitted_unix_ms),
             degraded: None,
+            earlier_attempts: record.attempts,
         };
         let job = self.new_job(prepared, true, record.attempts);
         let job_id = job.info.job_id.clone();
@@ -152,6 +153,7 @@ impl QueueState {
                     .collect(),
                 attempts: record.attempts,
                 recovered: false,
+                worker: None,
             },
             seq,
             plan: None,

@@ -241,8 +241,9 @@ impl QueueState {
         job.feed.push(JobEvent::Stage {
             name: events::JOB_RECOVERED,
             detail: format!(
-                "found unfinished after a restart (attempts so far: {})",
-                job.info.attempts
+                "unfinished after {} earlier attempt(s), by a restart or a lost worker; this is attempt {}",
+                job.info.attempts,
+                job.info.attempts + 1
             ),
         });
         self.journal(job, None);
@@ -480,6 +481,7 @@ mod tests {
             trace,
             submitted_at: SystemTime::now(),
             degraded: None,
+            earlier_attempts: 0,
         };
         let job = state.new_job(prepared, false, 0);
         state.enqueue(job);

@@ -1,0 +1,245 @@
+//! Each job's Watch feed in `SAKUGA_EVENTS`, subject `sakuga.events.<job_id>`: every item
+//! is a protobuf `sakuga.v1.WatchEvent`, the same message `Watch` streams, so a gateway
+//! forwards what a worker published without knowing the engine's types. Frames over the
+//! payload limit travel in chunks (header `Sakuga-Chunk: i/n`) and are joined on read.
+//!
+//! [`EventPublisher`] is the worker's side (acks awaited in a bounded window, so frames
+//! are not held back by the round trip); [`ClusterWatch`] is the gateway's (an ordered
+//! consumer: replay from the first event, then follow until the final status).
+
+use std::collections::VecDeque;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::consumer::{self, DeliverPolicy};
+use async_nats::jetstream::context::PublishAckFuture;
+use futures_util::StreamExt;
+use prost::Message as _;
+
+use sakuga_proto::v1;
+
+use super::record::{JobRecord, unix_ms};
+use super::{Cluster, ClusterError, EVENTS_STREAM, Result, events_subject};
+use crate::server::convert::state_to_proto;
+
+/// Largest event payload in one NATS message (the server's default limit is 1 MiB; the
+/// rest is room for headers).
+pub const CHUNK_BYTES: usize = 1000 * 1000 - 8 * 1024;
+const CHUNK_HEADER: &str = "Sakuga-Chunk";
+/// Publishes whose ack is outstanding before the next waits for the oldest.
+const ACK_WINDOW: usize = 32;
+
+/// Publishes one job's events in order.
+pub struct EventPublisher {
+    cluster: Cluster,
+    subject: String,
+    pending: VecDeque<PublishAckFuture>,
+}
+
+impl std::fmt::Debug for EventPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventPublisher")
+            .field("subject", &self.subject)
+            .field("pending", &self.pending.len())
+            .finish()
+    }
+}
+
+impl EventPublisher {
+    pub fn new(cluster: &Cluster, job_id: &str) -> Self {
+        Self {
+            cluster: cluster.clone(),
+            subject: events_subject(job_id),
+            pending: VecDeque::new(),
+        }
+    }
+
+    /// Publishes `event` (in chunks if it is large).
+    ///
+    /// # Errors
+    /// NATS unreachable, or an earlier publish was refused.
+    pub async fn publish(&mut self, event: &v1::WatchEvent) -> Result<()> {
+        let bytes = event.encode_to_vec();
+        let chunks: Vec<&[u8]> = bytes.chunks(CHUNK_BYTES).collect();
+        let n = chunks.len().max(1);
+        for (i, chunk) in chunks.iter().enumerate() {
+            let payload = bytes::Bytes::copy_from_slice(chunk);
+            let ack = if n == 1 {
+                self.cluster
+                    .js
+                    .publish(self.subject.clone(), payload)
+                    .await
+            } else {
+                let mut headers = HeaderMap::new();
+                headers.insert(CHUNK_HEADER, format!("{}/{n}", i + 1).as_str());
+                self.cluster
+                    .js
+                    .publish_with_headers(self.subject.clone(), headers, payload)
+                    .await
+            }
+            .map_err(|e| ClusterError::nats("publishing a job event", e))?;
+            self.pending.push_back(ack);
+            if self.pending.len() > ACK_WINDOW {
+                self.settle_one().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn settle_one(&mut self) -> Result<()> {
+        if let Some(ack) = self.pending.pop_front() {
+            ack.await
+                .map_err(|e| ClusterError::nats("storing a job event", e))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every event published so far is stored.
+    ///
+    /// # Errors
+    /// A publish was refused or NATS went away.
+    pub async fn flush(&mut self) -> Result<()> {
+        while !self.pending.is_empty() {
+            self.settle_one().await?;
+        }
+        Ok(())
+    }
+}
+
+/// The final status event of a record in a final state.
+pub fn final_event(record: &JobRecord) -> v1::WatchEvent {
+    v1::WatchEvent {
+        at_unix_ms: record.finished_unix_ms.unwrap_or_else(|| unix_ms(std::time::SystemTime::now())),
+        kind: Some(v1::watch_event::Kind::FinalStatus(v1::FinalStatus {
+            state: state_to_proto(record.state) as i32,
+            error: record.error.clone().unwrap_or_default(),
+        })),
+    }
+}
+
+/// A stage event as the gateway publishes it at acceptance.
+pub fn stage_event(name: &str, detail: String, trace_id: &str) -> v1::WatchEvent {
+    v1::WatchEvent {
+        at_unix_ms: unix_ms(std::time::SystemTime::now()),
+        kind: Some(v1::watch_event::Kind::Stage(v1::StageEvent {
+            name: name.to_owned(),
+            detail,
+            trace_id: trace_id.to_owned(),
+        })),
+    }
+}
+
+/// One `Watch` on a gateway: the job's events from the first, then live ones, ending
+/// after the final status.
+pub struct ClusterWatch {
+    messages: consumer::pull::Ordered,
+    /// Chunks of a large event received so far.
+    partial: Vec<u8>,
+    /// The record was final at the start and its events have expired: end with this.
+    synthesized_final: Option<v1::WatchEvent>,
+    ended: bool,
+}
+
+impl std::fmt::Debug for ClusterWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterWatch")
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterWatch {
+    /// Opens the job's event feed; `record` is its record now.
+    ///
+    /// # Errors
+    /// NATS unreachable.
+    pub async fn open(cluster: &Cluster, record: &JobRecord) -> Result<Self> {
+        let stream = cluster
+            .js
+            .get_stream(EVENTS_STREAM)
+            .await
+            .map_err(super::failed("opening a job's events"))?;
+        let mut consumer = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: events_subject(&record.job_id),
+                deliver_policy: DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(super::failed("opening a job's events"))?;
+        let nothing_stored = consumer
+            .info()
+            .await
+            .map(|i| i.num_pending == 0)
+            .unwrap_or(false);
+        let synthesized_final =
+            (record.state.is_final() && nothing_stored).then(|| final_event(record));
+        let messages = consumer.messages().await.map_err(|e| ClusterError::nats("following a job's events", e))?;
+        Ok(Self {
+            messages,
+            partial: Vec::new(),
+            synthesized_final,
+            ended: false,
+        })
+    }
+
+    /// The next event; `None` after the final status.
+    pub async fn next(&mut self) -> Option<Result<v1::WatchEvent>> {
+        if self.ended {
+            return None;
+        }
+        if let Some(last) = self.synthesized_final.take() {
+            self.ended = true;
+            return Some(Ok(last));
+        }
+        loop {
+            let message = match self.messages.next().await? {
+                Ok(m) => m,
+                Err(e) => {
+                    self.ended = true;
+                    return Some(Err(ClusterError::nats("following a job's events", e)));
+                }
+            };
+            let chunk = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(CHUNK_HEADER))
+                .and_then(|v| parse_chunk(v.as_str()));
+            let event = match chunk {
+                Some((i, n)) => {
+                    if i == 1 {
+                        self.partial.clear();
+                    }
+                    self.partial.extend_from_slice(&message.payload);
+                    if i < n {
+                        continue;
+                    }
+                    v1::WatchEvent::decode(std::mem::take(&mut self.partial).as_slice())
+                }
+                None => v1::WatchEvent::decode(message.payload.as_ref()),
+            };
+            // Something else on the subject: not ours to show.
+            let Ok(event) = event else { continue };
+            if matches!(event.kind, Some(v1::watch_event::Kind::FinalStatus(_))) {
+                self.ended = true;
+            }
+            return Some(Ok(event));
+        }
+    }
+}
+
+fn parse_chunk(text: &str) -> Option<(usize, usize)> {
+    let (i, n) = text.split_once('/')?;
+    Some((i.trim().parse().ok()?, n.trim().parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_headers_parse() {
+        assert_eq!(parse_chunk("2/3"), Some((2, 3)));
+        assert_eq!(parse_chunk("x/3"), None);
+        assert_eq!(parse_chunk("3"), None);
+    }
+}
