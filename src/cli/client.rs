@@ -102,6 +102,10 @@ pub struct SubmitArgs {
     /// Follow the job until it finishes.
     #[arg(long)]
     pub watch: bool,
+    /// With --watch: write the job's streamed frames (frames/) and its outputs (fetched
+    /// with GetOutput, from any server of a cluster) into this dir.
+    #[arg(long, requires = "watch")]
+    pub save: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -109,6 +113,9 @@ pub struct JobArgs {
     pub job_id: String,
     #[command(flatten)]
     pub server: ServerArgs,
+    /// `watch` only: write the job's frames and outputs into this dir.
+    #[arg(long)]
+    pub save: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -196,14 +203,19 @@ pub fn submit(args: &SubmitArgs) -> anyhow::Result<ExitCode> {
             }
         );
         if args.watch {
-            return follow(&mut client, &submitted.job_id).await;
+            return follow(&mut client, &submitted.job_id, args.save.as_deref()).await;
         }
         Ok(ExitCode::SUCCESS)
     })
 }
 
-async fn follow(client: &mut SakugaClient, job_id: &str) -> anyhow::Result<ExitCode> {
+async fn follow(
+    client: &mut SakugaClient,
+    job_id: &str,
+    save: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
     use v1::watch_event::Kind;
+    let mut outputs = Vec::new();
     let request = v1::WatchRequest {
         job_id: job_id.to_owned(),
         ..Default::default()
@@ -224,8 +236,16 @@ async fn follow(client: &mut SakugaClient, job_id: &str) -> anyhow::Result<ExitC
                 n.duration_seconds,
                 if n.cached { " cached" } else { "" }
             ),
-            Some(Kind::Output(o)) => println!("output {} ({})", o.path, o.kind),
-            Some(Kind::Frame(_)) => frames += 1,
+            Some(Kind::Output(o)) => {
+                println!("output {} ({})", o.path, o.kind);
+                outputs.push(o.path);
+            }
+            Some(Kind::Frame(f)) => {
+                frames += 1;
+                if let Some(dir) = save {
+                    save_frame(dir, &f)?;
+                }
+            }
             Some(Kind::Skipped(s)) => println!(
                 "fell behind: {} frames dropped, {} events skipped",
                 s.frames_dropped, s.events_skipped
@@ -251,7 +271,75 @@ async fn follow(client: &mut SakugaClient, job_id: &str) -> anyhow::Result<ExitC
     if frames > 0 {
         println!("{frames} frames received");
     }
+    if let Some(dir) = save
+        && code == ExitCode::SUCCESS
+    {
+        for name in &outputs {
+            let path = save_output(client, job_id, name, dir).await?;
+            println!("saved {}", path.display());
+        }
+    }
     Ok(code)
+}
+
+fn save_frame(dir: &std::path::Path, frame: &v1::Frame) -> anyhow::Result<()> {
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&frames).with_context(|| format!("creating {}", frames.display()))?;
+    let node: String = frame
+        .node_id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let (ext, bytes) = if frame.encoding == v1::FrameEncoding::Png as i32 {
+        ("png", frame.data.clone())
+    } else {
+        ("rgb", frame.data.clone())
+    };
+    let path = frames.join(format!("{node}_{:05}.{ext}", frame.index));
+    std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+}
+
+/// Fetches one output with GetOutput into `dir`, under its name inside the out dir (never
+/// outside `dir`).
+async fn save_output(
+    client: &mut SakugaClient,
+    job_id: &str,
+    name: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<PathBuf> {
+    let request = v1::GetOutputRequest {
+        job_id: job_id.to_owned(),
+        name: name.to_owned(),
+    };
+    let mut stream = client
+        .render
+        .get_output(request)
+        .await
+        .map_err(|s| anyhow::anyhow!("output {name}: {}", s.message()))?
+        .into_inner();
+    let mut bytes = Vec::new();
+    let mut file_name = String::new();
+    while let Some(chunk) = stream.message().await? {
+        if file_name.is_empty() {
+            file_name = chunk.name;
+            bytes.reserve(chunk.total_bytes.min(1 << 30) as usize);
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let relative = std::path::Path::new(&file_name);
+    let safe = relative
+        .components()
+        .all(|c| matches!(c, std::path::Component::Normal(_)));
+    let path = if safe && !file_name.is_empty() {
+        dir.join(relative)
+    } else {
+        dir.join(relative.file_name().unwrap_or(std::ffi::OsStr::new("output")))
+    };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// `sakuga watch`.
@@ -261,7 +349,7 @@ async fn follow(client: &mut SakugaClient, job_id: &str) -> anyhow::Result<ExitC
 pub fn watch(args: &JobArgs) -> anyhow::Result<ExitCode> {
     block_on(async {
         let mut client = args.server.connect().await?;
-        follow(&mut client, &args.job_id).await
+        follow(&mut client, &args.job_id, args.save.as_deref()).await
     })
 }
 
