@@ -333,10 +333,15 @@ async fn save_output(
     let path = if safe && !file_name.is_empty() {
         dir.join(relative)
     } else {
-        dir.join(relative.file_name().unwrap_or(std::ffi::OsStr::new("output")))
+        dir.join(
+            relative
+                .file_name()
+                .unwrap_or(std::ffi::OsStr::new("output")),
+        )
     };
     if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
     }
     std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)

@@ -12,12 +12,12 @@ use anyhow::Context;
 use clap::Args;
 
 use sakuga_scheduler::engine::{EngineTunables, Reloaded};
-use sakuga_telemetry::Workload;
 use sakuga_scheduler::{EngineConfig, EngineHandle};
+use sakuga_telemetry::Workload;
 
 use super::CommonArgs;
-use crate::runtime;
 use crate::cluster::{Cluster, ClusterConfig, Gateway, WorkerConfig};
+use crate::runtime;
 use crate::server::{EngineStart, ReloadFn, Role, ServerConfig, run};
 
 #[derive(Debug, Clone, Args)]
@@ -84,7 +84,12 @@ pub struct ClusterArgs {
     #[arg(long, env = "SAKUGA_NATS_REPLICAS", default_value_t = 1)]
     pub nats_replicas: usize,
     /// Seconds a worker may stay silent on a job before it goes to another worker.
-    #[arg(long, env = "SAKUGA_ACK_WAIT", default_value_t = 30.0, value_name = "SECONDS")]
+    #[arg(
+        long,
+        env = "SAKUGA_ACK_WAIT",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
     pub ack_wait: f64,
     /// Deliveries of a job to workers that are lost before it fails as worker_lost.
     #[arg(long, env = "SAKUGA_MAX_DELIVER", default_value_t = 3)]

@@ -64,10 +64,7 @@ impl EventPublisher {
         for (i, chunk) in chunks.iter().enumerate() {
             let payload = bytes::Bytes::copy_from_slice(chunk);
             let ack = if n == 1 {
-                self.cluster
-                    .js
-                    .publish(self.subject.clone(), payload)
-                    .await
+                self.cluster.js.publish(self.subject.clone(), payload).await
             } else {
                 let mut headers = HeaderMap::new();
                 headers.insert(CHUNK_HEADER, format!("{}/{n}", i + 1).as_str());
@@ -83,6 +80,27 @@ impl EventPublisher {
             }
         }
         Ok(())
+    }
+
+    /// Publishes the final status of `record`, at most once per job: JetStream drops a
+    /// repeat with the same message id (a redelivery finding the job final republishes it,
+    /// in case its worker died between the record and the event).
+    ///
+    /// # Errors
+    /// NATS unreachable.
+    pub async fn publish_final(&mut self, record: &JobRecord) -> Result<()> {
+        let mut headers = HeaderMap::new();
+        let id = format!("{}.final", record.job_id);
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        let payload = final_event(record).encode_to_vec();
+        let ack = self
+            .cluster
+            .js
+            .publish_with_headers(self.subject.clone(), headers, payload.into())
+            .await
+            .map_err(|e| ClusterError::nats("publishing a job's end", e))?;
+        self.pending.push_back(ack);
+        self.flush().await
     }
 
     async fn settle_one(&mut self) -> Result<()> {
@@ -108,7 +126,9 @@ impl EventPublisher {
 /// The final status event of a record in a final state.
 pub fn final_event(record: &JobRecord) -> v1::WatchEvent {
     v1::WatchEvent {
-        at_unix_ms: record.finished_unix_ms.unwrap_or_else(|| unix_ms(std::time::SystemTime::now())),
+        at_unix_ms: record
+            .finished_unix_ms
+            .unwrap_or_else(|| unix_ms(std::time::SystemTime::now())),
         kind: Some(v1::watch_event::Kind::FinalStatus(v1::FinalStatus {
             state: state_to_proto(record.state) as i32,
             error: record.error.clone().unwrap_or_default(),
@@ -136,8 +156,13 @@ pub struct ClusterWatch {
     partial: Vec<u8>,
     /// The record was final at the start and its events have expired: end with this.
     synthesized_final: Option<v1::WatchEvent>,
+    errors_in_a_row: u32,
     ended: bool,
 }
+
+/// Errors in a row (each after the ordered consumer's own retries) before a Watch ends
+/// with UNAVAILABLE.
+const MAX_ERRORS_IN_A_ROW: u32 = 10;
 
 impl std::fmt::Debug for ClusterWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -173,11 +198,15 @@ impl ClusterWatch {
             .unwrap_or(false);
         let synthesized_final =
             (record.state.is_final() && nothing_stored).then(|| final_event(record));
-        let messages = consumer.messages().await.map_err(|e| ClusterError::nats("following a job's events", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| ClusterError::nats("following a job's events", e))?;
         Ok(Self {
             messages,
             partial: Vec::new(),
             synthesized_final,
+            errors_in_a_row: 0,
             ended: false,
         })
     }
@@ -193,7 +222,17 @@ impl ClusterWatch {
         }
         loop {
             let message = match self.messages.next().await? {
-                Ok(m) => m,
+                Ok(m) => {
+                    self.errors_in_a_row = 0;
+                    m
+                }
+                // The ordered consumer recreates itself after a reconnect and resumes
+                // after the last event seen; only a lasting outage ends the Watch.
+                Err(e) if self.errors_in_a_row < MAX_ERRORS_IN_A_ROW => {
+                    self.errors_in_a_row += 1;
+                    tracing::debug!(error = %e, "job events interrupted; resuming");
+                    continue;
+                }
                 Err(e) => {
                     self.ended = true;
                     return Some(Err(ClusterError::nats("following a job's events", e)));

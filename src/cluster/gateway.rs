@@ -19,7 +19,7 @@ use sakuga_scheduler::journal::RecordState;
 use sakuga_scheduler::{EngineHandle, SchedulerError};
 use sakuga_telemetry::{AdmissionReason, Decision, Workload, events as stage};
 
-use super::events::{ClusterWatch, EventPublisher, final_event, stage_event};
+use super::events::{ClusterWatch, EventPublisher, stage_event};
 use super::record::{JobMessage, JobRecord, idempotency_entry};
 use super::worker::Heartbeat;
 use super::{Cluster, ClusterError, PULL_ORDER, Result, cancel_subject, jobs_subject};
@@ -124,7 +124,11 @@ impl Gateway {
                 .map_err(|e| ClusterError::nats("reading a consumer", e))?;
             pending[w.index()] = info.num_pending;
             ack_pending[w.index()] = info.num_ack_pending as u64;
-            sakuga_telemetry::record::cluster_consumer(w, info.num_pending, info.num_ack_pending as u64);
+            sakuga_telemetry::record::cluster_consumer(
+                w,
+                info.num_pending,
+                info.num_ack_pending as u64,
+            );
         }
         let workers = read_heartbeats(&self.cluster).await?;
         sakuga_telemetry::record::cluster_workers(workers.len());
@@ -173,9 +177,11 @@ impl Gateway {
             .await?;
         events.flush().await?;
         self.publish_job(&prepared).await?;
-        self.engine
-            .signals()
-            .admission(prepared.workload, Decision::Admit, AdmissionReason::Capacity);
+        self.engine.signals().admission(
+            prepared.workload,
+            Decision::Admit,
+            AdmissionReason::Capacity,
+        );
         Ok(Submitted {
             job_id: prepared.job_id.clone(),
             queue_position: queued as usize + 1,
@@ -254,7 +260,10 @@ impl Gateway {
         if queued >= cap {
             return deny(
                 AdmissionReason::QueueFull,
-                format!("{queued} {} jobs wait in the cluster's queue, its cap is {cap}", p.workload),
+                format!(
+                    "{queued} {} jobs wait in the cluster's queue, its cap is {cap}",
+                    p.workload
+                ),
             );
         }
         if let Some(deadline) = p.deadline {
@@ -267,7 +276,9 @@ impl Gateway {
             if start > deadline {
                 return deny(
                     AdmissionReason::Deadline,
-                    format!("{queued} jobs ahead at the fleet's {throughput:.1} jobs/s start after the deadline"),
+                    format!(
+                        "{queued} jobs ahead at the fleet's {throughput:.1} jobs/s start after the deadline"
+                    ),
                 );
             }
         }
@@ -370,9 +381,9 @@ impl Gateway {
                 .await
             {
                 Ok(_) => {
-                    let mut events = EventPublisher::new(&self.cluster, job_id);
-                    events.publish(&final_event(&record)).await?;
-                    events.flush().await?;
+                    EventPublisher::new(&self.cluster, job_id)
+                        .publish_final(&record)
+                        .await?;
                     return Ok(record.to_info());
                 }
                 // A worker took it meanwhile: read again.

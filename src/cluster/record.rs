@@ -148,8 +148,8 @@ impl JobRecord {
 
     /// A record rebuilt from the job's message (its record expired or was never stored).
     pub fn from_message(m: &JobMessage) -> Self {
-        let trace = TraceContext::from_traceparent(&m.traceparent)
-            .unwrap_or_else(TraceContext::new_root);
+        let trace =
+            TraceContext::from_traceparent(&m.traceparent).unwrap_or_else(TraceContext::new_root);
         Self {
             job_id: m.job_id.clone(),
             workload: m.workload,

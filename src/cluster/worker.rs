@@ -26,7 +26,7 @@ use sakuga_scheduler::journal::RecordState;
 use sakuga_scheduler::{EngineHandle, SchedulerError};
 use sakuga_telemetry::{Decision, TraceContext, Window, Workload, events as stage};
 
-use super::events::{EventPublisher, final_event};
+use super::events::EventPublisher;
 use super::record::{JobMessage, JobRecord, OutputRecord, at_unix_ms, unix_ms};
 use super::{Cluster, ClusterError, PULL_ORDER, Result};
 use crate::server::convert::event_to_proto;
@@ -111,10 +111,16 @@ impl WorkerState {
 
     fn heartbeat(&self, started: Instant) -> Heartbeat {
         let device = self.engine.signals().latest_device();
-        let window = started.elapsed().min(THROUGHPUT_WINDOW).as_secs_f64().max(1.0);
+        let window = started
+            .elapsed()
+            .min(THROUGHPUT_WINDOW)
+            .as_secs_f64()
+            .max(1.0);
         Heartbeat {
             worker_id: self.config.worker_id.clone(),
-            device: device.as_ref().map_or_else(|| "cpu".into(), |d| d.device.clone()),
+            device: device
+                .as_ref()
+                .map_or_else(|| "cpu".into(), |d| d.device.clone()),
             hardware_class: self.engine.hardware_class().to_owned(),
             memory_total_bytes: device.as_ref().map_or(0, |d| d.memory_total_bytes),
             memory_headroom_bytes: device.as_ref().map_or(0, |d| d.free_bytes()),
@@ -200,10 +206,7 @@ async fn pull_one(
             }
         };
         if let Some(Ok(message)) = batch.next().await {
-            state
-                .held
-                .lock()
-                .push((String::new(), *workload));
+            state.held.lock().push((String::new(), *workload));
             return Some(message);
         }
     }
@@ -313,9 +316,16 @@ async fn run_delivered(
         lost_for_good(state, job, delivered - 1).await?;
         return Ok(Some(AckKind::Ack));
     }
-    let Some(record) = claim(state, job, delivered).await? else {
-        // Final already (cancelled while queued, or finished by an earlier delivery).
-        return Ok(Some(AckKind::Ack));
+    let record = match claim(state, job, delivered).await? {
+        Claim::Run(record) => record,
+        // Final already (cancelled while queued, or finished by an earlier delivery whose
+        // worker may have died before announcing it).
+        Claim::Final(record) => {
+            EventPublisher::new(&state.cluster, &job.job_id)
+                .publish_final(&record)
+                .await?;
+            return Ok(Some(AckKind::Ack));
+        }
     };
     if delivered > 1 {
         sakuga_telemetry::record::cluster_redelivery(job.workload);
@@ -327,7 +337,10 @@ async fn run_delivered(
 }
 
 /// Sends in-progress acks so JetStream knows the job is alive while it runs.
-fn in_progress_acks(message: &jetstream::Message, ack_wait: Duration) -> tokio::task::JoinHandle<()> {
+fn in_progress_acks(
+    message: &jetstream::Message,
+    ack_wait: Duration,
+) -> tokio::task::JoinHandle<()> {
     let every = (ack_wait / 3).max(Duration::from_millis(100));
     let ack_subject = message.message.reply.clone();
     let client = message.context.client();
@@ -373,7 +386,11 @@ async fn run_locally(
         Err(e) => {
             // Fails the same way on every worker: never deliver it again.
             let mut failed = record.clone();
-            failed.finish(RecordState::Failed, Some(e.to_string()), e.kind().map(|k| k.as_str()));
+            failed.finish(
+                RecordState::Failed,
+                Some(e.to_string()),
+                e.kind().map(|k| k.as_str()),
+            );
             settle(state, &failed).await?;
             return Ok(Some(AckKind::Term));
         }
@@ -401,9 +418,16 @@ async fn relay(state: &WorkerState, job: &JobMessage, trace_id: &str) -> Result<
                 // The gateway published acceptance already.
                 JobEvent::Stage { name, .. } if *name == stage::PROMPT_RECEIVED => continue,
                 JobEvent::Admission { decision, .. } if *decision == Decision::Admit => continue,
-                JobEvent::Output { node_id, path, kind } => {
-                    output_event(e.at, node_id, &object_name(&state.config.out_dir, path), kind)
-                }
+                JobEvent::Output {
+                    node_id,
+                    path,
+                    kind,
+                } => output_event(
+                    e.at,
+                    node_id,
+                    &object_name(&state.config.out_dir, path),
+                    kind,
+                ),
                 _ => event_to_proto(&e, trace_id),
             },
             WatchItem::Frame(f) => frame_event(&f),
@@ -489,20 +513,25 @@ async fn store_outputs(state: &WorkerState, info: &JobInfo) -> Result<Vec<Output
     Ok(stored)
 }
 
-/// Marks the job running on this worker (compare-and-set on the record); `None` when the
+enum Claim {
+    Run(JobRecord),
+    Final(JobRecord),
+}
+
+/// Marks the job running on this worker (compare-and-set on the record), unless the
 /// record is final already.
-async fn claim(state: &WorkerState, job: &JobMessage, delivered: u32) -> Result<Option<JobRecord>> {
+async fn claim(state: &WorkerState, job: &JobMessage, delivered: u32) -> Result<Claim> {
     loop {
         let (mut record, revision) = read_record(state, job).await?;
         if record.state.is_final() {
-            return Ok(None);
+            return Ok(Claim::Final(record));
         }
         record.state = RecordState::Running;
         record.attempts = delivered;
         record.worker = Some(state.config.worker_id.clone());
         record.started_unix_ms = Some(unix_ms(SystemTime::now()));
         if write_record(state, &record, revision).await? {
-            return Ok(Some(record));
+            return Ok(Claim::Run(record));
         }
     }
 }
@@ -538,22 +567,38 @@ async fn settle(state: &WorkerState, done: &JobRecord) -> Result<()> {
             && let Ok(current) = JobRecord::decode(job_id, &e.value)
             && current.state.is_final()
         {
+            // Another delivery finished it first (this one outlived its ack_wait): drop
+            // what this attempt stored under other names, so the job keeps one set.
+            drop_orphans(state, done, &current).await;
             return Ok(());
         }
         if write_record(state, done, revision).await? {
             break;
         }
     }
-    let mut events = EventPublisher::new(&state.cluster, job_id);
-    events.publish(&final_event(done)).await?;
-    events.flush().await
+    EventPublisher::new(&state.cluster, job_id)
+        .publish_final(done)
+        .await
+}
+
+async fn drop_orphans(state: &WorkerState, mine: &JobRecord, winner: &JobRecord) {
+    for output in &mine.outputs {
+        if !winner.outputs.iter().any(|o| o.name == output.name) {
+            let name = format!("{}/{}", mine.job_id, output.name);
+            if let Err(e) = state.cluster.outputs.delete(&name).await {
+                tracing::warn!(object = %name, error = %e, "an orphaned output stays");
+            }
+        }
+    }
 }
 
 /// The verdict delivery: every earlier attempt lost its worker.
 async fn lost_for_good(state: &WorkerState, job: &JobMessage, attempts: u32) -> Result<()> {
     let (mut record, _) = read_record(state, job).await?;
     if record.state.is_final() {
-        return Ok(());
+        return EventPublisher::new(&state.cluster, &job.job_id)
+            .publish_final(&record)
+            .await;
     }
     record.attempts = attempts;
     record.finish(
@@ -587,7 +632,10 @@ async fn read_record(state: &WorkerState, job: &JobMessage) -> Result<(JobRecord
 async fn write_record(state: &WorkerState, record: &JobRecord, revision: u64) -> Result<bool> {
     let jobs = &state.cluster.jobs;
     let written = if revision == 0 {
-        jobs.create(&record.job_id, record.encode()).await.map(|_| ()).map_err(|e| e.to_string())
+        jobs.create(&record.job_id, record.encode())
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     } else {
         jobs.update(&record.job_id, record.encode(), revision)
             .await

@@ -181,11 +181,7 @@ impl Shared {
     pub async fn demand(&self) -> Result<sakuga_scheduler::engine::Demand, Status> {
         match &self.config.role {
             Role::Gateway(gateway) => Ok(gateway.demand()),
-            _ => self
-                .engine()?
-                .demand()
-                .await
-                .map_err(status::status_of),
+            _ => self.engine()?.demand().await.map_err(status::status_of),
         }
     }
 

@@ -15,12 +15,12 @@ use sakuga_telemetry::{PlaybackReport, TraceContext, Window};
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::server::{Role, Shared};
 use crate::server::convert::{
     estimate_to_proto, event_to_proto, from_unix_ms, graph_to_json, job_to_proto, state_from_proto,
     workload_from_proto, workload_to_proto,
 };
 use crate::server::status::{status_of, status_of_cluster};
+use crate::server::{Role, Shared};
 
 /// The render service.
 #[derive(Debug, Clone)]
@@ -177,7 +177,10 @@ impl RenderService for RenderApi {
         let req = request.into_inner();
         check_job_id(&req.job_id).map_err(status_of)?;
         if let Role::Gateway(gateway) = &self.shared.config.role {
-            let watch = gateway.watch(&req.job_id).await.map_err(status_of_cluster)?;
+            let watch = gateway
+                .watch(&req.job_id)
+                .await
+                .map_err(status_of_cluster)?;
             return Ok(Response::new(cluster_watch_stream(
                 watch,
                 req.frame_encoding != v1::FrameEncoding::Rgb8 as i32,
@@ -371,7 +374,11 @@ impl RenderApi {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .len();
-        Ok((crate::cluster::worker::object_name(out_dir, &output.path), size, file))
+        Ok((
+            crate::cluster::worker::object_name(out_dir, &output.path),
+            size,
+            file,
+        ))
     }
 }
 

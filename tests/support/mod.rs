@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod http;
+pub mod nats;
 pub mod promstack;
 
 use std::io::{BufRead, BufReader};
@@ -68,6 +69,16 @@ pub struct Spawned {
 /// Starts `sakuga serve` on free ports with its folders under `dir`, `global` flags
 /// before the subcommand and `serve` flags after it.
 pub fn spawn_server_full(dir: &std::path::Path, global: &[&str], serve: &[&str]) -> Spawned {
+    spawn_command(dir, global, "serve", serve)
+}
+
+/// Starts `sakuga <command>` (`serve` or `worker`) on free ports, as [`spawn_server_full`].
+pub fn spawn_command(
+    dir: &std::path::Path,
+    global: &[&str],
+    command: &str,
+    serve: &[&str],
+) -> Spawned {
     let mut child = Command::new(env!("CARGO_BIN_EXE_sakuga"))
         .args(global)
         .args(["--data-dir", dir.join("data").to_str().unwrap()])
@@ -75,7 +86,7 @@ pub fn spawn_server_full(dir: &std::path::Path, global: &[&str], serve: &[&str])
         .args(["--models-dir", dir.join("models").to_str().unwrap()])
         .args(["--input-dir", dir.join("input").to_str().unwrap()])
         .args([
-            "serve",
+            command,
             "--listen",
             "127.0.0.1:0",
             "--metrics-listen",

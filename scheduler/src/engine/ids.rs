@@ -21,6 +21,20 @@ pub(crate) fn new_job_id() -> String {
     format!("{:016x}", now.max(previous + 1))
 }
 
+/// A job id unique across a fleet of processes minting at once (cluster gateways): a
+/// [`new_job_id`], so ids still sort by time, then a random tag fixed per process.
+pub(crate) fn new_fleet_job_id() -> String {
+    static TAG: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let tag = TAG.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        // RandomState is seeded from the OS per process.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(std::process::id());
+        hasher.finish() as u32
+    });
+    format!("{}{tag:08x}", new_job_id())
+}
+
 /// Hash of the tunables and signals config in force, for `sakuga_config_generation{config_hash}`.
 pub fn config_hash(
     tunables: &crate::engine::EngineTunables,
@@ -39,6 +53,15 @@ pub fn config_hash(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fleet_ids_extend_local_ids_with_a_process_tag() {
+        let a = new_fleet_job_id();
+        let b = new_fleet_job_id();
+        assert_eq!(a.len(), 24);
+        assert!(a < b, "fleet ids still sort by time: {a} {b}");
+        assert_eq!(a[16..], b[16..], "one tag per process");
+    }
 
     #[test]
     fn job_ids_are_sixteen_hex_digits_that_sort_in_submission_order() {

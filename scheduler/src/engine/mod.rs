@@ -500,6 +500,14 @@ impl EngineHandle {
     }
 
     fn prepare(&self, request: SubmitRequest) -> Result<jobs::PreparedJob, SchedulerError> {
+        self.prepare_with(request, ids::new_job_id)
+    }
+
+    fn prepare_with(
+        &self,
+        request: SubmitRequest,
+        mint: fn() -> String,
+    ) -> Result<jobs::PreparedJob, SchedulerError> {
         if self.is_draining() {
             return Err(SchedulerError::ShuttingDown);
         }
@@ -537,7 +545,7 @@ impl EngineHandle {
                 Some((degraded, plan, estimate, note)) => (plan, estimate, degraded, Some(note)),
                 None => (plan, estimate, workflow, None),
             };
-        let job_id = ids::new_job_id();
+        let job_id = mint();
         let trace = request.trace.unwrap_or_else(TraceContext::new_root);
         let span = sakuga_telemetry::open_job_span(&job_id, workload, &trace);
         Ok(jobs::PreparedJob {
@@ -590,7 +598,8 @@ impl EngineHandle {
 
     /// Checks and rewrites a submission as [`Self::submit`] does (caps, UI format, feature
     /// bypass, validation, estimate, degrade-for-FPS, a new job id) without queueing it:
-    /// cluster mode's gateways publish the result for a worker.
+    /// cluster mode's gateways publish the result for a worker. Its id is unique across
+    /// every gateway of a fleet.
     ///
     /// # Errors
     /// As [`Self::submit`], before admission.
@@ -598,7 +607,7 @@ impl EngineHandle {
         &self,
         request: SubmitRequest,
     ) -> Result<PreparedSubmission, SchedulerError> {
-        let p = self.prepare(request)?;
+        let p = self.prepare_with(request, ids::new_fleet_job_id)?;
         Ok(PreparedSubmission {
             job_id: p.job_id,
             workflow: p.workflow,
