@@ -39,8 +39,20 @@ pub fn available() -> bool {
     found
 }
 
+/// `SAKUGA_NATS_SERVER`, else the one `scripts/test-deps` installs under the target dir,
+/// else `nats-server` on the PATH.
 fn binary() -> String {
-    std::env::var("SAKUGA_NATS_SERVER").unwrap_or_else(|_| "nats-server".into())
+    if let Ok(path) = std::env::var("SAKUGA_NATS_SERVER") {
+        return path;
+    }
+    let clients = std::env::var_os("SAKUGA_COMFY_CLIENTS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("comfy-clients"));
+    let installed = clients.join("nats/bin/nats-server");
+    if installed.is_file() {
+        return installed.to_string_lossy().into_owned();
+    }
+    "nats-server".into()
 }
 
 impl NatsServer {
