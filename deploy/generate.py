@@ -566,6 +566,65 @@ def signal_alert_rules() -> list[dict]:
             ),
         ),
         alert_rule(
+            name="SakugaClusterWorkerLost",
+            expr="sum by (workload) (increase(sakuga_cluster_worker_lost_total[15m])) > 0",
+            hold="0m",
+            severity="page",
+            category="errors",
+            workload=None,
+            summary="[{{ $labels.workload }}] cluster jobs failed as worker_lost: their workers died on every attempt",
+            description=(
+                "{{ $value | humanize }} {{ $labels.workload }} jobs failed with reason "
+                "worker_lost in 15m: each was delivered max_deliver times and every worker "
+                "that took it was lost before it finished. A job that kills its worker (a "
+                "crash or an OOM kill) or a fleet that keeps losing workers."
+            ),
+        ),
+        alert_rule(
+            name="SakugaClusterRedeliveries",
+            expr=(
+                "sum by (workload) (rate(sakuga_cluster_redeliveries_total[10m])) * 600 > 3"
+            ),
+            hold="5m",
+            severity="ticket",
+            category="errors",
+            workload=None,
+            summary="[{{ $labels.workload }}] cluster jobs are being redelivered: workers are lost mid-job",
+            description=(
+                "About {{ $value | humanize }} {{ $labels.workload }} jobs were redelivered "
+                "in the last 10m (held 5m): their workers stopped acking (killed, OOM-killed, "
+                "preempted or cut off from NATS) and JetStream handed the jobs to other "
+                "workers after ack_wait. Work is repeated and latency grows."
+            ),
+        ),
+        alert_rule(
+            name="SakugaClusterConsumerLag",
+            expr=suppressed(
+                "(\n"
+                "  max by (workload) (sakuga_cluster_consumer_pending) > 0\n"
+                "  and on ()\n"
+                "  max(sakuga_cluster_workers) == 0\n"
+                ")\n"
+                "or\n"
+                "(\n"
+                "  min by (workload) (min_over_time(sakuga_cluster_consumer_pending[15m])) > 100\n"
+                "  and\n"
+                "  max by (workload) (deriv(sakuga_cluster_consumer_pending[15m])) > 0\n"
+                ")",
+                "15m",
+            ),
+            hold="2m",
+            severity="page",
+            category="capacity",
+            workload=None,
+            summary="[{{ $labels.workload }}] cluster jobs wait with no worker pulling them, or the backlog keeps growing",
+            description=(
+                "{{ $value | humanize }} {{ $labels.workload }} jobs wait in the work queue's "
+                "consumer, and either no worker has a live heartbeat or the backlog stayed "
+                "over 100 and grew for 15m. Add workers (KEDA), or find why they do not pull."
+            ),
+        ),
+        alert_rule(
             name="SakugaPlannedHeavyLoad",
             expr="max by (reason) (sakuga_planned_heavy_load) == 1",
             hold="0m",
@@ -1212,7 +1271,33 @@ def system_rows() -> list[tuple[str, list[Panel]]]:
                     ],
                 ),
             ],
-        )
+        ),
+        (
+            "Cluster (NATS JetStream)",
+            [
+                Panel(
+                    "Work queue: waiting (consumer lag) and delivered by workload",
+                    [
+                        ("max by (workload) (sakuga_cluster_consumer_pending)", "{{workload}} waiting"),
+                        ("max by (workload) (sakuga_cluster_consumer_ack_pending)", "{{workload}} delivered"),
+                    ],
+                    description="Read by gateways from the SAKUGA_JOBS consumers every second.",
+                ),
+                Panel(
+                    "Live workers",
+                    [("max(sakuga_cluster_workers)", "workers")],
+                    description="Workers with a heartbeat in KV sakuga_workers.",
+                ),
+                Panel(
+                    "Redeliveries and worker_lost by workload",
+                    [
+                        (rate("sakuga_cluster_redeliveries_total", "", "workload"), "{{workload}} redelivered"),
+                        (rate("sakuga_cluster_worker_lost_total", "", "workload"), "{{workload}} worker_lost"),
+                    ],
+                    unit="ops",
+                ),
+            ],
+        ),
     ]
 
 
