@@ -431,6 +431,17 @@ pub fn signals(args: &SignalsArgs) -> anyhow::Result<ExitCode> {
         if let Some(r) = &s.recommendation {
             println!("recommended replicas: {} ({})", r.replicas, r.reason);
         }
+        for w in &s.workers {
+            println!(
+                "worker {:<20} {} {:.0}% busy, {} MiB free, {} running, {:.2} jobs/s",
+                w.worker_id,
+                w.device,
+                w.utilization * 100.0,
+                w.memory_headroom_bytes >> 20,
+                w.running_jobs.len(),
+                w.jobs_per_second
+            );
+        }
         println!(
             "config generation {}{}",
             s.config_generation,
