@@ -64,7 +64,13 @@ fn sakuga(dir: &std::path::Path, command: &str, extra: &[&str]) -> (Proc, String
         .args(["--data-dir", dir.join("data").to_str().unwrap()])
         .args(["--out", dir.join("out").to_str().unwrap()])
         .args(["--models-dir", dir.join("models").to_str().unwrap()])
-        .args([command, "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args([
+            command,
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
         .args(extra)
         .stderr(Stdio::piped())
         .spawn()
@@ -95,7 +101,13 @@ fn job(i: u64) -> v1::SubmitRequest {
 
 async fn run_one(client: &mut SakugaClient, i: u64) -> Duration {
     let start = Instant::now();
-    let id = client.render.submit(job(i)).await.unwrap().into_inner().job_id;
+    let id = client
+        .render
+        .submit(job(i))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     let request = v1::WatchRequest {
         job_id: id,
         skip_frames: true,
@@ -163,7 +175,13 @@ async fn redelivery_delay(url: &str, workers: &mut [Option<(Proc, String)>]) -> 
     if let Some(v1::submit_request::Workflow::WorkflowJson(text)) = &mut long.workflow {
         *text = text.replace("\"batch_size\":4", "\"batch_size\":100");
     }
-    let id = client.render.submit(long).await.unwrap().into_inner().job_id;
+    let id = client
+        .render
+        .submit(long)
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
     let request = v1::WatchRequest {
         job_id: id.clone(),
         skip_frames: true,
@@ -200,7 +218,11 @@ fn main() {
         .unwrap_or(20.0);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let root = tempfile::tempdir().unwrap();
-    let (_embedded, embedded_url) = sakuga(&root.path().join("embedded"), "serve", &["--comfy-listen", "off"]);
+    let (_embedded, embedded_url) = sakuga(
+        &root.path().join("embedded"),
+        "serve",
+        &["--comfy-listen", "off"],
+    );
     let (_nats, nats_url) = nats(root.path());
     let ack_wait = ACK_WAIT_S.to_string();
     let flags = ["--nats", nats_url.as_str(), "--ack-wait", ack_wait.as_str()];
@@ -229,7 +251,10 @@ fn main() {
                 );
             }
             let figures = closed_loop(&url, 2 * count, secs).await;
-            print(&format!("cluster, {count} worker(s), {} clients", 2 * count), &figures);
+            print(
+                &format!("cluster, {count} worker(s), {} clients", 2 * count),
+                &figures,
+            );
         }
         let delay = redelivery_delay(&url, &mut workers).await;
         println!(

@@ -482,3 +482,125 @@ async fn embedded_get_output_reads_the_out_dir() {
         assert_eq!(chunk.data, std::fs::read(Path::new(&path)).unwrap());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_caps_cancels_frames_and_fleet_signals() {
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
+    let tunables = fleet.root.path().join("tunables.toml");
+    std::fs::write(
+        &tunables,
+        "[admission.queue_caps]\nanimation = 4\nsingle_image = 2\nbatch = 4\n",
+    )
+    .unwrap();
+    let mut flags = fleet.cluster_flags("5", "3");
+    flags.extend(["--tunables".to_owned(), tunables.display().to_string()]);
+    let gateway = fleet.gateway("gw", &flags);
+    let mut client = connect(&gateway.url).await;
+
+    // No worker yet: the consumer's pending count is the queue, and its cap holds.
+    let first = client
+        .render
+        .submit(submit_request(job(1, 100, 20.0), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .render
+        .submit(submit_request(job(2, 1, 20.0), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = client
+        .render
+        .submit(submit_request(job(3, 1, 20.0), ""))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    use tonic_types::StatusExt;
+    assert!(refused.get_details_retry_info().is_some(), "a retry hint");
+
+    // A queued job cancelled on the gateway ends at once; its watchers hear it.
+    let cancelled = client
+        .render
+        .cancel(v1::CancelRequest {
+            job_id: second.job_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(cancelled.state, v1::JobState::Cancelled as i32);
+    let events = watch_all(&mut client, &second.job_id).await.unwrap();
+    assert!(
+        matches!(events.last(), Some(v1::watch_event::Kind::FinalStatus(f)) if f.state == v1::JobState::Cancelled as i32)
+    );
+
+    // A running job is cancelled on its worker.
+    let worker = fleet.worker("solo", &flags);
+    let running = wait_running(&mut client, &first.job_id, 1).await;
+    assert_eq!(running.worker, "solo");
+    client
+        .render
+        .cancel(v1::CancelRequest {
+            job_id: first.job_id.clone(),
+        })
+        .await
+        .unwrap();
+    watch_all(&mut client, &first.job_id).await.unwrap();
+    let ended = get_job(&mut client, &first.job_id).await;
+    assert_eq!(ended.state, v1::JobState::Cancelled as i32, "{ended:?}");
+
+    // A frame over NATS's payload limit arrives whole (sent in chunks).
+    let big = json!({
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 640, "height": 640, "batch_size": 1, "color": 7}},
+        "2": {"class_type": "StreamFrames", "inputs": {"images": ["1", 0], "fps": 24.0, "pace": false}},
+    })
+    .to_string();
+    let id = client
+        .render
+        .submit(submit_request(big, ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let request = v1::WatchRequest {
+        job_id: id,
+        frame_encoding: v1::FrameEncoding::Rgb8 as i32,
+        ..Default::default()
+    };
+    let mut stream = client.render.watch(request).await.unwrap().into_inner();
+    let mut frame_bytes = None;
+    while let Some(event) = stream.message().await.unwrap() {
+        match event.kind {
+            Some(v1::watch_event::Kind::Frame(f)) => frame_bytes = Some(f.data),
+            Some(v1::watch_event::Kind::FinalStatus(_)) => break,
+            _ => {}
+        }
+    }
+    let frame = frame_bytes.expect("the frame arrived");
+    assert_eq!(frame.len(), 640 * 640 * 3);
+    assert!(
+        frame.chunks(3).all(|px| px == [0, 0, 7]),
+        "its pixels intact"
+    );
+
+    // The fleet, from heartbeats, on the gateway's signals.
+    let signals = client
+        .signals
+        .get_signals(v1::GetSignalsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<&str> = signals
+        .workers
+        .iter()
+        .map(|w| w.worker_id.as_str())
+        .collect();
+    assert_eq!(ids, ["solo"], "{:?}", signals.workers);
+    drop(worker);
+}

@@ -161,8 +161,9 @@ impl Gateway {
             return Ok(existing);
         }
         let queued = self.admit(&prepared)?;
-        let record = JobRecord::queued(&prepared);
-        self.cluster
+        let mut record = JobRecord::queued(&prepared);
+        let revision = self
+            .cluster
             .jobs
             .put(&prepared.job_id, record.encode())
             .await
@@ -176,7 +177,13 @@ impl Gateway {
             ))
             .await?;
         events.flush().await?;
-        self.publish_job(&prepared).await?;
+        record.queue_seq = Some(self.publish_job(&prepared).await?);
+        // A worker that took it already has written a newer record: nothing to add then.
+        let _ = self
+            .cluster
+            .jobs
+            .update(&prepared.job_id, record.encode(), revision)
+            .await;
         self.engine.signals().admission(
             prepared.workload,
             Decision::Admit,
@@ -291,7 +298,8 @@ impl Gateway {
         Ok(queued)
     }
 
-    async fn publish_job(&self, p: &PreparedSubmission) -> Result<()> {
+    /// Publishes the job; returns its sequence in the work queue.
+    async fn publish_job(&self, p: &PreparedSubmission) -> Result<u64> {
         let message = JobMessage::new(p);
         let payload = serde_json::to_vec(&message).map_err(|e| ClusterError::Record {
             job_id: p.job_id.clone(),
@@ -308,7 +316,7 @@ impl Gateway {
             .map_err(|e| ClusterError::nats("publishing a job", e))?
             .await;
         match published {
-            Ok(_) => Ok(()),
+            Ok(ack) => Ok(ack.sequence),
             Err(e) => {
                 // The work queue's own limit (discard-new) is the hard stop behind the cap.
                 let _ = self.cluster.jobs.delete(&p.job_id).await;
@@ -381,6 +389,9 @@ impl Gateway {
                 .await
             {
                 Ok(_) => {
+                    if let Some(seq) = record.queue_seq {
+                        self.unqueue(seq, record.workload).await;
+                    }
                     EventPublisher::new(&self.cluster, job_id)
                         .publish_final(&record)
                         .await?;
@@ -388,6 +399,23 @@ impl Gateway {
                 }
                 // A worker took it meanwhile: read again.
                 Err(_) => continue,
+            }
+        }
+    }
+
+    /// Removes a cancelled job's message from the work queue; a worker that pulled it
+    /// meanwhile finds the record cancelled and acks it.
+    async fn unqueue(&self, seq: u64, workload: Workload) {
+        if let Ok(stream) = self.cluster.js.get_stream(super::JOBS_STREAM).await
+            && stream.delete_message(seq).await.is_ok()
+        {
+            // Until the next refresh reads the consumer again.
+            let mut fleet = self.fleet.lock();
+            let i = workload.index();
+            if fleet.accepted_since[i] > 0 {
+                fleet.accepted_since[i] -= 1;
+            } else {
+                fleet.pending[i] = fleet.pending[i].saturating_sub(1);
             }
         }
     }

@@ -120,6 +120,10 @@ pub struct JobRecord {
     /// Deliveries to workers so far.
     pub attempts: u32,
     pub worker: Option<String>,
+    /// The job message's sequence in `SAKUGA_JOBS`, so a cancel while queued removes it
+    /// (and it stops counting against the queue cap).
+    #[serde(default)]
+    pub queue_seq: Option<u64>,
 }
 
 impl JobRecord {
@@ -143,6 +147,7 @@ impl JobRecord {
             outputs: Vec::new(),
             attempts: 0,
             worker: None,
+            queue_seq: None,
         }
     }
 
@@ -168,6 +173,7 @@ impl JobRecord {
             outputs: Vec::new(),
             attempts: 0,
             worker: None,
+            queue_seq: None,
         }
     }
 
@@ -282,6 +288,7 @@ mod tests {
             }],
             attempts: 2,
             worker: Some("w1".into()),
+            queue_seq: Some(9),
         };
         record.finish(RecordState::Succeeded, None, None);
         let back = JobRecord::decode("j1", &record.encode()).unwrap();
