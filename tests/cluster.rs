@@ -187,9 +187,11 @@ async fn a_fleet_survives_a_lost_worker_a_lost_gateway_and_a_nats_restart() {
     let mut ids = Vec::new();
     for i in 0..200u32 {
         let client = if i % 2 == 0 { &mut a } else { &mut b };
+        // Job 40 plays for 2 s, long enough to be killed in the middle of.
+        let (frames, fps) = if i == 40 { (40, 20.0) } else { (4, 40.0) };
         let reply = client
             .render
-            .submit(submit_request(job(i, 4, 40.0), &format!("fleet-{i}")))
+            .submit(submit_request(job(i, frames, fps), &format!("fleet-{i}")))
             .await
             .unwrap()
             .into_inner();

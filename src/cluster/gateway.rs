@@ -114,6 +114,9 @@ impl Gateway {
 
     /// Reads the consumers' counts and the heartbeats, and publishes the cluster gauges.
     async fn refresh_fleet(&self) -> Result<()> {
+        // Accepted before the counts are read, so in them; those accepted while reading
+        // may be counted twice until the next refresh, never missed.
+        let counted = self.fleet.lock().accepted_since;
         let mut pending = [0u64; 3];
         let mut ack_pending = [0u64; 3];
         for w in PULL_ORDER {
@@ -135,7 +138,9 @@ impl Gateway {
         let mut fleet = self.fleet.lock();
         fleet.pending = pending;
         fleet.ack_pending = ack_pending;
-        fleet.accepted_since = [0; 3];
+        for (since, seen) in fleet.accepted_since.iter_mut().zip(counted) {
+            *since = since.saturating_sub(seen);
+        }
         fleet.workers = workers;
         Ok(())
     }
