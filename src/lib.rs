@@ -19,6 +19,7 @@ pub mod client;
 pub mod cluster;
 pub mod comfy;
 pub mod config;
+pub mod jobs;
 pub mod report;
 pub mod runtime;
 pub mod server;

@@ -256,11 +256,12 @@ fn serve_as(common: &CommonArgs, args: &ServeArgs, worker_only: bool) -> anyhow:
     };
     let reload = reload_fn(common, args, &config.data_dir);
     let mut server_config = server_config(args, token, reload.clone())?;
-    let comfy = match &cluster {
-        None => comfy_addr(&args.comfy_listen)?,
-        Some(_) => None,
+    // A worker takes no jobs from clients; a gateway serves ComfyUI's API for the cluster.
+    let comfy = match worker_only {
+        false => comfy_addr(&args.comfy_listen)?,
+        true => None,
     };
-    let comfy_config = comfy_config(args, comfy.is_some(), &server_config, &config.data_dir)?;
+    let mut comfy_config = comfy_config(args, comfy.is_some(), &server_config, &config.data_dir)?;
     let started: Arc<OnceLock<EngineHandle>> = Arc::new(OnceLock::new());
     let parts = (engine_config, registry, env, signals);
     let start = match &cluster {
@@ -293,6 +294,9 @@ fn serve_as(common: &CommonArgs, args: &ServeArgs, worker_only: bool) -> anyhow:
                 let engine = started.get().cloned().context("the engine did not start")?;
                 let (role, worker) =
                     cluster_role(cluster, &cluster_args, engine, worker_only, stop_rx).await?;
+                if let Role::Gateway(gateway) = &role {
+                    comfy_config.cluster = Some(gateway.clone());
+                }
                 server_config.role = role;
                 worker
             }
@@ -521,6 +525,7 @@ fn comfy_config(
         max_connections: server.connections.max_connections,
         user_dir: data_dir.join("comfy").join("user").join("default"),
         frontend,
+        cluster: None,
     })
 }
 

@@ -282,3 +282,96 @@ mod tests {
         assert_eq!(parse_chunk("3"), None);
     }
 }
+
+/// A stage name as the engine spells it (`&'static`), for events read back from the stream.
+fn stage_name(name: &str) -> &'static str {
+    use sakuga_telemetry::events::*;
+    [
+        PROMPT_RECEIVED,
+        MODEL_LOADED,
+        INFERENCE_STARTED,
+        INFERENCE_FINISHED,
+        POSTPROCESS_DONE,
+        FRAME_EMITTED,
+        DELIVER_COMPLETE,
+        JOB_FAILED,
+        JOB_CANCELLED,
+        JOB_RECOVERED,
+        ADMISSION_DECISION,
+    ]
+    .into_iter()
+    .find(|known| *known == name)
+    .unwrap_or("stage")
+}
+
+/// An event from the stream as the engine's `WatchItem`, for front ends that speak the
+/// engine's types (the ComfyUI API). Output paths become `<out_dir>/<job_id>/<name>`, so
+/// the job id travels as the first folder of the output's subfolder. `None` for what has no
+/// engine form.
+pub fn to_watch_item(
+    event: v1::WatchEvent,
+    seq: u64,
+    job_id: &str,
+    out_dir: &std::path::Path,
+) -> Option<sakuga_scheduler::engine::WatchItem> {
+    use sakuga_scheduler::engine::{Frame, JobEvent, TimedEvent, WatchItem};
+    use v1::watch_event::Kind;
+    let at = super::record::at_unix_ms(event.at_unix_ms);
+    let job_event = match event.kind? {
+        Kind::Stage(s) => JobEvent::Stage {
+            name: stage_name(&s.name),
+            detail: s.detail,
+        },
+        Kind::Admission(a) => JobEvent::Admission {
+            decision: a.decision.parse().ok()?,
+            reason: a.reason.parse().ok()?,
+            detail: a.detail,
+        },
+        Kind::NodeStarted(n) => JobEvent::NodeStarted {
+            node_id: n.node_id,
+            class_type: n.class_type,
+        },
+        Kind::NodeFinished(n) => JobEvent::NodeFinished {
+            node_id: n.node_id,
+            class_type: n.class_type,
+            duration: std::time::Duration::from_secs_f64(n.duration_seconds.max(0.0)),
+            cached: n.cached,
+        },
+        Kind::Progress(p) => JobEvent::Progress {
+            node_id: p.node_id,
+            step: p.step,
+            steps: p.steps,
+        },
+        Kind::Output(o) => JobEvent::Output {
+            node_id: o.node_id,
+            path: out_dir.join(job_id).join(o.path),
+            kind: o.kind,
+        },
+        Kind::FinalStatus(f) => JobEvent::Finished {
+            state: crate::server::convert::state_from_proto(f.state)?,
+            error: (!f.error.is_empty()).then_some(f.error),
+        },
+        Kind::Frame(f) if f.encoding == v1::FrameEncoding::Rgb8 as i32 => {
+            return Some(WatchItem::Frame(std::sync::Arc::new(Frame {
+                seq,
+                node_id: f.node_id,
+                index: f.index,
+                width: f.width,
+                height: f.height,
+                rgb8: std::sync::Arc::new(f.data),
+                target_fps: f.target_fps,
+                produced_at: super::record::at_unix_ms(f.produced_unix_ms),
+            })));
+        }
+        Kind::Frame(_) => return None,
+        Kind::Skipped(s) if s.frames_dropped > 0 => {
+            return Some(WatchItem::FramesDropped(s.frames_dropped));
+        }
+        Kind::Skipped(s) => return Some(WatchItem::EventsSkipped(s.events_skipped)),
+    };
+    Some(WatchItem::Event(std::sync::Arc::new(TimedEvent {
+        seq,
+        at,
+        event: job_event,
+    })))
+}

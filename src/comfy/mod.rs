@@ -60,6 +60,8 @@ pub struct ComfyConfig {
     pub user_dir: PathBuf,
     /// The ComfyUI frontend's static files, served at `/` when set.
     pub frontend: Option<PathBuf>,
+    /// On a cluster gateway: jobs go to the cluster, outputs come from its object store.
+    pub cluster: Option<crate::cluster::Gateway>,
 }
 
 impl Default for ComfyConfig {
@@ -70,6 +72,7 @@ impl Default for ComfyConfig {
             max_connections: 1024,
             user_dir: PathBuf::from(".sakuga/data/comfy/user/default"),
             frontend: None,
+            cluster: None,
         }
     }
 }
