@@ -19,6 +19,8 @@ Measured per configuration and server:
   p50, p99       submit (just before POST /prompt) -> execution_success received, per prompt
   CPU/job        (utime+stime of the server process over the run) / prompts, from
                  /proc/PID/stat (clock ticks, so +-10 ms over the run: +-0.02 ms/job at 500)
+  client CPU/job the benchmark client's own CPU (os.times) over the run / prompts: the
+                 client shares the machine, so it bounds what any server can show
   idle RSS       VmRSS of the server process once it answers HTTP and has sat idle for
                  --idle-wait seconds, before any prompt (sakuga with the HTTP side on)
 
@@ -155,12 +157,15 @@ async def run_config(url, pid, clients, prompts, colors, prefix):
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
         cpu0 = cpu_seconds(pid)
+        own0 = os.times()
         t0 = time.perf_counter()
         await asyncio.gather(
             *(client(session, url, n, colors, prefix, latencies, errors) for n in per)
         )
         wall = time.perf_counter() - t0
         cpu = cpu_seconds(pid) - cpu0
+        own1 = os.times()
+        own = own1.user + own1.system - own0.user - own0.system
     lat = sorted(latencies)
 
     def pct(p):
@@ -175,6 +180,7 @@ async def run_config(url, pid, clients, prompts, colors, prefix):
         "p50_ms": pct(50),
         "p99_ms": pct(99),
         "cpu_ms_per_job": cpu * 1000 / max(1, len(lat)),
+        "client_cpu_ms_per_job": own * 1000 / max(1, len(lat)),
     }
 
 
@@ -224,17 +230,20 @@ def start_servers(args, tmp):
 
 def table(results, rss):
     rows = [
-        "| server | clients | completions/s | p50 ms | p99 ms | server CPU ms/job | idle RSS MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| server | clients | completions/s | p50 ms | p99 ms | server CPU ms/job "
+        "| client CPU ms/job | idle RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     medians = {}
     for (server, clients), runs in sorted(results.items()):
         med = {k: statistics.median(r[k] for r in runs)
-               for k in ("completions_per_s", "p50_ms", "p99_ms", "cpu_ms_per_job")}
+               for k in ("completions_per_s", "p50_ms", "p99_ms", "cpu_ms_per_job",
+                         "client_cpu_ms_per_job")}
         medians[(server, clients)] = med
         rows.append(
             f"| {server} | {clients} | {med['completions_per_s']:.1f} | {med['p50_ms']:.2f} "
-            f"| {med['p99_ms']:.2f} | {med['cpu_ms_per_job']:.3f} | {rss[server]:.0f} |"
+            f"| {med['p99_ms']:.2f} | {med['cpu_ms_per_job']:.3f} "
+            f"| {med['client_cpu_ms_per_job']:.3f} | {rss[server]:.0f} |"
         )
     lines = ["\n".join(rows), ""]
     for clients in sorted({c for _, c in results}):
@@ -260,7 +269,8 @@ async def main_async(args):
         rss = {name: rss_mib(pid) for name, _, pid in servers}
         colors = Counter()
         for name, url, pid in servers:
-            await run_config(url, pid, 1, args.warmup, colors, "warmup/img")
+            if args.warmup > 0:
+                await run_config(url, pid, 1, args.warmup, colors, "warmup/img")
         results: dict = {}
         for rnd in range(args.rounds):
             for clients in args.clients:
@@ -272,6 +282,7 @@ async def main_async(args):
                     print(f"round {rnd} {name:7} {clients} client(s): "
                           f"{r['completions_per_s']:7.1f}/s p50 {r['p50_ms']:6.2f} ms "
                           f"p99 {r['p99_ms']:6.2f} ms cpu {r['cpu_ms_per_job']:.3f} ms/job "
+                          f"client {r['client_cpu_ms_per_job']:.3f} ms/job "
                           f"errors {r['errors']}", flush=True)
         print()
         print(table(results, rss))

@@ -128,7 +128,7 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 }
 
 async fn get_prompt(State(app): State<Arc<AppState>>) -> JsonBody<Json> {
-    JsonBody(queue_status(&app).await)
+    JsonBody(queue_status(&app))
 }
 
 fn bad(kind: &str, message: &str) -> (axum::http::StatusCode, JsonBody<Json>) {

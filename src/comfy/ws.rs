@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use serde_json::{Value as Json, json};
 use tokio::sync::mpsc;
 
-use sakuga_scheduler::engine::WatchItem;
+use sakuga_scheduler::engine::{EngineHandle, WatchItem};
 
 use super::AppState;
 use super::events::{Translator, message, preview_frame};
@@ -105,14 +105,8 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 }
 
 /// `{"status": {"exec_info": {"queue_remaining": n}}}`: queued plus running jobs.
-pub async fn queue_status(app: &AppState) -> Json {
-    let remaining = match app.engine() {
-        Ok(engine) => engine
-            .demand()
-            .await
-            .map_or(0, |d| d.queued_jobs + d.running_jobs),
-        Err(_) => 0,
-    };
+pub fn queue_status(app: &AppState) -> Json {
+    let remaining = app.engine().map_or(0, EngineHandle::active_jobs);
     json!({"exec_info": {"queue_remaining": remaining}})
 }
 
@@ -123,9 +117,9 @@ pub fn broadcast_status(app: &AppState) {
 
 /// Sends the queue `status` to every client each time [`broadcast_status`] asked for it.
 /// Requests made while one is being answered fold into the next answer, so a burst of
-/// submissions and completions costs one engine query and one message per client instead
-/// of one per change (with 8 busy clients that was 16 messages per job); the last status
-/// sent always reads the queue after the latest change.
+/// submissions and completions costs one message per client instead of one per change
+/// (with 8 busy clients that was 16 messages per job); the last status sent always reads
+/// the queue after the latest change.
 pub async fn status_task(app: Arc<AppState>) {
     let mut closing = app.closing.clone();
     loop {
@@ -133,7 +127,7 @@ pub async fn status_task(app: Arc<AppState>) {
             () = app.status_due.notified() => {}
             _ = closed(&mut closing) => return,
         }
-        let status = queue_status(&app).await;
+        let status = queue_status(&app);
         app.hub
             .broadcast(&message("status", json!({ "status": status })));
     }
@@ -182,7 +176,7 @@ async fn ws_handler(
 async fn client_task(app: Arc<AppState>, client_id: String, mut socket: WebSocket) {
     let (tx, mut rx) = mpsc::channel(CLIENT_QUEUE);
     let conn = app.hub.register(&client_id, tx);
-    let status = queue_status(&app).await;
+    let status = queue_status(&app);
     let hello = message("status", json!({"status": status, "sid": client_id}));
     let mut closing = app.closing.clone();
     if socket
