@@ -539,6 +539,11 @@ async fn catalogue_models_and_settings_endpoints_answer_in_comfyuis_shapes() {
             .unwrap()
             .contains(&json!("euler"))
     );
+    // ComfyUI's seeds go to 2^64 - 1; the UI randomises within the max it is shown.
+    assert_eq!(
+        ks["input"]["required"]["seed"][1]["max"],
+        json!(18_446_744_073_709_551_615_u64)
+    );
     assert_eq!(ks["output"], json!(["LATENT"]));
     assert_eq!(ks["output_node"], false);
     assert_eq!(http::get(addr, "/object_info/Nope").await.json(), json!({}));

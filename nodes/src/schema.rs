@@ -23,10 +23,12 @@ pub enum ComboOptions {
 /// What an input accepts: a widget literal with its constraints, or a link of a port type.
 #[derive(Debug, Clone)]
 pub enum InputKind {
+    /// The bounds are wider than the value (`i128`) because ComfyUI's seeds go up to
+    /// `u64::MAX` (see [`InputSpec::seed`]); every other integer fits in `i64`.
     Int {
         default: i64,
-        min: i64,
-        max: i64,
+        min: i128,
+        max: i128,
         step: i64,
     },
     Float {
@@ -94,8 +96,24 @@ impl InputSpec {
             name,
             InputKind::Int {
                 default,
-                min,
-                max,
+                min: min.into(),
+                max: max.into(),
+                step: 1,
+            },
+        )
+    }
+
+    /// A required seed widget: 0 to `u64::MAX`, as ComfyUI's samplers declare it, so the
+    /// web UI and scripts may send any seed ComfyUI takes. The value is kept as the
+    /// seed's 64 bits in an `i64` (a seed above `i64::MAX` reads as negative): read it
+    /// back with `as u64`, which gives the seed as sent.
+    pub fn seed(name: &'static str) -> Self {
+        Self::new(
+            name,
+            InputKind::Int {
+                default: 0,
+                min: 0,
+                max: u64::MAX.into(),
                 step: 1,
             },
         )

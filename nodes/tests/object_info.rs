@@ -128,13 +128,16 @@ fn every_node_has_comfyuis_object_info_shape() {
 fn comfyui_reference() -> Vec<(&'static str, &'static str, Json)> {
     let max_resolution = 16384;
     vec![
-        // ComfyUI's max is 2^64 - 1; ours is i64::MAX (INT literals are i64 here). The UI
-        // randomizes within the max our /object_info advertises, so its seeds fit; a graph
-        // saved by ComfyUI with a seed past 2^63 - 1 is refused as out of range (known gap).
+        // 0xffffffffffffffff in nodes.py; seeds past i64::MAX are kept as their 64 bits.
         (
             "KSampler",
             "seed",
-            json!(["INT", {"default": 0, "min": 0, "max": i64::MAX}]),
+            json!(["INT", {"default": 0, "min": 0, "max": u64::MAX}]),
+        ),
+        (
+            "KSamplerAdvanced",
+            "noise_seed",
+            json!(["INT", {"default": 0, "min": 0, "max": u64::MAX}]),
         ),
         (
             "KSampler",

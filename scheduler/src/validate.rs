@@ -464,7 +464,10 @@ impl<'a> Validator<'a> {
         match &spec.kind {
             InputKind::Int { min, max, .. } => {
                 let v = as_int(raw).ok_or_else(|| invalid("INT"))?;
-                check_range(spec, raw, v as f64, *min as f64, *max as f64)?;
+                check_range(spec, raw, v, *min, *max)?;
+                // In range, so it fits in 64 bits; a seed above i64::MAX keeps its bits
+                // (see `InputSpec::seed`), everything else fits in i64 as is.
+                let v = i64::try_from(v).unwrap_or(v as u64 as i64);
                 Ok(Value::Int(v))
             }
             InputKind::Float { min, max, .. } => {
@@ -683,12 +686,12 @@ fn input_error(
 }
 
 #[allow(clippy::result_large_err)] // as for `convert_literal`
-fn check_range(
+fn check_range<T: PartialOrd + std::fmt::Display>(
     spec: &InputSpec,
     raw: &Json,
-    v: f64,
-    min: f64,
-    max: f64,
+    v: T,
+    min: T,
+    max: T,
 ) -> Result<(), ValidationError> {
     if v < min {
         return Err(ValidationError {
@@ -716,13 +719,19 @@ fn check_range(
 }
 
 /// Integers as Python's `int()` takes them: integers, floats (truncated), numeric strings.
-fn as_int(raw: &Json) -> Option<i64> {
+/// Wider than any bound (`i128`), so that a value past `u64::MAX` is out of range, as in
+/// ComfyUI, rather than not an integer.
+fn as_int(raw: &Json) -> Option<i128> {
     match raw {
-        Json::Number(n) => n.as_i64().or_else(|| {
-            n.as_f64()
-                .filter(|f| f.is_finite() && f.abs() < 9.0e18)
-                .map(|f| f.trunc() as i64)
-        }),
+        Json::Number(n) => n
+            .as_i64()
+            .map(i128::from)
+            .or_else(|| n.as_u64().map(i128::from))
+            .or_else(|| {
+                n.as_f64()
+                    .filter(|f| f.is_finite() && f.abs() < 1.0e38)
+                    .map(|f| f.trunc() as i128)
+            }),
         Json::String(s) => s.trim().parse().ok(),
         _ => None,
     }

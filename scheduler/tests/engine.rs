@@ -253,6 +253,11 @@ fn priorities_cancel_caps_idempotency_and_demand() {
     let demand = engine.demand_blocking().unwrap();
     assert_eq!((demand.queued_jobs, demand.running_jobs), (4, 1));
     assert!(demand.weighted >= 0.5, "every job weighs at least 0.1");
+    assert_eq!(
+        engine.active_jobs(),
+        5,
+        "the published count agrees with Demand"
+    );
 
     // Cancel a queued job: final at once.
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -260,6 +265,7 @@ fn priorities_cancel_caps_idempotency_and_demand() {
         .unwrap();
     let cancelled = rt.block_on(engine.cancel(&batch2.job_id)).unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
+    assert_eq!(engine.active_jobs(), 4);
 
     open_gate("prio");
     for id in [&blocker.job_id, &batch.job_id, &anim.job_id, &first.job_id] {
@@ -271,6 +277,8 @@ fn priorities_cancel_caps_idempotency_and_demand() {
             "{id}"
         );
     }
+    // Published before each job's final event, so it is exact once the last watch ends.
+    assert_eq!(engine.active_jobs(), 0);
     // Animation ran before the earlier batch job.
     let started = |id: &str| engine.get_blocking(id).unwrap().started_at.unwrap();
     assert!(started(&anim.job_id) < started(&batch.job_id));

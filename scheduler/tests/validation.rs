@@ -4,7 +4,7 @@
 mod common;
 
 use sakuga_scheduler::SchedulerError;
-use serde_json::json;
+use serde_json::{Value as Json, json};
 
 fn report(
     result: Result<sakuga_scheduler::ExecutionPlan, SchedulerError>,
@@ -191,4 +191,46 @@ fn echoed_client_text_is_clipped_and_long_cycles_stay_small() {
         r.node_errors["0"].errors[0].extra_info["cycle_length"],
         json!(n)
     );
+}
+
+/// A sampler with `seed` as sent, on the demo checkpoint.
+fn sampler_with_seed(seed: Json) -> Json {
+    json!({
+        "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": sakuga_models::demo::DEMO_CHECKPOINT}},
+        "pos": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["ckpt", 1]}},
+        "latent": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "sample": {"class_type": "KSampler", "inputs": {
+            "model": ["ckpt", 0], "seed": seed, "steps": 1, "cfg": 7.0, "sampler_name": "euler",
+            "scheduler": "normal", "positive": ["pos", 0], "negative": ["pos", 0],
+            "latent_image": ["latent", 0], "denoise": 1.0}},
+        "decode": {"class_type": "VAEDecode", "inputs": {"samples": ["sample", 0], "vae": ["ckpt", 2]}},
+        "save": {"class_type": "SaveImage", "inputs": {"images": ["decode", 0], "filename_prefix": "s"}},
+    })
+}
+
+#[test]
+fn seeds_take_comfyuis_whole_u64_range_and_nothing_past_it() {
+    let f = common::fixture(1);
+    sakuga_models::demo::write_demo_models(&f.executor.env().models_dir).unwrap();
+    // What the web UI or a script may send: above i64::MAX, up to u64::MAX, as numbers
+    // or strings (Python's int() takes both).
+    for seed in [
+        json!(0),
+        json!(9_223_372_036_854_775_808_u64),
+        json!(u64::MAX),
+        json!("18446744073709551615"),
+    ] {
+        f.plan(&sampler_with_seed(seed.clone()))
+            .unwrap_or_else(|e| panic!("seed {seed} refused: {e}"));
+    }
+    let r = report(f.plan(&sampler_with_seed(json!(18_446_744_073_709_551_616_f64))));
+    assert_eq!(kinds_of(&r, "sample"), ["value_bigger_than_max"]);
+    // The bound exactly, not as a float.
+    assert!(
+        r.node_errors["sample"].errors[0]
+            .message
+            .ends_with("bigger than max of 18446744073709551615")
+    );
+    let r = report(f.plan(&sampler_with_seed(json!(-1))));
+    assert_eq!(kinds_of(&r, "sample"), ["value_smaller_than_min"]);
 }

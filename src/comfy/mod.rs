@@ -84,6 +84,8 @@ pub struct AppState {
     pub config: ComfyConfig,
     pub prompts: prompt::PromptStore,
     pub hub: ws::Hub,
+    /// Wakes the status broadcaster (`ws::status_task`).
+    pub status_due: tokio::sync::Notify,
     /// Flips to true when the server stops; WebSocket connections and relays end.
     pub closing: tokio::sync::watch::Receiver<bool>,
 }
@@ -307,8 +309,10 @@ pub async fn run(
         config,
         prompts: prompt::PromptStore::default(),
         hub: ws::Hub::default(),
+        status_due: tokio::sync::Notify::new(),
         closing,
     });
+    tokio::spawn(ws::status_task(app.clone()));
     let listener = CappedListener {
         inner: listener,
         slots,

@@ -128,7 +128,7 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 }
 
 async fn get_prompt(State(app): State<Arc<AppState>>) -> JsonBody<Json> {
-    JsonBody(queue_status(&app).await)
+    JsonBody(queue_status(&app))
 }
 
 fn bad(kind: &str, message: &str) -> (axum::http::StatusCode, JsonBody<Json>) {
@@ -208,7 +208,7 @@ async fn post_prompt(
         },
     );
     tokio::spawn(relay_task(app.clone(), job_id.clone(), client_id));
-    broadcast_status(&app).await;
+    broadcast_status(&app);
     let body = json!({"prompt_id": job_id, "number": number, "node_errors": {}});
     Ok(JsonBody(body).into_response())
 }
@@ -295,7 +295,7 @@ async fn post_queue(State(app): State<Arc<AppState>>, body: Bytes) -> Result<(),
     for id in cancel {
         let _ = engine.cancel(&id).await;
     }
-    broadcast_status(&app).await;
+    broadcast_status(&app);
     Ok(())
 }
 

@@ -248,8 +248,8 @@ fn int_step(name: &'static str, default: i64, min: i64, max: i64, step: i64) -> 
     let mut spec = InputSpec::int(name, default, min, max);
     spec.kind = InputKind::Int {
         default,
-        min,
-        max,
+        min: min.into(),
+        max: max.into(),
         step,
     };
     spec
@@ -470,7 +470,7 @@ impl Node for EmptyLatentImage {
 
 fn sampler_inputs(schema: NodeSchema, seed_name: &'static str) -> NodeSchema {
     schema
-        .input(InputSpec::int(seed_name, 0, 0, i64::MAX))
+        .input(InputSpec::seed(seed_name))
         .input(InputSpec::int("steps", 20, 1, 10000))
         .input(InputSpec::float("cfg", 8.0, 0.0, 100.0, 0.1))
         .input(InputSpec::combo("sampler_name", SAMPLER_NAMES))

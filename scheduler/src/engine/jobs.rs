@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -199,6 +200,13 @@ impl QueueState {
         self.shared
             .signals
             .queue_depth(workload, self.queue.len_of(workload));
+        self.publish_active();
+    }
+
+    /// See [`super::Shared::active`].
+    pub(super) fn publish_active(&self) {
+        let active = self.queue.len() + usize::from(self.running.is_some());
+        self.shared.active.store(active, Ordering::Release);
     }
 
     pub(super) fn new_job(&mut self, p: PreparedJob, recovered: bool, attempts: u32) -> Job {
@@ -575,6 +583,7 @@ impl QueueState {
         if self.running.as_deref() == Some(job_id.as_str()) {
             self.running = None;
         }
+        self.publish_active();
         self.delivering.insert(job_id);
     }
 
@@ -587,6 +596,7 @@ impl QueueState {
         if self.running.as_deref() == Some(done.job_id.as_str()) {
             self.running = None;
         }
+        self.publish_active();
         self.delivering.remove(&done.job_id);
         let Some(job) = self.jobs.get(&done.job_id) else {
             return;

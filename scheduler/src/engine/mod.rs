@@ -23,7 +23,7 @@ mod worker;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -338,6 +338,10 @@ pub(crate) struct Shared {
     pub hardware_class: String,
     pub ready: AtomicBool,
     pub draining: AtomicBool,
+    /// Queued plus running jobs, as [`Demand`] counts them, published by the queue worker
+    /// whenever either changes and before that change's events go out, so that a reader
+    /// woken by those events reads the new count without asking the queue worker.
+    pub active: AtomicUsize,
     pub threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -410,6 +414,7 @@ impl EngineHandle {
                 .unwrap_or_else(|| default_hardware_class(&env.device)),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            active: AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
         });
         let (tx, rx) = crossbeam_channel::bounded(COMMAND_CAPACITY);
@@ -434,6 +439,12 @@ impl EngineHandle {
             .extend([device.thread, queue, pacer_thread]);
         handle.shared.ready.store(true, Ordering::Release);
         Ok(handle)
+    }
+
+    /// Queued plus running jobs (`Demand`'s `queued_jobs + running_jobs`) without a round
+    /// trip to the queue worker: what ComfyUI's `queue_remaining` shows after every change.
+    pub fn active_jobs(&self) -> usize {
+        self.shared.active.load(Ordering::Acquire)
     }
 
     /// Whether the device worker is up and the engine takes work.

@@ -324,6 +324,7 @@ impl QueueState {
                 self.failure(job_id, ErrorKind::Timeout, stage, detail)
             }
         };
+        self.publish_active();
         let job = &self.jobs[job_id];
         job.feed.push(JobEvent::Stage { name, detail });
         job.feed.push(JobEvent::Finished { state, error });
@@ -438,6 +439,7 @@ mod tests {
             hardware_class: "cpu".into(),
             ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
+            active: std::sync::atomic::AtomicUsize::new(0),
             threads: Mutex::new(Vec::new()),
         });
         let (journal, _) = Journal::open(dir.path(), Duration::from_secs(3600)).unwrap();
