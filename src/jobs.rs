@@ -16,7 +16,18 @@ use crate::cluster::{ClusterError, Gateway};
 #[derive(Debug, Clone)]
 pub enum Jobs {
     Local(EngineHandle),
-    Cluster(Gateway),
+    /// A cluster gateway; outputs are shown under `<out_dir>/<job_id>/`, so the job id is
+    /// the first folder of their ComfyUI `subfolder` and `/view` finds them in the object
+    /// store.
+    Cluster(Gateway, PathBuf),
+}
+
+/// A cluster job's outputs under `<out_dir>/<job_id>/`.
+fn placed(mut info: JobInfo, out_dir: &std::path::Path) -> JobInfo {
+    for output in &mut info.outputs {
+        output.path = out_dir.join(&info.job_id).join(&output.path);
+    }
+    info
 }
 
 /// A job's feed, from the local engine or the cluster's events stream.
@@ -58,7 +69,7 @@ impl Jobs {
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, ClusterError> {
         match self {
             Jobs::Local(engine) => Ok(engine.submit(request).await?),
-            Jobs::Cluster(gateway) => gateway.submit(request).await,
+            Jobs::Cluster(gateway, _) => gateway.submit(request).await,
         }
     }
 
@@ -67,7 +78,7 @@ impl Jobs {
     pub async fn get(&self, job_id: &str) -> Result<JobInfo, ClusterError> {
         match self {
             Jobs::Local(engine) => Ok(engine.get(job_id).await?),
-            Jobs::Cluster(gateway) => gateway.get(job_id).await,
+            Jobs::Cluster(gateway, out) => Ok(placed(gateway.get(job_id).await?, out)),
         }
     }
 
@@ -76,7 +87,7 @@ impl Jobs {
     pub async fn cancel(&self, job_id: &str) -> Result<JobInfo, ClusterError> {
         match self {
             Jobs::Local(engine) => Ok(engine.cancel(job_id).await?),
-            Jobs::Cluster(gateway) => gateway.cancel(job_id).await,
+            Jobs::Cluster(gateway, out) => Ok(placed(gateway.cancel(job_id).await?, out)),
         }
     }
 
@@ -90,29 +101,36 @@ impl Jobs {
     ) -> Result<JobPage, ClusterError> {
         match self {
             Jobs::Local(engine) => Ok(engine.list(filter, page_size, token).await?),
-            Jobs::Cluster(gateway) => gateway.list(filter, page_size, token).await,
+            Jobs::Cluster(gateway, out) => {
+                let mut page = gateway.list(filter, page_size, token).await?;
+                page.jobs = page.jobs.into_iter().map(|j| placed(j, out)).collect();
+                Ok(page)
+            }
         }
     }
 
     /// # Errors
     /// Unknown job, or NATS unreachable.
-    pub async fn watch(&self, job_id: &str, out_dir: PathBuf) -> Result<JobStream, ClusterError> {
+    pub async fn watch(&self, job_id: &str) -> Result<JobStream, ClusterError> {
         match self {
             Jobs::Local(engine) => Ok(JobStream::Local(engine.watch(job_id).await?)),
-            Jobs::Cluster(gateway) => Ok(JobStream::Cluster {
+            Jobs::Cluster(gateway, out_dir) => Ok(JobStream::Cluster {
                 watch: gateway.watch(job_id).await?,
                 job_id: job_id.to_owned(),
-                out_dir,
+                out_dir: out_dir.clone(),
                 seq: 0,
             }),
         }
     }
 
-    /// The cluster's gateway, in cluster mode.
-    pub fn gateway(&self) -> Option<&Gateway> {
+    /// Jobs queued or running.
+    pub fn active(&self) -> usize {
         match self {
-            Jobs::Local(_) => None,
-            Jobs::Cluster(gateway) => Some(gateway),
+            Jobs::Local(engine) => engine.active_jobs(),
+            Jobs::Cluster(gateway, _) => {
+                let demand = gateway.demand();
+                demand.queued_jobs + demand.running_jobs
+            }
         }
     }
 }

@@ -606,3 +606,90 @@ async fn gateway_caps_cancels_frames_and_fleet_signals() {
     assert_eq!(ids, ["solo"], "{:?}", signals.workers);
     drop(worker);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_gateway_serves_comfyuis_api_for_the_cluster() {
+    use tokio_tungstenite::tungstenite::Message;
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
+    let flags = fleet.cluster_flags("5", "3");
+    let with_comfy = |name: &str| {
+        let mut args: Vec<&str> = flags.iter().map(String::as_str).collect();
+        args.extend(["--comfy-listen", "127.0.0.1:0"]);
+        spawn_command(&fleet.root.path().join(name), &[], "serve", &args)
+    };
+    let (a, b) = (with_comfy("gw-a"), with_comfy("gw-b"));
+    let _worker = fleet.worker("comfy-worker", &flags);
+    wait_serving(&a.url).await;
+    wait_serving(&b.url).await;
+
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?clientId=c1", a.comfy_addr))
+            .await
+            .unwrap();
+    let prompt = json!({
+        "client_id": "c1",
+        "prompt": {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1234}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "viaComfy"}},
+        },
+    });
+    let reply = support::http::post_json(&a.comfy_addr, "/prompt", &prompt).await;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let prompt_id = reply.json()["prompt_id"].as_str().unwrap().to_owned();
+    let mut seen = Vec::new();
+    while let Some(message) = ws.next().await {
+        let Message::Text(text) = message.unwrap() else {
+            continue;
+        };
+        let message: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let kind = message["type"].as_str().unwrap_or_default().to_owned();
+        if message["data"]["prompt_id"] == prompt_id.as_str() {
+            seen.push(kind.clone());
+        }
+        if kind == "execution_success" && message["data"]["prompt_id"] == prompt_id.as_str() {
+            break;
+        }
+        assert_ne!(kind, "execution_error", "{message}");
+    }
+    assert_eq!(
+        seen.first().map(String::as_str),
+        Some("execution_start"),
+        "{seen:?}"
+    );
+    assert!(seen.contains(&"executed".to_owned()), "{seen:?}");
+
+    // The other gateway knows the job and serves its output from the object store.
+    let history = support::http::get(&b.comfy_addr, &format!("/history/{prompt_id}")).await;
+    let entry = &history.json()[&prompt_id];
+    let image = &entry["outputs"]["2"]["images"][0];
+    assert_eq!(image["filename"], "viaComfy_00001_.png", "{entry}");
+    assert_eq!(image["subfolder"], prompt_id.as_str(), "{entry}");
+    let view = support::http::get(
+        &b.comfy_addr,
+        &format!(
+            "/view?filename={}&subfolder={}&type=output",
+            image["filename"].as_str().unwrap(),
+            prompt_id
+        ),
+    )
+    .await;
+    assert_eq!(view.status, 200);
+    let written = fleet
+        .root
+        .path()
+        .join("comfy-worker/out/viaComfy_00001_.png");
+    assert_eq!(view.body, std::fs::read(written).unwrap());
+    let missing = support::http::get(
+        &b.comfy_addr,
+        &format!("/view?filename=nothing.png&subfolder={prompt_id}&type=output"),
+    )
+    .await;
+    assert_eq!(missing.status, 404);
+}

@@ -185,8 +185,43 @@ async fn view(
         .and_then(|n| n.to_str())
         .ok_or_else(|| ComfyError::BadRequest("bad filename".into()))?
         .to_owned();
-    let file = resolve_existing(&root, &sub, &base)?;
+    let file = match resolve_existing(&root, &sub, &base) {
+        Ok(file) => file,
+        Err(ComfyError::NotFound) if kind == "output" && app.config.cluster.is_some() => {
+            return cluster_output(&app, &sub, &base).await;
+        }
+        Err(e) => return Err(e),
+    };
     Ok(file_response(&file, Some(&base)).await)
+}
+
+/// A cluster job's output from the object store: the subfolder's first folder is the job
+/// id (see `crate::jobs::Jobs::Cluster`), the rest its folder inside the out dir.
+async fn cluster_output(app: &AppState, sub: &FsPath, base: &str) -> Result<Response, ComfyError> {
+    let gateway = app.config.cluster.as_ref().ok_or(ComfyError::NotFound)?;
+    let mut parts = sub.iter().map(|p| p.to_string_lossy().into_owned());
+    let job_id = parts.next().ok_or(ComfyError::NotFound)?;
+    let name = parts
+        .chain(std::iter::once(base.to_owned()))
+        .collect::<Vec<_>>()
+        .join("/");
+    let (size, mut object) = gateway.output(&job_id, &name).await?;
+    let mut bytes = Vec::with_capacity(size.min(1 << 30) as usize);
+    tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes).await?;
+    let mut response = (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static(content_type(FsPath::new(base))),
+        )],
+        bytes,
+    )
+        .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("filename=\"{base}\"")) {
+        response
+            .headers_mut()
+            .insert(header::CONTENT_DISPOSITION, v);
+    }
+    Ok(response)
 }
 
 /// The fields of an upload form.

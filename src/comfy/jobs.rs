@@ -82,12 +82,12 @@ async fn list_jobs(
         .get("offset")
         .and_then(|o| o.parse::<usize>().ok())
         .unwrap_or(0);
-    let engine = app.engine()?;
+    let jobs = app.jobs()?;
     let mut matching = Vec::new();
     let mut token = None;
     // Newest first from the engine; stop once the page and one more (for has_more) are in.
     while matching.len() <= offset + limit {
-        let page = engine.list(ListFilter::default(), MAX_LIMIT, token).await?;
+        let page = jobs.list(ListFilter::default(), MAX_LIMIT, token).await?;
         matching.extend(
             page.jobs
                 .into_iter()
@@ -115,9 +115,12 @@ async fn job_detail(
     State(app): State<Arc<AppState>>,
     Path(id): Path<String>,
 ) -> Result<JsonBody<Json>, ComfyError> {
-    let engine = app.engine()?;
-    let job = engine.get(&id).await.map_err(|_| ComfyError::NotFound)?;
-    let env = engine.env().clone();
+    let job = app
+        .jobs()?
+        .get(&id)
+        .await
+        .map_err(|_| ComfyError::NotFound)?;
+    let env = app.engine()?.env().clone();
     let mut outputs: Map<String, Json> = Map::new();
     for out in &job.outputs {
         let entry = outputs

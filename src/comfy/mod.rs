@@ -45,6 +45,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use sakuga_scheduler::{EngineHandle, SchedulerError};
+
+use crate::jobs::Jobs;
 use sakuga_telemetry::AdmissionReason;
 
 /// Settings of the ComfyUI listener.
@@ -98,6 +100,18 @@ impl AppState {
     pub fn engine(&self) -> Result<&EngineHandle, ComfyError> {
         self.engine.get().ok_or(ComfyError::Starting)
     }
+
+    /// Where this server's jobs go: the local engine, or on a gateway the cluster.
+    ///
+    /// # Errors
+    /// [`ComfyError::Starting`] before the engine is up.
+    pub fn jobs(&self) -> Result<Jobs, ComfyError> {
+        let engine = self.engine()?;
+        Ok(match &self.config.cluster {
+            Some(gateway) => Jobs::Cluster(gateway.clone(), engine.env().output_dir.clone()),
+            None => Jobs::Local(engine.clone()),
+        })
+    }
 }
 
 /// An API failure, answered with ComfyUI's status codes and body shapes.
@@ -105,6 +119,9 @@ impl AppState {
 pub enum ComfyError {
     #[error(transparent)]
     Engine(#[from] SchedulerError),
+    /// Cluster mode: NATS unreachable or a record unreadable.
+    #[error(transparent)]
+    Cluster(crate::cluster::ClusterError),
     #[error("the render engine is starting")]
     Starting,
     #[error("{0}")]
@@ -119,6 +136,16 @@ pub enum ComfyError {
     Unauthorized,
     #[error("{0}")]
     Io(#[from] io::Error),
+}
+
+impl From<crate::cluster::ClusterError> for ComfyError {
+    fn from(error: crate::cluster::ClusterError) -> Self {
+        match error {
+            crate::cluster::ClusterError::Scheduler(e) => ComfyError::Engine(e),
+            crate::cluster::ClusterError::NoOutput { .. } => ComfyError::NotFound,
+            other => ComfyError::Cluster(other),
+        }
+    }
 }
 
 /// ComfyUI's `{error: {type, message, details, extra_info}, node_errors}` body.
@@ -144,6 +171,12 @@ impl IntoResponse for ComfyError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 [(header::RETRY_AFTER, HeaderValue::from(1u64))],
                 axum::Json(error_body("server_starting", &message, "")),
+            )
+                .into_response(),
+            ComfyError::Cluster(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, HeaderValue::from(1u64))],
+                axum::Json(error_body("cluster_unavailable", &message, "")),
             )
                 .into_response(),
             ComfyError::BadRequest(_) => (

@@ -190,12 +190,12 @@ async fn post_prompt(
     if let Some(id) = &client_id {
         extra_data.insert("client_id".into(), json!(id));
     }
-    let engine = app.engine()?;
+    let jobs = app.jobs()?;
     let mut submit = SubmitRequest::new(prompt.clone());
     submit.workflow_bytes = Some(body.len() as u64);
     submit.priority = if front { FRONT_PRIORITY } else { 0 };
     submit.labels.insert("api".into(), "comfyui".into());
-    let submitted = engine.submit(submit).await?;
+    let submitted = jobs.submit(submit).await?;
     let job_id = submitted.job_id;
     app.prompts.insert(
         &job_id,
@@ -222,7 +222,7 @@ fn queue_item(app: &AppState, job: &JobInfo) -> Json {
 }
 
 async fn jobs_in(app: &AppState, state: JobState) -> Result<Vec<JobInfo>, ComfyError> {
-    let engine = app.engine()?;
+    let jobs_front = app.jobs()?;
     let filter = ListFilter {
         state: Some(state),
         ..ListFilter::default()
@@ -230,7 +230,7 @@ async fn jobs_in(app: &AppState, state: JobState) -> Result<Vec<JobInfo>, ComfyE
     let mut jobs = Vec::new();
     let mut token = None;
     loop {
-        let page = engine.list(filter.clone(), PAGE, token).await?;
+        let page = jobs_front.list(filter.clone(), PAGE, token).await?;
         jobs.extend(page.jobs);
         match page.next_page_token {
             Some(t) => token = Some(t),
@@ -273,7 +273,7 @@ fn parse_body(body: &Bytes) -> Result<Json, ComfyError> {
 /// Running jobs are left alone, as in ComfyUI (`/interrupt` stops those).
 async fn post_queue(State(app): State<Arc<AppState>>, body: Bytes) -> Result<(), ComfyError> {
     let body = parse_body(&body)?;
-    let engine = app.engine()?;
+    let jobs = app.jobs()?;
     let mut cancel: Vec<String> = Vec::new();
     if body.get("clear").and_then(Json::as_bool) == Some(true) {
         cancel.extend(
@@ -284,7 +284,7 @@ async fn post_queue(State(app): State<Arc<AppState>>, body: Bytes) -> Result<(),
         );
     }
     for id in id_list(&body, "delete") {
-        if engine
+        if jobs
             .get(&id)
             .await
             .is_ok_and(|j| j.state == JobState::Queued)
@@ -293,7 +293,7 @@ async fn post_queue(State(app): State<Arc<AppState>>, body: Bytes) -> Result<(),
         }
     }
     for id in cancel {
-        let _ = engine.cancel(&id).await;
+        let _ = jobs.cancel(&id).await;
     }
     broadcast_status(&app);
     Ok(())
@@ -303,10 +303,10 @@ async fn post_queue(State(app): State<Arc<AppState>>, body: Bytes) -> Result<(),
 async fn post_interrupt(State(app): State<Arc<AppState>>, body: Bytes) -> Result<(), ComfyError> {
     let body = parse_body(&body).unwrap_or_default();
     let only = body.get("prompt_id").and_then(Json::as_str);
-    let engine = app.engine()?;
+    let jobs = app.jobs()?;
     for job in jobs_in(&app, JobState::Running).await? {
         if only.is_none_or(|id| id == job.job_id) {
-            let _ = engine.cancel(&job.job_id).await;
+            let _ = jobs.cancel(&job.job_id).await;
         }
     }
     Ok(())
@@ -383,11 +383,11 @@ async fn get_history(
         .get("max_items")
         .and_then(|m| m.parse::<usize>().ok())
         .unwrap_or(HISTORY_DEFAULT);
-    let engine = app.engine()?;
+    let jobs = app.jobs()?;
     let mut finished = Vec::new();
     let mut token = None;
     while finished.len() < max_items {
-        let page = engine.list(ListFilter::default(), PAGE, token).await?;
+        let page = jobs.list(ListFilter::default(), PAGE, token).await?;
         finished.extend(
             page.jobs
                 .into_iter()
@@ -411,9 +411,9 @@ async fn get_history_entry(
     State(app): State<Arc<AppState>>,
     Path(prompt_id): Path<String>,
 ) -> Result<JsonBody<Json>, ComfyError> {
-    let engine = app.engine()?;
+    let jobs = app.jobs()?;
     let mut out = Map::new();
-    if let Ok(job) = engine.get(&prompt_id).await
+    if let Ok(job) = jobs.get(&prompt_id).await
         && job.state.is_final()
         && !app.prompts.is_hidden(&job)
     {

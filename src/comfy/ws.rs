@@ -19,7 +19,7 @@ use parking_lot::Mutex;
 use serde_json::{Value as Json, json};
 use tokio::sync::mpsc;
 
-use sakuga_scheduler::engine::{EngineHandle, WatchItem};
+use sakuga_scheduler::engine::WatchItem;
 
 use super::AppState;
 use super::events::{Translator, message, preview_frame};
@@ -106,7 +106,7 @@ pub(super) fn routes() -> Router<Arc<AppState>> {
 
 /// `{"status": {"exec_info": {"queue_remaining": n}}}`: queued plus running jobs.
 pub fn queue_status(app: &AppState) -> Json {
-    let remaining = app.engine().map_or(0, EngineHandle::active_jobs);
+    let remaining = app.jobs().map_or(0, |jobs| jobs.active());
     json!({"exec_info": {"queue_remaining": remaining}})
 }
 
@@ -227,10 +227,10 @@ async fn send_batch(
 /// connected) and a queue `status` to everyone when it ends; records the `execution_*`
 /// messages for `/history`.
 pub async fn relay_task(app: Arc<AppState>, job_id: String, client_id: Option<String>) {
-    let Ok(engine) = app.engine().cloned() else {
+    let (Ok(engine), Ok(jobs)) = (app.engine().cloned(), app.jobs()) else {
         return;
     };
-    let Ok(mut watch) = engine.watch(&job_id).await else {
+    let Ok(mut watch) = jobs.watch(&job_id).await else {
         return;
     };
     let env = engine.env().clone();
