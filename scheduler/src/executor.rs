@@ -294,7 +294,7 @@ impl Executor {
             inputs.insert(name.clone(), value);
             (name, state.keys[*source], output).hash(&mut hasher);
         }
-        let cacheable = s.node.cacheable();
+        let cacheable = s.node.cacheable() && !s.always_runs;
         if cacheable {
             match s.node.cache_salt(&self.env, &inputs) {
                 Ok(salt) => salt.hash(&mut hasher),

@@ -24,6 +24,9 @@ pub struct PlanStep {
     pub dependents: Vec<usize>,
     /// Hash of the class and literal inputs; the executor folds in the keys of the inputs.
     pub static_key: u64,
+    /// A root of the job (an output node; with `Roots::EveryNode`, every node): it runs
+    /// even when the output cache holds its outputs.
+    pub always_runs: bool,
 }
 
 impl std::fmt::Debug for PlanStep {
@@ -48,10 +51,15 @@ pub struct ExecutionPlan {
 impl ExecutionPlan {
     /// Compiles `workflow` into a plan.
     pub fn compile(workflow: ValidWorkflow) -> Self {
+        let mut roots = vec![false; workflow.nodes.len()];
+        for &i in &workflow.outputs {
+            roots[i] = true;
+        }
         let mut steps: Vec<PlanStep> = workflow
             .nodes
             .into_iter()
-            .map(|n| {
+            .zip(roots)
+            .map(|(n, always_runs)| {
                 let static_key = static_key(n.class_type, &n.literals);
                 PlanStep {
                     id: n.id,
@@ -61,6 +69,7 @@ impl ExecutionPlan {
                     links: n.links,
                     dependents: Vec::new(),
                     static_key,
+                    always_runs,
                 }
             })
             .collect();

@@ -168,7 +168,31 @@ pub fn validate(
     registry: &NodeRegistry,
     env: &NodeEnv,
 ) -> Result<ValidWorkflow, SchedulerError> {
-    Validator::new(workflow, registry, env).run()
+    validate_with(workflow, registry, env, Roots::OutputNodes)
+}
+
+/// Which nodes a job must run: what its output nodes need (every workflow), or every node
+/// as an output of its own (warmup jobs: a loader alone, which no output node consumes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Roots {
+    #[default]
+    OutputNodes,
+    EveryNode,
+}
+
+/// [`validate`] with the job's roots chosen.
+///
+/// # Errors
+/// [`SchedulerError::Invalid`] with every problem found.
+pub fn validate_with(
+    workflow: &Workflow,
+    registry: &NodeRegistry,
+    env: &NodeEnv,
+    roots: Roots,
+) -> Result<ValidWorkflow, SchedulerError> {
+    let mut validator = Validator::new(workflow, registry, env);
+    validator.roots = roots;
+    validator.run()
 }
 
 struct Validator<'a> {
@@ -179,6 +203,7 @@ struct Validator<'a> {
     errors: BTreeMap<usize, Vec<ValidationError>>,
     /// File-backed combo lists, read once per validation.
     listings: HashMap<String, Vec<String>>,
+    roots: Roots,
 }
 
 impl<'a> Validator<'a> {
@@ -190,6 +215,7 @@ impl<'a> Validator<'a> {
             classes: Vec::new(),
             errors: BTreeMap::new(),
             listings: HashMap::new(),
+            roots: Roots::OutputNodes,
         }
     }
 
@@ -246,8 +272,9 @@ impl<'a> Validator<'a> {
             .collect();
         self.check_classes();
 
+        let every = self.roots == Roots::EveryNode;
         let outputs: Vec<usize> = (0..wf.len())
-            .filter(|&i| self.classes[i].is_some_and(|c| c.schema().output_node))
+            .filter(|&i| self.classes[i].is_some_and(|c| every || c.schema().output_node))
             .collect();
         let needed = self.reachable_from(&outputs);
         for &i in &needed {

@@ -353,28 +353,29 @@ fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> Result<(), S
     let Some((class_type, input)) = loader else {
         return std::fs::read(path).map(drop).map_err(|e| e.to_string());
     };
-    let node = engine
-        .registry()
-        .get(class_type)
-        .ok_or_else(|| format!("no {class_type} node is registered"))?;
-    let mut inputs = sakuga_nodes::Inputs::new();
-    inputs.insert(*input, sakuga_nodes::Value::String(file.into()));
-    let cancel = sakuga_nodes::CancelToken::new();
-    let ctx = sakuga_nodes::ExecContext {
-        job_id: "warmup",
-        node_id: "warmup",
-        env,
-        sink: &sakuga_nodes::NullSink,
-        cancel: &cancel,
-        workflow: None,
-        batch_limit: None,
-    };
-    // A loader that panics on a corrupt file must not take the caller down with it.
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.execute(&ctx, &inputs)))
-        .map_err(|_| format!("{class_type} panicked"))?
-        .map(drop)
-        .map_err(|e| e.to_string())
+    // A job like any other: admitted against the memory budget, queued, and loaded on
+    // the device worker, so a warmup never races a running job for device memory.
+    let workflow = serde_json::json!({"1": {"class_type": class_type, "inputs": {*input: file}}});
+    let mut request = sakuga_scheduler::SubmitRequest::new(workflow);
+    request.roots = sakuga_scheduler::validate::Roots::EveryNode;
+    request.workload = Some(Workload::Batch);
+    request.labels.insert(WARMUP_LABEL.into(), "true".into());
+    let info = engine
+        .run_to_completion(request, |_| {})
+        .map_err(|e| e.to_string())?;
+    match info.state {
+        sakuga_scheduler::engine::JobState::Succeeded => Ok(()),
+        state => Err(format!(
+            "warmup job {} {}: {}",
+            info.job_id,
+            format!("{state:?}").to_lowercase(),
+            info.error.unwrap_or_default()
+        )),
+    }
 }
+
+/// The label warmup jobs carry (`ListJobs` with it lists them).
+pub const WARMUP_LABEL: &str = "sakuga_warmup";
 
 /// The node service.
 #[derive(Debug, Clone)]

@@ -151,6 +151,7 @@ impl RenderService for RenderApi {
             labels: req.labels.into_iter().collect(),
             trace,
             assigned: None,
+            roots: Default::default(),
         };
         let submitted = match &self.shared.config.role {
             Role::Gateway(gateway) => gateway.submit(submit).await.map_err(status_of_cluster)?,

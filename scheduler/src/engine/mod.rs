@@ -42,7 +42,6 @@ use crate::executor::ExecutorConfig;
 use crate::journal::{Journal, RecordState};
 use crate::observe::workload_of;
 use crate::plan::ExecutionPlan;
-use crate::validate::validate;
 use crate::workflow::Workflow;
 
 pub use feed::{FeedConfig, Frame, JobEvent, JobFeed, JobWatch, TimedEvent, WatchItem};
@@ -148,6 +147,8 @@ pub struct SubmitRequest {
     pub labels: BTreeMap<String, String>,
     /// The client's trace (from `traceparent`); a new root trace when `None`.
     pub trace: Option<TraceContext>,
+    /// Which nodes run: those the output nodes need, or (warmup) every node.
+    pub roots: crate::validate::Roots,
     /// Set when a cluster gateway already accepted the job (cluster mode's workers): its
     /// id and attempt are kept, and the gateway's rewrites (feature bypass, degrade) are
     /// not applied twice.
@@ -497,12 +498,30 @@ impl EngineHandle {
         workflow: &Json,
         workflow_bytes: Option<u64>,
     ) -> Result<(ExecutionPlan, Estimate), SchedulerError> {
+        self.check_with(
+            workflow,
+            workflow_bytes,
+            crate::validate::Roots::OutputNodes,
+        )
+    }
+
+    fn check_with(
+        &self,
+        workflow: &Json,
+        workflow_bytes: Option<u64>,
+        roots: crate::validate::Roots,
+    ) -> Result<(ExecutionPlan, Estimate), SchedulerError> {
         let tunables = self.shared.tunables.read().clone();
         let bytes = workflow_bytes
             .unwrap_or_else(|| serde_json::to_vec(workflow).map_or(0, |v| v.len() as u64));
         check_limits(workflow, bytes, &tunables.admission.limits)?;
         let parsed = Workflow::from_json(workflow.clone())?;
-        let valid = validate(&parsed, &self.shared.registry, &self.shared.env)?;
+        let valid = crate::validate::validate_with(
+            &parsed,
+            &self.shared.registry,
+            &self.shared.env,
+            roots,
+        )?;
         let estimate =
             self.shared
                 .estimator
@@ -532,7 +551,7 @@ impl EngineHandle {
         if let Some(w) = workload_hint {
             workflow = rewrite::apply_features(workflow, features, w, &self.shared.registry);
         }
-        let (plan, estimate) = self.check(&workflow, request.workflow_bytes)?;
+        let (plan, estimate) = self.check_with(&workflow, request.workflow_bytes, request.roots)?;
         let workload = workload_hint.unwrap_or_else(|| workload_of(&plan));
         let (plan, estimate, workflow) =
             if workload_hint.is_none() && features != FeatureFlags::default() {
