@@ -14,6 +14,7 @@ use sakuga_nodes::{
     Value,
 };
 use sakuga_scheduler::admission::{AdmissionConfig, WorkloadValues};
+use sakuga_scheduler::engine::clock::{Clock, ManualClock};
 use sakuga_scheduler::engine::{EngineTunables, JobEvent, JobState, ListFilter, WatchItem};
 use sakuga_scheduler::{EngineConfig, EngineHandle, SchedulerError, SubmitRequest};
 use sakuga_telemetry::{AdmissionReason, Signals, SignalsConfig, Workload};
@@ -359,15 +360,28 @@ fn invalid_and_oversized_workflows_are_refused_before_queueing() {
 #[test]
 fn a_deadline_that_passes_in_the_queue_times_the_job_out() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = engine_with(dir.path(), EngineConfig::default());
+    // Virtual time: the deadline is an hour away until the clock is moved past it.
+    let clock = ManualClock::at(SystemTime::now());
+    let engine = engine_with(
+        dir.path(),
+        EngineConfig {
+            clock: clock.clone(),
+            ..EngineConfig::default()
+        },
+    );
     let blocker = engine
         .submit_blocking(request(gated_workflow("deadline"), Workload::SingleImage))
         .unwrap();
     let late = SubmitRequest {
-        deadline: Some(SystemTime::now() + Duration::from_millis(200)),
+        deadline: Some(clock.now() + Duration::from_secs(3600)),
         ..request(frames_workflow(1), Workload::Batch)
     };
     let late = engine.submit_blocking(late).unwrap();
+    assert_eq!(
+        engine.get_blocking(&late.job_id).unwrap().state,
+        JobState::Queued
+    );
+    clock.advance(Duration::from_secs(3601));
     let mut watch = engine.watch_blocking(&late.job_id).unwrap();
     while watch.next_blocking().is_some() {}
     let info = engine.get_blocking(&late.job_id).unwrap();

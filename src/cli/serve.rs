@@ -244,16 +244,7 @@ fn serve_as(common: &CommonArgs, args: &ServeArgs, worker_only: bool) -> anyhow:
         Some(&config.data_dir),
         Some(args.metrics_listen),
     )?;
-    let signals = telemetry.signals.clone();
-    let env = Arc::new(runtime::node_env(&config)?);
-    let registry = Arc::new(runtime::registry());
-    let engine_config = EngineConfig {
-        tunables,
-        executor: config.executor.clone(),
-        // In cluster mode JetStream holds the jobs; a local journal would run them twice.
-        data_dir: cluster.is_none().then(|| config.data_dir.clone()),
-        ..EngineConfig::default()
-    };
+    let parts = engine_parts(&config, tunables, cluster.is_some(), &telemetry.signals)?;
     let reload = reload_fn(common, args, &config.data_dir);
     let mut server_config = server_config(args, token, reload.clone())?;
     // A worker takes no jobs from clients; a gateway serves ComfyUI's API for the cluster.
@@ -263,37 +254,26 @@ fn serve_as(common: &CommonArgs, args: &ServeArgs, worker_only: bool) -> anyhow:
     };
     let mut comfy_config = comfy_config(args, comfy.is_some(), &server_config, &config.data_dir)?;
     let started: Arc<OnceLock<EngineHandle>> = Arc::new(OnceLock::new());
-    let parts = (engine_config, registry, env, signals);
     let start = match &cluster {
         None => engine_start(parts, args.warmup.clone(), started.clone()),
         // Cluster roles need the engine before they connect: started here, recovery-free.
         Some(_) => EngineStart::Ready(started_now(parts, &args.warmup, &started)?),
     };
-    let listen = args.listen;
     let metrics = telemetry
         .metrics_addr
         .map_or_else(|| "off".to_owned(), |addr| format!("http://{addr}/metrics"));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let cluster_args = args.cluster.clone();
     let served = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("binding {listen}"))?;
-        let comfy_listener = match comfy {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
-                format!("binding the ComfyUI API on {addr} (--comfy-listen ADDR, or off)")
-            })?),
-            None => None,
-        };
+        let (listener, comfy_listener) = bind(args.listen, comfy).await?;
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let worker = match cluster {
             None => None,
             Some(cluster) => {
                 let engine = started.get().cloned().context("the engine did not start")?;
                 let (role, worker) =
-                    cluster_role(cluster, &cluster_args, engine, worker_only, stop_rx).await?;
+                    cluster_role(cluster, &args.cluster, engine, worker_only, stop_rx).await?;
                 if let Role::Gateway(gateway) = &role {
                     comfy_config.cluster = Some(gateway.clone());
                 }
@@ -326,6 +306,52 @@ fn serve_as(common: &CommonArgs, args: &ServeArgs, worker_only: bool) -> anyhow:
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     served?;
     Ok(ExitCode::SUCCESS)
+}
+
+type EngineParts = (
+    EngineConfig,
+    Arc<sakuga_nodes::NodeRegistry>,
+    Arc<sakuga_nodes::NodeEnv>,
+    sakuga_telemetry::Signals,
+);
+
+/// What the engine starts with.
+fn engine_parts(
+    config: &crate::config::SakugaConfig,
+    tunables: EngineTunables,
+    cluster_mode: bool,
+    signals: &sakuga_telemetry::Signals,
+) -> anyhow::Result<EngineParts> {
+    let engine_config = EngineConfig {
+        tunables,
+        executor: config.executor.clone(),
+        // In cluster mode JetStream holds the jobs; a local journal would run them twice.
+        data_dir: (!cluster_mode).then(|| config.data_dir.clone()),
+        ..EngineConfig::default()
+    };
+    Ok((
+        engine_config,
+        Arc::new(runtime::registry()),
+        Arc::new(runtime::node_env(config)?),
+        signals.clone(),
+    ))
+}
+
+/// Binds the gRPC port and, unless it is off, the ComfyUI API's.
+async fn bind(
+    listen: SocketAddr,
+    comfy: Option<SocketAddr>,
+) -> anyhow::Result<(tokio::net::TcpListener, Option<tokio::net::TcpListener>)> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let comfy_listener = match comfy {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.with_context(|| {
+            format!("binding the ComfyUI API on {addr} (--comfy-listen ADDR, or off)")
+        })?),
+        None => None,
+    };
+    Ok((listener, comfy_listener))
 }
 
 fn role_note(role: &Role, pulls: bool) -> &'static str {
@@ -394,12 +420,7 @@ async fn stop_side_tasks(
 
 /// Starts the engine now (cluster roles), warming the models asked for.
 fn started_now(
-    (config, registry, env, signals): (
-        EngineConfig,
-        Arc<sakuga_nodes::NodeRegistry>,
-        Arc<sakuga_nodes::NodeEnv>,
-        sakuga_telemetry::Signals,
-    ),
+    (config, registry, env, signals): EngineParts,
     warmup: &[String],
     started: &Arc<OnceLock<EngineHandle>>,
 ) -> anyhow::Result<EngineHandle> {
@@ -415,12 +436,7 @@ fn started_now(
 /// Starts the engine (on the server's blocking pool), keeps it in `started` for the
 /// ComfyUI API and SIGHUP, and warms the models asked for.
 fn engine_start(
-    (config, registry, env, signals): (
-        EngineConfig,
-        Arc<sakuga_nodes::NodeRegistry>,
-        Arc<sakuga_nodes::NodeEnv>,
-        sakuga_telemetry::Signals,
-    ),
+    (config, registry, env, signals): EngineParts,
     warmup: Vec<String>,
     started: Arc<OnceLock<EngineHandle>>,
 ) -> EngineStart {

@@ -256,6 +256,24 @@ async fn ensure_layout(
     js: &jetstream::Context,
     config: &ClusterConfig,
 ) -> Result<(kv::Store, kv::Store, object_store::ObjectStore)> {
+    ensure_work_queue(js, config).await?;
+    let events = stream::Config {
+        name: EVENTS_STREAM.into(),
+        subjects: vec!["sakuga.events.>".into()],
+        retention: stream::RetentionPolicy::Limits,
+        storage: stream::StorageType::File,
+        num_replicas: config.replicas,
+        discard: stream::DiscardPolicy::Old,
+        max_age: config.retention,
+        max_bytes: 1 << 30,
+        ..Default::default()
+    };
+    upsert_stream(js, events).await?;
+    ensure_buckets(js, config).await
+}
+
+/// `SAKUGA_JOBS` and its consumers, one per workload.
+async fn ensure_work_queue(js: &jetstream::Context, config: &ClusterConfig) -> Result<()> {
     let jobs_stream = stream::Config {
         name: JOBS_STREAM.into(),
         subjects: vec!["sakuga.jobs.*".into()],
@@ -296,18 +314,14 @@ async fn ensure_layout(
             }
         }
     }
-    let events = stream::Config {
-        name: EVENTS_STREAM.into(),
-        subjects: vec!["sakuga.events.>".into()],
-        retention: stream::RetentionPolicy::Limits,
-        storage: stream::StorageType::File,
-        num_replicas: config.replicas,
-        discard: stream::DiscardPolicy::Old,
-        max_age: config.retention,
-        max_bytes: 1 << 30,
-        ..Default::default()
-    };
-    upsert_stream(js, events).await?;
+    Ok(())
+}
+
+/// The job records, heartbeats and outputs buckets.
+async fn ensure_buckets(
+    js: &jetstream::Context,
+    config: &ClusterConfig,
+) -> Result<(kv::Store, kv::Store, object_store::ObjectStore)> {
     let jobs = js
         .create_key_value(kv::Config {
             bucket: JOBS_BUCKET.into(),

@@ -326,7 +326,7 @@ impl QueueState {
             drain_per_s: self.throughput.per_second(workload, now),
         };
         let deadline_in = p.deadline.map(|d| {
-            d.duration_since(SystemTime::now())
+            d.duration_since(self.shared.clock.now())
                 .unwrap_or(Duration::ZERO)
         });
         let tunables = self.shared.tunables.read();
@@ -645,7 +645,7 @@ impl QueueState {
     }
 
     fn expire_deadlines(&mut self) {
-        let now = SystemTime::now();
+        let now = self.shared.clock.now();
         let expired: Vec<String> = self
             .queue
             .entries()

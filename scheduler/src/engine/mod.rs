@@ -10,6 +10,7 @@
 //! Parsing, size caps, validation and estimation happen on the caller's side of the
 //! channel so the queue worker stays a fast bookkeeper.
 
+pub mod clock;
 pub mod feed;
 mod ids;
 mod jobs;
@@ -112,6 +113,9 @@ pub struct EngineConfig {
     /// failed as `poison` on recovery instead of run again. 1: one crash is enough, so a
     /// job that takes the process down cannot crash it in a loop.
     pub max_attempts: u32,
+    /// The time of day deadlines are judged by (tests inject a [`clock::ManualClock`]).
+    #[serde(skip, default = "clock::system")]
+    pub clock: Arc<dyn clock::Clock>,
 }
 
 impl Default for EngineConfig {
@@ -125,6 +129,7 @@ impl Default for EngineConfig {
             finished_kept: 4096,
             finished_frames_kept: 16,
             max_attempts: 1,
+            clock: clock::system(),
         }
     }
 }
@@ -343,6 +348,7 @@ pub(crate) struct Shared {
     /// whenever either changes and before that change's events go out, so that a reader
     /// woken by those events reads the new count without asking the queue worker.
     pub active: AtomicUsize,
+    pub clock: Arc<dyn clock::Clock>,
     pub threads: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -416,6 +422,7 @@ impl EngineHandle {
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             active: AtomicUsize::new(0),
+            clock: config.clock.clone(),
             threads: Mutex::new(Vec::new()),
         });
         let (tx, rx) = crossbeam_channel::bounded(COMMAND_CAPACITY);
@@ -541,7 +548,7 @@ impl EngineHandle {
         if self.is_draining() {
             return Err(SchedulerError::ShuttingDown);
         }
-        crate::bounds::check_submit(&request, SystemTime::now())?;
+        crate::bounds::check_submit(&request, self.shared.clock.now())?;
         if let Some(assigned) = request.assigned.clone() {
             return self.prepare_assigned(request, assigned);
         }

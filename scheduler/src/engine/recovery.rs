@@ -46,7 +46,7 @@ impl QueueState {
     /// Why an unfinished job must not run again, as the transition that ends it.
     fn rejection(&self, record: &JobRecord) -> Option<Transition> {
         let deadline = record.deadline_unix_ms.map(at_unix_ms);
-        if deadline.is_some_and(|d| d <= SystemTime::now()) {
+        if deadline.is_some_and(|d| d <= self.shared.clock.now()) {
             return Some(Transition::TimedOut {
                 stage: Stage::Queue,
                 reason: "the deadline passed while the server was down".to_owned(),

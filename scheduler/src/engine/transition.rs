@@ -440,6 +440,7 @@ mod tests {
             ready: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             active: std::sync::atomic::AtomicUsize::new(0),
+            clock: crate::engine::clock::system(),
             threads: Mutex::new(Vec::new()),
         });
         let (journal, _) = Journal::open(dir.path(), Duration::from_secs(3600)).unwrap();
