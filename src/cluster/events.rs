@@ -285,23 +285,11 @@ mod tests {
 
 /// A stage name as the engine spells it (`&'static`), for events read back from the stream.
 fn stage_name(name: &str) -> &'static str {
-    use sakuga_telemetry::events::*;
-    [
-        PROMPT_RECEIVED,
-        MODEL_LOADED,
-        INFERENCE_STARTED,
-        INFERENCE_FINISHED,
-        POSTPROCESS_DONE,
-        FRAME_EMITTED,
-        DELIVER_COMPLETE,
-        JOB_FAILED,
-        JOB_CANCELLED,
-        JOB_RECOVERED,
-        ADMISSION_DECISION,
-    ]
-    .into_iter()
-    .find(|known| *known == name)
-    .unwrap_or("stage")
+    sakuga_telemetry::events::STAGE_EVENTS
+        .iter()
+        .find(|known| **known == name)
+        .copied()
+        .unwrap_or("stage")
 }
 
 /// An event from the stream as the engine's `WatchItem`, for front ends that speak the
