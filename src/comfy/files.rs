@@ -81,17 +81,17 @@ fn clean_relative(path: &str) -> Option<PathBuf> {
     Some(out)
 }
 
+/// `sub/name` resolved inside `root` by the one symlink-safe resolver the nodes use.
+fn inside(root: &FsPath, sub: &FsPath, name: &str) -> Result<PathBuf, sakuga_nodes::NodeError> {
+    let relative = sub.join(name);
+    let relative = relative.to_str().unwrap_or_default().trim_end_matches('/');
+    sakuga_nodes::files::resolve_inside(root, relative)
+}
+
 /// `root/sub/name` if it exists and, symlinks resolved, is a file under `root`.
 fn resolve_existing(root: &FsPath, sub: &FsPath, name: &str) -> Result<PathBuf, ComfyError> {
-    let root = root.canonicalize().map_err(|_| ComfyError::NotFound)?;
-    let file = root
-        .join(sub)
-        .join(name)
-        .canonicalize()
-        .map_err(|_| ComfyError::NotFound)?;
-    if !file.starts_with(&root) {
-        return Err(ComfyError::Forbidden("outside the folder".into()));
-    }
+    let file = inside(root, sub, name)
+        .map_err(|_| ComfyError::Forbidden("outside the folder".into()))?;
     if !file.is_file() {
         return Err(ComfyError::NotFound);
     }
@@ -301,15 +301,16 @@ fn upload_target(
 fn upload_dir(root: &FsPath, subfolder: &str) -> Result<PathBuf, ComfyError> {
     let sub =
         clean_relative(subfolder).ok_or_else(|| ComfyError::BadRequest("bad subfolder".into()))?;
-    std::fs::create_dir_all(root.join(&sub))?;
-    let root = root.canonicalize()?;
-    let dir = root.join(&sub).canonicalize()?;
-    if !dir.starts_with(&root) {
-        return Err(ComfyError::BadRequest(
-            "subfolder outside the folder".into(),
-        ));
+    std::fs::create_dir_all(root)?;
+    if sub.as_os_str().is_empty() {
+        return Ok(root.to_path_buf());
     }
-    Ok(dir)
+    let dir = inside(root, &sub, "")
+        .map_err(|_| ComfyError::BadRequest("subfolder outside the folder".into()))?;
+    std::fs::create_dir_all(&dir)?;
+    // Created through the checked ancestor; checked again now that it exists.
+    inside(root, &sub, "")
+        .map_err(|_| ComfyError::BadRequest("subfolder outside the folder".into()))
 }
 
 /// Writes through a temp file and a rename, so a reader never sees half a file.

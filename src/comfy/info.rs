@@ -362,16 +362,17 @@ pub(super) async fn frontend_file(State(app): State<Arc<AppState>>, uri: Uri) ->
     let rel = uri.path().trim_start_matches('/');
     let rel = if rel.is_empty() { "index.html" } else { rel };
     let decoded = percent_decode(rel);
-    let Some(sub) = decoded.as_deref().and_then(|r| {
-        let bad = r.split('/').any(|p| p == ".." || p.contains('\\')) || r.contains('\0');
-        (!bad).then(|| PathBuf::from(r))
-    }) else {
+    let Some(rel) = decoded
+        .as_deref()
+        .filter(|r| !r.contains('\\') && !r.contains('\0'))
+    else {
         return StatusCode::BAD_REQUEST.into_response();
     };
-    let (Ok(root), Ok(path)) = (root.canonicalize(), root.join(&sub).canonicalize()) else {
-        return StatusCode::NOT_FOUND.into_response();
+    // The one symlink-safe resolver the nodes use: no `..`, no link out of the folder.
+    let Ok(path) = sakuga_nodes::files::resolve_inside(&root, rel) else {
+        return StatusCode::BAD_REQUEST.into_response();
     };
-    if !path.starts_with(&root) || !path.is_file() {
+    if !path.is_file() {
         return StatusCode::NOT_FOUND.into_response();
     }
     let mut response = file_response(&path, None).await;
