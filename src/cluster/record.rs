@@ -40,8 +40,16 @@ pub struct JobMessage {
 impl JobMessage {
     pub fn new(p: &PreparedSubmission) -> Self {
         Self {
-            job_id: p.job_id.clone(),
             workflow: p.workflow.clone(),
+            ..Self::identity(p)
+        }
+    }
+
+    /// Everything but the workflow (left null).
+    fn identity(p: &PreparedSubmission) -> Self {
+        Self {
+            job_id: p.job_id.clone(),
+            workflow: serde_json::Value::Null,
             workload: p.workload,
             priority: p.priority,
             deadline_unix_ms: p.deadline.map(unix_ms),
@@ -127,21 +135,21 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
-    /// The record of a job just accepted by a gateway.
-    pub fn queued(p: &PreparedSubmission) -> Self {
+    /// A queued record with nothing known yet but its id and workload.
+    fn blank(job_id: String, workload: Workload) -> Self {
         Self {
-            job_id: p.job_id.clone(),
-            workload: p.workload,
+            job_id,
+            workload,
             state: RecordState::Queued,
-            priority: p.priority,
-            labels: p.labels.clone(),
-            trace_id: p.trace.trace_id.clone(),
-            idempotency_key: p.idempotency_key.clone(),
-            submitted_unix_ms: unix_ms(p.submitted_at),
+            priority: 0,
+            labels: BTreeMap::new(),
+            trace_id: String::new(),
+            idempotency_key: None,
+            submitted_unix_ms: 0,
             started_unix_ms: None,
             finished_unix_ms: None,
-            deadline_unix_ms: p.deadline.map(unix_ms),
-            estimate: EstimateRecord::from(&p.estimate),
+            deadline_unix_ms: None,
+            estimate: EstimateRecord::default(),
             error: None,
             error_kind: None,
             outputs: Vec::new(),
@@ -151,29 +159,26 @@ impl JobRecord {
         }
     }
 
+    /// The record of a job just accepted by a gateway.
+    pub fn queued(p: &PreparedSubmission) -> Self {
+        Self {
+            idempotency_key: p.idempotency_key.clone(),
+            estimate: EstimateRecord::from(&p.estimate),
+            ..Self::from_message(&JobMessage::identity(p))
+        }
+    }
+
     /// A record rebuilt from the job's message (its record expired or was never stored).
     pub fn from_message(m: &JobMessage) -> Self {
         let trace =
             TraceContext::from_traceparent(&m.traceparent).unwrap_or_else(TraceContext::new_root);
         Self {
-            job_id: m.job_id.clone(),
-            workload: m.workload,
-            state: RecordState::Queued,
             priority: m.priority,
             labels: m.labels.clone(),
             trace_id: trace.trace_id,
-            idempotency_key: None,
             submitted_unix_ms: m.submitted_unix_ms,
-            started_unix_ms: None,
-            finished_unix_ms: None,
             deadline_unix_ms: m.deadline_unix_ms,
-            estimate: EstimateRecord::default(),
-            error: None,
-            error_kind: None,
-            outputs: Vec::new(),
-            attempts: 0,
-            worker: None,
-            queue_seq: None,
+            ..Self::blank(m.job_id.clone(), m.workload)
         }
     }
 
