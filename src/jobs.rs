@@ -19,7 +19,7 @@ pub enum Jobs {
     /// A cluster gateway; outputs are shown under `<out_dir>/<job_id>/`, so the job id is
     /// the first folder of their ComfyUI `subfolder` and `/view` finds them in the object
     /// store.
-    Cluster(Gateway, PathBuf),
+    Cluster(Box<Gateway>, PathBuf),
 }
 
 /// A cluster job's outputs under `<out_dir>/<job_id>/`.
@@ -35,7 +35,7 @@ fn placed(mut info: JobInfo, out_dir: &std::path::Path) -> JobInfo {
 pub enum JobStream {
     Local(JobWatch),
     Cluster {
-        watch: ClusterWatch,
+        watch: Box<ClusterWatch>,
         job_id: String,
         out_dir: PathBuf,
         seq: u64,
@@ -115,7 +115,7 @@ impl Jobs {
         match self {
             Jobs::Local(engine) => Ok(JobStream::Local(engine.watch(job_id).await?)),
             Jobs::Cluster(gateway, out_dir) => Ok(JobStream::Cluster {
-                watch: gateway.watch(job_id).await?,
+                watch: Box::new(gateway.watch(job_id).await?),
                 job_id: job_id.to_owned(),
                 out_dir: out_dir.clone(),
                 seq: 0,

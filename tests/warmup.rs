@@ -78,7 +78,7 @@ fn warmed_models_are_cache_hits_for_the_first_job() {
     .jobs;
     assert_eq!(warmup_jobs.len(), 3, "checkpoint, upscaler, interpolator");
     assert!(warmup_jobs.iter().all(|j| j.state == JobState::Succeeded
-        && j.workload == sakuga_telemetry::Workload::Batch
+        && j.workload == sakuga_telemetry::Workload::SingleImage
         && j.started_at.is_some()));
 
     let workflow = json!({

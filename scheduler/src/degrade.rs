@@ -117,6 +117,9 @@ pub fn stream_shape(workflow: &Json, registry: &NodeRegistry) -> Option<StreamSh
     })
 }
 
+/// One step of degrading: rewrites the nodes, returning its speed-up and what it did.
+type DegradeStep<'a> = dyn Fn(&mut Map<String, Json>) -> Option<(f64, String)> + 'a;
+
 /// Degrades `workflow` until the nominal speed-up reaches `needed` (expected render time
 /// over playback time) or no step is left; `None` when no step applies or none is needed.
 pub fn degrade(workflow: &Json, needed: f64, registry: &NodeRegistry) -> Option<Degraded> {
@@ -128,7 +131,7 @@ pub fn degrade(workflow: &Json, needed: f64, registry: &NodeRegistry) -> Option<
     let mut steps = Vec::new();
     let mut speedup = 1.0;
     let sources = nodes_of(&nodes, registry, knob(DegradeKnob::KeyFrames));
-    let order: [&dyn Fn(&mut Map<String, Json>) -> Option<(f64, String)>; 3] = [
+    let order: [&DegradeStep<'_>; 3] = [
         &|nodes| interpolate_more(nodes, registry, &sources),
         &|nodes| fewer_steps(nodes, registry),
         &|nodes| lower_resolution(nodes, &sources),

@@ -109,7 +109,7 @@ pub fn run(common: &CommonArgs, args: &RunArgs) -> anyhow::Result<ExitCode> {
 
 /// The demo models on first use of the default models dir, the input dir, a writable out.
 fn prepare_dirs(common: &CommonArgs, config: &crate::config::SakugaConfig) -> anyhow::Result<()> {
-    if common.default_models_dir(&config) && !config.models_dir.join("checkpoints").exists() {
+    if common.default_models_dir(config) && !config.models_dir.join("checkpoints").exists() {
         eprintln!(
             "models dir {} is empty: installing the demo models",
             config.models_dir.display()

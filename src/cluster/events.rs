@@ -271,18 +271,6 @@ fn parse_chunk(text: &str) -> Option<(usize, usize)> {
     Some((i.trim().parse().ok()?, n.trim().parse().ok()?))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn chunk_headers_parse() {
-        assert_eq!(parse_chunk("2/3"), Some((2, 3)));
-        assert_eq!(parse_chunk("x/3"), None);
-        assert_eq!(parse_chunk("3"), None);
-    }
-}
-
 /// A stage name as the engine spells it (`&'static`), for events read back from the stream.
 fn stage_name(name: &str) -> &'static str {
     sakuga_telemetry::events::STAGE_EVENTS
@@ -362,4 +350,16 @@ pub fn to_watch_item(
         at,
         event: job_event,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_headers_parse() {
+        assert_eq!(parse_chunk("2/3"), Some((2, 3)));
+        assert_eq!(parse_chunk("x/3"), None);
+        assert_eq!(parse_chunk("3"), None);
+    }
 }

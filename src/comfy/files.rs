@@ -90,8 +90,8 @@ fn inside(root: &FsPath, sub: &FsPath, name: &str) -> Result<PathBuf, sakuga_nod
 
 /// `root/sub/name` if it exists and, symlinks resolved, is a file under `root`.
 fn resolve_existing(root: &FsPath, sub: &FsPath, name: &str) -> Result<PathBuf, ComfyError> {
-    let file = inside(root, sub, name)
-        .map_err(|_| ComfyError::Forbidden("outside the folder".into()))?;
+    let file =
+        inside(root, sub, name).map_err(|_| ComfyError::Forbidden("outside the folder".into()))?;
     if !file.is_file() {
         return Err(ComfyError::NotFound);
     }

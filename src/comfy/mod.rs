@@ -108,7 +108,9 @@ impl AppState {
     pub fn jobs(&self) -> Result<Jobs, ComfyError> {
         let engine = self.engine()?;
         Ok(match &self.config.cluster {
-            Some(gateway) => Jobs::Cluster(gateway.clone(), engine.env().output_dir.clone()),
+            Some(gateway) => {
+                Jobs::Cluster(Box::new(gateway.clone()), engine.env().output_dir.clone())
+            }
             None => Jobs::Local(engine.clone()),
         })
     }

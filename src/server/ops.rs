@@ -358,7 +358,9 @@ fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> Result<(), S
     let workflow = serde_json::json!({"1": {"class_type": class_type, "inputs": {*input: file}}});
     let mut request = sakuga_scheduler::SubmitRequest::new(workflow);
     request.roots = sakuga_scheduler::validate::Roots::EveryNode;
-    request.workload = Some(Workload::Batch);
+    // First among interactive work: what it loads is what the next jobs need.
+    request.workload = Some(Workload::SingleImage);
+    request.priority = 100;
     request.labels.insert(WARMUP_LABEL.into(), "true".into());
     let info = engine
         .run_to_completion(request, |_| {})

@@ -126,10 +126,10 @@ pub fn webhook() -> Webhook {
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
-            if let Some(body) = read_post(stream) {
-                if tx.send(body).is_err() {
-                    return;
-                }
+            if let Some(body) = read_post(stream)
+                && tx.send(body).is_err()
+            {
+                return;
             }
         }
     });
