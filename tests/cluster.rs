@@ -693,3 +693,48 @@ async fn every_gateway_serves_comfyuis_api_for_the_cluster() {
     .await;
     assert_eq!(missing.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_stopped_gracefully_hands_back_what_it_did_not_finish() {
+    let Some(fleet) = Fleet::start() else {
+        return;
+    };
+    let flags = fleet.cluster_flags("2", "3");
+    let gateway = fleet.gateway("gw", &flags);
+    let mut client = connect(&gateway.url).await;
+    let mut leaving = fleet.worker("leaving", &flags);
+    // One job runs (1.5 s of frames) and one waits on the same worker (its prefetch).
+    let mut ids = Vec::new();
+    for tag in [1, 2] {
+        let id = client
+            .render
+            .submit(submit_request(job(tag, 30, 20.0), ""))
+            .await
+            .unwrap()
+            .into_inner()
+            .job_id;
+        ids.push(id);
+    }
+    wait_running(&mut client, &ids[0], 1).await;
+    let pid = leaving.process.0.id().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    let _staying = fleet.worker("staying", &flags);
+    for id in &ids {
+        let events = tokio::time::timeout(Duration::from_secs(60), watch_all(&mut client, id))
+            .await
+            .expect("the job ended")
+            .unwrap();
+        let ends: Vec<_> = events
+            .iter()
+            .filter_map(|k| match k {
+                v1::watch_event::Kind::FinalStatus(f) => Some(f.state),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends, [v1::JobState::Succeeded as i32], "{id}: {events:?}");
+    }
+    leaving.process.0.wait().unwrap();
+}

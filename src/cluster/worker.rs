@@ -396,7 +396,15 @@ async fn run_locally(
         }
     }
     relay(state, job, &record.trace_id).await?;
-    let info = state.engine.get(&job.job_id).await?;
+    let info = match state.engine.get(&job.job_id).await {
+        Ok(info) if info.state.is_final() => info,
+        // This worker is stopping (drained, or interrupted past its drain timeout): the
+        // job did not end here. Back to the queue for another worker, at once.
+        _ => {
+            release(state, job).await?;
+            return Ok(Some(AckKind::Nak(None)));
+        }
+    };
     let outputs = store_outputs(state, &info).await?;
     let mut done = record.clone();
     done.outputs = outputs;
