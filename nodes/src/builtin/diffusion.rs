@@ -515,6 +515,19 @@ fn run_sampler(
     Ok(vec![Value::object(Latent { samples })])
 }
 
+/// What both samplers read alike: steps, CFG, sampler, scheduler and the seed (ComfyUI's
+/// u64 seed, carried in the INT's 64 bits).
+fn common_sample_params(inputs: &Inputs, seed_input: &str) -> Result<SampleParams, NodeError> {
+    let (sampler, scheduler) = sampler_and_scheduler(inputs)?;
+    Ok(SampleParams {
+        steps: usize_input(inputs, "steps")?,
+        cfg: inputs.float("cfg")?,
+        sampler,
+        scheduler,
+        ..SampleParams::new(inputs.int(seed_input)? as u64)
+    })
+}
+
 fn sampler_and_scheduler(inputs: &Inputs) -> Result<(SamplerKind, Scheduler), NodeError> {
     let sampler_name = inputs.str("sampler_name")?;
     let scheduler_name = inputs.str("scheduler")?;
@@ -549,14 +562,9 @@ impl Node for KSampler {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
-        let (sampler, scheduler) = sampler_and_scheduler(inputs)?;
         let params = SampleParams {
-            steps: usize_input(inputs, "steps")?,
-            cfg: inputs.float("cfg")?,
-            sampler,
-            scheduler,
             denoise: inputs.float("denoise")?,
-            ..SampleParams::new(inputs.int("seed")? as u64)
+            ..common_sample_params(inputs, "seed")?
         };
         run_sampler(ctx, inputs, params, self.schema())
     }
@@ -589,18 +597,13 @@ impl Node for KSamplerAdvanced {
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
-        let (sampler, scheduler) = sampler_and_scheduler(inputs)?;
         let params = SampleParams {
-            steps: usize_input(inputs, "steps")?,
-            cfg: inputs.float("cfg")?,
-            sampler,
-            scheduler,
             denoise: 1.0,
             add_noise: inputs.str("add_noise")? == "enable",
             start_at_step: usize_input(inputs, "start_at_step")?,
             end_at_step: usize_input(inputs, "end_at_step")?,
             return_with_leftover_noise: inputs.str("return_with_leftover_noise")? == "enable",
-            ..SampleParams::new(inputs.int("noise_seed")? as u64)
+            ..common_sample_params(inputs, "noise_seed")?
         };
         run_sampler(ctx, inputs, params, self.schema())
     }
