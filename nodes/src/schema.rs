@@ -73,6 +73,9 @@ pub struct InputSpec {
     pub kind: InputKind,
     pub required: bool,
     pub tooltip: &'static str,
+    /// The UI keeps a "control after generate" value (fixed, randomize...) right after this
+    /// widget's value in a UI-format workflow.
+    pub control_after_generate: bool,
 }
 
 impl InputSpec {
@@ -82,6 +85,7 @@ impl InputSpec {
             kind,
             required: true,
             tooltip: "",
+            control_after_generate: false,
         }
     }
 
@@ -117,6 +121,13 @@ impl InputSpec {
                 step: 1,
             },
         )
+        .control_after_generate()
+    }
+
+    /// The UI offers "control after generate" for it (seeds, primitive ints).
+    pub fn control_after_generate(mut self) -> Self {
+        self.control_after_generate = true;
+        self
     }
 
     /// A required float widget.
@@ -441,6 +452,9 @@ fn input_info(input: &InputSpec, list: &dyn Fn(&ComboOptions) -> Vec<String>) ->
     };
     if !input.tooltip.is_empty() {
         extra["tooltip"] = json!(input.tooltip);
+    }
+    if input.control_after_generate {
+        extra["control_after_generate"] = json!(true);
     }
     json!([input.kind.port_type().as_str(), extra])
 }

@@ -127,7 +127,51 @@ fn every_node_has_comfyuis_object_info_shape() {
 /// `(class, input, [type, options])` as ComfyUI declares them.
 fn comfyui_reference() -> Vec<(&'static str, &'static str, Json)> {
     let max_resolution = 16384;
+    // sys.maxsize, as comfy_extras/nodes_primitive.py bounds its numbers.
+    let maxsize = i64::MAX;
     vec![
+        // ComfyUI 0.8.0's /object_info for the primitives and StringConcatenate.
+        (
+            "PrimitiveInt",
+            "value",
+            json!(["INT", {"min": -maxsize, "max": maxsize, "control_after_generate": true}]),
+        ),
+        (
+            "PrimitiveFloat",
+            "value",
+            json!(["FLOAT", {"min": -maxsize, "max": maxsize, "step": 0.1}]),
+        ),
+        ("PrimitiveBoolean", "value", json!(["BOOLEAN", {}])),
+        (
+            "PrimitiveString",
+            "value",
+            json!(["STRING", {"multiline": false}]),
+        ),
+        (
+            "PrimitiveStringMultiline",
+            "value",
+            json!(["STRING", {"multiline": true}]),
+        ),
+        (
+            "StringConcatenate",
+            "string_a",
+            json!(["STRING", {"multiline": true}]),
+        ),
+        (
+            "StringConcatenate",
+            "string_b",
+            json!(["STRING", {"multiline": true}]),
+        ),
+        (
+            "StringConcatenate",
+            "delimiter",
+            json!(["STRING", {"default": "", "multiline": false}]),
+        ),
+        (
+            "KSampler",
+            "seed",
+            json!(["INT", {"control_after_generate": true}]),
+        ),
         // 0xffffffffffffffff in nodes.py; seeds past i64::MAX are kept as their 64 bits.
         (
             "KSampler",

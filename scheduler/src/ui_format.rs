@@ -669,8 +669,7 @@ fn widget_values(node: &UiNode<'_>, schema: &NodeSchema) -> HashMap<&'static str
             for spec in order {
                 let Some(value) = values.next() else { break };
                 named.insert(spec.name, value.clone());
-                let seed = matches!(spec.kind, InputKind::Int { .. }) && is_seed(spec.name);
-                if seed && values.peek().is_some_and(|v| is_control(v)) {
+                if spec.control_after_generate && values.peek().is_some_and(|v| is_control(v)) {
                     values.next();
                 }
             }

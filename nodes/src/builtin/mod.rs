@@ -6,6 +6,7 @@ mod image;
 mod interpolate;
 mod output;
 mod upscale;
+mod utility;
 
 use crate::registry::NodeRegistry;
 
@@ -20,4 +21,5 @@ pub fn register_all(registry: &mut NodeRegistry) {
     animated::register(registry);
     upscale::register(registry);
     interpolate::register(registry);
+    utility::register(registry);
 }
