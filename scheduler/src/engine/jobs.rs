@@ -9,12 +9,11 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use serde_json::Value as Json;
 use tokio::sync::oneshot;
 
 use sakuga_nodes::CancelToken;
 use sakuga_telemetry::{
-    AdmissionReason, Decision, ErrorKind, EventFields, Stage, TraceContext, Workload, events,
+    AdmissionReason, Decision, ErrorKind, EventFields, Stage, Workload, events,
 };
 
 use crate::admission::{
@@ -25,7 +24,8 @@ use crate::engine::pacer::{PacedObserver, PacerHandle};
 use crate::engine::transition::Transition;
 use crate::engine::worker::{DeviceJob, FeedObserver, Finished};
 use crate::engine::{
-    Command, Demand, EngineConfig, JobInfo, JobPage, ListFilter, RunLimits, Shared, Submitted,
+    Command, Demand, EngineConfig, JobInfo, JobPage, ListFilter, PreparedSubmission, RunLimits,
+    Shared, Submitted,
 };
 use crate::error::SchedulerError;
 use crate::executor::{ExecutionObserver, JobRun};
@@ -36,21 +36,11 @@ use crate::plan::ExecutionPlan;
 
 /// A submission after the caller-side work (parse, caps, validation, estimate).
 pub(crate) struct PreparedJob {
-    pub job_id: String,
-    pub workflow: Json,
+    /// What a cluster gateway would publish: the checked, rewritten submission.
+    pub submission: PreparedSubmission,
     pub plan: ExecutionPlan,
-    pub estimate: Estimate,
-    pub workload: Workload,
-    pub priority: i32,
-    pub deadline: Option<SystemTime>,
-    pub idempotency_key: Option<String>,
-    pub labels: BTreeMap<String, String>,
-    pub trace: TraceContext,
     /// The job span, open from acceptance to the final state.
     pub span: tracing::Span,
-    pub submitted_at: SystemTime,
-    /// Why and how the workflow was degraded to keep its target FPS.
-    pub degraded: Option<String>,
     /// Attempts made elsewhere before this one (cluster mode: earlier deliveries of the
     /// job to workers that were lost); more than 0 makes it a recovered job.
     pub earlier_attempts: u32,
@@ -210,29 +200,34 @@ impl QueueState {
     }
 
     pub(super) fn new_job(&mut self, p: PreparedJob, recovered: bool, attempts: u32) -> Job {
-        let fields = event_fields(&p.job_id, p.workload, &p.trace, &p.plan)
-            .with_hardware_class(self.shared.hardware_class.as_str());
+        let fields = event_fields(
+            &p.submission.job_id,
+            p.submission.workload,
+            &p.submission.trace,
+            &p.plan,
+        )
+        .with_hardware_class(self.shared.hardware_class.as_str());
         sakuga_telemetry::record_job_attributes(&p.span, &fields);
         let stream = crate::observe::frame_stream(&p.plan);
         let (target_fps, paced) = stream.unwrap_or((24.0, false));
         let seq = self.next_seq;
         self.next_seq += 1;
-        let trace_id = p.trace.trace_id.clone();
+        let trace_id = p.submission.trace.trace_id.clone();
         Job {
             info: JobInfo {
-                job_id: p.job_id,
-                workload: p.workload,
+                job_id: p.submission.job_id,
+                workload: p.submission.workload,
                 state: RecordState::Queued,
-                priority: p.priority,
-                labels: p.labels,
-                trace_id: p.trace.trace_id,
-                idempotency_key: p.idempotency_key,
-                submitted_at: p.submitted_at,
+                priority: p.submission.priority,
+                labels: p.submission.labels,
+                trace_id: p.submission.trace.trace_id,
+                idempotency_key: p.submission.idempotency_key,
+                submitted_at: p.submission.submitted_at,
                 started_at: None,
                 finished_at: None,
-                deadline: p.deadline,
+                deadline: p.submission.deadline,
                 queue_position: None,
-                estimate: Some(p.estimate.clone()),
+                estimate: Some(p.submission.estimate.clone()),
                 error: None,
                 outputs: Vec::new(),
                 attempts,
@@ -241,7 +236,7 @@ impl QueueState {
             },
             seq,
             plan: Some(p.plan),
-            estimate: p.estimate,
+            estimate: p.submission.estimate,
             fields,
             span: p.span,
             feed: Arc::new(JobFeed::for_job(self.config.feed, trace_id)),
@@ -300,6 +295,7 @@ impl QueueState {
     /// The earlier job with the same idempotency key, answered again.
     fn deduplicated(&self, p: &PreparedJob) -> Option<Submitted> {
         let existing = p
+            .submission
             .idempotency_key
             .as_ref()
             .and_then(|k| self.by_key.get(k))?;
@@ -317,15 +313,15 @@ impl QueueState {
 
     /// Admission's verdict on a submission, against the queue as it stands.
     fn submit_verdict(&mut self, p: &PreparedJob) -> SubmitVerdict {
-        let workload = p.workload;
-        let cost = p.estimate.expected_duration.as_secs_f64();
+        let workload = p.submission.workload;
+        let cost = p.submission.estimate.expected_duration.as_secs_f64();
         let now = self.now();
         let view = QueueView {
             queued_same_workload: self.queue.len_of(workload),
-            work_ahead_s: self.work_ahead_s(workload, cost, p.priority),
+            work_ahead_s: self.work_ahead_s(workload, cost, p.submission.priority),
             drain_per_s: self.throughput.per_second(workload, now),
         };
-        let deadline_in = p.deadline.map(|d| {
+        let deadline_in = p.submission.deadline.map(|d| {
             d.duration_since(self.shared.clock.now())
                 .unwrap_or(Duration::ZERO)
         });
@@ -339,7 +335,13 @@ impl QueueState {
             },
             None => tunables.admission.clone(),
         };
-        decide_submit(workload, &p.estimate, deadline_in, view, &admission)
+        decide_submit(
+            workload,
+            &p.submission.estimate,
+            deadline_in,
+            view,
+            &admission,
+        )
     }
 
     fn submit(
@@ -360,9 +362,9 @@ impl QueueState {
             return;
         }
         let signals = self.shared.signals.clone();
-        let workload = p.workload;
+        let workload = p.submission.workload;
         let verdict = self.submit_verdict(&p);
-        let fields = event_fields(&p.job_id, workload, &p.trace, &p.plan);
+        let fields = event_fields(&p.submission.job_id, workload, &p.submission.trace, &p.plan);
         if let SubmitVerdict::Deny {
             reason,
             detail,
@@ -379,8 +381,8 @@ impl QueueState {
             }));
             return;
         }
-        let workflow = std::mem::take(&mut p.workflow);
-        let degraded = p.degraded.take();
+        let workflow = std::mem::take(&mut p.submission.workflow);
+        let degraded = p.submission.degraded.take();
         let earlier_attempts = p.earlier_attempts;
         let job = self.new_job(p, earlier_attempts > 0, earlier_attempts);
         let job_id = job.info.job_id.clone();

@@ -294,6 +294,16 @@ pub struct Reloaded {
     pub config_hash: String,
 }
 
+/// A workflow checked for submission, with what checking it found.
+struct Checked {
+    workflow: Json,
+    plan: ExecutionPlan,
+    estimate: Estimate,
+    workload: Workload,
+    /// How it was degraded to keep its target FPS, if it was.
+    degraded: Option<String>,
+}
+
 /// Requests the queue worker answers.
 pub(crate) enum Command {
     Submit(
@@ -542,19 +552,64 @@ impl EngineHandle {
 
     fn prepare_with(
         &self,
-        request: SubmitRequest,
+        mut request: SubmitRequest,
         mint: fn() -> String,
     ) -> Result<jobs::PreparedJob, SchedulerError> {
         if self.is_draining() {
             return Err(SchedulerError::ShuttingDown);
         }
         crate::bounds::check_submit(&request, self.shared.clock.now())?;
-        if let Some(assigned) = request.assigned.clone() {
-            return self.prepare_assigned(request, assigned);
-        }
+        let assigned = request.assigned.take();
+        let checked = match &assigned {
+            // Accepted by a cluster gateway: checked again (this worker's registry and
+            // models decide), not rewritten twice.
+            Some(_) => {
+                let workflow = std::mem::take(&mut request.workflow);
+                let (plan, estimate) =
+                    self.check_with(&workflow, request.workflow_bytes, request.roots)?;
+                Checked {
+                    workload: request.workload.unwrap_or_else(|| workload_of(&plan)),
+                    workflow,
+                    plan,
+                    estimate,
+                    degraded: None,
+                }
+            }
+            None => self.rewritten(&mut request)?,
+        };
+        let (job_id, submitted_at, earlier_attempts) = match assigned {
+            Some(a) => (a.job_id, a.submitted_at, a.earlier_attempts),
+            None => (mint(), SystemTime::now(), 0),
+        };
+        let trace = request.trace.unwrap_or_else(TraceContext::new_root);
+        let span = sakuga_telemetry::open_job_span(&job_id, checked.workload, &trace);
+        Ok(jobs::PreparedJob {
+            submission: PreparedSubmission {
+                job_id,
+                workflow: checked.workflow,
+                estimate: checked.estimate,
+                workload: checked.workload,
+                priority: request.priority,
+                deadline: request.deadline,
+                idempotency_key: request.idempotency_key,
+                labels: request.labels,
+                trace,
+                submitted_at,
+                degraded: checked.degraded,
+            },
+            plan: checked.plan,
+            span,
+            earlier_attempts,
+        })
+    }
+
+    /// A new submission checked and rewritten: UI format, feature bypass, validation,
+    /// estimate, degrade-for-FPS.
+    fn rewritten(&self, request: &mut SubmitRequest) -> Result<Checked, SchedulerError> {
         let features = self.shared.tunables.read().features;
         let workload_hint = request.workload;
-        let mut workflow = crate::ui_format::to_api_format(request.workflow, self.registry())?;
+        let workflow = std::mem::take(&mut request.workflow);
+        let mut workflow = crate::ui_format::to_api_format(workflow, self.registry())?;
         if let Some(w) = workload_hint {
             workflow = rewrite::apply_features(workflow, features, w, &self.shared.registry);
         }
@@ -577,60 +632,24 @@ impl EngineHandle {
             } else {
                 (plan, estimate, workflow)
             };
-        let (plan, estimate, workflow, degraded) =
+        Ok(
             match self.degraded_for_fps(workload, &workflow, &estimate)? {
-                Some((degraded, plan, estimate, note)) => (plan, estimate, degraded, Some(note)),
-                None => (plan, estimate, workflow, None),
-            };
-        let job_id = mint();
-        let trace = request.trace.unwrap_or_else(TraceContext::new_root);
-        let span = sakuga_telemetry::open_job_span(&job_id, workload, &trace);
-        Ok(jobs::PreparedJob {
-            job_id,
-            workflow,
-            plan,
-            estimate,
-            workload,
-            priority: request.priority,
-            deadline: request.deadline,
-            idempotency_key: request.idempotency_key,
-            labels: request.labels,
-            trace,
-            span,
-            submitted_at: SystemTime::now(),
-            degraded,
-            earlier_attempts: 0,
-        })
-    }
-
-    /// A job a cluster gateway accepted: checked again (this worker's registry and models
-    /// decide), with its id, workload and attempt kept.
-    fn prepare_assigned(
-        &self,
-        request: SubmitRequest,
-        assigned: Assigned,
-    ) -> Result<jobs::PreparedJob, SchedulerError> {
-        let workflow = request.workflow;
-        let (plan, estimate) = self.check(&workflow, request.workflow_bytes)?;
-        let workload = request.workload.unwrap_or_else(|| workload_of(&plan));
-        let trace = request.trace.unwrap_or_else(TraceContext::new_root);
-        let span = sakuga_telemetry::open_job_span(&assigned.job_id, workload, &trace);
-        Ok(jobs::PreparedJob {
-            job_id: assigned.job_id,
-            workflow,
-            plan,
-            estimate,
-            workload,
-            priority: request.priority,
-            deadline: request.deadline,
-            idempotency_key: request.idempotency_key,
-            labels: request.labels,
-            trace,
-            span,
-            submitted_at: assigned.submitted_at,
-            degraded: None,
-            earlier_attempts: assigned.earlier_attempts,
-        })
+                Some((degraded, plan, estimate, note)) => Checked {
+                    workflow: degraded,
+                    plan,
+                    estimate,
+                    workload,
+                    degraded: Some(note),
+                },
+                None => Checked {
+                    workflow,
+                    plan,
+                    estimate,
+                    workload,
+                    degraded: None,
+                },
+            },
+        )
     }
 
     /// Checks and rewrites a submission as [`Self::submit`] does (caps, UI format, feature
@@ -644,20 +663,9 @@ impl EngineHandle {
         &self,
         request: SubmitRequest,
     ) -> Result<PreparedSubmission, SchedulerError> {
-        let p = self.prepare_with(request, ids::new_fleet_job_id)?;
-        Ok(PreparedSubmission {
-            job_id: p.job_id,
-            workflow: p.workflow,
-            estimate: p.estimate,
-            workload: p.workload,
-            priority: p.priority,
-            deadline: p.deadline,
-            idempotency_key: p.idempotency_key,
-            labels: p.labels,
-            trace: p.trace,
-            submitted_at: p.submitted_at,
-            degraded: p.degraded,
-        })
+        Ok(self
+            .prepare_with(request, ids::new_fleet_job_id)?
+            .submission)
     }
 
     /// An animation workflow that recent runs show cannot keep its target FPS, degraded in

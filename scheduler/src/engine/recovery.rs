@@ -12,6 +12,7 @@ use sakuga_nodes::CancelToken;
 use sakuga_telemetry::{ErrorKind, EventFields, Stage, TraceContext, Workload};
 
 use crate::admission::Estimate;
+use crate::engine::PreparedSubmission;
 use crate::engine::feed::{JobEvent, JobFeed};
 use crate::engine::jobs::{Job, PreparedJob, QueueState};
 use crate::engine::transition::Transition;
@@ -88,19 +89,21 @@ impl QueueState {
             }
         };
         let prepared = PreparedJob {
-            job_id: record.job_id.clone(),
-            workflow,
-            plan,
-            estimate,
-            workload,
-            priority: record.priority,
-            deadline: record.deadline_unix_ms.map(at_unix_ms),
-            idempotency_key: record.idempotency_key.clone(),
-            labels: record.labels.clone(),
             span: sakuga_telemetry::open_job_span(&record.job_id, workload, &trace),
-            trace,
-            submitted_at: at_unix_ms(record.submitted_unix_ms),
-            degraded: None,
+            submission: PreparedSubmission {
+                job_id: record.job_id.clone(),
+                workflow,
+                estimate,
+                workload,
+                priority: record.priority,
+                deadline: record.deadline_unix_ms.map(at_unix_ms),
+                idempotency_key: record.idempotency_key.clone(),
+                labels: record.labels.clone(),
+                trace,
+                submitted_at: at_unix_ms(record.submitted_unix_ms),
+                degraded: None,
+            },
+            plan,
             earlier_attempts: record.attempts,
         };
         let job = self.new_job(prepared, true, record.attempts);

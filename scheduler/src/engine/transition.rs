@@ -471,19 +471,21 @@ mod tests {
         let job_id = crate::engine::ids::new_job_id();
         let trace = TraceContext::new_root();
         let prepared = PreparedJob {
-            job_id: job_id.clone(),
-            workflow: workflow.clone(),
+            submission: crate::engine::PreparedSubmission {
+                job_id: job_id.clone(),
+                workflow: workflow.clone(),
+                estimate,
+                workload: Workload::SingleImage,
+                priority: 0,
+                deadline: None,
+                idempotency_key: None,
+                labels: Default::default(),
+                trace,
+                submitted_at: SystemTime::now(),
+                degraded: None,
+            },
             plan: ExecutionPlan::compile(valid),
-            estimate,
-            workload: Workload::SingleImage,
-            priority: 0,
-            deadline: None,
-            idempotency_key: None,
-            labels: Default::default(),
             span: tracing::Span::none(),
-            trace,
-            submitted_at: SystemTime::now(),
-            degraded: None,
             earlier_attempts: 0,
         };
         let job = state.new_job(prepared, false, 0);
