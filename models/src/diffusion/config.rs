@@ -149,26 +149,8 @@ pub const CONFIG_METADATA_KEY: &str = "sakuga.sd_config";
 impl SdConfig {
     /// Stable Diffusion 1.5.
     pub fn v1_5() -> Self {
-        let level = |channels, attn: bool| UnetLevel {
-            channels,
-            transformer_depth: attn.then_some(1),
-            heads: 8,
-        };
         Self {
-            unet: UnetConfig {
-                in_channels: 4,
-                out_channels: 4,
-                levels: vec![
-                    level(320, true),
-                    level(640, true),
-                    level(1280, true),
-                    level(1280, false),
-                ],
-                layers_per_block: 2,
-                norm_num_groups: 32,
-                cross_attention_dim: 768,
-                use_linear_projection: false,
-            },
+            unet: sd_unet(|_| 8, 768, false),
             vae: sd_vae(),
             clip: ClipConfig {
                 vocab_size: 49408,
@@ -187,26 +169,8 @@ impl SdConfig {
 
     /// Stable Diffusion 2.1 (768-v).
     pub fn v2_1() -> Self {
-        let level = |channels, attn: bool| UnetLevel {
-            channels,
-            transformer_depth: attn.then_some(1),
-            heads: channels / 64,
-        };
         Self {
-            unet: UnetConfig {
-                in_channels: 4,
-                out_channels: 4,
-                levels: vec![
-                    level(320, true),
-                    level(640, true),
-                    level(1280, true),
-                    level(1280, false),
-                ],
-                layers_per_block: 2,
-                norm_num_groups: 32,
-                cross_attention_dim: 1024,
-                use_linear_projection: true,
-            },
+            unet: sd_unet(|channels| channels / 64, 1024, true),
             vae: sd_vae(),
             clip: ClipConfig {
                 vocab_size: 49408,
@@ -598,6 +562,30 @@ fn detect_prediction(file: &WeightFile) -> Result<Prediction> {
     } else {
         Prediction::Epsilon
     })
+}
+
+/// The SD 1.x/2.x UNet: four levels (320, 640, 1280, 1280; attention on the first three),
+/// differing in heads per level, the text encoder's width and the projection kind.
+fn sd_unet(heads: fn(usize) -> usize, cross_attention_dim: usize, linear: bool) -> UnetConfig {
+    let level = |channels, attn: bool| UnetLevel {
+        channels,
+        transformer_depth: attn.then_some(1),
+        heads: heads(channels),
+    };
+    UnetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        levels: vec![
+            level(320, true),
+            level(640, true),
+            level(1280, true),
+            level(1280, false),
+        ],
+        layers_per_block: 2,
+        norm_num_groups: 32,
+        cross_attention_dim,
+        use_linear_projection: linear,
+    }
 }
 
 fn sd_vae() -> VaeConfig {

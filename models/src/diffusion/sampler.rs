@@ -140,16 +140,7 @@ pub fn sample(
             SamplerKind::EulerAncestral => {
                 let (sigma_down, sigma_up) = ancestral_split(sigma, sigma_next);
                 let x_down = euler_step(&x, &denoised, sigma, sigma_down)?;
-                if sigma_next > 0.0 {
-                    let noise = NoiseRng::new(seed, step as u64 + 1).tensor(
-                        x.dims(),
-                        x.dtype(),
-                        x.device(),
-                    )?;
-                    (x_down + (noise * sigma_up)?)?
-                } else {
-                    x_down
-                }
+                with_step_noise(x_down, seed, step, sigma_next, sigma_up)?
             }
             SamplerKind::DpmPp2m => {
                 let t = -sigma.ln();
@@ -172,22 +163,28 @@ pub fn sample(
                 previous_denoised = Some(denoised);
                 next
             }
-            SamplerKind::Lcm => {
-                if sigma_next > 0.0 {
-                    let noise = NoiseRng::new(seed, step as u64 + 1).tensor(
-                        x.dims(),
-                        x.dtype(),
-                        x.device(),
-                    )?;
-                    (denoised + (noise * sigma_next)?)?
-                } else {
-                    denoised
-                }
-            }
+            SamplerKind::Lcm => with_step_noise(denoised, seed, step, sigma_next, sigma_next)?,
         };
         (hooks.progress)(step + 1, steps);
     }
     Ok(x)
+}
+
+/// `x` plus this step's seeded noise scaled by `scale`, unless the step ends at sigma 0
+/// (the last step adds none).
+fn with_step_noise(
+    x: Tensor,
+    seed: u64,
+    step: usize,
+    sigma_next: f64,
+    scale: f64,
+) -> Result<Tensor> {
+    if sigma_next > 0.0 {
+        let noise = NoiseRng::new(seed, step as u64 + 1).tensor(x.dims(), x.dtype(), x.device())?;
+        Ok((x + (noise * scale)?)?)
+    } else {
+        Ok(x)
+    }
 }
 
 fn euler_step(x: &Tensor, denoised: &Tensor, sigma: f64, sigma_next: f64) -> Result<Tensor> {
