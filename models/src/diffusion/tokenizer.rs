@@ -133,24 +133,7 @@ impl ClipTokenizer {
     /// prompt's tokens are cut into chunks of 75, each wrapped in BOS/EOS and padded with
     /// `pad`. An empty prompt gives one window.
     pub fn encode_windows(&self, text: &str, pad: u32) -> Vec<Vec<u32>> {
-        let words = self.encode_words(text);
-        let chunk = CONTEXT_LENGTH - 2;
-        let mut windows = Vec::new();
-        let mut start = 0;
-        loop {
-            let end = (start + chunk).min(words.len());
-            let mut window = Vec::with_capacity(CONTEXT_LENGTH);
-            window.push(BOS_TOKEN);
-            window.extend_from_slice(&words[start..end]);
-            window.push(EOS_TOKEN);
-            window.resize(CONTEXT_LENGTH, pad);
-            windows.push(window);
-            start = end;
-            if start >= words.len() {
-                break;
-            }
-        }
-        windows
+        windows(&self.encode_words(text), BOS_TOKEN, EOS_TOKEN, pad)
     }
 
     /// Like [`ClipTokenizer::encode_windows`] but honouring ComfyUI's `(text:weight)`
@@ -165,23 +148,7 @@ impl ClipTokenizer {
                     .map(|id| (id, weight)),
             );
         }
-        let chunk = CONTEXT_LENGTH - 2;
-        let mut windows = Vec::new();
-        let mut start = 0;
-        loop {
-            let end = (start + chunk).min(words.len());
-            let mut window = Vec::with_capacity(CONTEXT_LENGTH);
-            window.push((BOS_TOKEN, 1.0));
-            window.extend_from_slice(&words[start..end]);
-            window.push((EOS_TOKEN, 1.0));
-            window.resize(CONTEXT_LENGTH, (pad, 1.0));
-            windows.push(window);
-            start = end;
-            if start >= words.len() {
-                break;
-            }
-        }
-        windows
+        windows(&words, (BOS_TOKEN, 1.0), (EOS_TOKEN, 1.0), (pad, 1.0))
     }
 
     fn bpe_word(&self, word: &str, ids: &mut Vec<u32>) {
@@ -286,6 +253,28 @@ fn split_words(text: &str) -> Vec<&str> {
         rest = &rest[len..];
     }
     words
+}
+
+/// Windows of exactly [`CONTEXT_LENGTH`] items: the items cut into chunks of 75, each
+/// wrapped in `bos`/`eos` and padded with `pad`; no items give one window.
+fn windows<T: Copy>(items: &[T], bos: T, eos: T, pad: T) -> Vec<Vec<T>> {
+    let chunk = CONTEXT_LENGTH - 2;
+    let mut windows = Vec::new();
+    let mut start = 0;
+    loop {
+        let end = (start + chunk).min(items.len());
+        let mut window = Vec::with_capacity(CONTEXT_LENGTH);
+        window.push(bos);
+        window.extend_from_slice(&items[start..end]);
+        window.push(eos);
+        window.resize(CONTEXT_LENGTH, pad);
+        windows.push(window);
+        start = end;
+        if start >= items.len() {
+            break;
+        }
+    }
+    windows
 }
 
 #[cfg(test)]
