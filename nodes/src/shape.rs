@@ -123,54 +123,37 @@ impl Shape {
 
     /// The same kind of value with its spatial size replaced (in the value's own units).
     pub fn resized(&self, height: u64, width: u64) -> Self {
-        match *self {
-            Shape::Image {
-                batch, channels, ..
-            } => Shape::Image {
-                batch,
-                height,
-                width,
-                channels,
-            },
-            Shape::Latent {
-                batch, channels, ..
-            } => Shape::Latent {
-                batch,
-                channels,
-                height,
-                width,
-            },
-            other => other,
-        }
+        self.with_dims(|_, h, w| {
+            *h = height;
+            *w = width;
+        })
     }
 
     /// The same value with its batch replaced.
     pub fn with_batch(&self, batch: u64) -> Self {
-        match *self {
+        self.with_dims(|b, _, _| *b = batch)
+    }
+
+    /// The same value with `change` applied to its batch, height and width (images and
+    /// latents; other values have none).
+    fn with_dims(&self, change: impl FnOnce(&mut u64, &mut u64, &mut u64)) -> Self {
+        let mut out = *self;
+        match &mut out {
             Shape::Image {
-                height,
-                width,
-                channels,
-                ..
-            } => Shape::Image {
                 batch,
                 height,
                 width,
-                channels,
-            },
-            Shape::Latent {
-                channels,
+                ..
+            }
+            | Shape::Latent {
+                batch,
                 height,
                 width,
                 ..
-            } => Shape::Latent {
-                batch,
-                channels,
-                height,
-                width,
-            },
-            other => other,
+            } => change(batch, height, width),
+            _ => {}
         }
+        out
     }
 
     /// Spatial size `(height, width)` in the value's own units (pixels or latent cells).
