@@ -120,6 +120,26 @@ pub struct Rule {
     pub check: fn(&SignalsSnapshot, &DiagnosisConfig) -> RuleMatches,
 }
 
+impl Rule {
+    /// This rule's finding for `evidence`, its runbook under `runbook_base`.
+    fn finding(
+        &self,
+        workload: Option<Workload>,
+        evidence: Vec<Evidence>,
+        runbook_base: &str,
+    ) -> Finding {
+        Finding {
+            rule: self.alert.to_owned(),
+            severity: self.severity,
+            workload,
+            evidence,
+            probable_cause: self.probable_cause.to_owned(),
+            action: self.action.to_owned(),
+            runbook_url: format!("{runbook_base}/{}.md", self.alert),
+        }
+    }
+}
+
 pub const DELIVERED_FPS_DEVIATION: &str = "SakugaDeliveredFpsDeviation";
 pub const PRODUCED_FPS_LOW_HIGH_UTILIZATION: &str = "SakugaProducedFpsLowHighUtilization";
 pub const SCHEDULER_SATURATION: &str = "SakugaSchedulerSaturation";
@@ -339,15 +359,7 @@ pub fn diagnose(snapshot: &SignalsSnapshot, config: &DiagnosisConfig) -> Vec<Fin
         .flat_map(|rule| {
             (rule.check)(snapshot, config)
                 .into_iter()
-                .map(move |(workload, evidence)| Finding {
-                    rule: rule.alert.to_owned(),
-                    severity: rule.severity,
-                    workload,
-                    evidence,
-                    probable_cause: rule.probable_cause.to_owned(),
-                    action: rule.action.to_owned(),
-                    runbook_url: format!("{base}/{}.md", rule.alert),
-                })
+                .map(move |(workload, evidence)| rule.finding(workload, evidence, base))
         })
         .collect()
 }
@@ -362,15 +374,7 @@ pub fn finding(
 ) -> Option<Finding> {
     let rule = RULES.iter().find(|r| r.alert == alert)?;
     let base = config.runbook_base.trim_end_matches('/');
-    Some(Finding {
-        rule: rule.alert.to_owned(),
-        severity: rule.severity,
-        workload,
-        evidence,
-        probable_cause: rule.probable_cause.to_owned(),
-        action: rule.action.to_owned(),
-        runbook_url: format!("{base}/{}.md", rule.alert),
-    })
+    Some(rule.finding(workload, evidence, base))
 }
 
 /// Findings as text for the CLI (`sakuga doctor`).
