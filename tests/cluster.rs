@@ -738,3 +738,44 @@ async fn a_worker_stopped_gracefully_hands_back_what_it_did_not_finish() {
     }
     leaving.process.0.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_and_workers_reach_nats_over_tls_with_its_ca() {
+    if !nats::available() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let certs = root.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    support::tls::make_certs(&certs);
+    let path = |name: &str| certs.join(name).display().to_string();
+    let (cert, key, ca) = (path("cert.pem"), path("key.pem"), path("ca.pem"));
+    let server = NatsServer::start_with(
+        root.path(),
+        &["--tls", "--tlscert", &cert, "--tlskey", &key],
+    );
+    // The certificate names localhost, so that is the host NATS is reached by.
+    let url = format!("tls://localhost:{}", server.port);
+    let flags: Vec<&str> = vec!["--nats", &url, "--nats-tls-ca", &ca];
+    let mut gateway_args = flags.clone();
+    gateway_args.extend(["--comfy-listen", "off"]);
+    let gateway = spawn_command(&root.path().join("gw"), &[], "serve", &gateway_args);
+    let mut worker_args = flags.clone();
+    worker_args.extend(["--worker-id", "tls-worker"]);
+    let _worker = spawn_command(&root.path().join("w"), &[], "worker", &worker_args);
+    let mut client = connect(&gateway.url).await;
+    let id = client
+        .render
+        .submit(submit_request(job(9, 2, 40.0), ""))
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id;
+    let events = watch_all(&mut client, &id).await.unwrap();
+    assert!(
+        matches!(events.last(), Some(v1::watch_event::Kind::FinalStatus(f)) if f.state == v1::JobState::Succeeded as i32),
+        "{events:?}"
+    );
+    assert_eq!(get_job(&mut client, &id).await.worker, "tls-worker");
+    drop(server);
+}

@@ -4,6 +4,7 @@
 pub mod http;
 pub mod nats;
 pub mod promstack;
+pub mod tls;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -12,6 +12,8 @@ pub struct NatsServer {
     child: Option<Child>,
     pub port: u16,
     store: PathBuf,
+    /// More flags (TLS).
+    extra: Vec<String>,
 }
 
 impl Drop for NatsServer {
@@ -59,10 +61,16 @@ impl NatsServer {
     /// Starts nats-server with JetStream, its store under `dir`, and waits until it accepts
     /// connections.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// [`Self::start`] with more flags (`--tls --tlscert ...`).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let mut server = NatsServer {
             child: None,
             port: free_port(),
             store: dir.join("jetstream"),
+            extra: extra.iter().map(|a| (*a).to_owned()).collect(),
         };
         server.restart();
         server
@@ -89,6 +97,7 @@ impl NatsServer {
         let child = Command::new(binary())
             .args(["-js", "-sd", self.store.to_str().unwrap()])
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
