@@ -2,6 +2,7 @@
 //! Submit and watch to completion, cancel, invalid workflows with node_errors in the
 //! status details, overload with RetryInfo, auth, health transitions, reflection, KEDA.
 
+mod support;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -544,67 +545,7 @@ async fn tls_serves_verified_clients_only() {
     // A test CA and a leaf certificate for "localhost" signed by it (rustls refuses a CA
     // certificate as the server's own).
     let dir = certs.path();
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("openssl runs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=sakuga-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "leaf.csr",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "leaf.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-out",
-        "cert.pem",
-        "-extfile",
-        "ext.cnf",
-    ]);
+    support::tls::make_certs(dir);
     let ca_pem = std::fs::read(dir.join("ca.pem")).unwrap();
     let cert_pem = std::fs::read(&cert).unwrap();
     let config = ServerConfig {

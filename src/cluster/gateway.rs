@@ -181,8 +181,10 @@ impl Gateway {
                 &prepared.trace.trace_id,
             ))
             .await?;
-        events.flush().await?;
+        // One connection keeps its publishes in order: the event is stored before the job
+        // a worker could relay events for, so its ack is awaited only afterwards.
         record.queue_seq = Some(self.publish_job(&prepared).await?);
+        events.flush().await?;
         // A worker that took it already has written a newer record: nothing to add then.
         let _ = self
             .cluster

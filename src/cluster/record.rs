@@ -14,13 +14,14 @@ use sakuga_scheduler::engine::{JobInfo, JobOutput, PreparedSubmission};
 use sakuga_scheduler::journal::RecordState;
 use sakuga_telemetry::{TraceContext, Workload};
 
+/// The server's conversion ([`crate::server::convert::unix_ms`]) for a known time.
 pub fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    crate::server::convert::unix_ms(Some(t))
 }
 
+/// The server's conversion back, with 0 (never set) as the epoch.
 pub fn at_unix_ms(ms: i64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)
+    crate::server::convert::from_unix_ms(ms).unwrap_or(UNIX_EPOCH)
 }
 
 /// A job as published to `SAKUGA_JOBS`: everything a worker needs to run it.

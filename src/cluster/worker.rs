@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
 use sakuga_proto::v1;
-use sakuga_scheduler::engine::{Assigned, JobEvent, JobInfo, SubmitRequest, WatchItem};
+use sakuga_scheduler::engine::{Assigned, JobEvent, JobInfo, SubmitRequest, TimedEvent, WatchItem};
 use sakuga_scheduler::journal::RecordState;
 use sakuga_scheduler::{EngineHandle, SchedulerError};
 use sakuga_telemetry::{Decision, TraceContext, Window, Workload, events as stage};
@@ -29,7 +29,7 @@ use sakuga_telemetry::{Decision, TraceContext, Window, Workload, events as stage
 use super::events::EventPublisher;
 use super::record::{JobMessage, JobRecord, OutputRecord, at_unix_ms, unix_ms};
 use super::{Cluster, ClusterError, PULL_ORDER, Result};
-use crate::server::convert::event_to_proto;
+use crate::server::convert::{event_to_proto, frame_to_proto, skipped_to_proto};
 
 /// A heartbeat older than this is gone from `sakuga_workers`: the worker is presumed dead.
 pub const HEARTBEAT_TTL: Duration = Duration::from_secs(10);
@@ -171,8 +171,8 @@ pub async fn run_worker(
             _ = shutdown.wait_for(|s| *s) => break,
         };
         match pull_one(&state, &consumers).await {
-            Some(message) => {
-                tokio::spawn(run_job(state.clone(), message, permit));
+            Some((message, job)) => {
+                tokio::spawn(run_job(state.clone(), message, job, permit));
             }
             None => {
                 drop(permit);
@@ -188,11 +188,12 @@ pub async fn run_worker(
     Ok(())
 }
 
-/// The first job this worker can take, in pull order.
+/// The first job this worker can take, in pull order, counted as held before the next
+/// pull looks at what is held.
 async fn pull_one(
     state: &WorkerState,
     consumers: &[(Workload, consumer::PullConsumer)],
-) -> Option<jetstream::Message> {
+) -> Option<(jetstream::Message, JobMessage)> {
     for (workload, consumer) in consumers {
         if !state.can_take(*workload) {
             continue;
@@ -206,8 +207,16 @@ async fn pull_one(
             }
         };
         if let Some(Ok(message)) = batch.next().await {
-            state.held.lock().push((String::new(), *workload));
-            return Some(message);
+            match serde_json::from_slice::<JobMessage>(&message.payload) {
+                Ok(job) => {
+                    state.held.lock().push((job.job_id.clone(), job.workload));
+                    return Some((message, job));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "a job message that is not a job; dropped");
+                    let _ = message.ack_with(AckKind::Term).await;
+                }
+            }
         }
     }
     None
@@ -257,21 +266,11 @@ async fn cancels(
 async fn run_job(
     state: Arc<WorkerState>,
     message: jetstream::Message,
+    job: JobMessage,
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     let delivered = message.info().map_or(1, |i| i.delivered.max(1) as u32);
-    let job: JobMessage = match serde_json::from_slice(&message.payload) {
-        Ok(job) => job,
-        Err(e) => {
-            tracing::error!(error = %e, "a job message that is not a job; dropped");
-            let _ = message.ack_with(AckKind::Term).await;
-            release_unnamed(&state);
-            return;
-        }
-    };
-    name_held(&state, &job);
-    let outcome = run_delivered(&state, &message, &job, delivered).await;
-    let ack = match outcome {
+    let ack = match run_delivered(&state, &message, &job, delivered).await {
         Ok(ack) => ack,
         Err(e) => {
             // NATS went away mid-job: JetStream redelivers it after ack_wait.
@@ -285,23 +284,6 @@ async fn run_job(
         tracing::warn!(job_id = %job.job_id, error = %e, "ack not sent; the job may run again");
     }
     state.held.lock().retain(|(id, _)| id != &job.job_id);
-}
-
-fn name_held(state: &WorkerState, job: &JobMessage) {
-    let mut held = state.held.lock();
-    if let Some(slot) = held
-        .iter_mut()
-        .find(|(id, w)| id.is_empty() && *w == job.workload)
-    {
-        slot.0 = job.job_id.clone();
-    }
-}
-
-fn release_unnamed(state: &WorkerState) {
-    let mut held = state.held.lock();
-    if let Some(i) = held.iter().position(|(id, _)| id.is_empty()) {
-        held.remove(i);
-    }
 }
 
 /// Runs a delivered job; returns the ack to send (`None`: send none, let it redeliver).
@@ -426,62 +408,34 @@ async fn relay(state: &WorkerState, job: &JobMessage, trace_id: &str) -> Result<
                 // The gateway published acceptance already.
                 JobEvent::Stage { name, .. } if *name == stage::PROMPT_RECEIVED => continue,
                 JobEvent::Admission { decision, .. } if *decision == Decision::Admit => continue,
+                // Outputs are named by their path inside the out dir, as the object store
+                // and GetOutput know them.
                 JobEvent::Output {
                     node_id,
                     path,
                     kind,
-                } => output_event(
-                    e.at,
-                    node_id,
-                    &object_name(&state.config.out_dir, path),
-                    kind,
-                ),
+                } => {
+                    let named = TimedEvent {
+                        event: JobEvent::Output {
+                            node_id: node_id.clone(),
+                            path: object_name(&state.config.out_dir, path).into(),
+                            kind: kind.clone(),
+                        },
+                        ..(*e).clone()
+                    };
+                    event_to_proto(&named, trace_id)
+                }
                 _ => event_to_proto(&e, trace_id),
             },
-            WatchItem::Frame(f) => frame_event(&f),
-            WatchItem::FramesDropped(n) => skipped(n, 0),
-            WatchItem::EventsSkipped(n) => skipped(0, n),
+            WatchItem::Frame(f) => {
+                frame_to_proto(&f, v1::FrameEncoding::Rgb8, f.rgb8.as_ref().clone())
+            }
+            WatchItem::FramesDropped(n) => skipped_to_proto(n, 0),
+            WatchItem::EventsSkipped(n) => skipped_to_proto(0, n),
         };
         events.publish(&event).await?;
     }
     events.flush().await
-}
-
-fn output_event(at: SystemTime, node_id: &str, name: &str, kind: &str) -> v1::WatchEvent {
-    v1::WatchEvent {
-        at_unix_ms: unix_ms(at),
-        kind: Some(v1::watch_event::Kind::Output(v1::Output {
-            node_id: node_id.to_owned(),
-            path: name.to_owned(),
-            kind: kind.to_owned(),
-        })),
-    }
-}
-
-fn frame_event(f: &sakuga_scheduler::engine::Frame) -> v1::WatchEvent {
-    v1::WatchEvent {
-        at_unix_ms: unix_ms(f.produced_at),
-        kind: Some(v1::watch_event::Kind::Frame(v1::Frame {
-            node_id: f.node_id.clone(),
-            index: f.index,
-            width: f.width,
-            height: f.height,
-            encoding: v1::FrameEncoding::Rgb8 as i32,
-            data: f.rgb8.as_ref().clone(),
-            target_fps: f.target_fps,
-            produced_unix_ms: unix_ms(f.produced_at),
-        })),
-    }
-}
-
-fn skipped(frames_dropped: u64, events_skipped: u64) -> v1::WatchEvent {
-    v1::WatchEvent {
-        at_unix_ms: unix_ms(SystemTime::now()),
-        kind: Some(v1::watch_event::Kind::Skipped(v1::Skipped {
-            frames_dropped,
-            events_skipped,
-        })),
-    }
 }
 
 /// An output's name under its job: its path inside the out dir.

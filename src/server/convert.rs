@@ -115,6 +115,38 @@ pub fn job_to_proto(info: &JobInfo) -> v1::Job {
     }
 }
 
+/// A frame as `Watch` sends it, its pixels already in `encoding`.
+pub fn frame_to_proto(
+    frame: &sakuga_scheduler::engine::Frame,
+    encoding: v1::FrameEncoding,
+    data: Vec<u8>,
+) -> v1::WatchEvent {
+    v1::WatchEvent {
+        at_unix_ms: unix_ms(Some(frame.produced_at)),
+        kind: Some(v1::watch_event::Kind::Frame(v1::Frame {
+            node_id: frame.node_id.clone(),
+            index: frame.index,
+            width: frame.width,
+            height: frame.height,
+            encoding: encoding as i32,
+            data,
+            target_fps: frame.target_fps,
+            produced_unix_ms: unix_ms(Some(frame.produced_at)),
+        })),
+    }
+}
+
+/// What a watcher missed by falling behind.
+pub fn skipped_to_proto(frames_dropped: u64, events_skipped: u64) -> v1::WatchEvent {
+    v1::WatchEvent {
+        at_unix_ms: unix_ms(Some(SystemTime::now())),
+        kind: Some(v1::watch_event::Kind::Skipped(v1::Skipped {
+            frames_dropped,
+            events_skipped,
+        })),
+    }
+}
+
 /// A feed event as a `WatchEvent` (frames are converted by the caller, which encodes).
 pub fn event_to_proto(e: &TimedEvent, trace_id: &str) -> v1::WatchEvent {
     use v1::watch_event::Kind;

@@ -16,8 +16,8 @@ use sakuga_telemetry::{PlaybackReport, TraceContext, Window};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::server::convert::{
-    estimate_to_proto, event_to_proto, from_unix_ms, graph_to_json, job_to_proto, state_from_proto,
-    workload_from_proto, workload_to_proto,
+    estimate_to_proto, event_to_proto, from_unix_ms, graph_to_json, job_to_proto, skipped_to_proto,
+    state_from_proto, workload_from_proto, workload_to_proto,
 };
 use crate::server::status::{status_of, status_of_cluster};
 use crate::server::{Role, Shared};
@@ -58,19 +58,9 @@ async fn frame_to_proto(frame: &Frame, png: bool) -> Result<v1::WatchEvent, Stat
     } else {
         v1::FrameEncoding::Rgb8
     };
-    Ok(v1::WatchEvent {
-        at_unix_ms: crate::server::convert::unix_ms(Some(frame.produced_at)),
-        kind: Some(v1::watch_event::Kind::Frame(v1::Frame {
-            node_id: frame.node_id.clone(),
-            index: frame.index,
-            width: frame.width,
-            height: frame.height,
-            encoding: encoding as i32,
-            data,
-            target_fps: frame.target_fps,
-            produced_unix_ms: crate::server::convert::unix_ms(Some(frame.produced_at)),
-        })),
-    })
+    Ok(crate::server::convert::frame_to_proto(
+        frame, encoding, data,
+    ))
 }
 
 /// One Watch call's position in its job's feed.
@@ -100,8 +90,8 @@ impl WatchCursor {
                 WatchItem::Event(e) => Ok(event_to_proto(&e, &self.trace_id)),
                 WatchItem::Frame(_) if self.skip_frames => continue,
                 WatchItem::Frame(f) => frame_to_proto(&f, self.png).await,
-                WatchItem::FramesDropped(n) => Ok(skipped(n, 0)),
-                WatchItem::EventsSkipped(n) => Ok(skipped(0, n)),
+                WatchItem::FramesDropped(n) => Ok(skipped_to_proto(n, 0)),
+                WatchItem::EventsSkipped(n) => Ok(skipped_to_proto(0, n)),
             });
         }
     }
@@ -519,15 +509,5 @@ fn page_within(page: sakuga_scheduler::engine::JobPage, budget: usize) -> v1::Li
     v1::ListJobsResponse {
         jobs,
         next_page_token,
-    }
-}
-
-fn skipped(frames_dropped: u64, events_skipped: u64) -> v1::WatchEvent {
-    v1::WatchEvent {
-        at_unix_ms: crate::server::convert::unix_ms(Some(std::time::SystemTime::now())),
-        kind: Some(v1::watch_event::Kind::Skipped(v1::Skipped {
-            frames_dropped,
-            events_skipped,
-        })),
     }
 }
