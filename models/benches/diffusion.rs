@@ -12,8 +12,17 @@ use sakuga_models::cache::{ModelCache, ModelKind};
 use sakuga_models::demo::{DEMO_CHECKPOINT, write_demo_models};
 use sakuga_models::diffusion::keymap::Part;
 use sakuga_models::diffusion::{
-    Checkpoint, Denoiser, GuidedDenoiser, NoiseRng, UnetModel, empty_latent,
+    Checkpoint, ClipModel, Denoiser, GuidedDenoiser, NoiseRng, UnetModel, VaeModel, empty_latent,
 };
+
+/// The demo checkpoint's three parts, loaded from disk.
+fn load(path: &std::path::Path, device: &Device) -> (UnetModel, ClipModel, VaeModel) {
+    let checkpoint = Checkpoint::open(path).expect("open");
+    let unet = checkpoint.load_unet(&[], device, DType::F32).expect("unet");
+    let clip = checkpoint.load_clip(&[], device, DType::F32).expect("clip");
+    let vae = checkpoint.load_vae(device, DType::F32).expect("vae");
+    (unet, clip, vae)
+}
 
 fn stages(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -26,27 +35,11 @@ fn stages(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(5));
 
     group.bench_function("load_checkpoint", |b| {
-        b.iter(|| {
-            let checkpoint = Checkpoint::open(&path).expect("open");
-            let unet = checkpoint
-                .load_unet(&[], &device, DType::F32)
-                .expect("unet");
-            let clip = checkpoint
-                .load_clip(&[], &device, DType::F32)
-                .expect("clip");
-            let vae = checkpoint.load_vae(&device, DType::F32).expect("vae");
-            black_box((unet, clip, vae));
-        })
+        b.iter(|| black_box(load(&path, &device)))
     });
 
+    let (unet, clip, vae) = load(&path, &device);
     let checkpoint = Checkpoint::open(&path).expect("open");
-    let unet = checkpoint
-        .load_unet(&[], &device, DType::F32)
-        .expect("unet");
-    let clip = checkpoint
-        .load_clip(&[], &device, DType::F32)
-        .expect("clip");
-    let vae = checkpoint.load_vae(&device, DType::F32).expect("vae");
 
     group.bench_function("encode_prompt", |b| {
         b.iter(|| {

@@ -34,6 +34,12 @@ pub enum NodeError {
     /// An image file could not be decoded or encoded.
     #[error("image {path}: {reason}")]
     Image { path: PathBuf, reason: String },
+    /// An encoder refused the node's frames (an output file format's own limits).
+    #[error("{format} encoding: {reason}")]
+    Encode {
+        format: &'static str,
+        reason: String,
+    },
     /// A model could not be loaded or run.
     #[error(transparent)]
     Model(sakuga_models::ModelError),
@@ -72,7 +78,7 @@ impl NodeError {
             | NodeError::InvalidInput(_)
             | NodeError::PathEscapes { .. }
             | NodeError::Image { .. } => ErrorKind::InvalidInput,
-            NodeError::Io { .. } => ErrorKind::Internal,
+            NodeError::Io { .. } | NodeError::Encode { .. } => ErrorKind::Internal,
             NodeError::Model(e) => return e.kind(),
             NodeError::Tensor(e) => {
                 if e.to_string().to_ascii_lowercase().contains("out of memory") {

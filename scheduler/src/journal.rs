@@ -138,7 +138,7 @@ impl Journal {
         std::fs::create_dir_all(data_dir)
             .map_err(|e| err(format!("creating the data dir: {e}")))?;
         let db = Database::create(&path).map_err(|e| err(e.to_string()))?;
-        let records = load_and_prune(&db, retention).map_err(err)?;
+        let records = load_and_prune(&db, retention).map_err(|e| err(e.to_string()))?;
         let (tx, rx) = crossbeam_channel::bounded(CHANNEL_CAPACITY);
         let worker_path = path.clone();
         let worker = std::thread::Builder::new()
@@ -194,17 +194,17 @@ impl Drop for Journal {
     }
 }
 
-fn load_and_prune(db: &Database, retention: Duration) -> Result<Vec<JobRecord>, String> {
+fn load_and_prune(db: &Database, retention: Duration) -> Result<Vec<JobRecord>, redb::Error> {
     let mut records = Vec::new();
     let mut expired = Vec::new();
     let cutoff = unix_ms(SystemTime::now()).saturating_sub(retention.as_millis() as u64);
     let mut workflows: std::collections::HashMap<String, Json> = std::collections::HashMap::new();
     {
-        let read = db.begin_read().map_err(|e| e.to_string())?;
+        let read = db.begin_read()?;
         match read.open_table(WORKFLOWS) {
             Ok(table) => {
-                for row in table.iter().map_err(|e| e.to_string())? {
-                    let (key, value) = row.map_err(|e| e.to_string())?;
+                for row in table.iter()? {
+                    let (key, value) = row?;
                     match serde_json::from_slice::<Json>(value.value()) {
                         Ok(workflow) => {
                             workflows.insert(key.value().to_owned(), workflow);
@@ -216,12 +216,12 @@ fn load_and_prune(db: &Database, retention: Duration) -> Result<Vec<JobRecord>, 
                 }
             }
             Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
         match read.open_table(JOBS) {
             Ok(table) => {
-                for row in table.iter().map_err(|e| e.to_string())? {
-                    let (key, value) = row.map_err(|e| e.to_string())?;
+                for row in table.iter()? {
+                    let (key, value) = row?;
                     match serde_json::from_slice::<JobRecord>(value.value()) {
                         Ok(r)
                             if r.state.is_final()
@@ -242,27 +242,31 @@ fn load_and_prune(db: &Database, retention: Duration) -> Result<Vec<JobRecord>, 
                 }
             }
             Err(redb::TableError::TableDoesNotExist(_)) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
     }
-    let write = db.begin_write().map_err(|e| e.to_string())?;
+    let write = db.begin_write()?;
     {
-        let mut table = write.open_table(JOBS).map_err(|e| e.to_string())?;
+        let mut table = write.open_table(JOBS)?;
         for key in &expired {
-            table.remove(key.as_str()).map_err(|e| e.to_string())?;
+            table.remove(key.as_str())?;
         }
         // Workflows whose job record is gone (final and pruned, or never written).
-        let mut orphans = write.open_table(WORKFLOWS).map_err(|e| e.to_string())?;
+        let mut orphans = write.open_table(WORKFLOWS)?;
         for key in workflows.keys() {
-            orphans.remove(key.as_str()).map_err(|e| e.to_string())?;
+            orphans.remove(key.as_str())?;
         }
     }
-    write.commit().map_err(|e| e.to_string())?;
+    write.commit()?;
     records.sort_by_key(|r| r.submitted_unix_ms);
     Ok(records)
 }
 
-fn commit_group(db: &Database, records: &mut [Box<JobRecord>]) -> Result<(), String> {
+/// Writing JSON into a `Vec` fails only for maps with non-string keys, which neither a
+/// job record nor a workflow has.
+const SERIALIZES: &str = "a job record or workflow serializes to JSON";
+
+fn commit_group(db: &Database, records: &mut [Box<JobRecord>]) -> Result<(), redb::Error> {
     // Only a job's newest record in the group is written; the workflow comes from
     // whichever record carried it.
     let mut newest: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
@@ -270,36 +274,31 @@ fn commit_group(db: &Database, records: &mut [Box<JobRecord>]) -> Result<(), Str
         newest.insert(record.job_id.as_str(), i);
     }
     let newest: std::collections::HashSet<usize> = newest.into_values().collect();
-    let write = db.begin_write().map_err(|e| e.to_string())?;
+    let write = db.begin_write()?;
     {
-        let mut jobs = write.open_table(JOBS).map_err(|e| e.to_string())?;
-        let mut workflows = write.open_table(WORKFLOWS).map_err(|e| e.to_string())?;
+        let mut jobs = write.open_table(JOBS)?;
+        let mut workflows = write.open_table(WORKFLOWS)?;
         let mut bytes = Vec::with_capacity(512);
         for (i, record) in records.iter_mut().enumerate() {
             if let Some(workflow) = record.workflow.take()
                 && !record.state.is_final()
             {
                 bytes.clear();
-                serde_json::to_writer(&mut bytes, &workflow).map_err(|e| e.to_string())?;
-                workflows
-                    .insert(record.job_id.as_str(), bytes.as_slice())
-                    .map_err(|e| e.to_string())?;
+                serde_json::to_writer(&mut bytes, &workflow).expect(SERIALIZES);
+                workflows.insert(record.job_id.as_str(), bytes.as_slice())?;
             }
             if !newest.contains(&i) {
                 continue;
             }
             if record.state.is_final() {
-                workflows
-                    .remove(record.job_id.as_str())
-                    .map_err(|e| e.to_string())?;
+                workflows.remove(record.job_id.as_str())?;
             }
             bytes.clear();
-            serde_json::to_writer(&mut bytes, &**record).map_err(|e| e.to_string())?;
-            jobs.insert(record.job_id.as_str(), bytes.as_slice())
-                .map_err(|e| e.to_string())?;
+            serde_json::to_writer(&mut bytes, &**record).expect(SERIALIZES);
+            jobs.insert(record.job_id.as_str(), bytes.as_slice())?;
         }
     }
-    write.commit().map_err(|e| e.to_string())
+    Ok(write.commit()?)
 }
 
 fn journal_worker(db: Database, rx: Receiver<JournalOp>, path: PathBuf) {
@@ -361,10 +360,13 @@ fn journal_worker(db: Database, rx: Receiver<JournalOp>, path: PathBuf) {
         }
         records.clear();
         for ack in acks.drain(..) {
-            ack(result.clone().map_err(|reason| SchedulerError::Journal {
-                path: path.clone(),
-                reason,
-            }));
+            ack(result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| SchedulerError::Journal {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                }));
         }
         for done in flushes.drain(..) {
             let _ = done.send(());

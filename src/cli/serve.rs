@@ -482,15 +482,11 @@ fn reload_fn(common: &CommonArgs, args: &ServeArgs, data_dir: &std::path::Path) 
     let tunables_path = args.tunables.clone();
     let reload_common = common.clone();
     let generation_dir = data_dir.to_path_buf();
-    Arc::new(move |engine: &EngineHandle| -> Result<Reloaded, String> {
-        let tunables = load_tunables(tunables_path.as_ref()).map_err(|e| format!("{e:#}"))?;
-        let signals = reload_common
-            .resolve()
-            .map_err(|e| format!("{e:#}"))?
-            .signals;
+    Arc::new(move |engine: &EngineHandle| -> anyhow::Result<Reloaded> {
+        let tunables = load_tunables(tunables_path.as_ref())?;
+        let signals = reload_common.resolve()?.signals;
         let reloaded = engine.reload_config(tunables, Some(signals), env!("CARGO_PKG_VERSION"));
-        runtime::write_generation(&generation_dir, reloaded.generation)
-            .map_err(|e| format!("{e:#}"))?;
+        runtime::write_generation(&generation_dir, reloaded.generation)?;
         Ok(reloaded)
     })
 }
@@ -564,7 +560,10 @@ async fn reload_on_sighup(engine: Arc<OnceLock<EngineHandle>>, reload: ReloadFn)
                     tracing::info!(generation = r.generation, config_hash = %r.config_hash, "configuration reloaded")
                 }
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "reload failed; the running configuration stays")
+                    tracing::error!(
+                        error = format!("{e:#}"),
+                        "reload failed; the running configuration stays"
+                    )
                 }
                 Err(e) => tracing::error!(error = %e, "reload task failed"),
             }

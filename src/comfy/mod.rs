@@ -29,9 +29,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -40,13 +38,12 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value as Json, json};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::net::TcpListener;
 
 use sakuga_scheduler::{EngineHandle, SchedulerError};
 
 use crate::jobs::Jobs;
+use crate::server::conn::{BoundedConn, CappedListener};
 use sakuga_telemetry::AdmissionReason;
 
 /// Settings of the ComfyUI listener.
@@ -338,7 +335,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
     let (closing_tx, closing) = tokio::sync::watch::channel(false);
-    let slots = Arc::new(Semaphore::new(config.max_connections.max(1)));
+    let listener = CappedListener::new(listener, config.max_connections);
     let app = Arc::new(AppState {
         engine,
         config,
@@ -348,10 +345,6 @@ pub async fn run(
         closing,
     });
     tokio::spawn(ws::status_task(app.clone()));
-    let listener = CappedListener {
-        inner: listener,
-        slots,
-    };
     axum::serve(listener, router(app))
         .with_graceful_shutdown(async move {
             shutdown.await;
@@ -360,77 +353,21 @@ pub async fn run(
         .await
 }
 
-/// Wait after a failed accept: EMFILE and ENFILE persist until a connection closes.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// A listener that holds a semaphore permit per open connection.
-struct CappedListener {
-    inner: TcpListener,
-    slots: Arc<Semaphore>,
-}
+/// Time from accept to a client's first 24 bytes (any HTTP request line is longer).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl axum::serve::Listener for CappedListener {
-    type Io = CappedStream;
+    type Io = BoundedConn;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        let permit = self
-            .slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the connection semaphore is never closed");
-        loop {
-            match self.inner.accept().await {
-                Ok((tcp, addr)) => {
-                    let _ = tcp.set_nodelay(true);
-                    return (CappedStream { tcp, _slot: permit }, addr);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accepting a ComfyUI API connection failed; pausing");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            }
-        }
+        let (tcp, slot, addr) = self.accept_slotted().await;
+        // WebSocket clients may stay silent for hours, so only the handshake is timed.
+        (BoundedConn::new(tcp, slot, HANDSHAKE_TIMEOUT, None), addr)
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-/// A connection holding its slot under the cap until it closes.
-#[derive(Debug)]
-struct CappedStream {
-    tcp: TcpStream,
-    _slot: OwnedSemaphorePermit,
-}
-
-impl AsyncRead for CappedStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for CappedStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.tcp).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.tcp).poll_shutdown(cx)
+        CappedListener::local_addr(self)
     }
 }
 

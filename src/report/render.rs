@@ -291,39 +291,26 @@ fn workload_section(report: &Report, h: &mut String) -> Result<(), ReportError> 
         if days.iter().all(|d| d.total() == 0.0) {
             continue;
         }
-        let pick = |f: fn(&super::data::WorkloadDay) -> Option<f64>| {
-            days.iter().map(f).collect::<Vec<_>>()
+        let percentiles = |of: fn(&super::data::WorkloadDay) -> &super::data::Percentiles| {
+            let line = |name: &str, get: fn(&super::data::Percentiles) -> Option<f64>| Line {
+                name: name.into(),
+                daily: days.iter().map(|d| get(of(d))).collect(),
+            };
+            vec![
+                line("p50", |q| q.p50),
+                line("p95", |q| q.p95),
+                line("p99", |q| q.p99),
+            ]
         };
-        let lines = vec![
-            Line {
-                name: "p50".into(),
-                daily: pick(|d| d.latency.p50),
-            },
-            Line {
-                name: "p95".into(),
-                daily: pick(|d| d.latency.p95),
-            },
-            Line {
-                name: "p99".into(),
-                daily: pick(|d| d.latency.p99),
-            },
+        type Of = fn(&super::data::WorkloadDay) -> &super::data::Percentiles;
+        let charts: [(&str, Of); 2] = [
+            ("render latency", |d| &d.latency),
+            ("queue wait", |d| &d.queue_wait),
         ];
-        h.push_str(&chart(report, &format!("{w}: render latency"), "seconds", lines).svg()?);
-        let lines = vec![
-            Line {
-                name: "p50".into(),
-                daily: pick(|d| d.queue_wait.p50),
-            },
-            Line {
-                name: "p95".into(),
-                daily: pick(|d| d.queue_wait.p95),
-            },
-            Line {
-                name: "p99".into(),
-                daily: pick(|d| d.queue_wait.p99),
-            },
-        ];
-        h.push_str(&chart(report, &format!("{w}: queue wait"), "seconds", lines).svg()?);
+        for (title, of) in charts {
+            let lines = percentiles(of);
+            h.push_str(&chart(report, &format!("{w}: {title}"), "seconds", lines).svg()?);
+        }
     }
     h.push_str("</div><table><tr><th>workload</th>");
     for d in &report.day_names {

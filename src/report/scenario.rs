@@ -168,28 +168,18 @@ pub fn entries(to: f64) -> Vec<HistoryEntry> {
             j.config_generation = generation;
             out.push(HistoryEntry::Job(j));
         };
-        for k in 0..SINGLE_PER_HOUR {
-            counters[0] += 1;
-            push(single_image(
-                &truth,
-                hour + (k as f64 + 0.5) * HOUR_S / SINGLE_PER_HOUR as f64,
-                counters[0],
-            ));
-        }
-        for k in 0..BATCH_PER_HOUR {
-            counters[1] += 1;
-            push(batch(
-                &truth,
-                hour + (k as f64 + 0.3) * HOUR_S / BATCH_PER_HOUR as f64,
-                counters[1],
-            ));
-        }
-        for k in 0..ANIMATION_PER_HOUR {
-            counters[2] += 1;
-            push(animation(
-                &truth,
-                hour + (k as f64 + 0.7) * HOUR_S / ANIMATION_PER_HOUR as f64,
-            ));
+        // Each workload's jobs spread evenly over the hour, offset so they interleave.
+        let kinds: [(usize, f64, fn(&Truth, f64, usize) -> JobSummary); 3] = [
+            (SINGLE_PER_HOUR, 0.5, single_image),
+            (BATCH_PER_HOUR, 0.3, batch),
+            (ANIMATION_PER_HOUR, 0.7, |truth, at, _| animation(truth, at)),
+        ];
+        for (kind, (per_hour, offset, make)) in kinds.into_iter().enumerate() {
+            for k in 0..per_hour {
+                counters[kind] += 1;
+                let at = hour + (k as f64 + offset) * HOUR_S / per_hour as f64;
+                push(make(&truth, at, counters[kind]));
+            }
         }
     }
     out.sort_by(|a, b| a.at().total_cmp(&b.at()));

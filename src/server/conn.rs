@@ -6,6 +6,7 @@
 //! failed accept (out of file descriptors) instead of a busy loop.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -58,26 +59,61 @@ pub fn bounded_incoming(
     listener: TcpListener,
     limits: ConnectionLimits,
 ) -> impl Stream<Item = Result<BoundedConn, io::Error>> {
-    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    futures_util::stream::unfold(
-        (listener, slots, limits),
-        |(listener, slots, limits)| async move {
-            let permit = slots.clone().acquire_owned().await.ok()?;
-            let tcp = loop {
-                match listener.accept().await {
-                    Ok((tcp, _)) => break tcp,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "accepting a connection failed; pausing");
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    }
+    let listener = CappedListener::new(listener, limits.max_connections);
+    futures_util::stream::unfold((listener, limits), |(listener, limits)| async move {
+        let (tcp, slot, _) = listener.accept_slotted().await;
+        let conn = BoundedConn::new(
+            tcp,
+            slot,
+            limits.handshake_timeout,
+            Some(limits.idle_timeout),
+        );
+        Some((Ok(conn), (listener, limits)))
+    })
+}
+
+/// A listener whose accepted connections each hold one slot of a cap.
+#[derive(Debug)]
+pub struct CappedListener {
+    inner: TcpListener,
+    slots: Arc<Semaphore>,
+}
+
+impl CappedListener {
+    pub fn new(inner: TcpListener, max_connections: usize) -> Self {
+        Self {
+            inner,
+            slots: Arc::new(Semaphore::new(max_connections.max(1))),
+        }
+    }
+
+    /// The next connection and its slot; waits while the cap is reached, and pauses
+    /// after a failed accept instead of spinning.
+    pub async fn accept_slotted(&self) -> (TcpStream, OwnedSemaphorePermit, SocketAddr) {
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the connection semaphore is never closed");
+        loop {
+            match self.inner.accept().await {
+                Ok((tcp, addr)) => {
+                    // Nagle plus delayed ACKs would add ~40 ms to every small reply.
+                    let _ = tcp.set_nodelay(true);
+                    return (tcp, slot, addr);
                 }
-            };
-            // Nagle plus delayed ACKs would add ~40 ms to every small unary reply.
-            let _ = tcp.set_nodelay(true);
-            let conn = BoundedConn::new(tcp, permit, &limits);
-            Some((Ok(conn), (listener, slots, limits)))
-        },
-    )
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a connection failed; pausing");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                }
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
 }
 
 /// A TCP connection holding its slot under the cap, closed (read error `TimedOut`) when
@@ -86,23 +122,38 @@ pub fn bounded_incoming(
 pub struct BoundedConn {
     tcp: TcpStream,
     _slot: OwnedSemaphorePermit,
-    deadline: Pin<Box<Sleep>>,
+    /// None once the handshake is over on a connection without an idle timeout.
+    deadline: Option<Pin<Box<Sleep>>>,
     /// Handshake bytes still expected; 0 once the handshake phase is over.
     handshake_left: usize,
     last_read: Instant,
-    idle_timeout: Duration,
+    idle_timeout: Option<Duration>,
 }
 
 impl BoundedConn {
-    fn new(tcp: TcpStream, slot: OwnedSemaphorePermit, limits: &ConnectionLimits) -> Self {
+    /// `tcp` must send its first 24 bytes within `handshake_timeout`, and then a byte at
+    /// least every `idle_timeout` when there is one.
+    pub fn new(
+        tcp: TcpStream,
+        slot: OwnedSemaphorePermit,
+        handshake_timeout: Duration,
+        idle_timeout: Option<Duration>,
+    ) -> Self {
         let now = Instant::now();
         Self {
             tcp,
             _slot: slot,
-            deadline: Box::pin(tokio::time::sleep_until(now + limits.handshake_timeout)),
+            deadline: Some(Box::pin(tokio::time::sleep_until(now + handshake_timeout))),
             handshake_left: PREFACE_BYTES,
             last_read: now,
-            idle_timeout: limits.idle_timeout,
+            idle_timeout,
+        }
+    }
+
+    fn handshake_done(&mut self) {
+        match (self.deadline.as_mut(), self.idle_timeout) {
+            (Some(deadline), Some(idle)) => deadline.as_mut().reset(self.last_read + idle),
+            _ => self.deadline = None,
         }
     }
 
@@ -110,17 +161,24 @@ impl BoundedConn {
     /// re-armed instead (cheaper than resetting the timer on every read).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
         loop {
-            if self.deadline.as_mut().poll(cx).is_pending() {
+            let Some(deadline) = self.deadline.as_mut() else {
+                return false;
+            };
+            if deadline.as_mut().poll(cx).is_pending() {
                 return false;
             }
             if self.handshake_left > 0 {
                 return true;
             }
-            let idle_until = self.last_read + self.idle_timeout;
+            let Some(idle) = self.idle_timeout else {
+                self.deadline = None;
+                return false;
+            };
+            let idle_until = self.last_read + idle;
             if idle_until <= Instant::now() {
                 return true;
             }
-            self.deadline.as_mut().reset(idle_until);
+            deadline.as_mut().reset(idle_until);
         }
     }
 }
@@ -141,8 +199,7 @@ impl AsyncRead for BoundedConn {
                     if this.handshake_left > 0 {
                         this.handshake_left = this.handshake_left.saturating_sub(read);
                         if this.handshake_left == 0 {
-                            let idle_until = this.last_read + this.idle_timeout;
-                            this.deadline.as_mut().reset(idle_until);
+                            this.handshake_done();
                         }
                     }
                 }

@@ -31,7 +31,7 @@ use sakuga_scheduler::engine::Reloaded;
 use sakuga_scheduler::{EngineHandle, SchedulerError};
 
 /// Re-reads configuration and applies it to the engine (SIGHUP and the `Reload` RPC).
-pub type ReloadFn = Arc<dyn Fn(&EngineHandle) -> Result<Reloaded, String> + Send + Sync>;
+pub type ReloadFn = Arc<dyn Fn(&EngineHandle) -> anyhow::Result<Reloaded> + Send + Sync>;
 
 /// Server settings.
 #[derive(Clone)]

@@ -234,7 +234,7 @@ impl SignalService for SignalsApi {
             Some(reload) => tokio::task::spawn_blocking(move || reload(&engine))
                 .await
                 .map_err(|e| Status::internal(format!("reload task: {e}")))?
-                .map_err(|e| Status::failed_precondition(format!("reload failed: {e}")))?,
+                .map_err(|e| Status::failed_precondition(format!("reload failed: {e:#}")))?,
             None => engine.reload(engine.tunables(), env!("CARGO_PKG_VERSION")),
         };
         Ok(Response::new(v1::ReloadResponse {
@@ -275,7 +275,7 @@ pub fn warmup(engine: &sakuga_scheduler::EngineHandle, models: &[String]) -> v1:
     for name in models {
         match warm_one(engine, name) {
             Ok(()) => loaded.push(name.clone()),
-            Err(reason) => failed.push(format!("{name}: {reason}")),
+            Err(reason) => failed.push(format!("{name}: {reason:#}")),
         }
     }
     signals.planned_heavy_load(PlannedLoad::Warmup, false);
@@ -321,7 +321,7 @@ fn warmup_folders(registry: &sakuga_nodes::NodeRegistry) -> Vec<WarmupFolder> {
     folders
 }
 
-fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> Result<(), String> {
+fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> anyhow::Result<()> {
     let env = engine.env();
     let store = ModelStore::new(&env.models_dir);
     let folders = warmup_folders(engine.registry());
@@ -343,15 +343,15 @@ fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> Result<(), S
                 break;
             }
             Err(e @ ModelError::PathEscapes { .. }) => {
-                return Err(format!("model names stay inside the models dir: {e}"));
+                anyhow::bail!("model names stay inside the models dir: {e}");
             }
             Err(_) => {}
         }
     }
     let (path, loader) =
-        found.ok_or_else(|| format!("not found in {}", env.models_dir.display()))?;
+        found.ok_or_else(|| anyhow::anyhow!("not found in {}", env.models_dir.display()))?;
     let Some((class_type, input)) = loader else {
-        return std::fs::read(path).map(drop).map_err(|e| e.to_string());
+        return Ok(std::fs::read(path).map(drop)?);
     };
     // A job like any other: admitted against the memory budget, queued, and loaded on
     // the device worker, so a warmup never races a running job for device memory.
@@ -362,12 +362,10 @@ fn warm_one(engine: &sakuga_scheduler::EngineHandle, name: &str) -> Result<(), S
     request.workload = Some(Workload::SingleImage);
     request.priority = 100;
     request.labels.insert(WARMUP_LABEL.into(), "true".into());
-    let info = engine
-        .run_to_completion(request, |_| {})
-        .map_err(|e| e.to_string())?;
+    let info = engine.run_to_completion(request, |_| {})?;
     match info.state {
         sakuga_scheduler::engine::JobState::Succeeded => Ok(()),
-        state => Err(format!(
+        state => Err(anyhow::anyhow!(
             "warmup job {} {}: {}",
             info.job_id,
             format!("{state:?}").to_lowercase(),

@@ -15,6 +15,8 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
 use rayon::prelude::*;
 
+use super::Strides;
+
 /// Output positions per GEMM block. A multiple of the `gemm` crate's f32 AVX-512 row tile
 /// (48) so the last micro-tile of a block is full; 384 keeps the gathered block of a
 /// 64-channel 3x3 layer (576 x 384 floats, 864 KiB) inside a 1 MiB L2.
@@ -242,32 +244,21 @@ fn run_block(
     }
     // block_out[co * BLOCK + p] = sum_k gathered[k * BLOCK + p] * weight[co * K + k]
     // m = positions (unit stride in both dst and lhs), n = c_out, k = reduction.
-    // SAFETY: all pointers are to live slices; with the strides given, the largest index
-    // read from `gathered` is (k-1)*BLOCK + len-1 < its length, from `weight` (c_out-1)*K +
-    // k-1 < its length, and the largest written in `block_out` is (c_out-1)*BLOCK + len-1.
-    unsafe {
-        gemm::gemm(
-            len,
-            dims.c_out,
-            k,
-            block_out.as_mut_ptr(),
-            BLOCK_POSITIONS as isize,
-            1,
-            false,
-            gathered.as_ptr(),
-            BLOCK_POSITIONS as isize,
-            1,
-            weight.as_ptr(),
-            k as isize,
-            1,
-            0.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        );
-    }
+    super::matmul_into(
+        (len, dims.c_out, k),
+        block_out,
+        Strides {
+            row: 1,
+            col: BLOCK_POSITIONS,
+        },
+        gathered,
+        Strides {
+            row: 1,
+            col: BLOCK_POSITIONS,
+        },
+        weight,
+        Strides { row: 1, col: k },
+    );
     let plane_out = ho * wo;
     for co in 0..dims.c_out {
         let b = bias[co];

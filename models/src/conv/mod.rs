@@ -276,6 +276,78 @@ impl CustomOp1 for WinogradOp {
     }
 }
 
+/// A matrix inside a slice: element `(row, col)` is at `row * row_stride + col * col_stride`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Strides {
+    pub row: usize,
+    pub col: usize,
+}
+
+impl Strides {
+    /// The largest index a `rows x cols` matrix with these strides touches.
+    fn last(self, rows: usize, cols: usize) -> usize {
+        (rows - 1) * self.row + (cols - 1) * self.col
+    }
+}
+
+/// `dst (m x n) = lhs (m x k) · rhs (k x n)` on one thread: the convolutions split their
+/// work into blocks and parallelise over those instead.
+///
+/// # Panics
+/// When a matrix reaches past the end of its slice.
+#[allow(clippy::too_many_arguments, unsafe_code)]
+pub(crate) fn matmul_into(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_strides: Strides,
+    lhs: &[f32],
+    lhs_strides: Strides,
+    rhs: &[f32],
+    rhs_strides: Strides,
+) {
+    if m == 0 || n == 0 || k == 0 {
+        return;
+    }
+    assert!(
+        dst_strides.last(m, n) < dst.len(),
+        "gemm: dst out of bounds"
+    );
+    assert!(
+        lhs_strides.last(m, k) < lhs.len(),
+        "gemm: lhs out of bounds"
+    );
+    assert!(
+        rhs_strides.last(k, n) < rhs.len(),
+        "gemm: rhs out of bounds"
+    );
+    let stride = |s: usize| s as isize;
+    // SAFETY: the asserts above keep every index gemm touches inside its slice, and `dst`
+    // is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            stride(dst_strides.col),
+            stride(dst_strides.row),
+            false,
+            lhs.as_ptr(),
+            stride(lhs_strides.col),
+            stride(lhs_strides.row),
+            rhs.as_ptr(),
+            stride(rhs_strides.col),
+            stride(rhs_strides.row),
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::Strides;
 use super::cpu::Epilogue;
 
 /// Tiles per chunk: the `gemm` crate's AVX-512 f32 row tile is 48, so the 36 products of a
@@ -356,32 +357,15 @@ impl ChunkJob<'_> {
             let lhs = &v[k * TILES_PER_CHUNK * c_in..];
             let rhs = &self.kernels.u[k * c_in * c_out..(k + 1) * c_in * c_out];
             let dst = &mut m[k * TILES_PER_CHUNK * c_out..(k + 1) * TILES_PER_CHUNK * c_out];
-            // SAFETY: with m = count <= TILES_PER_CHUNK rows, the largest indices touched are
-            // lhs (count-1)*c_in + c_in-1 < TILES_PER_CHUNK*c_in, rhs (c_in-1)*c_out + c_out-1
-            // and dst (count-1)*c_out + c_out-1, all inside their slices.
-            unsafe {
-                gemm::gemm(
-                    self.count,
-                    c_out,
-                    c_in,
-                    dst.as_mut_ptr(),
-                    1,
-                    c_out as isize,
-                    false,
-                    lhs.as_ptr(),
-                    1,
-                    c_in as isize,
-                    rhs.as_ptr(),
-                    1,
-                    c_out as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+            super::matmul_into(
+                (self.count, c_out, c_in),
+                dst,
+                Strides { row: c_out, col: 1 },
+                lhs,
+                Strides { row: c_in, col: 1 },
+                rhs,
+                Strides { row: c_out, col: 1 },
+            );
         }
     }
 

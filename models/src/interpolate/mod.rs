@@ -127,25 +127,49 @@ impl Interpolator {
     /// # Errors
     /// [`ModelError::InvalidInput`] for a zero multiplier or bad shapes; candle errors.
     pub fn interpolate_sequence(&self, frames: &Tensor, multiplier: usize) -> Result<Tensor> {
+        self.interpolate_sequence_with(frames, multiplier, |_, _| Ok::<(), ModelError>(()))
+    }
+
+    /// [`Self::interpolate_sequence`], calling `step(done, total)` before each new frame
+    /// and once at the end; an error from `step` (a cancel) stops the sequence.
+    ///
+    /// # Errors
+    /// As [`Self::interpolate_sequence`], and whatever `step` returns.
+    pub fn interpolate_sequence_with<E>(
+        &self,
+        frames: &Tensor,
+        multiplier: usize,
+        mut step: impl FnMut(u64, u64) -> std::result::Result<(), E>,
+    ) -> std::result::Result<Tensor, E>
+    where
+        E: From<ModelError>,
+    {
         if multiplier == 0 {
             return Err(ModelError::InvalidInput(
                 "frame interpolation multiplier must be at least 1".to_string(),
-            ));
+            )
+            .into());
         }
         let count = frames.dims().first().copied().unwrap_or(0);
         if multiplier == 1 || count < 2 {
             return Ok(frames.clone());
         }
+        let total = ((count - 1) * (multiplier - 1)) as u64;
+        let mut done = 0;
         let mut out = Vec::with_capacity((count - 1) * multiplier + 1);
+        let narrow = |index| frames.narrow(0, index, 1).map_err(ModelError::from);
         for index in 0..count - 1 {
-            let a = frames.narrow(0, index, 1)?;
-            let b = frames.narrow(0, index + 1, 1)?;
+            let a = narrow(index)?;
+            let b = narrow(index + 1)?;
             out.push(a.clone());
             for k in 1..multiplier {
+                step(done, total)?;
+                done += 1;
                 out.push(self.interpolate(&a, &b, k as f32 / multiplier as f32)?);
             }
         }
-        out.push(frames.narrow(0, count - 1, 1)?);
-        Ok(Tensor::cat(&out, 0)?)
+        out.push(narrow(count - 1)?);
+        step(total, total)?;
+        Ok(Tensor::cat(&out, 0).map_err(ModelError::from)?)
     }
 }

@@ -93,15 +93,19 @@ pub struct WebpSettings {
 /// EXIF `Model` tag when given.
 ///
 /// # Errors
-/// No frames, frames of different sizes, or an encoder failure, as text.
+/// [`NodeError::Encode`] for no frames, frames of different sizes, or an encoder failure.
 pub fn encode_webp(
     frames: &[Pixels],
     settings: &WebpSettings,
     prompt: Option<&str>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, NodeError> {
+    let fail = |reason: String| NodeError::Encode {
+        format: "webp",
+        reason,
+    };
     let first = frames
         .first()
-        .ok_or("an animation needs at least one frame")?;
+        .ok_or_else(|| fail("an animation needs at least one frame".into()))?;
     let channels = first.channels;
     let options = EncoderOptions {
         anim_params: AnimParams { loop_count: 0 },
@@ -122,12 +126,12 @@ pub fn encode_webp(
         ..EncoderOptions::default()
     };
     let mut encoder = Encoder::new_with_options((first.width, first.height), options)
-        .map_err(|e| format!("webp encoder: {e:?}"))?;
+        .map_err(|e| fail(format!("encoder: {e:?}")))?;
     let step = settings.duration_ms as i32;
     let mut timestamp = 0i32;
     for frame in frames {
         if (frame.width, frame.height, frame.channels) != (first.width, first.height, channels) {
-            return Err("frames of an animation must share one size".into());
+            return Err(fail("frames of an animation must share one size".into()));
         }
         let data = if channels == 1 {
             frame.data.iter().flat_map(|&v| [v, v, v]).collect()
@@ -136,12 +140,12 @@ pub fn encode_webp(
         };
         encoder
             .add_frame(&data, timestamp)
-            .map_err(|e| format!("webp frame: {e:?}"))?;
+            .map_err(|e| fail(format!("frame: {e:?}")))?;
         timestamp = timestamp.saturating_add(step);
     }
     let webp = encoder
         .finalize(timestamp)
-        .map_err(|e| format!("webp finalize: {e:?}"))?;
+        .map_err(|e| fail(format!("finalize: {e:?}")))?;
     let mut bytes = webp.to_vec();
     if let Some(prompt) = prompt {
         add_webp_exif(&mut bytes, &exif_with_model(&format!("prompt:{prompt}")))?;
@@ -168,9 +172,13 @@ fn exif_with_model(text: &str) -> Vec<u8> {
 
 /// Appends an `EXIF` chunk to an extended-format (VP8X) WebP and sets its EXIF flag; the
 /// animation encoder always writes VP8X. Container bookkeeping only, no pixels touched.
-fn add_webp_exif(webp: &mut Vec<u8>, exif: &[u8]) -> Result<(), String> {
+fn add_webp_exif(webp: &mut Vec<u8>, exif: &[u8]) -> Result<(), NodeError> {
+    let fail = |reason: &str| NodeError::Encode {
+        format: "webp",
+        reason: reason.into(),
+    };
     if webp.len() < 30 || &webp[0..4] != b"RIFF" || &webp[8..16] != b"WEBPVP8X" {
-        return Err("the encoder did not write an extended WebP".into());
+        return Err(fail("the encoder did not write an extended WebP"));
     }
     const EXIF_FLAG: u8 = 0x08;
     webp[20] |= EXIF_FLAG;
@@ -180,7 +188,7 @@ fn add_webp_exif(webp: &mut Vec<u8>, exif: &[u8]) -> Result<(), String> {
     if exif.len() % 2 == 1 {
         webp.push(0);
     }
-    let riff_size = u32::try_from(webp.len() - 8).map_err(|_| "webp over 4 GiB")?;
+    let riff_size = u32::try_from(webp.len() - 8).map_err(|_| fail("over 4 GiB"))?;
     webp[4..8].copy_from_slice(&riff_size.to_le_bytes());
     Ok(())
 }
@@ -222,7 +230,7 @@ fn save_animation(
     ctx: &ExecContext<'_>,
     inputs: &Inputs,
     extension: &str,
-    encode: impl FnOnce(&[Pixels], Option<&str>) -> Result<Vec<u8>, String>,
+    encode: impl FnOnce(&[Pixels], Option<&str>) -> Result<Vec<u8>, NodeError>,
 ) -> Result<Vec<Value>, NodeError> {
     let frames = to_pixels(inputs.image("images")?)?;
     let (folder, stem) = output_target(&ctx.env.output_dir, inputs.str("filename_prefix")?)?;
@@ -231,10 +239,7 @@ fn save_animation(
         next_counter(&folder, &stem)
     ));
     let prompt = ctx.workflow.map(|w| w.to_string());
-    let bytes = encode(&frames, prompt.as_deref()).map_err(|reason| NodeError::Image {
-        path: path.clone(),
-        reason,
-    })?;
+    let bytes = encode(&frames, prompt.as_deref())?;
     write_atomically(&path, &bytes)?;
     ctx.sink.output(
         ctx.node_id,
@@ -250,17 +255,21 @@ fn save_animation(
 /// `prompt` in a `comf` chunk after the frames when given.
 ///
 /// # Errors
-/// No frames, frames of different sizes, or an encoder failure, as text.
+/// [`NodeError::Encode`] for no frames, frames of different sizes, or an encoder failure.
 pub fn encode_apng(
     frames: &[Pixels],
     duration_ms: u32,
     level: u8,
     prompt: Option<&str>,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, NodeError> {
+    let fail = |reason: String| NodeError::Encode {
+        format: "apng",
+        reason,
+    };
+    let text = |e: png::EncodingError| fail(e.to_string());
     let first = frames
         .first()
-        .ok_or("an animation needs at least one frame")?;
-    let text = |e: png::EncodingError| e.to_string();
+        .ok_or_else(|| fail("an animation needs at least one frame".into()))?;
     let mut bytes = Vec::new();
     let mut encoder = png::Encoder::new(&mut bytes, first.width, first.height);
     encoder.set_color(match first.channels {
@@ -282,7 +291,7 @@ pub fn encode_apng(
         if (frame.width, frame.height, frame.channels)
             != (first.width, first.height, first.channels)
         {
-            return Err("frames of an animation must share one size".into());
+            return Err(fail("frames of an animation must share one size".into()));
         }
         writer.write_image_data(&frame.data).map_err(text)?;
     }

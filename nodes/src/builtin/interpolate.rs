@@ -5,7 +5,6 @@
 
 use std::sync::LazyLock;
 
-use candle_core::Tensor;
 use sakuga_models::cache::ModelKind;
 use sakuga_models::interpolate::Interpolator;
 use sakuga_models::store::ModelFolder;
@@ -120,27 +119,11 @@ impl Node for FrameInterpolate {
             .ok_or_else(|| {
                 NodeError::InvalidInput(format!("multiplier must be 1..=16, got {multiplier}"))
             })?;
-        let (count, _, _, _) = images.dims4()?;
-        if multiplier == 1 || count < 2 {
-            return Ok(vec![Value::Image(images.clone())]);
-        }
-        let steps = ((count - 1) * (multiplier - 1)) as u64;
-        let mut step = 0;
-        let mut frames = Vec::with_capacity((count - 1) * multiplier + 1);
-        for index in 0..count - 1 {
-            let a = images.narrow(0, index, 1)?;
-            let b = images.narrow(0, index + 1, 1)?;
-            frames.push(a.clone());
-            for k in 1..multiplier {
-                ctx.step(step, steps)?;
-                step += 1;
-                let t = k as f32 / multiplier as f32;
-                frames.push(interpolator.interpolate(&a, &b, t)?);
-            }
-        }
-        frames.push(images.narrow(0, count - 1, 1)?);
-        ctx.step(steps, steps)?;
-        Ok(vec![Value::Image(Tensor::cat(&frames, 0)?)])
+        let frames =
+            interpolator.interpolate_sequence_with(images, multiplier, |done, total| {
+                ctx.step(done, total)
+            })?;
+        Ok(vec![Value::Image(frames)])
     }
 }
 
@@ -148,7 +131,7 @@ impl Node for FrameInterpolate {
 mod tests {
     use std::sync::Arc;
 
-    use candle_core::{DType, Device};
+    use candle_core::{DType, Device, Tensor};
     use sakuga_models::interpolate::write_demo_rife;
 
     use super::*;
