@@ -473,9 +473,13 @@ impl<'a> Converter<'a> {
             } else {
                 input.ty.as_str()
             };
-            let mut hops = 0;
-            let source = self
-                .resolve_input(stack, node, slot, want, &mut hops)
+            let mut walk = Walk {
+                converter: self,
+                want,
+                hops: 0,
+            };
+            let source = walk
+                .input(stack, node, slot)
                 .map_err(|problem| match problem {
                     // Named after the input the loop was met from, not a reroute's socket.
                     UiProblem::LinkLoop { .. } => UiProblem::LinkLoop {
@@ -496,29 +500,31 @@ impl<'a> Converter<'a> {
         let title = node.title.unwrap_or(schema.display_name);
         Ok(json!({"inputs": inputs, "class_type": node.ty, "_meta": {"title": title}}))
     }
+}
 
+/// Resolving one input: the port type it wants, and the links followed so far.
+struct Walk<'w, 'g, 'a> {
+    converter: &'g Converter<'a>,
+    want: &'w str,
+    hops: usize,
+}
+
+impl<'g, 'a> Walk<'_, 'g, 'a> {
     /// What feeds input `slot` of `node` (in the innermost frame of `stack`).
-    fn resolve_input<'g>(
-        &'g self,
-        stack: &[Frame<'g, 'a>],
-        node: &UiNode<'a>,
-        slot: usize,
-        want: &str,
-        hops: &mut usize,
-    ) -> Resolved {
+    fn input(&mut self, stack: &[Frame<'g, 'a>], node: &UiNode<'a>, slot: usize) -> Resolved {
         let Some(input) = node.inputs.get(slot) else {
             return Ok(Source::Nothing);
         };
         let Some(link) = input.link else {
             // A promoted widget on a subgraph instance holds its value there.
-            let is_instance = self.subgraphs.contains_key(node.ty);
+            let is_instance = self.converter.subgraphs.contains_key(node.ty);
             return Ok(match node.widget_socket_value(slot) {
                 Some(value) if is_instance && input.widget => Source::Literal(value),
                 _ => Source::Nothing,
             });
         };
-        *hops += 1;
-        if *hops > MAX_HOPS {
+        self.hops += 1;
+        if self.hops > MAX_HOPS {
             return Err(UiProblem::LinkLoop {
                 input: input.name.clone(),
             });
@@ -532,7 +538,7 @@ impl<'a> Converter<'a> {
         };
         let origin = id_text(found.origin).unwrap_or_default();
         if origin == SUBGRAPH_INPUT {
-            return self.resolve_subgraph_input(stack, found.origin_slot, want, hops);
+            return self.subgraph_input(stack, found.origin_slot);
         }
         let Some(&index) = frame.graph.by_id.get(&origin) else {
             return Err(UiProblem::MissingSource {
@@ -542,27 +548,20 @@ impl<'a> Converter<'a> {
             });
         };
         let source = &frame.graph.nodes[index];
-        self.resolve_output(stack, source, found.origin_slot, want, hops)
+        self.output(stack, source, found.origin_slot)
     }
 
     /// What output `slot` of `source` stands for, following what the UI does not run.
-    fn resolve_output<'g>(
-        &'g self,
-        stack: &[Frame<'g, 'a>],
-        source: &'g UiNode<'a>,
-        slot: usize,
-        want: &str,
-        hops: &mut usize,
-    ) -> Resolved {
+    fn output(&mut self, stack: &[Frame<'g, 'a>], source: &'g UiNode<'a>, slot: usize) -> Resolved {
         let frame = stack.last().expect("a frame");
         if source.muted() {
             return Ok(Source::Nothing);
         }
         if source.bypassed() {
-            return self.resolve_bypass(stack, source, slot, want, hops);
+            return self.bypass(stack, source, slot);
         }
         match source.ty {
-            "Reroute" => return self.resolve_input(stack, source, 0, want, hops),
+            "Reroute" => return self.input(stack, source, 0),
             "PrimitiveNode" => {
                 return Ok(match source.widgets {
                     Some(Json::Array(values)) if !values.is_empty() => {
@@ -574,7 +573,7 @@ impl<'a> Converter<'a> {
             ty if NOTES.contains(&ty) => return Ok(Source::Nothing),
             _ => {}
         }
-        let Some(sub) = self.subgraphs.get(source.ty) else {
+        let Some(sub) = self.converter.subgraphs.get(source.ty) else {
             return Ok(Source::Link(format!("{}{}", frame.prefix, source.id), slot));
         };
         if stack.len() > MAX_DEPTH {
@@ -597,41 +596,32 @@ impl<'a> Converter<'a> {
             title: None,
             inputs: vec![UiInput {
                 name: format!("output {slot}"),
-                ty: want.into(),
+                ty: self.want.into(),
                 link: Some(link),
                 widget: false,
             }],
             widgets: None,
         };
-        self.resolve_input(&inner, &output_end, 0, want, hops)
+        self.input(&inner, &output_end, 0)
     }
 
     /// A bypassed node passes on its input of the wanted type, the same slot first.
-    fn resolve_bypass<'g>(
-        &'g self,
-        stack: &[Frame<'g, 'a>],
-        source: &'g UiNode<'a>,
-        slot: usize,
-        want: &str,
-        hops: &mut usize,
-    ) -> Resolved {
+    fn bypass(&mut self, stack: &[Frame<'g, 'a>], source: &'g UiNode<'a>, slot: usize) -> Resolved {
         let candidates = std::iter::once(slot).chain(0..source.inputs.len());
         for candidate in candidates {
-            if source.inputs.get(candidate).is_some_and(|i| i.ty == want) {
-                return self.resolve_input(stack, source, candidate, want, hops);
+            if source
+                .inputs
+                .get(candidate)
+                .is_some_and(|i| i.ty == self.want)
+            {
+                return self.input(stack, source, candidate);
             }
         }
         Ok(Source::Nothing)
     }
 
     /// Inside a subgraph, its input `slot` is whatever feeds the instance's socket.
-    fn resolve_subgraph_input<'g>(
-        &'g self,
-        stack: &[Frame<'g, 'a>],
-        slot: usize,
-        want: &str,
-        hops: &mut usize,
-    ) -> Resolved {
+    fn subgraph_input(&mut self, stack: &[Frame<'g, 'a>], slot: usize) -> Resolved {
         let (frame, outer) = stack.split_last().expect("a frame");
         let (Some(instance), false) = (frame.instance, outer.is_empty()) else {
             return Ok(Source::Nothing);
@@ -641,7 +631,7 @@ impl<'a> Converter<'a> {
             .input_names
             .get(slot)
             .and_then(|name| instance.inputs.iter().position(|i| &i.name == name));
-        self.resolve_input(outer, instance, by_name.unwrap_or(slot), want, hops)
+        self.input(outer, instance, by_name.unwrap_or(slot))
     }
 }
 
