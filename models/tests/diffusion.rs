@@ -130,7 +130,7 @@ fn every_sampler_and_scheduler_produces_a_finite_image() {
     let positive = d.clip.encode("comic panel").unwrap();
     let negative = d.clip.encode("").unwrap();
     let latent = empty_latent(64, 64, 2, 8, &Device::Cpu).unwrap();
-    for sampler in SamplerKind::ALL {
+    for sampler in SamplerKind::all() {
         for scheduler in [Scheduler::Normal, Scheduler::Karras, Scheduler::Simple] {
             let p = SampleParams {
                 sampler,

@@ -15,6 +15,14 @@ pub enum PortType {
     Mask,
     UpscaleModel,
     InterpolationModel,
+    /// A sampler's update rule (custom sampling).
+    Sampler,
+    /// A sigma schedule (custom sampling).
+    Sigmas,
+    /// The initial noise of a custom sampling run.
+    Noise,
+    /// A model with its conditioning and guidance (custom sampling).
+    Guider,
     Int,
     Float,
     String,
@@ -36,6 +44,10 @@ impl PortType {
             PortType::Mask => "MASK",
             PortType::UpscaleModel => "UPSCALE_MODEL",
             PortType::InterpolationModel => "INTERPOLATION_MODEL",
+            PortType::Sampler => "SAMPLER",
+            PortType::Sigmas => "SIGMAS",
+            PortType::Noise => "NOISE",
+            PortType::Guider => "GUIDER",
             PortType::Int => "INT",
             PortType::Float => "FLOAT",
             PortType::String => "STRING",

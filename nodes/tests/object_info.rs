@@ -1,6 +1,6 @@
-//! Every node's schema against the shape of ComfyUI's `/object_info`, and the inputs,
-//! defaults and ranges of the classes ComfyUI also has against ComfyUI's own (its
-//! `nodes.py` and `comfy_extras`), so graphs exported from ComfyUI validate the same here.
+//! Every node's schema against the shape of ComfyUI's `/object_info`, and every class
+//! ComfyUI also has against ComfyUI's own `/object_info` (inputs, types, defaults, ranges,
+//! choices, outputs), so graphs exported from ComfyUI validate the same here.
 
 use std::path::PathBuf;
 
@@ -12,7 +12,7 @@ fn object_info() -> Json {
     let env = NodeEnv::new(
         dir.path().join("input"),
         dir.path().join("output"),
-        PathBuf::from(dir.path().join("models")),
+        dir.path().join("models"),
     );
     NodeRegistry::with_builtins().object_info(&env)
 }
@@ -124,151 +124,97 @@ fn every_node_has_comfyuis_object_info_shape() {
     }
 }
 
-/// `(class, input, [type, options])` as ComfyUI declares them.
-fn comfyui_reference() -> Vec<(&'static str, &'static str, Json)> {
-    let max_resolution = 16384;
-    // sys.maxsize, as comfy_extras/nodes_primitive.py bounds its numbers.
-    let maxsize = i64::MAX;
-    vec![
-        // ComfyUI 0.8.0's /object_info for the primitives and StringConcatenate.
-        (
-            "PrimitiveInt",
-            "value",
-            json!(["INT", {"min": -maxsize, "max": maxsize, "control_after_generate": true}]),
+/// ComfyUI 0.8.0's own `/object_info` for every class both have (fixtures/, written by
+/// running ComfyUI with `--cpu` and keeping the shared classes).
+fn comfyui_object_info() -> Json {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/comfyui_object_info.json");
+    let fixture: Json = serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap();
+    fixture["classes"].clone()
+}
+
+/// An input's type and options, with both of ComfyUI's combo spellings (`[[choices], {}]`
+/// and `["COMBO", {"options": [...]}]`) read as `("COMBO", choices)`.
+fn normalized(entry: &Json) -> (String, Vec<Json>, Json) {
+    let options = entry.get(1).cloned().unwrap_or(json!({}));
+    match &entry[0] {
+        Json::Array(choices) => ("COMBO".into(), choices.clone(), options),
+        Json::String(kind) if kind == "COMBO" => {
+            let choices = options["options"].as_array().cloned().unwrap_or_default();
+            ("COMBO".into(), choices, options)
+        }
+        other => (
+            other.as_str().unwrap_or_default().into(),
+            Vec::new(),
+            options,
         ),
-        (
-            "PrimitiveFloat",
-            "value",
-            json!(["FLOAT", {"min": -maxsize, "max": maxsize, "step": 0.1}]),
-        ),
-        ("PrimitiveBoolean", "value", json!(["BOOLEAN", {}])),
-        (
-            "PrimitiveString",
-            "value",
-            json!(["STRING", {"multiline": false}]),
-        ),
-        (
-            "PrimitiveStringMultiline",
-            "value",
-            json!(["STRING", {"multiline": true}]),
-        ),
-        (
-            "StringConcatenate",
-            "string_a",
-            json!(["STRING", {"multiline": true}]),
-        ),
-        (
-            "StringConcatenate",
-            "string_b",
-            json!(["STRING", {"multiline": true}]),
-        ),
-        (
-            "StringConcatenate",
-            "delimiter",
-            json!(["STRING", {"default": "", "multiline": false}]),
-        ),
-        (
-            "KSampler",
-            "seed",
-            json!(["INT", {"control_after_generate": true}]),
-        ),
-        // 0xffffffffffffffff in nodes.py; seeds past i64::MAX are kept as their 64 bits.
-        (
-            "KSampler",
-            "seed",
-            json!(["INT", {"default": 0, "min": 0, "max": u64::MAX}]),
-        ),
-        (
-            "KSamplerAdvanced",
-            "noise_seed",
-            json!(["INT", {"default": 0, "min": 0, "max": u64::MAX}]),
-        ),
-        (
-            "KSampler",
-            "steps",
-            json!(["INT", {"default": 20, "min": 1, "max": 10000}]),
-        ),
-        (
-            "KSampler",
-            "cfg",
-            json!(["FLOAT", {"default": 8.0, "min": 0.0, "max": 100.0, "step": 0.1}]),
-        ),
-        (
-            "KSampler",
-            "denoise",
-            json!(["FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01}]),
-        ),
-        (
-            "EmptyLatentImage",
-            "width",
-            json!(["INT", {"default": 512, "min": 16, "max": max_resolution, "step": 8}]),
-        ),
-        (
-            "EmptyLatentImage",
-            "height",
-            json!(["INT", {"default": 512, "min": 16, "max": max_resolution, "step": 8}]),
-        ),
-        (
-            "EmptyLatentImage",
-            "batch_size",
-            json!(["INT", {"default": 1, "min": 1, "max": 4096}]),
-        ),
-        (
-            "CLIPSetLastLayer",
-            "stop_at_clip_layer",
-            json!(["INT", {"default": -1, "min": -24, "max": -1}]),
-        ),
-        (
-            "LatentUpscaleBy",
-            "scale_by",
-            json!(["FLOAT", {"default": 1.5, "min": 0.01, "max": 8.0, "step": 0.01}]),
-        ),
-        (
-            "ImageScaleBy",
-            "scale_by",
-            json!(["FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01}]),
-        ),
-        (
-            "RepeatLatentBatch",
-            "amount",
-            json!(["INT", {"default": 1, "min": 1, "max": 64}]),
-        ),
-        (
-            "EmptyImage",
-            "batch_size",
-            json!(["INT", {"default": 1, "min": 1, "max": 4096}]),
-        ),
-    ]
+    }
 }
 
 #[test]
-fn shared_classes_match_comfyuis_inputs_defaults_and_ranges() {
-    let info = object_info();
-    for (class, input, expected) in comfyui_reference() {
-        let ours = &info[class]["input"]["required"][input];
-        assert_eq!(ours[0], expected[0], "{class}.{input} type");
-        for (key, value) in expected[1].as_object().unwrap() {
-            let mine = &ours[1][key];
-            let same = match (mine.as_f64(), value.as_f64()) {
-                (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * b.abs().max(1.0),
-                _ => mine == value,
+fn shared_classes_match_comfyuis_own_object_info() {
+    let ours = object_info();
+    let theirs = comfyui_object_info();
+    let mut problems = Vec::new();
+    for (class, reference) in theirs.as_object().unwrap() {
+        let mine = &ours[class];
+        for section in ["required", "optional"] {
+            let Some(inputs) = reference["input"][section].as_object() else {
+                continue;
             };
-            assert!(same, "{class}.{input}.{key}: ours {mine}, ComfyUI {value}");
+            for (name, entry) in inputs {
+                let Some(my_entry) = mine["input"][section].get(name) else {
+                    problems.push(format!("{class}.{name}: missing ({section})"));
+                    continue;
+                };
+                let (kind, choices, options) = normalized(entry);
+                let (my_kind, my_choices, my_options) = normalized(my_entry);
+                if kind != my_kind {
+                    problems.push(format!("{class}.{name}: type {my_kind}, ComfyUI {kind}"));
+                }
+                // Choices must be ComfyUI's (a subset where sakuga runs fewer); file lists
+                // depend on what each install has on disk.
+                if !choices.is_empty() {
+                    if let Some(extra) = my_choices.iter().find(|c| !choices.contains(c)) {
+                        problems.push(format!("{class}.{name}: choice {extra} is not ComfyUI's"));
+                    }
+                    let (first, my_first) = (choices.first(), my_choices.first());
+                    if my_choices.len() == choices.len() && first != my_first {
+                        problems.push(format!("{class}.{name}: default choice differs"));
+                    }
+                }
+                for key in [
+                    "default",
+                    "min",
+                    "max",
+                    "step",
+                    "multiline",
+                    "control_after_generate",
+                ] {
+                    let (want, got) = (&options[key], &my_options[key]);
+                    let same = match (got.as_f64(), want.as_f64()) {
+                        (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                        _ => want.is_null() || got == want,
+                    };
+                    if !same {
+                        problems.push(format!("{class}.{name}.{key}: ours {got}, ComfyUI {want}"));
+                    }
+                }
+            }
+        }
+        for key in ["output", "output_name", "output_node"] {
+            if !reference[key].is_null() && mine[key] != reference[key] {
+                problems.push(format!(
+                    "{class}.{key}: ours {}, ComfyUI {}",
+                    mine[key], reference[key]
+                ));
+            }
         }
     }
-    for (class, outputs) in [
-        ("CheckpointLoaderSimple", json!(["MODEL", "CLIP", "VAE"])),
-        ("KSampler", json!(["LATENT"])),
-        ("VAEDecode", json!(["IMAGE"])),
-        ("LoadImage", json!(["IMAGE", "MASK"])),
-        ("UpscaleModelLoader", json!(["UPSCALE_MODEL"])),
-        ("SaveImage", json!([])),
-    ] {
-        assert_eq!(info[class]["output"], outputs, "{class} outputs");
-    }
-    assert_eq!(info["SaveImage"]["output_node"], true);
-    assert_eq!(
-        info["SaveImage"]["input"]["required"]["filename_prefix"][1]["default"],
-        "ComfyUI"
+    assert!(
+        problems.is_empty(),
+        "{} differences:\n{}",
+        problems.len(),
+        problems.join("\n")
     );
 }

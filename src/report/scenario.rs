@@ -169,7 +169,8 @@ pub fn entries(to: f64) -> Vec<HistoryEntry> {
             out.push(HistoryEntry::Job(j));
         };
         // Each workload's jobs spread evenly over the hour, offset so they interleave.
-        let kinds: [(usize, f64, fn(&Truth, f64, usize) -> JobSummary); 3] = [
+        type MakeJob = fn(&Truth, f64, usize) -> JobSummary;
+        let kinds: [(usize, f64, MakeJob); 3] = [
             (SINGLE_PER_HOUR, 0.5, single_image),
             (BATCH_PER_HOUR, 0.3, batch),
             (ANIMATION_PER_HOUR, 0.7, |truth, at, _| animation(truth, at)),

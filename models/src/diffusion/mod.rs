@@ -102,13 +102,12 @@ impl SampleParams {
         if self.steps == 0 || self.denoise <= 0.0 {
             return Vec::new();
         }
-        let mut sigmas = if self.denoise < 1.0 {
-            let total = (self.steps as f64 / self.denoise) as usize;
-            let full = sampling.sigmas(self.scheduler, total);
-            full[full.len() - (self.steps + 1)..].to_vec()
-        } else {
-            sampling.sigmas(self.scheduler, self.steps)
-        };
+        let mut sigmas = sampling.for_sampler(
+            self.scheduler,
+            self.steps,
+            self.denoise,
+            self.sampler.discards_penultimate_sigma(),
+        );
         if self.end_at_step < self.steps {
             sigmas.truncate(self.end_at_step + 1);
             if !self.return_with_leftover_noise
@@ -160,18 +159,84 @@ pub fn sample_latent(
     hooks: StepHooks<'_>,
 ) -> Result<Tensor> {
     let sigmas = params.sigmas(unet.sampling());
+    let (samples, _) = sample_along(unet, positive, negative, latent, &sigmas, params, hooks)?;
+    Ok(samples)
+}
+
+/// A sampling pass along explicit `sigmas` (custom sampling): `params` gives the sampler,
+/// seed, noise and guidance, its schedule fields are not read. Returns the new latent and
+/// the model's clean estimate at the last step (ComfyUI's `denoised_output`), if a step ran.
+///
+/// # Errors
+/// As [`sample_latent`].
+pub fn sample_along(
+    unet: &UnetModel,
+    positive: &Tensor,
+    negative: &Tensor,
+    latent: &Tensor,
+    sigmas: &[f64],
+    params: &SampleParams,
+    hooks: StepHooks<'_>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let latent = latent.to_dtype(DType::F32)?;
     if sigmas.len() < 2 {
-        return Ok(latent);
+        return Ok((latent, None));
     }
     let x = if params.add_noise {
         let noise =
             NoiseRng::new(params.seed, 0).tensor(latent.dims(), DType::F32, latent.device())?;
-        (&latent + (noise * sigmas[0])?)?
+        // Starting from pure noise, ComfyUI scales it to the variance-preserving level
+        // sqrt(1 + sigma²) rather than sigma, so the input matches training's x_T.
+        let sigma_max = unet.sampling().sigma_max();
+        let scale = if sigmas[0] >= sigma_max * (1.0 - 1e-5) {
+            (1.0 + sigmas[0] * sigmas[0]).sqrt()
+        } else {
+            sigmas[0]
+        };
+        (&latent + (noise * scale)?)?
     } else {
         latent
     };
     let denoiser =
         GuidedDenoiser::new(unet, positive, negative, params.cfg)?.with_max_batch(params.max_batch);
-    sampler::sample(params.sampler, &denoiser, x, &sigmas, params.seed, hooks)
+    let last_step = LastEstimate::new(&denoiser, sigmas[sigmas.len() - 2]);
+    let samples = sampler::sample(params.sampler, &last_step, x, sigmas, params.seed, hooks)?;
+    Ok((samples, last_step.take()))
+}
+
+/// Passes through to a denoiser and keeps its first estimate at `sigma`, the last step's.
+struct LastEstimate<'a> {
+    inner: &'a dyn Denoiser,
+    sigma: f64,
+    estimate: std::sync::Mutex<Option<Tensor>>,
+}
+
+impl<'a> LastEstimate<'a> {
+    fn new(inner: &'a dyn Denoiser, sigma: f64) -> Self {
+        Self {
+            inner,
+            sigma,
+            estimate: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn take(&self) -> Option<Tensor> {
+        self.estimate
+            .lock()
+            .map(|mut e| e.take())
+            .unwrap_or_default()
+    }
+}
+
+impl Denoiser for LastEstimate<'_> {
+    fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        let out = self.inner.denoise(x, sigma)?;
+        if sigma == self.sigma
+            && let Ok(mut estimate) = self.estimate.lock()
+            && estimate.is_none()
+        {
+            *estimate = Some(out.clone());
+        }
+        Ok(out)
+    }
 }

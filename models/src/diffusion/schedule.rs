@@ -116,6 +116,15 @@ impl ModelSampling {
                     .map(|x| self.sigmas[self.sigmas.len() - 1 - (x as f64 * stride) as usize])
                     .collect()
             }
+            Scheduler::Beta => self.beta(steps),
+            Scheduler::LinearQuadratic => return linear_quadratic(steps, self.sigma_max()),
+            Scheduler::KlOptimal => {
+                let (min, max) = (self.sigma_min().atan(), self.sigma_max().atan());
+                linspace(0.0, 1.0, steps)
+                    .into_iter()
+                    .map(|w| (w * min + (1.0 - w) * max).tan())
+                    .collect()
+            }
             Scheduler::DdimUniform => {
                 let stride = (self.sigmas.len() / steps).max(1);
                 let mut picked: Vec<f64> = (1..self.sigmas.len())
@@ -131,6 +140,194 @@ impl ModelSampling {
     }
 }
 
+impl ModelSampling {
+    /// `BasicScheduler`'s sigmas: for `denoise < 1` the last `steps + 1` of a schedule of
+    /// `steps / denoise` steps; none for `denoise <= 0`.
+    pub fn basic(&self, scheduler: Scheduler, steps: usize, denoise: f64) -> Vec<f64> {
+        self.tail(steps, denoise, |total| self.sigmas(scheduler, total))
+    }
+
+    /// `KSampler`'s sigmas: [`Self::basic`], except that samplers whose last step would be
+    /// a tiny one get one step more with the second-to-last sigma dropped, as ComfyUI does.
+    pub fn for_sampler(
+        &self,
+        scheduler: Scheduler,
+        steps: usize,
+        denoise: f64,
+        discard_penultimate: bool,
+    ) -> Vec<f64> {
+        self.tail(steps, denoise, |total| {
+            if !discard_penultimate || total == 0 {
+                return self.sigmas(scheduler, total);
+            }
+            let mut sigmas = self.sigmas(scheduler, total + 1);
+            let last = sigmas.len() - 1;
+            sigmas.remove(last - 1);
+            sigmas
+        })
+    }
+
+    fn tail(&self, steps: usize, denoise: f64, schedule: impl Fn(usize) -> Vec<f64>) -> Vec<f64> {
+        if denoise <= 0.0 || steps == 0 {
+            return Vec::new();
+        }
+        if denoise > 0.9999 {
+            return schedule(steps);
+        }
+        let full = schedule((steps as f64 / denoise) as usize);
+        full[full.len().saturating_sub(steps + 1)..].to_vec()
+    }
+
+    /// `SDTurboScheduler`'s sigmas: `steps` of the timesteps 999, 899, ... 99, starting
+    /// `10 - 10 denoise` of them in, then 0.
+    pub fn sd_turbo(&self, steps: usize, denoise: f64) -> Vec<f64> {
+        let start = 10 - (10.0 * denoise) as usize;
+        let mut sigmas: Vec<f64> = (start..10)
+            .take(steps)
+            .map(|i| self.sigma((999 - 100 * i) as f64))
+            .collect();
+        sigmas.push(0.0);
+        sigmas
+    }
+
+    /// The beta scheduler (arXiv 2407.12173, alpha = beta = 0.6): timesteps at the Beta
+    /// distribution's quantiles of an even grid, rounded, repeats dropped.
+    fn beta(&self, steps: usize) -> Vec<f64> {
+        const SHAPE: f64 = 0.6;
+        let last = (self.sigmas.len() - 1) as f64;
+        let mut picked = Vec::with_capacity(steps);
+        let mut previous = None;
+        for i in 0..steps {
+            let q = 1.0 - i as f64 / steps as f64;
+            // Round half to even, as numpy's rint.
+            let t = (beta_quantile(q, SHAPE, SHAPE) * last).round_ties_even();
+            if previous != Some(t) {
+                picked.push(self.sigmas[t as usize]);
+            }
+            previous = Some(t);
+        }
+        picked
+    }
+}
+
+/// Mochi's linear-quadratic schedule over `sigma_max` (half the steps linear to a small
+/// threshold, then quadratic to 1); it ends in 0 itself.
+fn linear_quadratic(steps: usize, sigma_max: f64) -> Vec<f64> {
+    const THRESHOLD: f64 = 0.025;
+    if steps == 1 {
+        return vec![sigma_max, 0.0];
+    }
+    let linear_steps = steps / 2;
+    let (linear, total) = (linear_steps as f64, steps as f64);
+    let quadratic = total - linear;
+    let step_diff = linear - THRESHOLD * total;
+    let quadratic_coef = step_diff / (linear * quadratic * quadratic);
+    let linear_coef = THRESHOLD / linear - 2.0 * step_diff / (quadratic * quadratic);
+    let constant = quadratic_coef * linear * linear;
+    let rising = (0..linear_steps)
+        .map(|i| i as f64 * THRESHOLD / linear)
+        .chain((linear_steps..steps).map(|i| {
+            let i = i as f64;
+            quadratic_coef * i * i + linear_coef * i + constant
+        }))
+        .chain(std::iter::once(1.0));
+    rising.map(|x| (1.0 - x) * sigma_max).collect()
+}
+
+/// The `q` quantile of Beta(a, b): bisection on the regularized incomplete beta function.
+fn beta_quantile(q: f64, a: f64, b: f64) -> f64 {
+    if q <= 0.0 {
+        return 0.0;
+    }
+    if q >= 1.0 {
+        return 1.0;
+    }
+    let (mut low, mut high) = (0.0f64, 1.0f64);
+    for _ in 0..100 {
+        let mid = 0.5 * (low + high);
+        if regularized_beta(mid, a, b) < q {
+            low = mid;
+        } else {
+            high = mid;
+        }
+    }
+    0.5 * (low + high)
+}
+
+/// `I_x(a, b)` by its continued fraction (Lentz's method), on whichever side converges.
+fn regularized_beta(x: f64, a: f64, b: f64) -> f64 {
+    if x <= 0.0 {
+        return 0.0;
+    }
+    if x >= 1.0 {
+        return 1.0;
+    }
+    let ln_front = a * x.ln() + b * (1.0 - x).ln() - ln_beta(a, b);
+    if x < (a + 1.0) / (a + b + 2.0) {
+        ln_front.exp() * beta_fraction(x, a, b) / a
+    } else {
+        1.0 - ln_front.exp() * beta_fraction(1.0 - x, b, a) / b
+    }
+}
+
+fn beta_fraction(x: f64, a: f64, b: f64) -> f64 {
+    const TINY: f64 = 1e-300;
+    let mut c = 1.0;
+    let mut d = 1.0 - (a + b) * x / (a + 1.0);
+    d = 1.0 / if d.abs() < TINY { TINY } else { d };
+    let mut result = d;
+    for m in 1..300 {
+        let m = m as f64;
+        for numerator in [
+            m * (b - m) * x / ((a + 2.0 * m - 1.0) * (a + 2.0 * m)),
+            -(a + m) * (a + b + m) * x / ((a + 2.0 * m) * (a + 2.0 * m + 1.0)),
+        ] {
+            d = 1.0 + numerator * d;
+            d = 1.0 / if d.abs() < TINY { TINY } else { d };
+            c = 1.0 + numerator / c;
+            if c.abs() < TINY {
+                c = TINY;
+            }
+            result *= c * d;
+        }
+        if (c * d - 1.0).abs() < 1e-15 {
+            break;
+        }
+    }
+    result
+}
+
+/// `ln B(a, b)` through a Lanczos `ln Γ`.
+fn ln_beta(a: f64, b: f64) -> f64 {
+    ln_gamma(a) + ln_gamma(b) - ln_gamma(a + b)
+}
+
+fn ln_gamma(x: f64) -> f64 {
+    const G: f64 = 7.0;
+    const COEFFICIENTS: [f64; 9] = [
+        0.999_999_999_999_809_9,
+        676.520_368_121_885_1,
+        -1_259.139_216_722_402_8,
+        771.323_428_777_653_1,
+        -176.615_029_162_140_6,
+        12.507_343_278_686_905,
+        -0.138_571_095_265_720_12,
+        9.984_369_578_019_572e-6,
+        1.505_632_735_149_311_6e-7,
+    ];
+    if x < 0.5 {
+        // Reflection keeps the series in its accurate range.
+        return (std::f64::consts::PI / (std::f64::consts::PI * x).sin()).ln() - ln_gamma(1.0 - x);
+    }
+    let x = x - 1.0;
+    let mut sum = COEFFICIENTS[0];
+    for (i, c) in COEFFICIENTS.iter().enumerate().skip(1) {
+        sum += c / (x + i as f64);
+    }
+    let t = x + G + 0.5;
+    0.5 * (2.0 * std::f64::consts::PI).ln() + (x + 0.5) * t.ln() - t + sum.ln()
+}
+
 fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
     if n == 1 {
         return vec![start];
@@ -144,23 +341,29 @@ fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scheduler {
-    Normal,
+    Simple,
+    SgmUniform,
     Karras,
     Exponential,
-    SgmUniform,
-    Simple,
     DdimUniform,
+    Beta,
+    Normal,
+    LinearQuadratic,
+    KlOptimal,
 }
 
 impl Scheduler {
     /// Every scheduler, in ComfyUI's combo order.
-    pub const ALL: [Scheduler; 6] = [
-        Scheduler::Normal,
+    pub const ALL: [Scheduler; 9] = [
+        Scheduler::Simple,
+        Scheduler::SgmUniform,
         Scheduler::Karras,
         Scheduler::Exponential,
-        Scheduler::SgmUniform,
-        Scheduler::Simple,
         Scheduler::DdimUniform,
+        Scheduler::Beta,
+        Scheduler::Normal,
+        Scheduler::LinearQuadratic,
+        Scheduler::KlOptimal,
     ];
 
     /// The ComfyUI name.
@@ -172,6 +375,9 @@ impl Scheduler {
             Scheduler::SgmUniform => "sgm_uniform",
             Scheduler::Simple => "simple",
             Scheduler::DdimUniform => "ddim_uniform",
+            Scheduler::Beta => "beta",
+            Scheduler::LinearQuadratic => "linear_quadratic",
+            Scheduler::KlOptimal => "kl_optimal",
         }
     }
 

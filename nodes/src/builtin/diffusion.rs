@@ -48,23 +48,11 @@ pub(super) fn register(registry: &mut NodeRegistry) {
 }
 
 /// ComfyUI's sampler names that sakuga runs, in ComfyUI's order.
-pub const SAMPLER_NAMES: &[&str] = &[
-    "euler",
-    "euler_ancestral",
-    "heun",
-    "dpmpp_2m",
-    "lcm",
-    "ddim",
-];
-/// ComfyUI's scheduler names that sakuga runs, in ComfyUI's order.
-pub const SCHEDULER_NAMES: &[&str] = &[
-    "normal",
-    "karras",
-    "exponential",
-    "sgm_uniform",
-    "simple",
-    "ddim_uniform",
-];
+pub static SAMPLER_NAMES: LazyLock<Vec<&'static str>> =
+    LazyLock::new(|| SamplerKind::names().collect());
+/// ComfyUI's scheduler names, in ComfyUI's order.
+pub static SCHEDULER_NAMES: LazyLock<Vec<&'static str>> =
+    LazyLock::new(|| Scheduler::ALL.iter().map(|s| s.name()).collect());
 /// ComfyUI's latent upscale methods.
 pub const LATENT_UPSCALE_METHODS: &[&str] =
     &["nearest-exact", "bilinear", "area", "bicubic", "bislerp"];
@@ -93,7 +81,7 @@ fn vae_working(batch: u64, height: u64, width: u64) -> u64 {
         .saturating_mul(VAE_ACTIVATION_FACTOR)
 }
 
-fn sampler_cost(i: &ShapeInputs<'_>) -> NodeCost {
+pub(super) fn sampler_cost(i: &ShapeInputs<'_>) -> NodeCost {
     let latent = i.shape("latent_image");
     let steps = i.size("steps", 20);
     let steps = match (i.int("start_at_step"), i.int("end_at_step")) {
@@ -260,7 +248,7 @@ fn usize_input(inputs: &Inputs, name: &str) -> Result<usize, NodeError> {
     usize::try_from(v).map_err(|_| NodeError::InvalidInput(format!("{name} must be >= 0, got {v}")))
 }
 
-fn node_error(e: ModelError) -> NodeError {
+pub(super) fn node_error(e: ModelError) -> NodeError {
     match e {
         ModelError::Cancelled { .. } => NodeError::Cancelled,
         other => NodeError::Model(other),
@@ -473,8 +461,8 @@ fn sampler_inputs(schema: NodeSchema, seed_name: &'static str) -> NodeSchema {
         .input(InputSpec::seed(seed_name))
         .input(InputSpec::int("steps", 20, 1, 10000))
         .input(InputSpec::float("cfg", 8.0, 0.0, 100.0, 0.1))
-        .input(InputSpec::combo("sampler_name", SAMPLER_NAMES))
-        .input(InputSpec::combo("scheduler", SCHEDULER_NAMES))
+        .input(InputSpec::combo("sampler_name", SAMPLER_NAMES.as_slice()))
+        .input(InputSpec::combo("scheduler", SCHEDULER_NAMES.as_slice()))
         .input(InputSpec::link("positive", PortType::Conditioning))
         .input(InputSpec::link("negative", PortType::Conditioning))
         .input(InputSpec::link("latent_image", PortType::Latent))
@@ -1181,10 +1169,10 @@ mod tests {
                 "return_with_leftover_noise"
             ]
         );
-        for name in SAMPLER_NAMES {
+        for name in SAMPLER_NAMES.iter() {
             assert!(SamplerKind::from_name(name).is_some());
         }
-        for name in SCHEDULER_NAMES {
+        for name in SCHEDULER_NAMES.iter() {
             assert!(Scheduler::from_name(name).is_some());
         }
     }

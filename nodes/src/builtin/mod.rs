@@ -1,6 +1,7 @@
 //! The built-in nodes, one family per file, and the list that registers them.
 
 mod animated;
+mod custom_sampling;
 pub mod diffusion;
 mod image;
 mod interpolate;
@@ -16,6 +17,7 @@ pub const MAX_RESOLUTION: i64 = 16384;
 /// Registers every built-in node.
 pub fn register_all(registry: &mut NodeRegistry) {
     diffusion::register(registry);
+    custom_sampling::register(registry);
     image::register(registry);
     output::register(registry);
     animated::register(registry);

@@ -1,0 +1,211 @@
+//! Samplers that reuse earlier steps' model outputs: linear multistep, iPNDM, the
+//! DPM-Solver++ multistep family and RES multistep. One model evaluation per step; the
+//! history makes the later steps higher order.
+
+use std::collections::VecDeque;
+
+use candle_core::Tensor;
+
+use super::{Walk, ancestral_split, lin, toward};
+use crate::error::Result;
+
+/// Linear multistep (order 4): the ODE's slopes at the last steps, weighted by the
+/// integrals of their Lagrange basis polynomials over the step.
+pub(super) fn lms(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
+    const ORDER: usize = 4;
+    let sigmas = walk.sigmas;
+    let mut slopes: VecDeque<Tensor> = VecDeque::with_capacity(ORDER + 1);
+    walk.each_step(x, |w, i, x, s, sn| {
+        let denoised = w.denoise(&x, s)?;
+        slopes.push_back(((&x - &denoised)? / s)?);
+        if slopes.len() > ORDER {
+            slopes.pop_front();
+        }
+        if sn == 0.0 {
+            return Ok(denoised);
+        }
+        let order = (i + 1).min(ORDER);
+        let mut x = x;
+        // Newest slope first: basis j belongs to node i - j.
+        for (j, slope) in slopes.iter().rev().enumerate().take(order) {
+            let coefficient = lagrange_integral(sigmas, i, j, order);
+            x = (x + (slope * coefficient)?)?;
+        }
+        Ok(x)
+    })
+}
+
+/// `∫ L_j(τ) dτ` over `[t_i, t_i+1]`, `L_j` the Lagrange basis polynomial of node `t_i-j`
+/// among `t_i .. t_i-order+1`. Three-point Gauss-Legendre is exact: `L_j` has degree < 4.
+fn lagrange_integral(t: &[f64], i: usize, j: usize, order: usize) -> f64 {
+    let basis = |tau: f64| {
+        (0..order)
+            .filter(|&k| k != j)
+            .map(|k| (tau - t[i - k]) / (t[i - j] - t[i - k]))
+            .product::<f64>()
+    };
+    let (a, b) = (t[i], t[i + 1]);
+    let (mid, half) = ((a + b) / 2.0, (b - a) / 2.0);
+    let node = (3.0f64 / 5.0).sqrt();
+    half * (5.0 / 9.0 * basis(mid - half * node)
+        + 8.0 / 9.0 * basis(mid)
+        + 5.0 / 9.0 * basis(mid + half * node))
+}
+
+/// Improved PNDM: Adams-Bashforth on the slopes, up to fourth order.
+pub(super) fn ipndm(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
+    const MAX_ORDER: usize = 4;
+    // Older slopes, newest last.
+    let mut history: VecDeque<Tensor> = VecDeque::with_capacity(MAX_ORDER);
+    walk.each_step(x, |w, i, x, s, sn| {
+        let denoised = w.denoise(&x, s)?;
+        let d = ((&x - &denoised)? / s)?;
+        let dt = sn - s;
+        let back = |k: usize| &history[history.len() - k];
+        let next = if sn == 0.0 {
+            denoised
+        } else {
+            let slope = match (i + 1).min(MAX_ORDER) {
+                1 => d.clone(),
+                2 => lin(&d, 1.5, back(1), -0.5)?,
+                3 => (lin(&d, 23.0 / 12.0, back(1), -16.0 / 12.0)? + (back(2) * (5.0 / 12.0))?)?,
+                _ => {
+                    let newer = lin(&d, 55.0 / 24.0, back(1), -59.0 / 24.0)?;
+                    (newer + lin(back(2), 37.0 / 24.0, back(3), -9.0 / 24.0)?)?
+                }
+            };
+            (&x + (slope * dt)?)?
+        };
+        if history.len() == MAX_ORDER - 1 {
+            history.pop_front();
+        }
+        history.push_back(d);
+        Ok(next)
+    })
+}
+
+/// DPM-Solver++(2M): the exponential-integrator step with a second-order blend of this and
+/// the previous estimate.
+pub(super) fn dpmpp_2m(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
+    let sigmas = walk.sigmas;
+    let mut previous: Option<Tensor> = None;
+    walk.each_step(x, |w, i, x, s, sn| {
+        let denoised = w.denoise(&x, s)?;
+        let next = if sn == 0.0 {
+            denoised.clone()
+        } else {
+            let h = s.ln() - sn.ln();
+            let blend = match &previous {
+                Some(old) => {
+                    let r = (sigmas[i - 1].ln() - s.ln()) / h;
+                    lin(&denoised, 1.0 + 1.0 / (2.0 * r), old, -1.0 / (2.0 * r))?
+                }
+                None => denoised.clone(),
+            };
+            lin(&x, sn / s, &blend, -(-h).exp_m1())?
+        };
+        previous = Some(denoised);
+        Ok(next)
+    })
+}
+
+/// DPM-Solver++(2M) SDE, eta = 1, with the midpoint or Heun correction.
+pub(super) fn dpmpp_2m_sde(walk: &mut Walk<'_>, x: Tensor, heun: bool) -> Result<Tensor> {
+    let mut previous: Option<(Tensor, f64)> = None;
+    walk.each_step(x, |w, _, x, s, sn| {
+        let denoised = w.denoise(&x, s)?;
+        if sn == 0.0 {
+            return Ok(denoised);
+        }
+        let h = s.ln() - sn.ln();
+        let h_eta = 2.0 * h;
+        let phi = -(-h_eta).exp_m1();
+        let mut next = lin(&x, sn / s * (-h).exp(), &denoised, phi)?;
+        if let Some((old, h_last)) = &previous {
+            let r = h_last / h;
+            let weight = if heun {
+                (phi / -h_eta + 1.0) / r
+            } else {
+                0.5 * phi / r
+            };
+            next = (next + ((&denoised - old)? * weight)?)?;
+        }
+        let next = w.add_noise(next, sn * (-(-2.0 * h).exp_m1()).sqrt())?;
+        previous = Some((denoised, h));
+        Ok(next)
+    })
+}
+
+/// DPM-Solver++(3M) SDE, eta = 1: second and third order corrections from the last two
+/// estimates once there are that many.
+pub(super) fn dpmpp_3m_sde(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
+    // (estimate, h) of the previous step and the one before it.
+    let mut last: Option<(Tensor, f64)> = None;
+    let mut before: Option<(Tensor, f64)> = None;
+    walk.each_step(x, |w, _, x, s, sn| {
+        let denoised = w.denoise(&x, s)?;
+        if sn == 0.0 {
+            return Ok(denoised);
+        }
+        let h = s.ln() - sn.ln();
+        let h_eta = 2.0 * h;
+        let mut next = lin(&x, sn / s * (-h).exp(), &denoised, -(-h_eta).exp_m1())?;
+        let phi_2 = (-h_eta).exp_m1() / h_eta + 1.0;
+        match (&last, &before) {
+            (Some((d1, h1)), Some((d2, h2))) => {
+                let (r0, r1) = (h1 / h, h2 / h);
+                let d1_0 = ((&denoised - d1)? / r0)?;
+                let d1_1 = ((d1 - d2)? / r1)?;
+                let spread = (&d1_0 - &d1_1)?;
+                let first = (&d1_0 + (&spread * (r0 / (r0 + r1)))?)?;
+                let second = (spread / (r0 + r1))?;
+                let phi_3 = phi_2 / h_eta - 0.5;
+                next = (next + lin(&first, phi_2, &second, -phi_3)?)?;
+            }
+            (Some((d1, h1)), None) => {
+                let d = ((&denoised - d1)? / (h1 / h))?;
+                next = (next + (d * phi_2)?)?;
+            }
+            _ => {}
+        }
+        let next = w.add_noise(next, sn * (-(-2.0 * h).exp_m1()).sqrt())?;
+        before = last.take();
+        last = Some((denoised, h));
+        Ok(next)
+    })
+}
+
+/// RES multistep (second order, arXiv 2308.02157), deterministic or ancestral (eta = 1).
+pub(super) fn res_multistep(walk: &mut Walk<'_>, x: Tensor, ancestral: bool) -> Result<Tensor> {
+    let sigmas = walk.sigmas;
+    // The previous estimate and the sigma its step went down to.
+    let mut previous: Option<(Tensor, f64)> = None;
+    walk.each_step(x, |w, i, x, s, sn| {
+        let denoised = w.denoise(&x, s)?;
+        let (down, up) = if ancestral {
+            ancestral_split(s, sn)
+        } else {
+            (sn, 0.0)
+        };
+        let next = match &previous {
+            Some((old, old_down)) if down != 0.0 => {
+                let h = s.ln() - down.ln();
+                let c2 = (old_down.ln() - sigmas[i - 1].ln()) / h;
+                let phi1 = (-h).exp_m1() / -h;
+                let phi2 = (phi1 - 1.0) / -h;
+                let finite = |v: f64| if v.is_nan() { 0.0 } else { v };
+                let (b1, b2) = (finite(phi1 - phi2 / c2), finite(phi2 / c2));
+                let estimate = lin(&denoised, h * b1, old, h * b2)?;
+                ((&x * (-h).exp())? + estimate)?
+            }
+            _ => toward(&x, &denoised, s, down)?,
+        };
+        let next = if ancestral {
+            w.renoise(next, sn, up)?
+        } else {
+            next
+        };
+        previous = Some((denoised, down));
+        Ok(next)
+    })
+}
