@@ -40,6 +40,22 @@ pub trait Node: Send + Sync + 'static {
     fn cacheable(&self) -> bool {
         !self.schema().output_node
     }
+
+    /// Which of its lazy inputs the node needs, given the inputs bound so far (every eager
+    /// one; a lazy one only once asked for). The executor runs what feeds those, then the
+    /// node; lazy inputs not named stay unevaluated. By default every lazy input is needed.
+    ///
+    /// # Errors
+    /// When the eager inputs cannot decide (a wrong type).
+    fn lazy_inputs_needed(&self, _inputs: &Inputs) -> Result<Vec<&'static str>, NodeError> {
+        Ok(self
+            .schema()
+            .inputs
+            .iter()
+            .filter(|i| i.lazy)
+            .map(|i| i.name)
+            .collect())
+    }
 }
 
 /// Bound inputs of one node execution: literals from the workflow and values from links.
@@ -76,7 +92,8 @@ impl Inputs {
         self.entries.iter().map(|(n, v)| (&**n, v))
     }
 
-    fn required(&self, name: &str) -> Result<&Value, NodeError> {
+    /// The value bound to `name`, or [`NodeError::MissingInput`].
+    pub fn required(&self, name: &str) -> Result<&Value, NodeError> {
         self.get(name).ok_or_else(|| NodeError::MissingInput {
             name: name.to_string(),
         })

@@ -29,6 +29,11 @@ pub enum PortType {
     Boolean,
     /// A choice from a list; carried as a string.
     Combo,
+    /// Anything (`*`): a preview of any value.
+    Any,
+    /// Whatever type is linked in, passed on as that type (ComfyUI's `MatchType`, the
+    /// switch's inputs and output).
+    MatchType,
 }
 
 impl PortType {
@@ -53,13 +58,24 @@ impl PortType {
             PortType::String => "STRING",
             PortType::Boolean => "BOOLEAN",
             PortType::Combo => "COMBO",
+            PortType::Any => "*",
+            PortType::MatchType => "COMFY_MATCHTYPE_V3",
         }
     }
 
     /// Whether a link from an output of type `self` may feed an input of type `input`.
     /// A combo input accepts a string output, as ComfyUI's primitive nodes rely on.
+    /// A wildcard on either side matches anything: its real type is only known at run
+    /// time, where a mismatch is the consuming node's clear input-type error.
     pub fn feeds(self, input: PortType) -> bool {
-        self == input || (self == PortType::String && input == PortType::Combo)
+        self == input
+            || self.is_wildcard()
+            || input.is_wildcard()
+            || (self == PortType::String && input == PortType::Combo)
+    }
+
+    fn is_wildcard(self) -> bool {
+        matches!(self, PortType::Any | PortType::MatchType)
     }
 }
 

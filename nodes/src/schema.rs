@@ -76,6 +76,11 @@ pub struct InputSpec {
     /// The UI keeps a "control after generate" value (fixed, randomize...) right after this
     /// widget's value in a UI-format workflow.
     pub control_after_generate: bool,
+    /// Evaluated only when the node asks for it ([`crate::Node::lazy_inputs_needed`]), so
+    /// a branch not taken does not run.
+    pub lazy: bool,
+    /// For [`PortType::MatchType`] inputs: the template id tying them to the outputs.
+    pub match_template: Option<&'static str>,
 }
 
 impl InputSpec {
@@ -86,7 +91,23 @@ impl InputSpec {
             required: true,
             tooltip: "",
             control_after_generate: false,
+            lazy: false,
+            match_template: None,
         }
+    }
+
+    /// A link of whatever type, passed on as that type; `template` ties the inputs and
+    /// outputs that share it.
+    pub fn match_type(name: &'static str, template: &'static str) -> Self {
+        let mut input = Self::new(name, InputKind::Link(PortType::MatchType));
+        input.match_template = Some(template);
+        input
+    }
+
+    /// Evaluated only when the node asks for it.
+    pub fn lazy(mut self) -> Self {
+        self.lazy = true;
+        self
     }
 
     /// A required link input of `port` type.
@@ -444,10 +465,23 @@ fn input_info(input: &InputSpec, list: &dyn Fn(&ComboOptions) -> Vec<String>) ->
             return json!([choices, extra]);
         }
         InputKind::Link(port) => {
-            if input.tooltip.is_empty() {
+            let mut extra = Map::new();
+            if !input.tooltip.is_empty() {
+                extra.insert("tooltip".into(), json!(input.tooltip));
+            }
+            if input.lazy {
+                extra.insert("lazy".into(), json!(true));
+            }
+            if let Some(id) = input.match_template {
+                extra.insert(
+                    "template".into(),
+                    json!({"template_id": id, "allowed_types": "*"}),
+                );
+            }
+            if extra.is_empty() {
                 return json!([port.as_str()]);
             }
-            return json!([port.as_str(), {"tooltip": input.tooltip}]);
+            return json!([port.as_str(), extra]);
         }
     };
     if !input.tooltip.is_empty() {
@@ -455,6 +489,9 @@ fn input_info(input: &InputSpec, list: &dyn Fn(&ComboOptions) -> Vec<String>) ->
     }
     if input.control_after_generate {
         extra["control_after_generate"] = json!(true);
+    }
+    if input.lazy {
+        extra["lazy"] = json!(true);
     }
     json!([input.kind.port_type().as_str(), extra])
 }

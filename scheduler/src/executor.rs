@@ -179,7 +179,7 @@ impl Executor {
         let mut in_flight = 0usize;
         let mut failure: Option<SchedulerError> = None;
 
-        while state.finished < plan.len() {
+        while state.finished < state.expected {
             if failure.is_none() && job.cancel.is_cancelled() {
                 failure = Some(SchedulerError::Cancelled {
                     node_id: None,
@@ -203,6 +203,14 @@ impl Executor {
             }
 
             let completion = if let Some(step) = state.ready.pop_front() {
+                match self.resolve_lazy(plan, step, &mut state) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    Err(e) => {
+                        failure = Some(e);
+                        continue;
+                    }
+                }
                 match self.prepare(plan, step, &state, job) {
                     Prepared::Cached(c) => c,
                     Prepared::Run(task) => task.run(),
@@ -249,6 +257,9 @@ impl Executor {
     ) -> Result<(), SchedulerError> {
         while state.ready.len() > 1 && *in_flight < self.workers {
             let step = state.ready.pop_back().expect("len > 1");
+            if !self.resolve_lazy(plan, step, state)? {
+                continue;
+            }
             match self.prepare(plan, step, state, job) {
                 Prepared::Cached(c) => self.complete(plan, c, state, job)?,
                 Prepared::Run(task) => {
@@ -269,6 +280,47 @@ impl Executor {
         Ok(())
     }
 
+    /// Before a step with lazy inputs first runs: asks the node which it needs and starts
+    /// their sources. `Ok(false)` when the step must wait for them (it becomes ready again
+    /// once they finish).
+    fn resolve_lazy(
+        &self,
+        plan: &ExecutionPlan,
+        step: usize,
+        state: &mut JobState,
+    ) -> Result<bool, SchedulerError> {
+        let s = &plan.steps[step];
+        if state.lazy_resolved[step] || !s.lazy.contains(&true) {
+            return Ok(true);
+        }
+        state.lazy_resolved[step] = true;
+        let mut bound = Inputs::new();
+        for (name, value) in &s.literals {
+            bound.insert(name.clone(), value.clone());
+        }
+        for (name, source, output) in &s.links {
+            if let Some(value) = state.outputs[*source].as_ref().and_then(|o| o.get(*output)) {
+                bound.insert(name.clone(), value.clone());
+            }
+        }
+        let needed =
+            s.node
+                .lazy_inputs_needed(&bound)
+                .map_err(|source| SchedulerError::NodeFailed {
+                    node_id: s.id.to_string(),
+                    class_type: s.class_type.to_string(),
+                    source: Box::new(source),
+                })?;
+        for (l, (name, source, _)) in s.links.iter().enumerate() {
+            if s.lazy[l] && needed.contains(&&**name) && !state.done[*source] {
+                state.counted[step][l] = true;
+                state.waiting[step] += 1;
+                activate(plan, *source, state);
+            }
+        }
+        Ok(state.waiting[step] == 0)
+    }
+
     /// Gathers a step's inputs and either finds its outputs in the cache or packages the
     /// run as a task.
     fn prepare(
@@ -285,12 +337,15 @@ impl Executor {
         }
         let mut hasher = std::hash::DefaultHasher::new();
         s.static_key.hash(&mut hasher);
-        for (name, source, output) in &s.links {
+        for (l, (name, source, output)) in s.links.iter().enumerate() {
             let value = state.outputs[*source]
                 .as_ref()
                 .and_then(|o| o.get(*output))
-                .cloned()
-                .expect("a step runs only after its sources");
+                .cloned();
+            let Some(value) = value else {
+                assert!(s.lazy[l], "a step runs only after its eager sources");
+                continue;
+            };
             inputs.insert(name.clone(), value);
             (name, state.keys[*source], output).hash(&mut hasher);
         }
@@ -383,10 +438,18 @@ impl Executor {
         if !s.dependents.is_empty() {
             state.outputs[c.step] = Some(values);
         }
-        for &d in &s.dependents {
-            state.waiting[d] -= 1;
-            if state.waiting[d] == 0 {
-                state.ready.push_back(d);
+        state.done[c.step] = true;
+        let mut dependents = s.dependents.clone();
+        dependents.sort_unstable();
+        dependents.dedup();
+        for d in dependents {
+            for (l, (_, source, _)) in plan.steps[d].links.iter().enumerate() {
+                if *source == c.step && std::mem::take(&mut state.counted[d][l]) {
+                    state.waiting[d] -= 1;
+                    if state.waiting[d] == 0 {
+                        state.ready.push_back(d);
+                    }
+                }
             }
         }
         for (_, source, _) in &s.links {
@@ -409,10 +472,40 @@ impl Executor {
     }
 }
 
+/// Puts a step that has not run yet on the way: it and, through its eager links, the
+/// steps it needs that are not on the way either.
+fn activate(plan: &ExecutionPlan, step: usize, state: &mut JobState) {
+    if state.active[step] {
+        return;
+    }
+    state.active[step] = true;
+    state.expected += 1;
+    let s = &plan.steps[step];
+    for (l, (_, source, _)) in s.links.iter().enumerate() {
+        if !s.lazy[l] && !state.done[*source] {
+            state.counted[step][l] = true;
+            state.waiting[step] += 1;
+            activate(plan, *source, state);
+        }
+    }
+    if state.waiting[step] == 0 {
+        state.ready.push_back(step);
+    }
+}
+
 /// Per-job bookkeeping of the coordinating thread.
 struct JobState {
-    /// Unfinished inputs per step.
+    /// Unfinished inputs per step that it waits for.
     waiting: Vec<usize>,
+    /// Per step and link: whether the step waits for that link's source.
+    counted: Vec<Vec<bool>>,
+    /// Steps that will run: the eager ones, and lazy sources once asked for.
+    active: Vec<bool>,
+    /// Steps whose lazy inputs were asked for already.
+    lazy_resolved: Vec<bool>,
+    done: Vec<bool>,
+    /// Active steps: the job is over when this many have finished.
+    expected: usize,
     /// Unfinished consumers per step; outputs are dropped at zero.
     consumers: Vec<usize>,
     outputs: Vec<Option<Outputs>>,
@@ -425,10 +518,26 @@ struct JobState {
 impl JobState {
     fn new(plan: &ExecutionPlan) -> Self {
         let n = plan.len();
-        let waiting: Vec<usize> = plan.steps.iter().map(|s| s.links.len()).collect();
+        let counted: Vec<Vec<bool>> = plan
+            .steps
+            .iter()
+            .zip(&plan.eager)
+            .map(|(s, &eager)| s.lazy.iter().map(|&lazy| eager && !lazy).collect())
+            .collect();
+        let waiting: Vec<usize> = counted
+            .iter()
+            .map(|c| c.iter().filter(|&&w| w).count())
+            .collect();
         Self {
-            ready: (0..n).filter(|&i| waiting[i] == 0).collect(),
+            ready: (0..n)
+                .filter(|&i| plan.eager[i] && waiting[i] == 0)
+                .collect(),
             waiting,
+            counted,
+            active: plan.eager.clone(),
+            lazy_resolved: vec![false; n],
+            done: vec![false; n],
+            expected: plan.eager.iter().filter(|&&e| e).count(),
             consumers: plan.steps.iter().map(|s| s.dependents.len()).collect(),
             outputs: vec![None; n],
             keys: vec![0; n],

@@ -20,6 +20,8 @@ pub struct PlanStep {
     pub literals: Vec<(Arc<str>, Value)>,
     /// `(input name, source step, output index)`.
     pub links: Vec<(Arc<str>, usize, usize)>,
+    /// Per link: whether it feeds a lazy input, evaluated only when the node asks.
+    pub lazy: Vec<bool>,
     /// Steps that consume this step's outputs, once per link.
     pub dependents: Vec<usize>,
     /// Hash of the class and literal inputs; the executor folds in the keys of the inputs.
@@ -44,6 +46,9 @@ impl std::fmt::Debug for PlanStep {
 #[derive(Debug, Clone)]
 pub struct ExecutionPlan {
     pub steps: Vec<PlanStep>,
+    /// Per step: whether it runs from the start. The others feed only lazy inputs (directly
+    /// or through other such steps) and run when a node asks for them.
+    pub eager: Vec<bool>,
     /// The API-format prompt, embedded into saved images.
     pub source: Arc<Json>,
 }
@@ -61,7 +66,14 @@ impl ExecutionPlan {
             .zip(roots)
             .map(|(n, always_runs)| {
                 let static_key = static_key(n.class_type, &n.literals);
+                let schema = n.node.schema();
+                let lazy = n
+                    .links
+                    .iter()
+                    .map(|(name, _, _)| schema.find_input(name).is_some_and(|i| i.lazy))
+                    .collect();
                 PlanStep {
+                    lazy,
                     id: n.id,
                     class_type: n.class_type,
                     node: n.node,
@@ -79,8 +91,10 @@ impl ExecutionPlan {
                 steps[source].dependents.push(i);
             }
         }
+        let eager = eager_steps(&steps);
         Self {
             steps,
+            eager,
             source: workflow.source,
         }
     }
@@ -94,6 +108,21 @@ impl ExecutionPlan {
     pub fn is_empty(&self) -> bool {
         self.steps.is_empty()
     }
+}
+
+/// The roots and everything they reach through links that are not lazy.
+fn eager_steps(steps: &[PlanStep]) -> Vec<bool> {
+    let mut eager: Vec<bool> = steps.iter().map(|s| s.always_runs).collect();
+    let mut stack: Vec<usize> = (0..steps.len()).filter(|&i| eager[i]).collect();
+    while let Some(i) = stack.pop() {
+        for (l, (_, source, _)) in steps[i].links.iter().enumerate() {
+            if !steps[i].lazy[l] && !eager[*source] {
+                eager[*source] = true;
+                stack.push(*source);
+            }
+        }
+    }
+    eager
 }
 
 fn static_key(class_type: &str, literals: &[(Arc<str>, Value)]) -> u64 {

@@ -234,3 +234,75 @@ fn save_image_refuses_prefixes_outside_the_output_dir() {
     assert!(err.to_string().contains("outside"), "{err}");
     assert!(!f.dir.path().join("escape_00001_.png").exists());
 }
+
+/// `ComfySwitchNode` choosing between a counter chain and a node that panics.
+fn switch_workflow(switch: serde_json::Value) -> serde_json::Value {
+    json!({
+        "start": {"class_type": "TestCounter", "inputs": {"value": 1}},
+        "taken": {"class_type": "TestCounter", "inputs": {"value": ["start", 0]}},
+        "boom": {"class_type": "TestPanic", "inputs": {"value": ["start", 0]}},
+        "flag": {"class_type": "PrimitiveBoolean", "inputs": {"value": true}},
+        "switch": {"class_type": "ComfySwitchNode", "inputs": {
+            "switch": switch, "on_true": ["taken", 0], "on_false": ["boom", 0]}},
+        "sink": {"class_type": "TestIntSink", "inputs": {"value": ["switch", 0]}},
+    })
+}
+
+#[test]
+fn a_switch_runs_only_the_branch_it_takes() {
+    let _serial = SERIAL.lock();
+    let f = fixture(2);
+    for switch in [json!(true), json!(["flag", 0])] {
+        let rec = Arc::new(Recorder::default());
+        let plan = f.plan(&switch_workflow(switch.clone())).unwrap();
+        let report = f.executor.run(&plan, &job("sw", &rec)).unwrap();
+        assert_eq!(
+            rec.outputs.lock()[0].1.path.to_str(),
+            Some("int:3"),
+            "{switch}"
+        );
+        let ran: Vec<&str> = report.runs.iter().map(|r| &*r.node_id).collect();
+        assert!(
+            !ran.contains(&"boom"),
+            "{switch}: the branch not taken ran: {ran:?}"
+        );
+        assert!(ran.contains(&"taken"), "{switch}: {ran:?}");
+    }
+    // The other way, the panicking branch is evaluated and fails the job by name.
+    let rec = Arc::new(Recorder::default());
+    let plan = f.plan(&switch_workflow(json!(false))).unwrap();
+    let err = f.executor.run(&plan, &job("sw2", &rec)).unwrap_err();
+    assert!(
+        matches!(&err, SchedulerError::NodePanicked { node_id, .. } if node_id == "boom"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_lazy_source_shared_with_an_eager_consumer_runs_once() {
+    let _serial = SERIAL.lock();
+    let f = fixture(2);
+    let mut wf = switch_workflow(json!(true));
+    // "taken" also feeds a second sink directly, so it runs eagerly; the switch still
+    // waits for it and then reads its output.
+    wf["side"] =
+        json!({"class_type": "TestIntSink", "inputs": {"value": ["taken", 0], "tag": "side"}});
+    let before = COUNTER_RUNS.load(Ordering::Relaxed);
+    let rec = Arc::new(Recorder::default());
+    let report = f
+        .executor
+        .run(&f.plan(&wf).unwrap(), &job("shared", &rec))
+        .unwrap();
+    let mut ran: Vec<&str> = report.runs.iter().map(|r| &*r.node_id).collect();
+    ran.sort_unstable();
+    assert_eq!(ran, ["side", "sink", "start", "switch", "taken"]);
+    let outputs: Vec<String> = rec
+        .outputs
+        .lock()
+        .iter()
+        .map(|(_, o)| o.path.display().to_string())
+        .collect();
+    assert_eq!(outputs, ["int:3", "int:3"]);
+    let counted = COUNTER_RUNS.load(Ordering::Relaxed) - before;
+    assert_eq!(counted, 2, "start and taken ran once each");
+}

@@ -1,8 +1,8 @@
 //! ComfyUI's graph utilities: primitive values (`PrimitiveInt`, `PrimitiveFloat`,
 //! `PrimitiveBoolean`, `PrimitiveString`, `PrimitiveStringMultiline`, in
-//! `comfy_extras/nodes_primitive.py`) and `StringConcatenate` (`nodes_string.py`), with
-//! their class names, inputs and ranges, so templates that wire a widget value through
-//! them run here.
+//! `comfy_extras/nodes_primitive.py`), `StringConcatenate` (`nodes_string.py`), the lazy
+//! `ComfySwitchNode` and `PreviewAny`, with their class names, inputs and ranges, so
+//! templates that wire values through them run here.
 
 use std::sync::{Arc, LazyLock};
 
@@ -106,6 +106,8 @@ pub(super) fn register(registry: &mut NodeRegistry) {
         registry.register(Primitive { schema });
     }
     registry.register(StringConcatenate);
+    registry.register(Switch);
+    registry.register(PreviewAny);
 }
 
 #[cfg(test)]
@@ -139,5 +141,80 @@ mod tests {
             )
             .unwrap();
         assert!(matches!(&joined[0], Value::String(s) if &**s == "masterpiece, 1girl"));
+    }
+}
+
+/// Passes on `on_true` or `on_false`; only the branch taken is evaluated.
+struct Switch;
+
+static SWITCH: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("ComfySwitchNode", "Switch", "logic")
+        .input(InputSpec::boolean("switch", false))
+        .input(InputSpec::match_type("on_false", "switch").lazy())
+        .input(InputSpec::match_type("on_true", "switch").lazy())
+        .named_output("output", PortType::MatchType)
+});
+
+impl Switch {
+    fn branch(inputs: &Inputs) -> Result<&'static str, NodeError> {
+        Ok(if inputs.boolean("switch")? {
+            "on_true"
+        } else {
+            "on_false"
+        })
+    }
+}
+
+impl Node for Switch {
+    fn schema(&self) -> &NodeSchema {
+        &SWITCH
+    }
+
+    fn lazy_inputs_needed(&self, inputs: &Inputs) -> Result<Vec<&'static str>, NodeError> {
+        Ok(vec![Self::branch(inputs)?])
+    }
+
+    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let branch = Self::branch(inputs)?;
+        let value = inputs
+            .get(branch)
+            .cloned()
+            .ok_or_else(|| NodeError::MissingInput {
+                name: branch.to_string(),
+            })?;
+        Ok(vec![value])
+    }
+}
+
+/// Shows any value as text (in the job's log and events).
+struct PreviewAny;
+
+static PREVIEW_ANY: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("PreviewAny", "Preview as Text", "utils")
+        .input(InputSpec::link("source", PortType::Any))
+        .output_node()
+});
+
+impl Node for PreviewAny {
+    fn schema(&self) -> &NodeSchema {
+        &PREVIEW_ANY
+    }
+
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let text = preview_text(inputs.required("source")?);
+        tracing::info!(job_id = ctx.job_id, node_id = ctx.node_id, preview = %text, "preview");
+        Ok(Vec::new())
+    }
+}
+
+/// What `PreviewAny` shows: the value itself for primitives, the type and shape otherwise.
+fn preview_text(value: &Value) -> String {
+    match value {
+        Value::Int(v) => v.to_string(),
+        Value::Float(v) => v.to_string(),
+        Value::String(v) => v.to_string(),
+        Value::Boolean(v) => v.to_string(),
+        Value::Image(t) | Value::Mask(t) => format!("{} {:?}", value.type_name(), t.dims()),
+        Value::Object(_) => value.type_name().to_string(),
     }
 }
