@@ -31,6 +31,8 @@ const TYPES: &[&str] = &[
     "CONDITIONING",
     "UPSCALE_MODEL",
     "INTERPOLATION_MODEL",
+    "*",
+    "COMFY_MATCHTYPE_V3",
 ];
 
 /// `[TYPE, {options}]`, `[TYPE]` or `[[choices], {options}]`, as ComfyUI writes inputs.
