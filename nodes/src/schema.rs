@@ -96,6 +96,18 @@ impl InputSpec {
         }
     }
 
+    /// An integer widget that moves in steps of `step` (sizes in multiples of 8).
+    pub fn int_step(name: &'static str, default: i64, min: i64, max: i64, step: i64) -> Self {
+        let mut spec = Self::int(name, default, min, max);
+        spec.kind = InputKind::Int {
+            default,
+            min: min.into(),
+            max: max.into(),
+            step,
+        };
+        spec
+    }
+
     /// A link of whatever type, passed on as that type; `template` ties the inputs and
     /// outputs that share it.
     pub fn match_type(name: &'static str, template: &'static str) -> Self {

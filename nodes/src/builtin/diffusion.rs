@@ -27,7 +27,7 @@ use crate::error::NodeError;
 use crate::node::{ExecContext, Inputs, Node, NodeEnv};
 use crate::port::PortType;
 use crate::registry::NodeRegistry;
-use crate::schema::{ComboOptions, DegradeKnob, InputKind, InputSpec, NodeSchema};
+use crate::schema::{ComboOptions, DegradeKnob, InputSpec, NodeSchema};
 use crate::shape::{LATENT_FACTOR, NodeCost, Shape, ShapeInputs, megapasses, scaled};
 use crate::value::Value;
 use sakuga_telemetry::{ErrorKind, Stage};
@@ -232,17 +232,6 @@ fn model_combo(name: &'static str, folder: &'static str) -> InputSpec {
     InputSpec::files(name, ComboOptions::ModelFolder(folder))
 }
 
-fn int_step(name: &'static str, default: i64, min: i64, max: i64, step: i64) -> InputSpec {
-    let mut spec = InputSpec::int(name, default, min, max);
-    spec.kind = InputKind::Int {
-        default,
-        min: min.into(),
-        max: max.into(),
-        step,
-    };
-    spec
-}
-
 fn usize_input(inputs: &Inputs, name: &str) -> Result<usize, NodeError> {
     let v = inputs.int(name)?;
     usize::try_from(v).map_err(|_| NodeError::InvalidInput(format!("{name} must be >= 0, got {v}")))
@@ -425,8 +414,8 @@ static EMPTY_LATENT_IMAGE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("EmptyLatentImage", "Empty Latent Image", "latent")
         .degrade(DegradeKnob::KeyFrames)
         .description("Creates a new batch of empty latent images to be denoised via sampling.")
-        .input(int_step("width", 512, 16, MAX_RESOLUTION, 8))
-        .input(int_step("height", 512, 16, MAX_RESOLUTION, 8))
+        .input(InputSpec::int_step("width", 512, 16, MAX_RESOLUTION, 8))
+        .input(InputSpec::int_step("height", 512, 16, MAX_RESOLUTION, 8))
         .input(InputSpec::int("batch_size", 1, 1, 4096))
         .output(PortType::Latent)
         .shapes(|i| {
@@ -774,8 +763,8 @@ static LATENT_UPSCALE: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("LatentUpscale", "Upscale Latent", "latent")
         .input(InputSpec::link("samples", PortType::Latent))
         .input(InputSpec::combo("upscale_method", LATENT_UPSCALE_METHODS))
-        .input(int_step("width", 512, 0, MAX_RESOLUTION, 8))
-        .input(int_step("height", 512, 0, MAX_RESOLUTION, 8))
+        .input(InputSpec::int_step("width", 512, 0, MAX_RESOLUTION, 8))
+        .input(InputSpec::int_step("height", 512, 0, MAX_RESOLUTION, 8))
         .input(InputSpec::combo("crop", &["disabled", "center"]))
         .output(PortType::Latent)
         .shapes(|i| {

@@ -120,19 +120,24 @@ impl Node for LoadImage {
 
     /// A changed file must not be served from the cache: key on its size and mtime.
     fn cache_salt(&self, env: &NodeEnv, inputs: &Inputs) -> Result<Option<String>, NodeError> {
-        let path = resolve_inside(&env.input_dir, inputs.str("image")?)?;
-        let meta = std::fs::metadata(&path).map_err(|source| NodeError::Io {
-            op: "stat",
-            path: path.clone(),
-            source,
-        })?;
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        Ok(Some(format!("{}:{mtime}", meta.len())))
+        file_salt(env, inputs.str("image")?)
     }
+}
+
+/// The size and mtime of input file `name`, so a changed file is not served from the cache.
+pub(super) fn file_salt(env: &NodeEnv, name: &str) -> Result<Option<String>, NodeError> {
+    let path = resolve_inside(&env.input_dir, name)?;
+    let meta = std::fs::metadata(&path).map_err(|source| NodeError::Io {
+        op: "stat",
+        path: path.clone(),
+        source,
+    })?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok(Some(format!("{}:{mtime}", meta.len())))
 }
 
 /// `1 - image`.

@@ -5,6 +5,7 @@ mod custom_sampling;
 pub mod diffusion;
 mod image;
 mod interpolate;
+mod mask;
 mod output;
 mod upscale;
 mod utility;
@@ -19,6 +20,7 @@ pub fn register_all(registry: &mut NodeRegistry) {
     diffusion::register(registry);
     custom_sampling::register(registry);
     image::register(registry);
+    mask::register(registry);
     output::register(registry);
     animated::register(registry);
     upscale::register(registry);
