@@ -237,7 +237,7 @@ fn unet_step(inputs: &Inputs<'_>) -> Result<f64> {
     let x = wave(256, 1.0, &[1, 4, 8, 8], inputs.device)?;
     let context = wave(77 * width, 0.5, &[1, 77, width], inputs.device)?;
     let case = &inputs.goldens["unet_8x8_t500"];
-    let eps = unet.forward(&x, case["t"].as_f64().unwrap_or(500.0), &context)?;
+    let eps = unet.forward(&x, case["t"].as_f64().unwrap_or(500.0), &context, None)?;
     let want = golden_tensor(&case["values"], eps.dims())?;
     max_diff(&eps, &want)
 }

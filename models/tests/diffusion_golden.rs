@@ -178,7 +178,7 @@ fn unet_step_matches_numpy() {
     let context = Tensor::from_vec(wave(77 * width, 0.5), (1, 77, width), &Device::Cpu).unwrap();
     let case = &g["unet_8x8_t500"];
     let eps = unet
-        .forward(&x, case["t"].as_f64().unwrap(), &context)
+        .forward(&x, case["t"].as_f64().unwrap(), &context, None)
         .unwrap();
     let got: Vec<f64> = eps
         .flatten_all()

@@ -58,6 +58,9 @@ pub struct UnetConfig {
     pub norm_num_groups: usize,
     pub cross_attention_dim: usize,
     pub use_linear_projection: bool,
+    /// Width of the class vector `y` (SDXL's pooled text and size conditioning).
+    #[serde(default)]
+    pub adm_in_channels: Option<usize>,
 }
 
 impl UnetConfig {
@@ -211,6 +214,7 @@ impl SdConfig {
                 norm_num_groups: 32,
                 cross_attention_dim: 64,
                 use_linear_projection: false,
+                adm_in_channels: None,
             },
             vae: VaeConfig {
                 block_out_channels: vec![32, 32, 64, 64],
@@ -386,6 +390,7 @@ impl SdConfig {
             norm_num_groups: 32,
             cross_attention_dim: context_dim,
             use_linear_projection: linear_projection,
+            adm_in_channels: None,
         };
 
         // VAE.
@@ -507,6 +512,7 @@ impl SdConfig {
                     .get("use_linear_projection")
                     .and_then(|x| x.as_bool())
                     .unwrap_or(false),
+                adm_in_channels: None,
             },
             vae: VaeConfig {
                 block_out_channels: list_of(&vae_json, "block_out_channels"),
@@ -585,6 +591,7 @@ fn sd_unet(heads: fn(usize) -> usize, cross_attention_dim: usize, linear: bool) 
         norm_num_groups: 32,
         cross_attention_dim,
         use_linear_projection: linear,
+        adm_in_channels: None,
     }
 }
 

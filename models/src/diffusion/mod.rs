@@ -22,6 +22,7 @@ pub mod rng;
 pub mod sampler;
 pub mod schedule;
 pub mod tokenizer;
+pub mod unet;
 pub mod vae;
 pub mod weights;
 

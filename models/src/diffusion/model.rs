@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel;
 
 use super::clip::ClipTextModel;
 use super::config::{Prediction, SdConfig};
@@ -19,6 +18,7 @@ use super::lora::{LoraFile, LoraStack};
 use super::sampler::Denoiser;
 use super::schedule::ModelSampling;
 use super::tokenizer::ClipTokenizer;
+use super::unet::Unet;
 use super::vae::VaeModel;
 use super::weights::{MappedWeights, Renamer, build_part};
 use crate::error::{ModelError, Result};
@@ -182,15 +182,7 @@ impl Checkpoint {
             self.backend(Part::Unet, stack.clone()),
             dtype,
             device,
-            |vb| {
-                UNet2DConditionModel::new(
-                    vb,
-                    config.in_channels,
-                    config.out_channels,
-                    false,
-                    config.to_candle(),
-                )
-            },
+            |vb| Unet::new(vb, &config),
         )?;
         warn_unused(&stack, "lora_unet_");
         Ok(UnetModel {
@@ -257,7 +249,7 @@ fn warn_unused(stack: &LoraStack, prefix: &str) {
 /// The denoising UNet of a checkpoint (ComfyUI's MODEL).
 #[derive(Debug)]
 pub struct UnetModel {
-    unet: UNet2DConditionModel,
+    unet: Unet,
     config: SdConfig,
     sampling: ModelSampling,
     device: Device,
@@ -281,14 +273,31 @@ impl UnetModel {
     }
 
     /// Raw network output (noise or velocity) for `latents` at timestep `t` given
-    /// `context` `[B, tokens, width]`.
+    /// `context` `[B, tokens, width]` and, for SDXL, the class vector `y` `[B, adm]`.
     ///
     /// # Errors
-    /// Tensor errors.
-    pub fn forward(&self, latents: &Tensor, t: f64, context: &Tensor) -> Result<Tensor> {
+    /// Tensor errors; a missing `y` on an SDXL model.
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        t: f64,
+        context: &Tensor,
+        y: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let xs = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let context = context.to_device(&self.device)?.to_dtype(self.dtype)?;
-        Ok(self.unet.forward(&xs, t, &context)?.to_dtype(DType::F32)?)
+        let y = y
+            .map(|y| y.to_device(&self.device)?.to_dtype(self.dtype))
+            .transpose()?;
+        Ok(self
+            .unet
+            .forward(&xs, t, &context, y.as_ref())?
+            .to_dtype(DType::F32)?)
+    }
+
+    /// Whether the model takes a class vector `y` (SDXL).
+    pub fn takes_y(&self) -> bool {
+        self.unet.takes_y()
     }
 }
 
@@ -415,7 +424,7 @@ impl<'a> GuidedDenoiser<'a> {
         let x_in = (x * c_in)?;
         let output = if (self.cfg - 1.0).abs() < f64::EPSILON {
             self.unet
-                .forward(&x_in, t, &batched(&self.positive, batch)?)?
+                .forward(&x_in, t, &batched(&self.positive, batch)?, None)?
         } else {
             let both = Tensor::cat(&[&x_in, &x_in], 0)?;
             let context = Tensor::cat(
@@ -425,7 +434,7 @@ impl<'a> GuidedDenoiser<'a> {
                 ],
                 0,
             )?;
-            let out = self.unet.forward(&both, t, &context)?;
+            let out = self.unet.forward(&both, t, &context, None)?;
             let uncond = out.narrow(0, 0, batch)?;
             let cond = out.narrow(0, batch, batch)?;
             (&uncond + ((cond - &uncond)? * self.cfg)?)?

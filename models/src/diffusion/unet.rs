@@ -1,0 +1,256 @@
+//! The denoising UNet of SD 1.x, 2.x and SDXL, assembled from candle's building blocks.
+//!
+//! candle's own `UNet2DConditionModel` has no class embedding, which SDXL needs: its time
+//! embedding is summed with an embedding of `y`, the pooled text embedding and the
+//! size/crop conditioning (LDM's `label_emb`, diffusers' `add_embedding`). This module
+//! wires the same down, middle and up blocks (diffusers names, so the key map and LoRAs
+//! apply unchanged) with that embedding added.
+
+use candle_core::{Module, Tensor};
+use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_transformers::models::stable_diffusion::embeddings::{TimestepEmbedding, Timesteps};
+use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
+    CrossAttnDownBlock2D, CrossAttnDownBlock2DConfig, CrossAttnUpBlock2D, CrossAttnUpBlock2DConfig,
+    DownBlock2D, DownBlock2DConfig, UNetMidBlock2DCrossAttn, UNetMidBlock2DCrossAttnConfig,
+    UpBlock2D, UpBlock2DConfig,
+};
+
+use super::config::UnetConfig;
+
+const NORM_EPS: f64 = 1e-5;
+
+#[derive(Debug)]
+enum DownLevel {
+    Plain(DownBlock2D),
+    Attention(CrossAttnDownBlock2D),
+}
+
+#[derive(Debug)]
+enum UpLevel {
+    Plain(UpBlock2D),
+    Attention(CrossAttnUpBlock2D),
+}
+
+impl UpLevel {
+    fn resnets(&self) -> usize {
+        match self {
+            UpLevel::Plain(b) => b.resnets.len(),
+            UpLevel::Attention(b) => b.upblock.resnets.len(),
+        }
+    }
+}
+
+/// The UNet: `eps` (or `v`) for a noisy latent at a timestep, given the text context and,
+/// for SDXL, the class vector `y`.
+#[derive(Debug)]
+pub struct Unet {
+    conv_in: Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    /// SDXL's embedding of `y`, added to the time embedding.
+    class_embedding: Option<TimestepEmbedding>,
+    down: Vec<DownLevel>,
+    mid: UNetMidBlock2DCrossAttn,
+    up: Vec<UpLevel>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl Unet {
+    /// Builds the UNet of `config` from `vb` (diffusers names).
+    ///
+    /// # Errors
+    /// When a weight is missing or misshapen.
+    pub fn new(vb: VarBuilder<'_>, config: &UnetConfig) -> candle_core::Result<Self> {
+        let levels = &config.levels;
+        let n = levels.len();
+        let base = levels[0].channels;
+        let time_dim = base * 4;
+        let padded = candle_nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let conv_in = candle_nn::conv2d(config.in_channels, base, 3, padded, vb.pp("conv_in"))?;
+        let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), base, time_dim)?;
+        let class_embedding = config
+            .adm_in_channels
+            .map(|adm| TimestepEmbedding::new(vb.pp("add_embedding"), adm, time_dim))
+            .transpose()?;
+        let mut down = Vec::with_capacity(n);
+        for (i, level) in levels.iter().enumerate() {
+            let in_channels = if i == 0 { base } else { levels[i - 1].channels };
+            let plain = DownBlock2DConfig {
+                num_layers: config.layers_per_block,
+                resnet_eps: NORM_EPS,
+                resnet_groups: config.norm_num_groups,
+                add_downsample: i + 1 < n,
+                downsample_padding: 1,
+                ..Default::default()
+            };
+            let vb = vb.pp(format!("down_blocks.{i}"));
+            down.push(match level.transformer_depth {
+                Some(depth) => DownLevel::Attention(CrossAttnDownBlock2D::new(
+                    vb,
+                    in_channels,
+                    level.channels,
+                    Some(time_dim),
+                    false,
+                    CrossAttnDownBlock2DConfig {
+                        downblock: plain,
+                        attn_num_head_channels: level.heads,
+                        cross_attention_dim: config.cross_attention_dim,
+                        sliced_attention_size: None,
+                        use_linear_projection: config.use_linear_projection,
+                        transformer_layers_per_block: depth,
+                    },
+                )?),
+                None => DownLevel::Plain(DownBlock2D::new(
+                    vb,
+                    in_channels,
+                    level.channels,
+                    Some(time_dim),
+                    plain,
+                )?),
+            });
+        }
+        let last = levels[n - 1];
+        let mid = UNetMidBlock2DCrossAttn::new(
+            vb.pp("mid_block"),
+            last.channels,
+            Some(time_dim),
+            false,
+            UNetMidBlock2DCrossAttnConfig {
+                resnet_eps: NORM_EPS,
+                resnet_groups: Some(config.norm_num_groups),
+                attn_num_head_channels: last.heads,
+                cross_attn_dim: config.cross_attention_dim,
+                use_linear_projection: config.use_linear_projection,
+                transformer_layers_per_block: last.transformer_depth.unwrap_or(1),
+                ..Default::default()
+            },
+        )?;
+        let mut up = Vec::with_capacity(n);
+        for i in 0..n {
+            let level = levels[n - 1 - i];
+            let previous = if i == 0 {
+                last.channels
+            } else {
+                levels[n - i].channels
+            };
+            // The skip connection of this level's last resnet comes from the level below.
+            let skip = levels[(n - 1 - i).saturating_sub(1)].channels;
+            let plain = UpBlock2DConfig {
+                num_layers: config.layers_per_block + 1,
+                resnet_eps: NORM_EPS,
+                resnet_groups: config.norm_num_groups,
+                add_upsample: i + 1 < n,
+                ..Default::default()
+            };
+            let vb = vb.pp(format!("up_blocks.{i}"));
+            up.push(match level.transformer_depth {
+                Some(depth) => UpLevel::Attention(CrossAttnUpBlock2D::new(
+                    vb,
+                    skip,
+                    previous,
+                    level.channels,
+                    Some(time_dim),
+                    false,
+                    CrossAttnUpBlock2DConfig {
+                        upblock: plain,
+                        attn_num_head_channels: level.heads,
+                        cross_attention_dim: config.cross_attention_dim,
+                        sliced_attention_size: None,
+                        use_linear_projection: config.use_linear_projection,
+                        transformer_layers_per_block: depth,
+                    },
+                )?),
+                None => UpLevel::Plain(UpBlock2D::new(
+                    vb,
+                    skip,
+                    previous,
+                    level.channels,
+                    Some(time_dim),
+                    plain,
+                )?),
+            });
+        }
+        Ok(Self {
+            conv_in,
+            time_proj: Timesteps::new(base, true, 0.0),
+            time_embedding,
+            class_embedding,
+            down,
+            mid,
+            up,
+            norm_out: candle_nn::group_norm(
+                config.norm_num_groups,
+                base,
+                NORM_EPS,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: candle_nn::conv2d(base, config.out_channels, 3, padded, vb.pp("conv_out"))?,
+        })
+    }
+
+    /// Whether the model takes a class vector `y` (SDXL).
+    pub fn takes_y(&self) -> bool {
+        self.class_embedding.is_some()
+    }
+
+    /// The model output for `latents` `[b, c, h, w]` at `timestep`, with `context`
+    /// `[b, tokens, width]` and, for SDXL, `y` `[b, adm]`.
+    ///
+    /// # Errors
+    /// Shape mismatches, or a missing `y` on a model that needs one.
+    pub fn forward(
+        &self,
+        latents: &Tensor,
+        timestep: f64,
+        context: &Tensor,
+        y: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let (batch, _, height, width) = latents.dims4()?;
+        let t =
+            Tensor::full(timestep as f32, batch, latents.device())?.to_dtype(latents.dtype())?;
+        let mut emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
+        match (&self.class_embedding, y) {
+            (Some(embed), Some(y)) => {
+                let class = embed.forward(&y.to_dtype(emb.dtype())?)?;
+                emb = (emb + class)?;
+            }
+            (Some(_), None) => candle_core::bail!("this UNet needs its class vector y (SDXL)"),
+            (None, _) => {}
+        }
+        let mut xs = self.conv_in.forward(latents)?;
+        let mut skips = vec![xs.clone()];
+        for level in &self.down {
+            let (out, residuals) = match level {
+                DownLevel::Plain(b) => b.forward(&xs, Some(&emb))?,
+                DownLevel::Attention(b) => b.forward(&xs, Some(&emb), Some(context))?,
+            };
+            skips.extend(residuals);
+            xs = out;
+        }
+        xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
+        // Sizes that do not halve evenly upsample to the skip connection's size.
+        let factor = 1usize << (self.down.len() - 1);
+        let uneven = height % factor != 0 || width % factor != 0;
+        for (i, level) in self.up.iter().enumerate() {
+            let residuals = skips.split_off(skips.len() - level.resnets());
+            let upsample_size = if uneven && i + 1 < self.up.len() {
+                let (_, _, h, w) = skips.last().expect("a skip per level").dims4()?;
+                Some((h, w))
+            } else {
+                None
+            };
+            xs = match level {
+                UpLevel::Plain(b) => b.forward(&xs, &residuals, Some(&emb), upsample_size)?,
+                UpLevel::Attention(b) => {
+                    b.forward(&xs, &residuals, Some(&emb), upsample_size, Some(context))?
+                }
+            };
+        }
+        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
