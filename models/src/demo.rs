@@ -21,14 +21,20 @@ use std::sync::Arc;
 
 use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::config::{CONFIG_METADATA_KEY, SdConfig};
-use crate::diffusion::keymap::{clip_to_ldm, unet_to_ldm, vae_to_ldm};
+use crate::diffusion::keymap::{
+    SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, clip_to_ldm, open_clip_to_ldm_at, split_slice,
+    unet_to_ldm, vae_to_ldm,
+};
 use crate::diffusion::rng::NoiseRng;
+use crate::diffusion::unet::Unet;
 use crate::diffusion::vae::VaeModel;
 use crate::error::{ModelError, Result};
 use crate::store::{ModelFolder, write_safetensors};
 
 /// File name of the demo checkpoint inside `checkpoints/`.
 pub const DEMO_CHECKPOINT: &str = "sakuga-demo-sd15.safetensors";
+/// File name of the SDXL demo checkpoint inside `checkpoints/`.
+pub const DEMO_SDXL_CHECKPOINT: &str = "sakuga-demo-sdxl.safetensors";
 /// File name of the demo LoRA inside `loras/`.
 pub const DEMO_LORA: &str = "sakuga-demo-lora.safetensors";
 
@@ -47,7 +53,11 @@ pub const EXTRA_DEMO_WRITERS: &[DemoWriter] = &[
 /// # Errors
 /// [`ModelError::Io`] when a file cannot be written.
 pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut written = vec![write_demo_checkpoint(dir)?, write_demo_lora(dir)?];
+    let mut written = vec![
+        write_demo_checkpoint(dir)?,
+        write_demo_sdxl_checkpoint(dir)?,
+        write_demo_lora(dir)?,
+    ];
     for writer in EXTRA_DEMO_WRITERS {
         written.extend(writer(dir)?);
     }
@@ -154,21 +164,21 @@ fn invent<T>(
 /// # Errors
 /// Tensor errors.
 pub fn demo_diffusers_tensors(config: &SdConfig, seed: u64) -> Result<DiffusersTensors> {
-    let unet_config = config.unet.clone();
-    let unet = invent(seed, |vb| {
-        candle_transformers::models::stable_diffusion::unet_2d::UNet2DConditionModel::new(
-            vb,
-            unet_config.in_channels,
-            unet_config.out_channels,
-            false,
-            unet_config.to_candle(),
-        )
-    })?;
+    let unet = invent(seed, |vb| Unet::new(vb, &config.unet))?;
     let vae = invent(seed.wrapping_add(1), |vb| VaeModel::new(vb, &config.vae))?;
     let clip = invent(seed.wrapping_add(2), |vb| {
         ClipTextModel::new(vb, &config.clip)
     })?;
-    Ok(DiffusersTensors { unet, vae, clip })
+    let clip_g = match &config.clip_g {
+        Some(g) => invent(seed.wrapping_add(3), |vb| ClipTextModel::new(vb, g))?,
+        None => BTreeMap::new(),
+    };
+    Ok(DiffusersTensors {
+        unet,
+        vae,
+        clip,
+        clip_g,
+    })
 }
 
 /// Tensors of one checkpoint split by part, under diffusers names.
@@ -177,6 +187,8 @@ pub struct DiffusersTensors {
     pub unet: BTreeMap<String, Tensor>,
     pub vae: BTreeMap<String, Tensor>,
     pub clip: BTreeMap<String, Tensor>,
+    /// SDXL's OpenCLIP-G (empty otherwise).
+    pub clip_g: BTreeMap<String, Tensor>,
 }
 
 /// The demo checkpoint's tensors under their LDM names.
@@ -184,7 +196,12 @@ pub struct DiffusersTensors {
 /// # Errors
 /// Tensor errors.
 pub fn demo_checkpoint_tensors(config: &SdConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
-    let DiffusersTensors { unet, vae, clip } = demo_diffusers_tensors(config, seed)?;
+    let DiffusersTensors {
+        unet,
+        vae,
+        clip,
+        clip_g,
+    } = demo_diffusers_tensors(config, seed)?;
     let unmapped = |name: &str| ModelError::InvalidInput(format!("no LDM name for {name}"));
     let mut tensors = BTreeMap::new();
     for (name, tensor) in unet {
@@ -202,9 +219,34 @@ pub fn demo_checkpoint_tensors(config: &SdConfig, seed: u64) -> Result<BTreeMap<
         };
         tensors.insert(ldm, tensor);
     }
+    let sdxl = config.clip_g.is_some();
     for (name, tensor) in clip {
-        let ldm = clip_to_ldm(&name).remove(0);
+        let ldm = if sdxl {
+            format!("{SDXL_CLIP_L_PREFIX}{name}")
+        } else {
+            clip_to_ldm(&name).remove(0)
+        };
         tensors.insert(ldm, tensor);
+    }
+    // OpenCLIP keeps query, key and value in one `in_proj` tensor: gather the thirds.
+    let mut fused: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
+    for (name, tensor) in clip_g {
+        let ldm = open_clip_to_ldm_at(SDXL_CLIP_G_PREFIX, &name).ok_or_else(|| unmapped(&name))?;
+        match split_slice(&ldm) {
+            (base, Some((third, 3))) => {
+                fused.entry(base.to_string()).or_default()[third] = Some(tensor)
+            }
+            _ => {
+                tensors.insert(ldm, tensor);
+            }
+        }
+    }
+    for (name, thirds) in fused {
+        let parts: Vec<Tensor> = thirds
+            .into_iter()
+            .map(|t| t.ok_or_else(|| unmapped(&name)))
+            .collect::<Result<_>>()?;
+        tensors.insert(name, Tensor::cat(&parts, 0)?);
     }
     Ok(tensors)
 }
@@ -217,21 +259,38 @@ pub const DEMO_SEED: u64 = 0x5a6b_u64;
 /// # Errors
 /// Tensor and I/O errors.
 pub fn write_demo_checkpoint(dir: &Path) -> Result<PathBuf> {
-    let config = SdConfig::demo();
-    let tensors = demo_checkpoint_tensors(&config, DEMO_SEED)?;
+    write_checkpoint(
+        dir,
+        &SdConfig::demo(),
+        DEMO_CHECKPOINT,
+        "tiny seeded demo model in SD 1.5 LDM layout; not trained",
+    )
+}
+
+/// Writes `checkpoints/sakuga-demo-sdxl.safetensors`: [`SdConfig::demo_sdxl`] in the SGM
+/// single-file layout ComfyUI loads (`conditioner.embedders.0/1`).
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_sdxl_checkpoint(dir: &Path) -> Result<PathBuf> {
+    write_checkpoint(
+        dir,
+        &SdConfig::demo_sdxl(),
+        DEMO_SDXL_CHECKPOINT,
+        "tiny seeded demo model in SDXL's SGM layout; not trained",
+    )
+}
+
+fn write_checkpoint(dir: &Path, config: &SdConfig, file: &str, note: &str) -> Result<PathBuf> {
+    let tensors = demo_checkpoint_tensors(config, DEMO_SEED)?;
     let mut metadata = BTreeMap::new();
     metadata.insert(
         CONFIG_METADATA_KEY.to_string(),
-        serde_json::to_string(&config).map_err(|e| ModelError::InvalidInput(e.to_string()))?,
+        serde_json::to_string(config).map_err(|e| ModelError::InvalidInput(e.to_string()))?,
     );
     metadata.insert("format".to_string(), "pt".to_string());
-    metadata.insert(
-        "sakuga.note".to_string(),
-        "tiny seeded demo model in SD 1.5 LDM layout; not trained".to_string(),
-    );
-    let path = dir
-        .join(ModelFolder::Checkpoints.dir_name())
-        .join(DEMO_CHECKPOINT);
+    metadata.insert("sakuga.note".to_string(), note.to_string());
+    let path = dir.join(ModelFolder::Checkpoints.dir_name()).join(file);
     write_safetensors(&path, &tensors, &metadata)?;
     Ok(path)
 }

@@ -50,8 +50,10 @@ fn txt2img(
     params: &SampleParams,
     size: usize,
 ) -> Tensor {
-    let positive = clip.encode("1girl, anime style, cherry blossoms").unwrap();
-    let negative = clip.encode("lowres, bad anatomy").unwrap();
+    let positive = clip
+        .condition("1girl, anime style, cherry blossoms")
+        .unwrap();
+    let negative = clip.condition("lowres, bad anatomy").unwrap();
     let latent = empty_latent(size, size, 1, d.vae.downscale_factor(), &Device::Cpu).unwrap();
     let latent = sample_latent(
         unet,
@@ -93,8 +95,8 @@ fn same_seed_renders_identical_pixels_and_another_seed_differs() {
 #[test]
 fn cancel_mid_sampling_stops_within_one_step() {
     let d = demo();
-    let positive = d.clip.encode("a photo of a cat").unwrap();
-    let negative = d.clip.encode("").unwrap();
+    let positive = d.clip.condition("a photo of a cat").unwrap();
+    let negative = d.clip.condition("").unwrap();
     let latent = empty_latent(64, 64, 1, 8, &Device::Cpu).unwrap();
     let finished = AtomicUsize::new(0);
     let progress = |step: usize, steps: usize| {
@@ -127,8 +129,8 @@ fn cancel_mid_sampling_stops_within_one_step() {
 #[test]
 fn every_sampler_and_scheduler_produces_a_finite_image() {
     let d = demo();
-    let positive = d.clip.encode("comic panel").unwrap();
-    let negative = d.clip.encode("").unwrap();
+    let positive = d.clip.condition("comic panel").unwrap();
+    let negative = d.clip.condition("").unwrap();
     let latent = empty_latent(64, 64, 2, 8, &Device::Cpu).unwrap();
     for sampler in SamplerKind::all() {
         for scheduler in [Scheduler::Normal, Scheduler::Karras, Scheduler::Simple] {
@@ -216,8 +218,8 @@ fn img2img_encodes_and_partially_denoises() {
     let latent = d.vae.encode(&image).unwrap();
     assert_eq!(latent.dims(), &[1, 4, 8, 8]);
     assert_eq!(values(&latent), values(&d.vae.encode(&image).unwrap()));
-    let positive = d.clip.encode("watercolor").unwrap();
-    let negative = d.clip.encode("").unwrap();
+    let positive = d.clip.condition("watercolor").unwrap();
+    let negative = d.clip.condition("").unwrap();
     let p = SampleParams {
         denoise: 0.5,
         ..params(3, 4)
@@ -442,8 +444,8 @@ fn diffusers_folder_renders_the_same_as_the_single_file_checkpoint() {
 #[test]
 fn a_split_batch_samples_the_same_latents_as_the_whole_batch() {
     let d = demo();
-    let positive = d.clip.encode("1girl, anime style").unwrap();
-    let negative = d.clip.encode("lowres").unwrap();
+    let positive = d.clip.condition("1girl, anime style").unwrap();
+    let negative = d.clip.condition("lowres").unwrap();
     let latent = empty_latent(32, 32, 3, d.vae.downscale_factor(), &Device::Cpu).unwrap();
     // An ancestral sampler: its per-step noise is drawn for the whole batch either way.
     let whole = SampleParams {

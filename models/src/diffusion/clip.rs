@@ -99,6 +99,8 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
+    /// `[width, projection]`: the pooled output's projection (OpenCLIP's layout).
+    text_projection: Option<Tensor>,
     config: ClipConfig,
 }
 
@@ -108,6 +110,16 @@ impl ClipTextModel {
     /// # Errors
     /// When a weight is missing or misshapen.
     pub fn new(vb: VarBuilder<'_>, config: &ClipConfig) -> candle_core::Result<Self> {
+        let text_projection = config
+            .projection_dim
+            .map(|dim| {
+                let init = candle_nn::Init::Randn {
+                    mean: 0.0,
+                    stdev: (config.width as f64).powf(-0.5),
+                };
+                vb.get_with_hints((config.width, dim), "text_projection", init)
+            })
+            .transpose()?;
         let vb = vb.pp("text_model");
         let embeddings = vb.pp("embeddings");
         let token_embedding = candle_nn::embedding(
@@ -129,6 +141,7 @@ impl ClipTextModel {
             position_embedding,
             layers,
             final_layer_norm,
+            text_projection,
             config: config.clone(),
         })
     }
@@ -141,12 +154,28 @@ impl ClipTextModel {
     /// Hidden states `[batch, seq, width]` for token ids `[batch, seq]` (u32).
     ///
     /// `stop_at_layer` follows ComfyUI's `CLIPSetLastLayer`: -1 runs every layer, -2 stops
-    /// one early ("clip skip 2"), and so on; the final layer norm is applied either way, as
-    /// ComfyUI does for SD 1.x.
+    /// one early ("clip skip 2"), and so on. The final layer norm applies to the last
+    /// layer's output, and to an earlier one's only where the model was trained that way
+    /// (SD 1.x/2.x, not SDXL).
     ///
     /// # Errors
     /// When a tensor operation fails.
     pub fn forward(&self, tokens: &Tensor, stop_at_layer: i64) -> candle_core::Result<Tensor> {
+        Ok(self.forward_pooled(tokens, stop_at_layer, false)?.0)
+    }
+
+    /// [`Self::forward`], and with `pooled` (on a model with a projection) the pooled
+    /// output `[batch, projection]`: the last layer's normed state at each row's first end
+    /// token, projected.
+    ///
+    /// # Errors
+    /// When a tensor operation fails.
+    pub fn forward_pooled(
+        &self,
+        tokens: &Tensor,
+        stop_at_layer: i64,
+        pooled: bool,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let (_, seq) = tokens.dims2()?;
         let positions = self.position_embedding.narrow(0, 0, seq)?;
         let mut xs = self
@@ -155,12 +184,52 @@ impl ClipTextModel {
             .broadcast_add(&positions)?;
         let mask = causal_mask(seq, xs.dtype(), xs.device())?;
         let skip = (-stop_at_layer - 1).max(0) as usize;
-        let run = self.layers.len().saturating_sub(skip).max(1);
-        for layer in &self.layers[..run] {
+        let stop = self.layers.len().saturating_sub(skip).max(1);
+        let projection = self.text_projection.as_ref().filter(|_| pooled);
+        let run = if projection.is_some() {
+            self.layers.len()
+        } else {
+            stop
+        };
+        let mut hidden = None;
+        for (i, layer) in self.layers[..run].iter().enumerate() {
             xs = layer.forward(&xs, &mask)?;
+            if i + 1 == stop {
+                hidden = Some(xs.clone());
+            }
         }
-        self.final_layer_norm.forward(&xs)
+        let hidden = hidden.unwrap_or_else(|| xs.clone());
+        let last_normed = self.final_layer_norm.forward(&xs)?;
+        let hidden = if stop == self.layers.len() {
+            last_normed.clone()
+        } else if self.config.final_norm_on_hidden {
+            self.final_layer_norm.forward(&hidden)?
+        } else {
+            hidden
+        };
+        let pooled = match projection {
+            Some(projection) => Some(pool(&last_normed, tokens)?.matmul(projection)?),
+            None => None,
+        };
+        Ok((hidden, pooled))
     }
+}
+
+/// Each row's state at its first end-of-text token (the last position when there is none).
+fn pool(states: &Tensor, tokens: &Tensor) -> candle_core::Result<Tensor> {
+    let ids = tokens.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+    let rows = ids
+        .iter()
+        .enumerate()
+        .map(|(row, ids)| {
+            let at = ids
+                .iter()
+                .position(|&id| id == super::tokenizer::EOS_TOKEN)
+                .unwrap_or(ids.len() - 1);
+            states.get(row)?.get(at)?.unsqueeze(0)
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    Tensor::cat(&rows, 0)
 }
 
 fn causal_mask(seq: usize, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {

@@ -131,10 +131,21 @@ pub struct ClipConfig {
     /// SD 1.x, -2 (penultimate) for SD 2.x, as both were trained.
     #[serde(default = "last_layer")]
     pub default_stop_at_layer: i64,
+    /// Whether the final layer norm applies to an earlier layer's output when clip skip
+    /// stops there (SD 1.x/2.x, as ComfyUI does) or only to the last layer's (SDXL).
+    #[serde(default = "yes")]
+    pub final_norm_on_hidden: bool,
+    /// Width of the pooled output's projection (SDXL's OpenCLIP-G `text_projection`).
+    #[serde(default)]
+    pub projection_dim: Option<usize>,
 }
 
 fn last_layer() -> i64 {
     -1
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// A whole Stable Diffusion checkpoint.
@@ -143,6 +154,9 @@ pub struct SdConfig {
     pub unet: UnetConfig,
     pub vae: VaeConfig,
     pub clip: ClipConfig,
+    /// SDXL's second text encoder (OpenCLIP ViT-bigG), whose pooled output feeds `y`.
+    #[serde(default)]
+    pub clip_g: Option<ClipConfig>,
     pub prediction: Prediction,
 }
 
@@ -165,7 +179,10 @@ impl SdConfig {
                 activation: ClipActivation::QuickGelu,
                 pad_token: super::tokenizer::EOS_TOKEN,
                 default_stop_at_layer: -1,
+                final_norm_on_hidden: true,
+                projection_dim: None,
             },
+            clip_g: None,
             prediction: Prediction::Epsilon,
         }
     }
@@ -185,7 +202,10 @@ impl SdConfig {
                 activation: ClipActivation::Gelu,
                 pad_token: super::tokenizer::EXCLAMATION_TOKEN,
                 default_stop_at_layer: -2,
+                final_norm_on_hidden: true,
+                projection_dim: None,
             },
+            clip_g: None,
             prediction: Prediction::V,
         }
     }
@@ -233,7 +253,70 @@ impl SdConfig {
                 activation: ClipActivation::QuickGelu,
                 pad_token: super::tokenizer::EOS_TOKEN,
                 default_stop_at_layer: -1,
+                final_norm_on_hidden: true,
+                projection_dim: None,
             },
+            clip_g: None,
+            prediction: Prediction::Epsilon,
+        }
+    }
+
+    /// The tiny SDXL demo: SDXL's layout (no attention on the first level, a two-deep
+    /// transformer with linear projections below it, CLIP-L and OpenCLIP-G with a pooled
+    /// projection, the size conditioning in `y`) at toy widths.
+    pub fn demo_sdxl() -> Self {
+        let clip = |width: usize, activation, pad_token, projection_dim| ClipConfig {
+            vocab_size: 49408,
+            width,
+            layers: 3,
+            heads: (width / 64).max(1),
+            intermediate_size: width * 2,
+            max_positions: 77,
+            activation,
+            pad_token,
+            default_stop_at_layer: -2,
+            final_norm_on_hidden: false,
+            projection_dim,
+        };
+        let l = clip(
+            32,
+            ClipActivation::QuickGelu,
+            super::tokenizer::EOS_TOKEN,
+            None,
+        );
+        let g = clip(
+            64,
+            ClipActivation::Gelu,
+            super::tokenizer::EXCLAMATION_TOKEN,
+            Some(64),
+        );
+        let mut vae = Self::demo().vae;
+        vae.scaling_factor = 0.13025;
+        Self {
+            unet: UnetConfig {
+                in_channels: 4,
+                out_channels: 4,
+                levels: vec![
+                    UnetLevel {
+                        channels: 32,
+                        transformer_depth: None,
+                        heads: 1,
+                    },
+                    UnetLevel {
+                        channels: 64,
+                        transformer_depth: Some(2),
+                        heads: 1,
+                    },
+                ],
+                layers_per_block: 1,
+                norm_num_groups: 32,
+                cross_attention_dim: l.width + g.width,
+                use_linear_projection: true,
+                adm_in_channels: Some(64 + 6 * 256),
+            },
+            vae,
+            clip: l,
+            clip_g: Some(g),
             prediction: Prediction::Epsilon,
         }
     }
@@ -280,43 +363,39 @@ impl SdConfig {
                 "not a single-file Stable Diffusion checkpoint (no model.diffusion_model.*)",
             ));
         }
-        if shapes.contains_key(&format!("{UNET}label_emb.0.0.weight")) {
-            return Err(unsupported("SDXL checkpoints are not supported yet"));
-        }
-
-        // CLIP text encoder: OpenAI CLIP in transformers layout (SD 1.x) or OpenCLIP (SD 2.x).
-        let clip = if shapes.contains_key("cond_stage_model.model.token_embedding.weight") {
-            const P: &str = "cond_stage_model.model.";
-            let width = dim(&format!("{P}token_embedding.weight"), 1)?;
-            ClipConfig {
-                vocab_size: dim(&format!("{P}token_embedding.weight"), 0)?,
-                width,
-                layers: count_indices(&shapes, &format!("{P}transformer.resblocks.")),
-                heads: (width / 64).max(1),
-                intermediate_size: dim(&format!("{P}transformer.resblocks.0.mlp.c_fc.weight"), 0)?,
-                max_positions: dim(&format!("{P}positional_embedding"), 0)?,
-                activation: ClipActivation::Gelu,
-                pad_token: super::tokenizer::EXCLAMATION_TOKEN,
-                default_stop_at_layer: -2,
+        // CLIP text encoders: OpenAI CLIP in transformers layout (SD 1.x), OpenCLIP (SD
+        // 2.x), or both under `conditioner.embedders` (SDXL).
+        let adm_in_channels = shapes
+            .get(&format!("{UNET}label_emb.0.0.weight"))
+            .and_then(|s| s.get(1).copied());
+        let (clip, clip_g) = if adm_in_channels.is_some() {
+            const L: &str = "conditioner.embedders.0.transformer.text_model.";
+            const G: &str = "conditioner.embedders.1.model.";
+            if !shapes.contains_key(&format!("{L}embeddings.token_embedding.weight")) {
+                return Err(unsupported(
+                    "SDXL refiner checkpoints (OpenCLIP-G alone) are not supported yet",
+                ));
             }
+            let sdxl = |mut clip: ClipConfig| {
+                // SDXL conditions on the penultimate layer, without the final norm.
+                clip.default_stop_at_layer = -2;
+                clip.final_norm_on_hidden = false;
+                clip
+            };
+            let mut g = sdxl(open_clip_config(&dim, &shapes, G)?);
+            g.projection_dim = Some(dim(&format!("{G}text_projection"), 1)?);
+            (sdxl(hf_clip_config(&dim, &shapes, L)?), Some(g))
+        } else if shapes.contains_key("cond_stage_model.model.token_embedding.weight") {
+            (
+                open_clip_config(&dim, &shapes, "cond_stage_model.model.")?,
+                None,
+            )
         } else {
             const P: &str = "cond_stage_model.transformer.text_model.";
             if !shapes.contains_key(&format!("{P}embeddings.token_embedding.weight")) {
                 return Err(unsupported("no CLIP text encoder (cond_stage_model.*)"));
             }
-            let token_embedding = format!("{P}embeddings.token_embedding.weight");
-            let width = dim(&token_embedding, 1)?;
-            ClipConfig {
-                vocab_size: dim(&token_embedding, 0)?,
-                width,
-                layers: count_indices(&shapes, &format!("{P}encoder.layers.")),
-                heads: (width / 64).max(1),
-                intermediate_size: dim(&format!("{P}encoder.layers.0.mlp.fc1.weight"), 0)?,
-                max_positions: dim(&format!("{P}embeddings.position_embedding.weight"), 0)?,
-                activation: ClipActivation::QuickGelu,
-                pad_token: super::tokenizer::EOS_TOKEN,
-                default_stop_at_layer: -1,
-            }
+            (hf_clip_config(&dim, &shapes, P)?, None)
         };
 
         // UNet: walk input_blocks, splitting levels at downsamplers.
@@ -390,7 +469,7 @@ impl SdConfig {
             norm_num_groups: 32,
             cross_attention_dim: context_dim,
             use_linear_projection: linear_projection,
-            adm_in_channels: None,
+            adm_in_channels,
         };
 
         // VAE.
@@ -407,13 +486,19 @@ impl SdConfig {
             layers_per_block: count_indices(&shapes, &format!("{VAE}encoder.down.0.block.")),
             latent_channels: dim(&format!("{VAE}decoder.conv_in.weight"), 1)?,
             norm_num_groups: 32,
-            scaling_factor: 0.18215,
+            // SDXL's VAE was trained with a smaller latent scale.
+            scaling_factor: if adm_in_channels.is_some() {
+                0.13025
+            } else {
+                0.18215
+            },
         };
         let prediction = detect_prediction(file)?;
         Ok(Self {
             unet,
             vae,
             clip,
+            clip_g,
             prediction,
         })
     }
@@ -539,7 +624,10 @@ impl SdConfig {
                 pad_token,
                 // diffusers ships SD 2.x's text encoder already cut to its penultimate layer.
                 default_stop_at_layer: -1,
+                final_norm_on_hidden: true,
+                projection_dim: None,
             },
+            clip_g: None,
             prediction: if v_prediction {
                 Prediction::V
             } else {
@@ -552,6 +640,10 @@ impl SdConfig {
 /// ComfyUI's test for SD 2.x 768-v checkpoints: v-prediction training leaves the last
 /// output transformer's first norm bias with a spread above 0.09.
 fn detect_prediction(file: &WeightFile) -> Result<Prediction> {
+    // v-prediction SDXL finetunes (NoobAI-XL V-Pred and the like) say so with a marker key.
+    if file.contains("v_pred") {
+        return Ok(Prediction::V);
+    }
     const PROBE: &str = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias";
     if !file.contains("cond_stage_model.model.token_embedding.weight") || !file.contains(PROBE) {
         return Ok(Prediction::Epsilon);
@@ -613,6 +705,57 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
     serde_json::from_slice(&bytes).map_err(|e| ModelError::Corrupt {
         path: path.to_path_buf(),
         reason: format!("not valid JSON: {e}"),
+    })
+}
+
+/// A shape lookup: `dim(name, axis)`, or a missing-tensor error naming the file.
+type Dim<'a> = dyn Fn(&str, usize) -> Result<usize> + 'a;
+
+/// An OpenAI CLIP text encoder in transformers' layout under `prefix` (`...text_model.`).
+fn hf_clip_config(
+    dim: &Dim<'_>,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    prefix: &str,
+) -> Result<ClipConfig> {
+    let token_embedding = format!("{prefix}embeddings.token_embedding.weight");
+    let width = dim(&token_embedding, 1)?;
+    Ok(ClipConfig {
+        vocab_size: dim(&token_embedding, 0)?,
+        width,
+        layers: count_indices(shapes, &format!("{prefix}encoder.layers.")),
+        heads: (width / 64).max(1),
+        intermediate_size: dim(&format!("{prefix}encoder.layers.0.mlp.fc1.weight"), 0)?,
+        max_positions: dim(&format!("{prefix}embeddings.position_embedding.weight"), 0)?,
+        activation: ClipActivation::QuickGelu,
+        pad_token: super::tokenizer::EOS_TOKEN,
+        default_stop_at_layer: -1,
+        final_norm_on_hidden: true,
+        projection_dim: None,
+    })
+}
+
+/// An OpenCLIP text tower under `prefix` (`token_embedding`, `transformer.resblocks`).
+fn open_clip_config(
+    dim: &Dim<'_>,
+    shapes: &BTreeMap<String, Vec<usize>>,
+    prefix: &str,
+) -> Result<ClipConfig> {
+    let width = dim(&format!("{prefix}token_embedding.weight"), 1)?;
+    Ok(ClipConfig {
+        vocab_size: dim(&format!("{prefix}token_embedding.weight"), 0)?,
+        width,
+        layers: count_indices(shapes, &format!("{prefix}transformer.resblocks.")),
+        heads: (width / 64).max(1),
+        intermediate_size: dim(
+            &format!("{prefix}transformer.resblocks.0.mlp.c_fc.weight"),
+            0,
+        )?,
+        max_positions: dim(&format!("{prefix}positional_embedding"), 0)?,
+        activation: ClipActivation::Gelu,
+        pad_token: super::tokenizer::EXCLAMATION_TOKEN,
+        default_stop_at_layer: -2,
+        final_norm_on_hidden: true,
+        projection_dim: None,
     })
 }
 

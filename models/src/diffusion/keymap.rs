@@ -64,6 +64,10 @@ pub fn unet_to_ldm(name: &str, config: &UnetConfig) -> Option<String> {
         format!("time_embed.0.{rest}")
     } else if let Some(rest) = name.strip_prefix("time_embedding.linear_2.") {
         format!("time_embed.2.{rest}")
+    } else if let Some(rest) = name.strip_prefix("add_embedding.linear_1.") {
+        format!("label_emb.0.0.{rest}")
+    } else if let Some(rest) = name.strip_prefix("add_embedding.linear_2.") {
+        format!("label_emb.0.2.{rest}")
     } else if let Some(rest) = name.strip_prefix("conv_in.") {
         format!("input_blocks.0.0.{rest}")
     } else if let Some(rest) = name.strip_prefix("conv_norm_out.") {
@@ -220,7 +224,20 @@ pub const LDM_OPEN_CLIP_PREFIX: &str = "cond_stage_model.model.";
 /// Query, key and value live in one fused `in_proj` tensor; those names carry a `#i/3`
 /// suffix saying which third of dimension 0 holds them.
 pub fn open_clip_to_ldm(name: &str) -> Option<String> {
-    let p = LDM_OPEN_CLIP_PREFIX;
+    open_clip_to_ldm_at(LDM_OPEN_CLIP_PREFIX, name)
+}
+
+/// Prefix of SDXL's CLIP-L (transformers layout) in an SGM checkpoint.
+pub const SDXL_CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// Prefix of SDXL's OpenCLIP-G in an SGM checkpoint.
+pub const SDXL_CLIP_G_PREFIX: &str = "conditioner.embedders.1.model.";
+
+/// [`open_clip_to_ldm`] for an OpenCLIP tower stored under `p`; `text_projection` (the
+/// pooled output's `[width, projection]` matrix) keeps its name.
+pub fn open_clip_to_ldm_at(p: &str, name: &str) -> Option<String> {
+    if name == "text_projection" {
+        return Some(format!("{p}text_projection"));
+    }
     let rest = name.strip_prefix("text_model.")?;
     if rest == "embeddings.token_embedding.weight" {
         return Some(format!("{p}token_embedding.weight"));

@@ -30,7 +30,10 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::{Prediction, SdConfig};
 pub use lora::LoraFile;
-pub use model::{AppliedLora, Checkpoint, ClipModel, GuidedDenoiser, UnetModel};
+pub use model::{
+    AppliedLora, Checkpoint, ClipModel, Encoded, GuidedDenoiser, SizeConditioning,
+    TextConditioning, UnetModel,
+};
 pub use rng::NoiseRng;
 pub use sampler::{Denoiser, SamplerKind, StepHooks};
 pub use schedule::{ModelSampling, Scheduler};
@@ -153,8 +156,8 @@ pub fn empty_latent(
 /// [`ModelError::Cancelled`] when `hooks` cancel; network errors.
 pub fn sample_latent(
     unet: &UnetModel,
-    positive: &Tensor,
-    negative: &Tensor,
+    positive: &TextConditioning,
+    negative: &TextConditioning,
     latent: &Tensor,
     params: &SampleParams,
     hooks: StepHooks<'_>,
@@ -172,8 +175,8 @@ pub fn sample_latent(
 /// As [`sample_latent`].
 pub fn sample_along(
     unet: &UnetModel,
-    positive: &Tensor,
-    negative: &Tensor,
+    positive: &TextConditioning,
+    negative: &TextConditioning,
     latent: &Tensor,
     sigmas: &[f64],
     params: &SampleParams,
@@ -198,8 +201,9 @@ pub fn sample_along(
     } else {
         latent
     };
-    let denoiser =
-        GuidedDenoiser::new(unet, positive, negative, params.cfg)?.with_max_batch(params.max_batch);
+    let (_, _, h, w) = x.dims4()?;
+    let denoiser = GuidedDenoiser::new(unet, positive, negative, params.cfg, (h, w))?
+        .with_max_batch(params.max_batch);
     let last_step = LastEstimate::new(&denoiser, sigmas[sigmas.len() - 2]);
     let samples = sampler::sample(params.sampler, &last_step, x, sigmas, params.seed, hooks)?;
     Ok((samples, last_step.take()))

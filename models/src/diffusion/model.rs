@@ -13,7 +13,10 @@ use candle_core::{DType, Device, Tensor};
 
 use super::clip::ClipTextModel;
 use super::config::{Prediction, SdConfig};
-use super::keymap::{Part, clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm};
+use super::keymap::{
+    Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, clip_to_ldm, open_clip_to_ldm,
+    open_clip_to_ldm_at, unet_to_ldm, vae_to_ldm,
+};
 use super::lora::{LoraFile, LoraStack};
 use super::sampler::Denoiser;
 use super::schedule::ModelSampling;
@@ -138,6 +141,9 @@ impl Checkpoint {
                         let config = self.config.vae.clone();
                         Box::new(move |n| vae_to_ldm(n, &config).into_iter().collect())
                     }
+                    Part::Clip if self.config.clip_g.is_some() => {
+                        Box::new(|n| vec![format!("{SDXL_CLIP_L_PREFIX}{n}")])
+                    }
                     Part::Clip => Box::new(|n| {
                         let mut names = clip_to_ldm(n);
                         names.extend(open_clip_to_ldm(n));
@@ -217,10 +223,25 @@ impl Checkpoint {
             device,
             |vb| ClipTextModel::new(vb, &config),
         )?;
+        let g = match (&self.config.clip_g, &self.layout) {
+            (Some(g_config), Layout::Ldm(file)) => {
+                let rename: Renamer = Box::new(|n| {
+                    open_clip_to_ldm_at(SDXL_CLIP_G_PREFIX, n)
+                        .into_iter()
+                        .collect()
+                });
+                let backend = MappedWeights::new(file.clone(), Part::Clip, rename, stack.clone());
+                Some(Arc::new(build_part(backend, dtype, device, |vb| {
+                    ClipTextModel::new(vb, g_config)
+                })?))
+            }
+            _ => None,
+        };
         warn_unused(&stack, "lora_te");
         Ok(ClipModel {
             stop_at_layer: config.default_stop_at_layer.min(-1),
             model: Arc::new(model),
+            g,
             device: device.clone(),
         })
     }
@@ -305,8 +326,19 @@ impl UnetModel {
 #[derive(Debug, Clone)]
 pub struct ClipModel {
     model: Arc<ClipTextModel>,
+    /// SDXL's OpenCLIP-G, next to its CLIP-L in `model`.
+    g: Option<Arc<ClipTextModel>>,
     stop_at_layer: i64,
     device: Device,
+}
+
+/// What a prompt encodes to: the UNet's context, and SDXL's pooled text embedding.
+#[derive(Debug, Clone)]
+pub struct Encoded {
+    /// `[1, tokens, width]` (f32).
+    pub context: Tensor,
+    /// `[1, projection]` (f32), from OpenCLIP-G's first window.
+    pub pooled: Option<Tensor>,
 }
 
 impl ClipModel {
@@ -325,43 +357,51 @@ impl ClipModel {
 
     /// Conditioning `[1, 77 * windows, width]` (f32) for `prompt`: long prompts are split into
     /// 75-token windows encoded separately and concatenated, and `(text:1.2)` emphasis is
-    /// applied per token as ComfyUI does (`z_empty + (z - z_empty) * weight`).
+    /// applied per token as ComfyUI does (`z_empty + (z - z_empty) * weight`). SDXL's two
+    /// encoders both read `prompt`.
     ///
     /// # Errors
     /// Tensor errors.
     pub fn encode(&self, prompt: &str) -> Result<Tensor> {
-        let pad = self.model.config().pad_token;
-        let tokenizer = ClipTokenizer::shared();
-        let windows = tokenizer.encode_weighted_windows(prompt, pad);
-        let weighted = windows.iter().flatten().any(|&(_, w)| w != 1.0);
-        let empty = if weighted {
-            Some(self.encode_window(&tokenizer.encode_windows("", pad)[0])?)
-        } else {
-            None
-        };
-        let mut encoded = Vec::with_capacity(windows.len());
-        for window in windows {
-            let ids: Vec<u32> = window.iter().map(|&(id, _)| id).collect();
-            let z = self.encode_window(&ids)?;
-            let z = match &empty {
-                Some(empty) => {
-                    let weights: Vec<f32> = window.iter().map(|&(_, w)| w).collect();
-                    let weights = Tensor::from_vec(weights, (1, ids.len(), 1), z.device())?;
-                    (empty + (&z - empty)?.broadcast_mul(&weights)?)?
-                }
-                None => z,
-            };
-            encoded.push(z);
-        }
-        Ok(Tensor::cat(&encoded, 1)?)
+        Ok(self.encode_pair(prompt, prompt)?.context)
     }
 
-    fn encode_window(&self, ids: &[u32]) -> Result<Tensor> {
-        let tokens = Tensor::new(ids, &self.device)?.unsqueeze(0)?;
-        Ok(self
-            .model
-            .forward(&tokens, self.stop_at_layer)?
-            .to_dtype(DType::F32)?)
+    /// `prompt` as conditioning for the sampler (context and, for SDXL, pooled output).
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn condition(&self, prompt: &str) -> Result<TextConditioning> {
+        let Encoded { context, pooled } = self.encode_pair(prompt, prompt)?;
+        Ok(TextConditioning {
+            context,
+            pooled,
+            size: None,
+        })
+    }
+
+    /// Whether this is SDXL's encoder pair.
+    pub fn is_dual(&self) -> bool {
+        self.g.is_some()
+    }
+
+    /// The context and pooled output: `prompt_l` through CLIP-L and `prompt_g` through
+    /// OpenCLIP-G, concatenated along the width as ComfyUI's SDXL does (to the shorter
+    /// token count). A single encoder reads `prompt_l` and pools nothing.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn encode_pair(&self, prompt_l: &str, prompt_g: &str) -> Result<Encoded> {
+        let (l, _) = encode_prompt(&self.model, prompt_l, self.stop_at_layer, &self.device)?;
+        let Some(g) = &self.g else {
+            return Ok(Encoded {
+                context: l,
+                pooled: None,
+            });
+        };
+        let (g, pooled) = encode_prompt(g, prompt_g, self.stop_at_layer, &self.device)?;
+        let tokens = l.dim(1)?.min(g.dim(1)?);
+        let context = Tensor::cat(&[l.narrow(1, 0, tokens)?, g.narrow(1, 0, tokens)?], 2)?;
+        Ok(Encoded { context, pooled })
     }
 
     /// Hidden states for explicit token windows `[B, 77]` (u32), for tests and tools.
@@ -369,10 +409,155 @@ impl ClipModel {
     /// # Errors
     /// Tensor errors.
     pub fn encode_tokens(&self, tokens: &Tensor) -> Result<Tensor> {
+        if self.g.is_some() {
+            return Err(ModelError::InvalidInput(
+                "encode_tokens reads one encoder; SDXL's pair needs encode_pair".into(),
+            ));
+        }
         Ok(self
             .model
             .forward(&tokens.to_device(&self.device)?, self.stop_at_layer)?
             .to_dtype(DType::F32)?)
+    }
+}
+
+/// One encoder's hidden states for `prompt` (windows, emphasis) and, where it has a
+/// projection, the pooled output of the first window.
+fn encode_prompt(
+    model: &ClipTextModel,
+    prompt: &str,
+    stop_at_layer: i64,
+    device: &Device,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let pad = model.config().pad_token;
+    let tokenizer = ClipTokenizer::shared();
+    let windows = tokenizer.encode_weighted_windows(prompt, pad);
+    let run = |ids: &[u32], pooled: bool| -> Result<(Tensor, Option<Tensor>)> {
+        let tokens = Tensor::new(ids, device)?.unsqueeze(0)?;
+        let (hidden, pooled) = model.forward_pooled(&tokens, stop_at_layer, pooled)?;
+        Ok((
+            hidden.to_dtype(DType::F32)?,
+            pooled.map(|p| p.to_dtype(DType::F32)).transpose()?,
+        ))
+    };
+    let weighted = windows.iter().flatten().any(|&(_, w)| w != 1.0);
+    let empty = if weighted {
+        Some(run(&tokenizer.encode_windows("", pad)[0], false)?.0)
+    } else {
+        None
+    };
+    let mut encoded = Vec::with_capacity(windows.len());
+    let mut first_pooled = None;
+    for (i, window) in windows.iter().enumerate() {
+        let ids: Vec<u32> = window.iter().map(|&(id, _)| id).collect();
+        let (z, pooled) = run(&ids, i == 0)?;
+        if i == 0 {
+            first_pooled = pooled;
+        }
+        let z = match &empty {
+            Some(empty) => {
+                let weights: Vec<f32> = window.iter().map(|&(_, w)| w).collect();
+                let weights = Tensor::from_vec(weights, (1, ids.len(), 1), z.device())?;
+                (empty + (&z - empty)?.broadcast_mul(&weights)?)?
+            }
+            None => z,
+        };
+        encoded.push(z);
+    }
+    Ok((Tensor::cat(&encoded, 1)?, first_pooled))
+}
+
+/// SDXL's size conditioning, in pixels: the original size, the crop's top-left corner and
+/// the target size (`CLIPTextEncodeSDXL`'s widgets).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SizeConditioning {
+    pub width: f64,
+    pub height: f64,
+    pub crop_w: f64,
+    pub crop_h: f64,
+    pub target_width: f64,
+    pub target_height: f64,
+}
+
+impl SizeConditioning {
+    /// An uncropped image of `width` x `height`, the target its own size (what ComfyUI
+    /// assumes for a plain `CLIPTextEncode`, from the latent's size).
+    pub fn plain(width: f64, height: f64) -> Self {
+        Self {
+            width,
+            height,
+            crop_w: 0.0,
+            crop_h: 0.0,
+            target_width: width,
+            target_height: height,
+        }
+    }
+}
+
+/// One prompt's conditioning (ComfyUI's CONDITIONING).
+#[derive(Debug, Clone)]
+pub struct TextConditioning {
+    /// `[1, tokens, width]`: what the UNet attends to.
+    pub context: Tensor,
+    /// `[1, projection]`: SDXL's pooled text embedding.
+    pub pooled: Option<Tensor>,
+    /// SDXL's size conditioning; `None` takes it from the latent.
+    pub size: Option<SizeConditioning>,
+}
+
+impl TextConditioning {
+    /// Conditioning that is only a context.
+    pub fn context(context: Tensor) -> Self {
+        Self {
+            context,
+            pooled: None,
+            size: None,
+        }
+    }
+
+    /// SDXL's class vector `y` `[1, adm]` for a latent of `latent_hw` cells: the pooled
+    /// embedding (zeros without one), then 256-wide sinusoidal embeddings of height, width,
+    /// crop top, crop left, target height and target width, as ComfyUI's `encode_adm`.
+    ///
+    /// # Errors
+    /// A pooled embedding wider than `adm` leaves room for.
+    pub fn sdxl_y(&self, adm: usize, latent_hw: (usize, usize), device: &Device) -> Result<Tensor> {
+        const FOURIER: usize = 256;
+        let sizes = 6 * FOURIER;
+        let pooled_width = adm.checked_sub(sizes).ok_or_else(|| {
+            ModelError::InvalidInput(format!("SDXL y of width {adm} has no room for sizes"))
+        })?;
+        let pooled = match &self.pooled {
+            Some(p) if p.dim(1)? == pooled_width => p.to_dtype(DType::F32)?.to_device(device)?,
+            Some(p) => {
+                return Err(ModelError::InvalidInput(format!(
+                    "pooled text embedding of width {} where the model takes {pooled_width}",
+                    p.dim(1)?
+                )));
+            }
+            None => Tensor::zeros((1, pooled_width), DType::F32, device)?,
+        };
+        let size = self.size.unwrap_or_else(|| {
+            SizeConditioning::plain((latent_hw.1 * 8) as f64, (latent_hw.0 * 8) as f64)
+        });
+        let half = FOURIER / 2;
+        let mut embedded = Vec::with_capacity(sizes);
+        for value in [
+            size.height,
+            size.width,
+            size.crop_h,
+            size.crop_w,
+            size.target_height,
+            size.target_width,
+        ] {
+            let args: Vec<f64> = (0..half)
+                .map(|i| value * (-(10000f64.ln()) * i as f64 / half as f64).exp())
+                .collect();
+            embedded.extend(args.iter().map(|a| a.cos() as f32));
+            embedded.extend(args.iter().map(|a| a.sin() as f32));
+        }
+        let sizes = Tensor::from_vec(embedded, (1, sizes), device)?;
+        Ok(Tensor::cat(&[pooled, sizes], 1)?)
     }
 }
 
@@ -382,27 +567,39 @@ pub struct GuidedDenoiser<'a> {
     unet: &'a UnetModel,
     positive: Tensor,
     negative: Tensor,
+    /// SDXL's class vectors for the positive and negative prompt.
+    y: Option<(Tensor, Tensor)>,
     cfg: f64,
     max_batch: Option<usize>,
 }
 
 impl<'a> GuidedDenoiser<'a> {
-    /// Guidance `cfg` between `negative` and `positive` conditioning (`[1, tokens, width]`
-    /// each; token counts may differ and are repeated to a common length).
+    /// Guidance `cfg` between `negative` and `positive` conditioning (contexts
+    /// `[1, tokens, width]` each; token counts may differ and are repeated to a common
+    /// length) for latents of `latent_hw` cells (SDXL's default size conditioning).
     ///
     /// # Errors
     /// When the conditionings' widths differ.
     pub fn new(
         unet: &'a UnetModel,
-        positive: &Tensor,
-        negative: &Tensor,
+        positive: &TextConditioning,
+        negative: &TextConditioning,
         cfg: f64,
+        latent_hw: (usize, usize),
     ) -> Result<Self> {
-        let (positive, negative) = match_lengths(positive, negative)?;
+        let (pos, neg) = match_lengths(&positive.context, &negative.context)?;
+        let y = match unet.config().unet.adm_in_channels {
+            Some(adm) => Some((
+                positive.sdxl_y(adm, latent_hw, unet.device())?,
+                negative.sdxl_y(adm, latent_hw, unet.device())?,
+            )),
+            None => None,
+        };
         Ok(Self {
             unet,
-            positive,
-            negative,
+            positive: pos,
+            negative: neg,
+            y,
             cfg,
             max_batch: None,
         })
@@ -423,8 +620,12 @@ impl<'a> GuidedDenoiser<'a> {
         let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
         let x_in = (x * c_in)?;
         let output = if (self.cfg - 1.0).abs() < f64::EPSILON {
+            let y = match &self.y {
+                Some((positive, _)) => Some(batched(positive, batch)?),
+                None => None,
+            };
             self.unet
-                .forward(&x_in, t, &batched(&self.positive, batch)?, None)?
+                .forward(&x_in, t, &batched(&self.positive, batch)?, y.as_ref())?
         } else {
             let both = Tensor::cat(&[&x_in, &x_in], 0)?;
             let context = Tensor::cat(
@@ -434,7 +635,14 @@ impl<'a> GuidedDenoiser<'a> {
                 ],
                 0,
             )?;
-            let out = self.unet.forward(&both, t, &context, None)?;
+            let y = match &self.y {
+                Some((positive, negative)) => Some(Tensor::cat(
+                    &[batched(negative, batch)?, batched(positive, batch)?],
+                    0,
+                )?),
+                None => None,
+            };
+            let out = self.unet.forward(&both, t, &context, y.as_ref())?;
             let uncond = out.narrow(0, 0, batch)?;
             let cond = out.narrow(0, batch, batch)?;
             (&uncond + ((cond - &uncond)? * self.cfg)?)?
@@ -478,7 +686,9 @@ fn batched(cond: &Tensor, batch: usize) -> Result<Tensor> {
     if have == batch {
         Ok(cond.clone())
     } else {
-        Ok(cond.narrow(0, 0, 1)?.repeat((batch, 1, 1))?)
+        let mut repeats = vec![1; cond.rank()];
+        repeats[0] = batch;
+        Ok(cond.narrow(0, 0, 1)?.repeat(repeats)?)
     }
 }
 

@@ -451,8 +451,8 @@ fn run_custom(
     let negative = guider.negative.as_ref().unwrap_or(&guider.positive);
     let (samples, denoised) = sample_along(
         &guider.model.unet,
-        &guider.positive.cond,
-        &negative.cond,
+        &guider.positive.text,
+        &negative.text,
         &latent.samples,
         &sigmas,
         &params,

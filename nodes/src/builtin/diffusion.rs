@@ -18,7 +18,7 @@ use sakuga_models::cache::{ModelCache, ModelKind};
 use sakuga_models::diffusion::keymap::Part;
 use sakuga_models::diffusion::{
     AppliedLora, Checkpoint, ClipModel, LoraFile, SampleParams, SamplerKind, Scheduler, StepHooks,
-    UnetModel, VaeModel, empty_latent, sample_latent,
+    TextConditioning, UnetModel, VaeModel, empty_latent, sample_latent,
 };
 use sakuga_models::store::{ModelFolder, ModelStore};
 
@@ -148,10 +148,11 @@ pub struct VaeDecoder {
     pub vae: Arc<VaeModel>,
 }
 
-/// CONDITIONING: CLIP hidden states `[1, tokens, width]`.
+/// CONDITIONING: CLIP hidden states `[1, tokens, width]`, and SDXL's pooled embedding and
+/// size conditioning.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
-    pub cond: Tensor,
+    pub text: TextConditioning,
 }
 
 /// LATENT: scaled latents `[batch, 4, h, w]` (f32).
@@ -310,8 +311,8 @@ impl Node for ClipTextEncode {
 
     fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let clip = inputs.object::<ClipEncoder>("clip")?;
-        let cond = clip.clip.encode(inputs.str("text")?)?;
-        Ok(vec![Value::object(Conditioning { cond })])
+        let text = clip.clip.condition(inputs.str("text")?)?;
+        Ok(vec![Value::object(Conditioning { text })])
     }
 }
 
@@ -482,8 +483,8 @@ fn run_sampler(
     };
     let samples = sample_latent(
         &model.unet,
-        &positive.cond,
-        &negative.cond,
+        &positive.text,
+        &negative.text,
         &latent.samples,
         &params,
         hooks,
