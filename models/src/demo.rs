@@ -22,8 +22,8 @@ use std::sync::Arc;
 use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::config::{CONFIG_METADATA_KEY, SdConfig};
 use crate::diffusion::keymap::{
-    SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, clip_to_ldm, open_clip_to_ldm_at, split_slice,
-    unet_to_ldm, vae_to_ldm,
+    SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_PREFIX, clip_to_ldm,
+    open_clip_to_ldm_at, split_slice, unet_to_ldm, vae_to_ldm,
 };
 use crate::diffusion::rng::NoiseRng;
 use crate::diffusion::unet::Unet;
@@ -35,6 +35,8 @@ use crate::store::{ModelFolder, write_safetensors};
 pub const DEMO_CHECKPOINT: &str = "sakuga-demo-sd15.safetensors";
 /// File name of the SDXL demo checkpoint inside `checkpoints/`.
 pub const DEMO_SDXL_CHECKPOINT: &str = "sakuga-demo-sdxl.safetensors";
+/// File name of the SDXL refiner demo checkpoint inside `checkpoints/`.
+pub const DEMO_SDXL_REFINER_CHECKPOINT: &str = "sakuga-demo-sdxl-refiner.safetensors";
 /// File name of the demo LoRA inside `loras/`.
 pub const DEMO_LORA: &str = "sakuga-demo-lora.safetensors";
 
@@ -56,6 +58,7 @@ pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut written = vec![
         write_demo_checkpoint(dir)?,
         write_demo_sdxl_checkpoint(dir)?,
+        write_demo_sdxl_refiner_checkpoint(dir)?,
         write_demo_lora(dir)?,
     ];
     for writer in EXTRA_DEMO_WRITERS {
@@ -219,19 +222,24 @@ pub fn demo_checkpoint_tensors(config: &SdConfig, seed: u64) -> Result<BTreeMap<
         };
         tensors.insert(ldm, tensor);
     }
-    let sdxl = config.clip_g.is_some();
-    for (name, tensor) in clip {
-        let ldm = if sdxl {
-            format!("{SDXL_CLIP_L_PREFIX}{name}")
-        } else {
-            clip_to_ldm(&name).remove(0)
-        };
-        tensors.insert(ldm, tensor);
-    }
+    let (open_clip, open_clip_prefix) = if config.is_sdxl_refiner() {
+        (clip, SDXL_REFINER_CLIP_PREFIX)
+    } else {
+        let sdxl = config.clip_g.is_some();
+        for (name, tensor) in clip {
+            let ldm = if sdxl {
+                format!("{SDXL_CLIP_L_PREFIX}{name}")
+            } else {
+                clip_to_ldm(&name).remove(0)
+            };
+            tensors.insert(ldm, tensor);
+        }
+        (clip_g, SDXL_CLIP_G_PREFIX)
+    };
     // OpenCLIP keeps query, key and value in one `in_proj` tensor: gather the thirds.
     let mut fused: BTreeMap<String, [Option<Tensor>; 3]> = BTreeMap::new();
-    for (name, tensor) in clip_g {
-        let ldm = open_clip_to_ldm_at(SDXL_CLIP_G_PREFIX, &name).ok_or_else(|| unmapped(&name))?;
+    for (name, tensor) in open_clip {
+        let ldm = open_clip_to_ldm_at(open_clip_prefix, &name).ok_or_else(|| unmapped(&name))?;
         match split_slice(&ldm) {
             (base, Some((third, 3))) => {
                 fused.entry(base.to_string()).or_default()[third] = Some(tensor)
@@ -278,6 +286,20 @@ pub fn write_demo_sdxl_checkpoint(dir: &Path) -> Result<PathBuf> {
         &SdConfig::demo_sdxl(),
         DEMO_SDXL_CHECKPOINT,
         "tiny seeded demo model in SDXL's SGM layout; not trained",
+    )
+}
+
+/// Writes `checkpoints/sakuga-demo-sdxl-refiner.safetensors`
+/// ([`SdConfig::demo_sdxl_refiner`]; OpenCLIP-G as `conditioner.embedders.0`).
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_sdxl_refiner_checkpoint(dir: &Path) -> Result<PathBuf> {
+    write_checkpoint(
+        dir,
+        &SdConfig::demo_sdxl_refiner(),
+        DEMO_SDXL_REFINER_CHECKPOINT,
+        "tiny seeded demo model in the SDXL refiner's SGM layout; not trained",
     )
 }
 

@@ -54,17 +54,33 @@ fn demo() -> (tempfile::TempDir, Checkpoint) {
     (dir, checkpoint)
 }
 
+/// The architecture read from tensor shapes alone, as for a checkpoint from elsewhere.
+fn inferred(config: &sakuga_models::diffusion::SdConfig) -> sakuga_models::diffusion::SdConfig {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bare.safetensors");
+    let tensors = sakuga_models::demo::demo_checkpoint_tensors(config, 1).unwrap();
+    sakuga_models::store::write_safetensors(&path, &tensors, &Default::default()).unwrap();
+    Checkpoint::open(&path).unwrap().config().clone()
+}
+
 #[test]
-fn the_demo_is_read_as_sdxl_from_its_tensors() {
-    let (_dir, checkpoint) = demo();
-    let config = checkpoint.config();
-    assert_eq!(config.unet.adm_in_channels, Some(1600));
-    assert_eq!(config.unet.cross_attention_dim, 96);
-    assert_eq!(
-        config.clip_g.as_ref().and_then(|g| g.projection_dim),
-        Some(64)
-    );
-    assert_eq!(config.vae.scaling_factor, 0.13025);
+fn sdxl_and_its_refiner_are_read_from_their_tensors() {
+    use sakuga_models::diffusion::SdConfig;
+    for preset in [SdConfig::demo_sdxl(), SdConfig::demo_sdxl_refiner()] {
+        let read = inferred(&preset);
+        assert_eq!(read.unet.levels, preset.unet.levels);
+        assert_eq!(read.unet.adm_in_channels, preset.unet.adm_in_channels);
+        assert_eq!(
+            read.unet.cross_attention_dim,
+            preset.unet.cross_attention_dim
+        );
+        assert_eq!(read.unet.mid_transformer_depth, Some(2));
+        assert!(read.unet.use_linear_projection);
+        assert_eq!(read.clip, preset.clip);
+        assert_eq!(read.clip_g, preset.clip_g);
+        assert_eq!(read.vae.scaling_factor, 0.13025);
+        assert_eq!(read.is_sdxl_refiner(), preset.is_sdxl_refiner());
+    }
 }
 
 #[test]
@@ -101,8 +117,11 @@ fn text_encoders_and_y_match_comfyui() {
             target_width: size("target_width"),
             target_height: size("target_height"),
         }),
+        aesthetic_score: None,
     };
-    let y = conditioning.sdxl_y(1600, (6, 8), &Device::Cpu).unwrap();
+    let y = conditioning
+        .sdxl_y(1600, false, false, (6, 8), &Device::Cpu)
+        .unwrap();
     // ComfyUI embeds the sizes in f32; sakuga in f64, then rounds.
     let y_error = relative_error(&y, &tensor(&adm["y"]));
     assert!(y_error < 1e-5, "y: {y_error:e}");
@@ -136,4 +155,37 @@ fn the_unet_matches_comfyui_with_context_and_y() {
     }
     let without_y = unet.forward(&tensor(&g["unet"]["x"]), 500.0, &context, None);
     assert!(without_y.is_err(), "an SDXL UNet refuses to run without y");
+}
+
+#[test]
+fn the_refiner_demo_is_read_and_samples_with_its_aesthetic_score() {
+    use sakuga_models::diffusion::{SampleParams, StepHooks, sample_latent};
+    let dir = tempfile::tempdir().unwrap();
+    let path = sakuga_models::demo::write_demo_sdxl_refiner_checkpoint(dir.path()).unwrap();
+    let checkpoint = Checkpoint::open(&path).unwrap();
+    assert!(checkpoint.config().is_sdxl_refiner());
+    assert_eq!(checkpoint.config().unet.adm_in_channels, Some(64 + 5 * 256));
+    let clip = checkpoint.load_clip(&[], &Device::Cpu, DType::F32).unwrap();
+    let positive = clip.condition("a photo of").unwrap();
+    assert_eq!(positive.context.dims(), &[1, 77, 64]);
+    assert!(positive.pooled.is_some(), "the refiner's OpenCLIP-G pools");
+    let unet = checkpoint.load_unet(&[], &Device::Cpu, DType::F32).unwrap();
+    let latent = Tensor::zeros((1, 4, 6, 8), DType::F32, &Device::Cpu).unwrap();
+    let run = |score: f64| {
+        let mut scored = positive.clone();
+        scored.aesthetic_score = Some(score);
+        let params = SampleParams {
+            steps: 2,
+            cfg: 1.0,
+            ..SampleParams::new(3)
+        };
+        sample_latent(&unet, &scored, &scored, &latent, &params, StepHooks::none())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert!(run(6.0).iter().all(|v| v.is_finite()));
+    assert_ne!(run(6.0), run(2.0), "the aesthetic score reaches the UNet");
 }

@@ -61,6 +61,10 @@ pub struct UnetConfig {
     /// Width of the class vector `y` (SDXL's pooled text and size conditioning).
     #[serde(default)]
     pub adm_in_channels: Option<usize>,
+    /// Transformer blocks in the middle block, where it differs from the last level's
+    /// (SDXL's refiner has attention in the middle but not on its last level).
+    #[serde(default)]
+    pub mid_transformer_depth: Option<usize>,
 }
 
 impl UnetConfig {
@@ -235,6 +239,7 @@ impl SdConfig {
                 cross_attention_dim: 64,
                 use_linear_projection: false,
                 adm_in_channels: None,
+                mid_transformer_depth: None,
             },
             vae: VaeConfig {
                 block_out_channels: vec![32, 32, 64, 64],
@@ -313,12 +318,30 @@ impl SdConfig {
                 cross_attention_dim: l.width + g.width,
                 use_linear_projection: true,
                 adm_in_channels: Some(64 + 6 * 256),
+                mid_transformer_depth: None,
             },
             vae,
             clip: l,
             clip_g: Some(g),
             prediction: Prediction::Epsilon,
         }
+    }
+
+    /// SDXL's refiner: OpenCLIP-G alone, and `y` carries an aesthetic score instead of the
+    /// target size.
+    pub fn is_sdxl_refiner(&self) -> bool {
+        self.unet.adm_in_channels.is_some() && self.clip_g.is_none()
+    }
+
+    /// The tiny SDXL refiner demo: [`Self::demo_sdxl`]'s UNet conditioned by OpenCLIP-G
+    /// alone (a 64-wide context, `y` of 64 + 5 x 256).
+    pub fn demo_sdxl_refiner() -> Self {
+        let mut config = Self::demo_sdxl();
+        let g = config.clip_g.take().expect("the SDXL demo has OpenCLIP-G");
+        config.unet.cross_attention_dim = g.width;
+        config.unet.adm_in_channels = Some(64 + 5 * 256);
+        config.clip = g;
+        config
     }
 
     /// Reads the architecture of a single-file LDM checkpoint.
@@ -370,21 +393,24 @@ impl SdConfig {
             .and_then(|s| s.get(1).copied());
         let (clip, clip_g) = if adm_in_channels.is_some() {
             const L: &str = "conditioner.embedders.0.transformer.text_model.";
-            const G: &str = "conditioner.embedders.1.model.";
-            if !shapes.contains_key(&format!("{L}embeddings.token_embedding.weight")) {
-                return Err(unsupported(
-                    "SDXL refiner checkpoints (OpenCLIP-G alone) are not supported yet",
-                ));
-            }
             let sdxl = |mut clip: ClipConfig| {
                 // SDXL conditions on the penultimate layer, without the final norm.
                 clip.default_stop_at_layer = -2;
                 clip.final_norm_on_hidden = false;
                 clip
             };
-            let mut g = sdxl(open_clip_config(&dim, &shapes, G)?);
-            g.projection_dim = Some(dim(&format!("{G}text_projection"), 1)?);
-            (sdxl(hf_clip_config(&dim, &shapes, L)?), Some(g))
+            let open_clip_g = |prefix: &str| -> Result<ClipConfig> {
+                let mut g = sdxl(open_clip_config(&dim, &shapes, prefix)?);
+                g.projection_dim = Some(dim(&format!("{prefix}text_projection"), 1)?);
+                Ok(g)
+            };
+            if shapes.contains_key(&format!("{L}embeddings.token_embedding.weight")) {
+                let g = open_clip_g(super::keymap::SDXL_CLIP_G_PREFIX)?;
+                (sdxl(hf_clip_config(&dim, &shapes, L)?), Some(g))
+            } else {
+                // The refiner: OpenCLIP-G alone, as the first embedder.
+                (open_clip_g(super::keymap::SDXL_REFINER_CLIP_PREFIX)?, None)
+            }
         } else if shapes.contains_key("cond_stage_model.model.token_embedding.weight") {
             (
                 open_clip_config(&dim, &shapes, "cond_stage_model.model.")?,
@@ -470,6 +496,13 @@ impl SdConfig {
             cross_attention_dim: context_dim,
             use_linear_projection: linear_projection,
             adm_in_channels,
+            mid_transformer_depth: {
+                let n = count_indices(
+                    &shapes,
+                    &format!("{UNET}middle_block.1.transformer_blocks."),
+                );
+                (n > 0).then_some(n)
+            },
         };
 
         // VAE.
@@ -598,6 +631,7 @@ impl SdConfig {
                     .and_then(|x| x.as_bool())
                     .unwrap_or(false),
                 adm_in_channels: None,
+                mid_transformer_depth: None,
             },
             vae: VaeConfig {
                 block_out_channels: list_of(&vae_json, "block_out_channels"),
@@ -684,6 +718,7 @@ fn sd_unet(heads: fn(usize) -> usize, cross_attention_dim: usize, linear: bool) 
         cross_attention_dim,
         use_linear_projection: linear,
         adm_in_channels: None,
+        mid_transformer_depth: None,
     }
 }
 

@@ -229,6 +229,8 @@ pub fn open_clip_to_ldm(name: &str) -> Option<String> {
 
 /// Prefix of SDXL's CLIP-L (transformers layout) in an SGM checkpoint.
 pub const SDXL_CLIP_L_PREFIX: &str = "conditioner.embedders.0.transformer.";
+/// Prefix of the SDXL refiner's OpenCLIP-G (its only text encoder).
+pub const SDXL_REFINER_CLIP_PREFIX: &str = "conditioner.embedders.0.model.";
 /// Prefix of SDXL's OpenCLIP-G in an SGM checkpoint.
 pub const SDXL_CLIP_G_PREFIX: &str = "conditioner.embedders.1.model.";
 

@@ -14,8 +14,8 @@ use candle_core::{DType, Device, Tensor};
 use super::clip::ClipTextModel;
 use super::config::{Prediction, SdConfig};
 use super::keymap::{
-    Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, clip_to_ldm, open_clip_to_ldm,
-    open_clip_to_ldm_at, unet_to_ldm, vae_to_ldm,
+    Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_PREFIX, clip_to_ldm,
+    open_clip_to_ldm, open_clip_to_ldm_at, unet_to_ldm, vae_to_ldm,
 };
 use super::lora::{LoraFile, LoraStack};
 use super::sampler::Denoiser;
@@ -144,6 +144,11 @@ impl Checkpoint {
                     Part::Clip if self.config.clip_g.is_some() => {
                         Box::new(|n| vec![format!("{SDXL_CLIP_L_PREFIX}{n}")])
                     }
+                    Part::Clip if self.config.is_sdxl_refiner() => Box::new(|n| {
+                        open_clip_to_ldm_at(SDXL_REFINER_CLIP_PREFIX, n)
+                            .into_iter()
+                            .collect()
+                    }),
                     Part::Clip => Box::new(|n| {
                         let mut names = clip_to_ldm(n);
                         names.extend(open_clip_to_ldm(n));
@@ -376,6 +381,7 @@ impl ClipModel {
             context,
             pooled,
             size: None,
+            aesthetic_score: None,
         })
     }
 
@@ -386,16 +392,17 @@ impl ClipModel {
 
     /// The context and pooled output: `prompt_l` through CLIP-L and `prompt_g` through
     /// OpenCLIP-G, concatenated along the width as ComfyUI's SDXL does (to the shorter
-    /// token count). A single encoder reads `prompt_l` and pools nothing.
+    /// token count). A single encoder reads `prompt_l` (and pools if it has a projection,
+    /// as the refiner's OpenCLIP-G does).
     ///
     /// # Errors
     /// Tensor errors.
     pub fn encode_pair(&self, prompt_l: &str, prompt_g: &str) -> Result<Encoded> {
-        let (l, _) = encode_prompt(&self.model, prompt_l, self.stop_at_layer, &self.device)?;
+        let (l, l_pooled) = encode_prompt(&self.model, prompt_l, self.stop_at_layer, &self.device)?;
         let Some(g) = &self.g else {
             return Ok(Encoded {
                 context: l,
-                pooled: None,
+                pooled: l_pooled,
             });
         };
         let (g, pooled) = encode_prompt(g, prompt_g, self.stop_at_layer, &self.device)?;
@@ -503,6 +510,8 @@ pub struct TextConditioning {
     pub pooled: Option<Tensor>,
     /// SDXL's size conditioning; `None` takes it from the latent.
     pub size: Option<SizeConditioning>,
+    /// The SDXL refiner's aesthetic score; `None` is ComfyUI's 6 (2.5 for a negative).
+    pub aesthetic_score: Option<f64>,
 }
 
 impl TextConditioning {
@@ -512,19 +521,39 @@ impl TextConditioning {
             context,
             pooled: None,
             size: None,
+            aesthetic_score: None,
         }
     }
 
     /// SDXL's class vector `y` `[1, adm]` for a latent of `latent_hw` cells: the pooled
     /// embedding (zeros without one), then 256-wide sinusoidal embeddings of height, width,
-    /// crop top, crop left, target height and target width, as ComfyUI's `encode_adm`.
+    /// crop top, crop left, and target height and width (the base model) or the aesthetic
+    /// score (the refiner, whose `y` is one embedding shorter), as ComfyUI's `encode_adm`.
+    /// `negative` picks the refiner's default score for a negative prompt.
     ///
     /// # Errors
-    /// A pooled embedding wider than `adm` leaves room for.
-    pub fn sdxl_y(&self, adm: usize, latent_hw: (usize, usize), device: &Device) -> Result<Tensor> {
+    /// A pooled embedding of another width than `adm` leaves room for.
+    pub fn sdxl_y(
+        &self,
+        adm: usize,
+        refiner: bool,
+        negative: bool,
+        latent_hw: (usize, usize),
+        device: &Device,
+    ) -> Result<Tensor> {
         const FOURIER: usize = 256;
-        let sizes = 6 * FOURIER;
-        let pooled_width = adm.checked_sub(sizes).ok_or_else(|| {
+        let size = self.size.unwrap_or_else(|| {
+            SizeConditioning::plain((latent_hw.1 * 8) as f64, (latent_hw.0 * 8) as f64)
+        });
+        let mut values = vec![size.height, size.width, size.crop_h, size.crop_w];
+        if refiner {
+            let default = if negative { 2.5 } else { 6.0 };
+            values.push(self.aesthetic_score.unwrap_or(default));
+        } else {
+            values.extend([size.target_height, size.target_width]);
+        }
+        let embedded_width = values.len() * FOURIER;
+        let pooled_width = adm.checked_sub(embedded_width).ok_or_else(|| {
             ModelError::InvalidInput(format!("SDXL y of width {adm} has no room for sizes"))
         })?;
         let pooled = match &self.pooled {
@@ -537,27 +566,17 @@ impl TextConditioning {
             }
             None => Tensor::zeros((1, pooled_width), DType::F32, device)?,
         };
-        let size = self.size.unwrap_or_else(|| {
-            SizeConditioning::plain((latent_hw.1 * 8) as f64, (latent_hw.0 * 8) as f64)
-        });
         let half = FOURIER / 2;
-        let mut embedded = Vec::with_capacity(sizes);
-        for value in [
-            size.height,
-            size.width,
-            size.crop_h,
-            size.crop_w,
-            size.target_height,
-            size.target_width,
-        ] {
+        let mut embedded = Vec::with_capacity(embedded_width);
+        for value in values {
             let args: Vec<f64> = (0..half)
                 .map(|i| value * (-(10000f64.ln()) * i as f64 / half as f64).exp())
                 .collect();
             embedded.extend(args.iter().map(|a| a.cos() as f32));
             embedded.extend(args.iter().map(|a| a.sin() as f32));
         }
-        let sizes = Tensor::from_vec(embedded, (1, sizes), device)?;
-        Ok(Tensor::cat(&[pooled, sizes], 1)?)
+        let embedded = Tensor::from_vec(embedded, (1, embedded_width), device)?;
+        Ok(Tensor::cat(&[pooled, embedded], 1)?)
     }
 }
 
@@ -588,10 +607,11 @@ impl<'a> GuidedDenoiser<'a> {
         latent_hw: (usize, usize),
     ) -> Result<Self> {
         let (pos, neg) = match_lengths(&positive.context, &negative.context)?;
+        let refiner = unet.config().is_sdxl_refiner();
         let y = match unet.config().unet.adm_in_channels {
             Some(adm) => Some((
-                positive.sdxl_y(adm, latent_hw, unet.device())?,
-                negative.sdxl_y(adm, latent_hw, unet.device())?,
+                positive.sdxl_y(adm, refiner, false, latent_hw, unet.device())?,
+                negative.sdxl_y(adm, refiner, true, latent_hw, unet.device())?,
             )),
             None => None,
         };

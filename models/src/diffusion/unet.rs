@@ -125,7 +125,10 @@ impl Unet {
                 attn_num_head_channels: last.heads,
                 cross_attn_dim: config.cross_attention_dim,
                 use_linear_projection: config.use_linear_projection,
-                transformer_layers_per_block: last.transformer_depth.unwrap_or(1),
+                transformer_layers_per_block: config
+                    .mid_transformer_depth
+                    .or(last.transformer_depth)
+                    .unwrap_or(1),
                 ..Default::default()
             },
         )?;
