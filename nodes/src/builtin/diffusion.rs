@@ -17,8 +17,9 @@ use sakuga_models::ModelError;
 use sakuga_models::cache::{ModelCache, ModelKind};
 use sakuga_models::diffusion::keymap::Part;
 use sakuga_models::diffusion::{
-    AppliedLora, Checkpoint, ClipModel, LoraFile, SampleParams, SamplerKind, Scheduler, StepHooks,
-    TextConditioning, UnetModel, VaeModel, empty_latent, sample_latent,
+    AppliedLora, Checkpoint, ClipModel, LoraFile, SampleParams, SamplerKind, Scheduler,
+    SizeConditioning, StepHooks, TextConditioning, UnetModel, VaeModel, empty_latent,
+    sample_latent,
 };
 use sakuga_models::store::{ModelFolder, ModelStore};
 
@@ -36,6 +37,8 @@ pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(CheckpointLoaderSimple);
     registry.register(ClipTextEncode);
     registry.register(ClipSetLastLayer);
+    registry.register(ClipTextEncodeSdxl);
+    registry.register(ClipTextEncodeSdxlRefiner);
     registry.register(LoraLoader);
     registry.register(EmptyLatentImage);
     registry.register(KSampler);
@@ -312,6 +315,90 @@ impl Node for ClipTextEncode {
     fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let clip = inputs.object::<ClipEncoder>("clip")?;
         let text = clip.clip.condition(inputs.str("text")?)?;
+        Ok(vec![Value::object(Conditioning { text })])
+    }
+}
+
+/// CLIPTextEncodeSDXL: SDXL's two prompts and its size conditioning.
+struct ClipTextEncodeSdxl;
+
+static CLIP_TEXT_ENCODE_SDXL: LazyLock<NodeSchema> = LazyLock::new(|| {
+    let size = |name, default| InputSpec::int(name, default, 0, MAX_RESOLUTION);
+    NodeSchema::new(
+        "CLIPTextEncodeSDXL",
+        "CLIPTextEncodeSDXL",
+        "advanced/conditioning",
+    )
+    .stage(Stage::Inference)
+    .input(InputSpec::link("clip", PortType::Clip))
+    .input(size("width", 1024))
+    .input(size("height", 1024))
+    .input(size("crop_w", 0))
+    .input(size("crop_h", 0))
+    .input(size("target_width", 1024))
+    .input(size("target_height", 1024))
+    .input(InputSpec::string("text_g", "", true))
+    .input(InputSpec::string("text_l", "", true))
+    .output(PortType::Conditioning)
+});
+
+impl Node for ClipTextEncodeSdxl {
+    fn schema(&self) -> &NodeSchema {
+        &CLIP_TEXT_ENCODE_SDXL
+    }
+
+    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let clip = inputs.object::<ClipEncoder>("clip")?;
+        let encoded = clip
+            .clip
+            .encode_pair(inputs.str("text_l")?, inputs.str("text_g")?)?;
+        let px = |name: &str| -> Result<f64, NodeError> { Ok(inputs.int(name)? as f64) };
+        let text = TextConditioning {
+            context: encoded.context,
+            pooled: encoded.pooled,
+            size: Some(SizeConditioning {
+                width: px("width")?,
+                height: px("height")?,
+                crop_w: px("crop_w")?,
+                crop_h: px("crop_h")?,
+                target_width: px("target_width")?,
+                target_height: px("target_height")?,
+            }),
+            aesthetic_score: None,
+        };
+        Ok(vec![Value::object(Conditioning { text })])
+    }
+}
+
+/// CLIPTextEncodeSDXLRefiner: the refiner's prompt, aesthetic score and size.
+struct ClipTextEncodeSdxlRefiner;
+
+static CLIP_TEXT_ENCODE_SDXL_REFINER: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new(
+        "CLIPTextEncodeSDXLRefiner",
+        "CLIPTextEncodeSDXLRefiner",
+        "advanced/conditioning",
+    )
+    .stage(Stage::Inference)
+    .input(InputSpec::float("ascore", 6.0, 0.0, 1000.0, 0.01))
+    .input(InputSpec::int("width", 1024, 0, MAX_RESOLUTION))
+    .input(InputSpec::int("height", 1024, 0, MAX_RESOLUTION))
+    .input(InputSpec::string("text", "", true))
+    .input(InputSpec::link("clip", PortType::Clip))
+    .output(PortType::Conditioning)
+});
+
+impl Node for ClipTextEncodeSdxlRefiner {
+    fn schema(&self) -> &NodeSchema {
+        &CLIP_TEXT_ENCODE_SDXL_REFINER
+    }
+
+    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let clip = inputs.object::<ClipEncoder>("clip")?;
+        let mut text = clip.clip.condition(inputs.str("text")?)?;
+        let (width, height) = (inputs.int("width")? as f64, inputs.int("height")? as f64);
+        text.size = Some(SizeConditioning::plain(width, height));
+        text.aesthetic_score = Some(inputs.float("ascore")?);
         Ok(vec![Value::object(Conditioning { text })])
     }
 }
