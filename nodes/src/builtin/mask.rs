@@ -33,6 +33,10 @@ pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(LoadImageMask);
     registry.register(ImageCompositeMasked);
     registry.register(ImagePadForOutpaint);
+    registry.register(ThresholdMask);
+    registry.register(FeatherMask);
+    registry.register(MaskComposite);
+    registry.register(MaskPreview);
 }
 
 fn size(inputs: &Inputs, name: &str) -> Result<usize, NodeError> {
@@ -477,6 +481,182 @@ impl Node for ImagePadForOutpaint {
     }
 }
 
+static THRESHOLD_MASK: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("ThresholdMask", "ThresholdMask", "mask")
+        .input(InputSpec::link("mask", PortType::Mask))
+        .input(InputSpec::float("value", 0.5, 0.0, 1.0, 0.01))
+        .output(PortType::Mask)
+});
+
+struct ThresholdMask;
+
+impl Node for ThresholdMask {
+    fn schema(&self) -> &NodeSchema {
+        &THRESHOLD_MASK
+    }
+
+    /// 1 where the mask is above `value`, else 0.
+    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let mask = inputs.mask("mask")?;
+        let above = mask.gt(inputs.float("value")?)?.to_dtype(DType::F32)?;
+        Ok(vec![Value::Mask(above)])
+    }
+}
+
+static FEATHER_MASK: LazyLock<NodeSchema> = LazyLock::new(|| {
+    let side = |name| InputSpec::int(name, 0, 0, MAX_RESOLUTION);
+    NodeSchema::new("FeatherMask", "FeatherMask", "mask")
+        .input(InputSpec::link("mask", PortType::Mask))
+        .input(side("left"))
+        .input(side("top"))
+        .input(side("right"))
+        .input(side("bottom"))
+        .output(PortType::Mask)
+});
+
+struct FeatherMask;
+
+impl Node for FeatherMask {
+    fn schema(&self) -> &NodeSchema {
+        &FEATHER_MASK
+    }
+
+    /// Each side fades linearly over its width, `(i + 1) / width` at distance `i`. As in
+    /// ComfyUI, the right and bottom ramps count from index `-0`, so their first factor
+    /// lands on the opposite edge (column or row 0).
+    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let mask = inputs.mask("mask")?;
+        let (mut values, dims) = host(mask)?;
+        let (h, w) = (dims[1], dims[2]);
+        let [left, top, right, bottom] =
+            ["left", "top", "right", "bottom"].map(|n| size(inputs, n));
+        let (left, right) = (left?.min(w), right?.min(w));
+        let (top, bottom) = (top?.min(h), bottom?.min(h));
+        let from_end = |i: usize, n: usize| (n - i) % n;
+        for plane in values.chunks_mut(h * w) {
+            for i in 0..left {
+                scale_column(plane, w, i, (i + 1) as f32 / left as f32);
+            }
+            for i in 0..right {
+                scale_column(plane, w, from_end(i, w), (i + 1) as f32 / right as f32);
+            }
+            for i in 0..top {
+                scale_row(plane, w, i, (i + 1) as f32 / top as f32);
+            }
+            for i in 0..bottom {
+                scale_row(plane, w, from_end(i, h), (i + 1) as f32 / bottom as f32);
+            }
+        }
+        Ok(vec![Value::Mask(Tensor::from_vec(
+            values,
+            dims.as_slice(),
+            mask.device(),
+        )?)])
+    }
+}
+
+fn scale_column(plane: &mut [f32], w: usize, x: usize, factor: f32) {
+    for row in plane.chunks_mut(w) {
+        row[x] *= factor;
+    }
+}
+
+fn scale_row(plane: &mut [f32], w: usize, y: usize, factor: f32) {
+    for v in &mut plane[y * w..(y + 1) * w] {
+        *v *= factor;
+    }
+}
+
+const MASK_OPERATIONS: &[&str] = &["multiply", "add", "subtract", "and", "or", "xor"];
+
+static MASK_COMPOSITE: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("MaskComposite", "MaskComposite", "mask")
+        .input(InputSpec::link("destination", PortType::Mask))
+        .input(InputSpec::link("source", PortType::Mask))
+        .input(InputSpec::int("x", 0, 0, MAX_RESOLUTION))
+        .input(InputSpec::int("y", 0, 0, MAX_RESOLUTION))
+        .input(InputSpec::combo("operation", MASK_OPERATIONS))
+        .output(PortType::Mask)
+});
+
+struct MaskComposite;
+
+impl Node for MaskComposite {
+    fn schema(&self) -> &NodeSchema {
+        &MASK_COMPOSITE
+    }
+
+    /// `source` combined into `destination` at `(x, y)`, clipped to it and clamped to
+    /// 0..1; the logic operations round both sides to 0 or 1 first. Each destination mask
+    /// takes the source mask of its index, the last one repeated.
+    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let destination = inputs.mask("destination")?;
+        let (mut out, dims) = host(destination)?;
+        let (src, sdims) = host(inputs.mask("source")?)?;
+        let (b, h, w) = (dims[0], dims[1], dims[2]);
+        let (sb, sh, sw) = (sdims[0], sdims[1], sdims[2]);
+        let (x, y) = (size(inputs, "x")?.min(w), size(inputs, "y")?.min(h));
+        let op = inputs.str("operation")?;
+        // torch.round: half to even.
+        let bit = |v: f32| v.round_ties_even() != 0.0;
+        for i in 0..b {
+            let si = i.min(sb - 1);
+            for row in 0..sh.min(h - y) {
+                for col in 0..sw.min(w - x) {
+                    let d = &mut out[(i * h + y + row) * w + x + col];
+                    let s = src[(si * sh + row) * sw + col];
+                    let combined = match op {
+                        "multiply" => *d * s,
+                        "add" => *d + s,
+                        "subtract" => *d - s,
+                        "and" => f32::from(u8::from(bit(*d) && bit(s))),
+                        "or" => f32::from(u8::from(bit(*d) || bit(s))),
+                        "xor" => f32::from(u8::from(bit(*d) != bit(s))),
+                        other => {
+                            return Err(NodeError::InvalidInput(format!(
+                                "unknown operation {other:?}"
+                            )));
+                        }
+                    };
+                    *d = combined.clamp(0.0, 1.0);
+                }
+            }
+        }
+        // ComfyUI clamps the whole result, not only the pasted window.
+        for v in &mut out {
+            *v = v.clamp(0.0, 1.0);
+        }
+        Ok(vec![Value::Mask(Tensor::from_vec(
+            out,
+            dims.as_slice(),
+            destination.device(),
+        )?)])
+    }
+}
+
+static MASK_PREVIEW: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("MaskPreview", "Preview Mask", "mask")
+        .description("Saves the input images to your ComfyUI output directory.")
+        .input(InputSpec::link("mask", PortType::Mask))
+        .output_node()
+});
+
+struct MaskPreview;
+
+impl Node for MaskPreview {
+    fn schema(&self) -> &NodeSchema {
+        &MASK_PREVIEW
+    }
+
+    /// The mask as a grey image in the temp dir, as `PreviewImage` shows images.
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let mask = inputs.mask("mask")?.unsqueeze(3)?;
+        let image = Tensor::cat(&[&mask, &mask, &mask], 3)?;
+        super::output::preview(ctx, &image)?;
+        Ok(Vec::new())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -497,6 +677,57 @@ mod tests {
         let (h, w) = (rows.len(), rows[0].len());
         let flat: Vec<f32> = rows.iter().flat_map(|r| r.iter().copied()).collect();
         Value::Mask(Tensor::from_vec(flat, (1, h, w), &Device::Cpu).unwrap())
+    }
+
+    #[test]
+    fn threshold_feather_and_composite_follow_comfyui() {
+        let rig = rig();
+        let ramp = mask(&[&[0.2, 0.6, 0.9], &[1.0, 0.5, 0.0]]);
+        let out = rig
+            .run(
+                &ThresholdMask,
+                &[("mask", ramp.clone()), ("value", Value::Float(0.5))],
+            )
+            .unwrap();
+        assert_eq!(values(&out[0]).0, [0., 1., 1., 1., 0., 0.]);
+        let ones = mask(&[&[1.0; 4], &[1.0; 4]]);
+        let out = rig
+            .run(
+                &FeatherMask,
+                &[
+                    ("mask", ones),
+                    ("left", Value::Int(2)),
+                    ("top", Value::Int(0)),
+                    ("right", Value::Int(2)),
+                    ("bottom", Value::Int(0)),
+                ],
+            )
+            .unwrap();
+        // Left ramp 0.5, 1 on columns 0, 1; the right ramp's 0.5 lands on column 0 (-0),
+        // its 1.0 on column 3.
+        assert_eq!(values(&out[0]).0[..4], [0.25, 1.0, 1.0, 1.0]);
+        let destination = mask(&[&[0.5, 0.5, 0.5], &[0.5, 0.5, 0.5]]);
+        let source = mask(&[&[1.0, 0.7]]);
+        let composite = |op: &str| {
+            let out = rig
+                .run(
+                    &MaskComposite,
+                    &[
+                        ("destination", destination.clone()),
+                        ("source", source.clone()),
+                        ("x", Value::Int(2)),
+                        ("y", Value::Int(1)),
+                        ("operation", Value::String(op.into())),
+                    ],
+                )
+                .unwrap();
+            values(&out[0]).0
+        };
+        assert_eq!(composite("add"), [0.5, 0.5, 0.5, 0.5, 0.5, 1.0]);
+        assert_eq!(composite("multiply")[5], 0.5);
+        // 0.5 rounds to 0 (half to even), 1.0 to 1: xor is 1.
+        assert_eq!(composite("xor")[5], 1.0);
+        assert_eq!(composite("and")[5], 0.0);
     }
 
     #[test]

@@ -184,16 +184,18 @@ impl Node for PreviewImage {
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         ctx.reserve_for(self.schema(), inputs)?;
-        let prefix = format!("sakuga_temp_{}", ctx.job_id);
-        save_batch(
-            ctx,
-            inputs.image("images")?,
-            &ctx.env.temp_dir,
-            &prefix,
-            Numbering::Preview,
-        )?;
+        preview(ctx, inputs.image("images")?)?;
         Ok(Vec::new())
     }
+}
+
+/// Writes `images` to the temp dir as the job's previews.
+pub(super) fn preview(
+    ctx: &ExecContext<'_>,
+    images: &candle_core::Tensor,
+) -> Result<(), NodeError> {
+    let prefix = format!("sakuga_temp_{}", ctx.job_id);
+    save_batch(ctx, images, &ctx.env.temp_dir, &prefix, Numbering::Preview)
 }
 
 /// Emits each image of the batch to the job's frame stream, paced at `fps`.
