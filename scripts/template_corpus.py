@@ -39,6 +39,7 @@ TEMPLATES = [
     "sdxl_simple_example",
     "sdxl_refiner_prompt_example",
     "sdxlturbo_example",
+    "basic_mask_operations_and_compositing",
 ]
 
 SIDE = 128

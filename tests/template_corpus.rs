@@ -1,6 +1,8 @@
 //! ComfyUI's own workflow templates (`tests/workflows/templates/`, written by
 //! `scripts/template_corpus.py`: UI format as shipped, model names mapped to the demo
 //! models, latents cut to 128 px) validate and render through the real `sakuga` binary.
+//! Their `LoadImage` nodes read `example.png`, the image ComfyUI ships in `input/`; a
+//! generated one stands in for it.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -30,6 +32,27 @@ fn models() -> &'static Path {
         assert!(out.status.success(), "{}", text(&out.stderr));
         dir.join("models")
     })
+}
+
+/// An input dir with a 96x64 RGBA `example.png` (a gradient with a transparent corner).
+fn input_dir(dir: &Path) -> PathBuf {
+    let input = dir.join("input");
+    std::fs::create_dir_all(&input).unwrap();
+    let (w, h) = (96u32, 64u32);
+    let mut pixels = Vec::with_capacity((w * h * 4) as usize);
+    for y in 0..h {
+        for x in 0..w {
+            let alpha = if x < 16 && y < 16 { 0 } else { 255 };
+            pixels.extend([(x * 255 / w) as u8, (y * 255 / h) as u8, 128, alpha]);
+        }
+    }
+    let file = std::fs::File::create(input.join("example.png")).unwrap();
+    let mut encoder = png::Encoder::new(std::io::BufWriter::new(file), w, h);
+    encoder.set_color(png::ColorType::Rgba);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(&pixels).unwrap();
+    input
 }
 
 fn corpus() -> Vec<PathBuf> {
@@ -71,8 +94,11 @@ fn every_template_in_the_corpus_validates_and_renders() {
         let workflow: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
         let dir = tempfile::tempdir().unwrap();
+        let input = input_dir(dir.path());
+        let input = input.to_str().unwrap();
         let path = file.to_str().unwrap();
-        let valid = sakuga(dir.path(), &["--models-dir", &models, "validate", path]);
+        let flags = ["--models-dir", models.as_str(), "--input-dir", input];
+        let valid = sakuga(dir.path(), &[&flags[..], &["validate", path]].concat());
         assert!(
             valid.status.success(),
             "{name} does not validate: {}{}",
