@@ -74,7 +74,7 @@ fn sdxl_and_its_refiner_are_read_from_their_tensors() {
             read.unet.cross_attention_dim,
             preset.unet.cross_attention_dim
         );
-        assert_eq!(read.unet.mid_transformer_depth, Some(2));
+        assert_eq!(read.unet, preset.unet);
         assert!(read.unet.use_linear_projection);
         assert_eq!(read.clip, preset.clip);
         assert_eq!(read.clip_g, preset.clip_g);
@@ -188,4 +188,107 @@ fn the_refiner_demo_is_read_and_samples_with_its_aesthetic_score() {
     };
     assert!(run(6.0).iter().all(|v| v.is_finite()));
     assert_ne!(run(6.0), run(2.0), "the aesthetic score reaches the UNet");
+}
+
+#[test]
+fn kohya_and_peft_sdxl_loras_patch_the_unet_and_both_text_encoders() {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use sakuga_models::diffusion::{AppliedLora, LoraFile};
+
+    let (dir, checkpoint) = demo();
+    let rank = 4;
+    // The same factors in kohya's SDXL names (the UNet in LDM naming, CLIP-L as te1 and
+    // OpenCLIP-G as te2 in transformers naming, whose q/k/v live fused in the checkpoint)
+    // and in diffusers/PEFT names; both must patch the same weights the same way.
+    let modules = [
+        (
+            "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q",
+            "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            64,
+            64,
+        ),
+        (
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+            32,
+            32,
+        ),
+        (
+            "lora_te2_text_model_encoder_layers_0_self_attn_k_proj",
+            "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj",
+            64,
+            64,
+        ),
+    ];
+    let write = |file: &str, peft: bool| {
+        let mut tensors = BTreeMap::new();
+        for (i, (kohya, diffusers, out_dim, in_dim)) in modules.into_iter().enumerate() {
+            let seeded = |shape: (usize, usize), salt: f32| {
+                let values: Vec<f32> = (0..shape.0 * shape.1)
+                    .map(|k| ((k as f32 * 0.37 + salt + i as f32).sin()) * 0.5)
+                    .collect();
+                Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+            };
+            let (down, up) = (seeded((rank, in_dim), 0.1), seeded((out_dim, rank), 0.7));
+            if peft {
+                tensors.insert(format!("{diffusers}.lora_A.weight"), down);
+                tensors.insert(format!("{diffusers}.lora_B.weight"), up);
+            } else {
+                tensors.insert(format!("{kohya}.lora_down.weight"), down);
+                tensors.insert(format!("{kohya}.lora_up.weight"), up);
+                let alpha = Tensor::new(&[rank as f32], &Device::Cpu).unwrap();
+                tensors.insert(format!("{kohya}.alpha"), alpha);
+            }
+        }
+        let path = dir.path().join(file);
+        sakuga_models::store::write_safetensors(&path, &tensors, &Default::default()).unwrap();
+        AppliedLora {
+            lora: Arc::new(LoraFile::open(&path).unwrap()),
+            strength_model: 1.0,
+            strength_clip: 1.0,
+        }
+    };
+    let (lora, peft) = (
+        write("kohya.safetensors", false),
+        write("peft.safetensors", true),
+    );
+    let encode = |loras: &[AppliedLora]| {
+        let clip = checkpoint
+            .load_clip(loras, &Device::Cpu, DType::F32)
+            .unwrap();
+        clip.encode_pair("a photo of", "a photo of").unwrap()
+    };
+    let (plain, patched) = (encode(&[]), encode(std::slice::from_ref(&lora)));
+    let patched_by_peft = encode(std::slice::from_ref(&peft));
+    assert!(relative_error(&patched_by_peft.context, &patched.context) < 1e-6);
+    for (from, width, encoder) in [(0, 32, "CLIP-L"), (32, 64, "OpenCLIP-G")] {
+        let part =
+            |e: &sakuga_models::diffusion::Encoded| e.context.narrow(2, from, width).unwrap();
+        assert!(
+            relative_error(&part(&patched), &part(&plain)) > 1e-3,
+            "{encoder} is patched"
+        );
+    }
+    assert!(
+        relative_error(
+            patched.pooled.as_ref().unwrap(),
+            plain.pooled.as_ref().unwrap()
+        ) > 1e-3,
+        "the pooled output follows OpenCLIP-G"
+    );
+    let g = goldens();
+    let x = tensor(&g["unet"]["x"]);
+    let (context, y) = (tensor(&g["context"]), tensor(&g["adm"]["y"]));
+    let eps = |loras: &[AppliedLora]| {
+        let unet = checkpoint
+            .load_unet(loras, &Device::Cpu, DType::F32)
+            .unwrap();
+        unet.forward(&x, 537.25, &context, Some(&y)).unwrap()
+    };
+    assert!(
+        relative_error(&eps(&[lora]), &eps(&[])) > 1e-4,
+        "the UNet is patched"
+    );
 }

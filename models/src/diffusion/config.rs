@@ -496,12 +496,14 @@ impl SdConfig {
             cross_attention_dim: context_dim,
             use_linear_projection: linear_projection,
             adm_in_channels,
+            // Stated only where it differs from what the last level implies.
             mid_transformer_depth: {
                 let n = count_indices(
                     &shapes,
                     &format!("{UNET}middle_block.1.transformer_blocks."),
                 );
-                (n > 0).then_some(n)
+                let implied = levels.last().and_then(|l| l.1).unwrap_or(1);
+                (n > 0 && n != implied).then_some(n)
             },
         };
 

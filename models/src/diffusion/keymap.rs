@@ -24,6 +24,8 @@ pub enum Part {
     Unet,
     Vae,
     Clip,
+    /// SDXL's second text encoder (OpenCLIP-G): its LoRA keys are `lora_te2_*`.
+    ClipG,
 }
 
 impl Part {
@@ -32,7 +34,7 @@ impl Part {
         match self {
             Part::Unet => crate::cache::ModelKind::Checkpoint,
             Part::Vae => crate::cache::ModelKind::Vae,
-            Part::Clip => crate::cache::ModelKind::Clip,
+            Part::Clip | Part::ClipG => crate::cache::ModelKind::Clip,
         }
     }
 }
@@ -309,6 +311,10 @@ pub fn lora_keys(part: Part, diffusers_name: &str, ldm_name: &str) -> Vec<String
                 format!("lora_te_text_model_{}", underscore(inner)),
                 format!("lora_te1_text_model_{}", underscore(inner)),
             ]
+        }
+        Part::ClipG => {
+            let inner = module.strip_prefix("text_model.").unwrap_or(module);
+            vec![format!("lora_te2_text_model_{}", underscore(inner))]
         }
         Part::Vae => Vec::new(),
     }

@@ -18,6 +18,29 @@ use parking_lot::Mutex;
 use crate::error::{ModelError, Result};
 use crate::store::WeightFile;
 
+/// Suffixes of a down factor and its up factor: kohya's, diffusers' and PEFT's.
+const DOWN_SUFFIXES: &[(&str, &str)] = &[
+    (".lora_down.weight", ".lora_up.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+    (".lora_A.weight", ".lora_B.weight"),
+];
+
+/// A diffusers module path (`unet.down_blocks.0...`, `text_encoder_2.text_model...`) as the
+/// kohya key of the same module; kohya keys pass through.
+fn kohya_key(base: &str) -> String {
+    let underscore = |s: &str| s.replace('.', "_");
+    for (prefix, kohya) in [
+        ("unet.", "lora_unet_"),
+        ("text_encoder_2.", "lora_te2_"),
+        ("text_encoder.", "lora_te1_"),
+    ] {
+        if let Some(module) = base.strip_prefix(prefix) {
+            return format!("{kohya}{}", underscore(module));
+        }
+    }
+    base.to_string()
+}
+
 /// One patched module's low-rank factors, on the CPU in f32.
 #[derive(Debug, Clone)]
 struct LoraFactors {
@@ -34,19 +57,25 @@ pub struct LoraFile {
 }
 
 impl LoraFile {
-    /// Reads every `*.lora_down.weight` / `*.lora_up.weight` / `*.alpha` triple of `path`.
+    /// Reads every low-rank pair of `path`: kohya's `*.lora_down.weight` /
+    /// `*.lora_up.weight` / `*.alpha`, and diffusers' (`*.lora.down.weight`, or PEFT's
+    /// `*.lora_A.weight` / `*.lora_B.weight`) under `unet.`, `text_encoder.` and
+    /// `text_encoder_2.`, whose names are turned into kohya's.
     ///
     /// # Errors
-    /// As [`WeightFile::open`]; [`ModelError::MissingTensor`] when a `lora_down` has no
-    /// matching `lora_up`; [`ModelError::Unsupported`] when the file has no LoRA pairs.
+    /// As [`WeightFile::open`]; [`ModelError::MissingTensor`] when a down factor has no
+    /// matching up factor; [`ModelError::Unsupported`] when the file has no LoRA pairs.
     pub fn open(path: &Path) -> Result<Self> {
         let file = WeightFile::open(path)?;
         let mut factors = BTreeMap::new();
         for name in file.names() {
-            let Some(base) = name.strip_suffix(".lora_down.weight") else {
+            let Some((base, up_suffix)) = DOWN_SUFFIXES
+                .iter()
+                .find_map(|(down, up)| name.strip_suffix(down).map(|base| (base, up)))
+            else {
                 continue;
             };
-            let up_name = format!("{base}.lora_up.weight");
+            let up_name = format!("{base}{up_suffix}");
             let down = file.load(&name, &Device::Cpu)?.to_dtype(DType::F32)?;
             if !file.contains(&up_name) {
                 return Err(ModelError::MissingTensor {
@@ -66,12 +95,13 @@ impl LoraFile {
             } else {
                 None
             };
-            factors.insert(base.to_string(), LoraFactors { down, up, alpha });
+            factors.insert(kohya_key(base), LoraFactors { down, up, alpha });
         }
         if factors.is_empty() {
             return Err(ModelError::Unsupported {
                 path: path.to_path_buf(),
-                reason: "no lora_down/lora_up pairs (not a kohya-format LoRA)".to_string(),
+                reason: "no LoRA pairs (lora_down/lora_up, lora.down/lora.up or lora_A/lora_B)"
+                    .to_string(),
             });
         }
         Ok(Self {

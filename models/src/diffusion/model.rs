@@ -116,10 +116,22 @@ impl Checkpoint {
         let (file, prefix) = match (&self.layout, part) {
             (Layout::Ldm(file), Part::Unet) => (file, super::keymap::LDM_UNET_PREFIX),
             (Layout::Ldm(file), Part::Vae) => (file, super::keymap::LDM_VAE_PREFIX),
-            (Layout::Ldm(file), Part::Clip) => (file, "cond_stage_model."),
+            (Layout::Ldm(file), Part::Clip | Part::ClipG) => {
+                let sdxl = self.config.unet.adm_in_channels.is_some();
+                (
+                    file,
+                    if sdxl {
+                        "conditioner."
+                    } else {
+                        "cond_stage_model."
+                    },
+                )
+            }
             (Layout::Diffusers { unet, .. }, Part::Unet) => (unet, ""),
             (Layout::Diffusers { vae, .. }, Part::Vae) => (vae, ""),
-            (Layout::Diffusers { text_encoder, .. }, Part::Clip) => (text_encoder, ""),
+            (Layout::Diffusers { text_encoder, .. }, Part::Clip | Part::ClipG) => {
+                (text_encoder, "")
+            }
         };
         file.names()
             .iter()
@@ -154,6 +166,11 @@ impl Checkpoint {
                         names.extend(open_clip_to_ldm(n));
                         names
                     }),
+                    Part::ClipG => Box::new(|n| {
+                        open_clip_to_ldm_at(SDXL_CLIP_G_PREFIX, n)
+                            .into_iter()
+                            .collect()
+                    }),
                 };
                 MappedWeights::new(file.clone(), part, rename, loras)
             }
@@ -165,7 +182,7 @@ impl Checkpoint {
                 let file = match part {
                     Part::Unet => unet,
                     Part::Vae => vae,
-                    Part::Clip => text_encoder,
+                    Part::Clip | Part::ClipG => text_encoder,
                 };
                 MappedWeights::new(file.clone(), part, Box::new(|n| vec![n.to_string()]), loras)
             }
@@ -235,7 +252,7 @@ impl Checkpoint {
                         .into_iter()
                         .collect()
                 });
-                let backend = MappedWeights::new(file.clone(), Part::Clip, rename, stack.clone());
+                let backend = MappedWeights::new(file.clone(), Part::ClipG, rename, stack.clone());
                 Some(Arc::new(build_part(backend, dtype, device, |vb| {
                     ClipTextModel::new(vb, g_config)
                 })?))
