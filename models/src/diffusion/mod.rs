@@ -163,16 +163,22 @@ pub fn sample_latent(
     hooks: StepHooks<'_>,
 ) -> Result<Tensor> {
     let sigmas = params.sigmas(unet.sampling());
-    let (samples, _) = sample_along(unet, positive, negative, latent, &sigmas, params, hooks)?;
+    let (samples, _) = sample_along(
+        unet, positive, negative, latent, &sigmas, params, None, hooks,
+    )?;
     Ok(samples)
 }
 
 /// A sampling pass along explicit `sigmas` (custom sampling): `params` gives the sampler,
-/// seed, noise and guidance, its schedule fields are not read. Returns the new latent and
-/// the model's clean estimate at the last step (ComfyUI's `denoised_output`), if a step ran.
+/// seed, noise and guidance, its schedule fields are not read. With a `denoise_mask`
+/// (`[batch or 1, 1, h, w]` at latent size, 1 = repaint) the rest of the latent is held to
+/// `latent`, noised to each step's level, as ComfyUI's inpainting sampler does. Returns the
+/// new latent and the model's clean estimate at the last step (ComfyUI's
+/// `denoised_output`), if a step ran.
 ///
 /// # Errors
 /// As [`sample_latent`].
+#[allow(clippy::too_many_arguments)]
 pub fn sample_along(
     unet: &UnetModel,
     positive: &TextConditioning,
@@ -180,33 +186,71 @@ pub fn sample_along(
     latent: &Tensor,
     sigmas: &[f64],
     params: &SampleParams,
+    denoise_mask: Option<&Tensor>,
     hooks: StepHooks<'_>,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let latent = latent.to_dtype(DType::F32)?;
     if sigmas.len() < 2 {
         return Ok((latent, None));
     }
-    let x = if params.add_noise {
-        let noise =
-            NoiseRng::new(params.seed, 0).tensor(latent.dims(), DType::F32, latent.device())?;
-        // Starting from pure noise, ComfyUI scales it to the variance-preserving level
-        // sqrt(1 + sigma²) rather than sigma, so the input matches training's x_T.
-        let sigma_max = unet.sampling().sigma_max();
-        let scale = if sigmas[0] >= sigma_max * (1.0 - 1e-5) {
-            (1.0 + sigmas[0] * sigmas[0]).sqrt()
-        } else {
-            sigmas[0]
-        };
-        (&latent + (noise * scale)?)?
+    let noise = if params.add_noise {
+        NoiseRng::new(params.seed, 0).tensor(latent.dims(), DType::F32, latent.device())?
     } else {
-        latent
+        latent.zeros_like()?
     };
+    // Starting from pure noise, ComfyUI scales it to the variance-preserving level
+    // sqrt(1 + sigma²) rather than sigma, so the input matches training's x_T.
+    let sigma_max = unet.sampling().sigma_max();
+    let scale = if sigmas[0] >= sigma_max * (1.0 - 1e-5) {
+        (1.0 + sigmas[0] * sigmas[0]).sqrt()
+    } else {
+        sigmas[0]
+    };
+    let x = (&latent + (&noise * scale)?)?;
     let (_, _, h, w) = x.dims4()?;
-    let denoiser = GuidedDenoiser::new(unet, positive, negative, params.cfg, (h, w))?
+    let guided = GuidedDenoiser::new(unet, positive, negative, params.cfg, (h, w))?
         .with_max_batch(params.max_batch);
-    let last_step = LastEstimate::new(&denoiser, sigmas[sigmas.len() - 2]);
+    let inpainting = match denoise_mask {
+        Some(mask) => Some(Inpainting {
+            inner: &guided,
+            keep: mask
+                .to_dtype(DType::F32)?
+                .to_device(latent.device())?
+                .affine(-1.0, 1.0)?,
+            mask: mask.to_dtype(DType::F32)?.to_device(latent.device())?,
+            latent: latent.clone(),
+            noise,
+        }),
+        None => None,
+    };
+    let denoiser: &dyn Denoiser = match &inpainting {
+        Some(inpainting) => inpainting,
+        None => &guided,
+    };
+    let last_step = LastEstimate::new(denoiser, sigmas[sigmas.len() - 2]);
     let samples = sampler::sample(params.sampler, &last_step, x, sigmas, params.seed, hooks)?;
     Ok((samples, last_step.take()))
+}
+
+/// ComfyUI's inpainting wrapper: outside the mask the input is the original latent noised
+/// to this step's level, and the estimate is the original latent.
+struct Inpainting<'a> {
+    inner: &'a dyn Denoiser,
+    /// 1 where the latent is repainted.
+    mask: Tensor,
+    /// `1 - mask`.
+    keep: Tensor,
+    latent: Tensor,
+    noise: Tensor,
+}
+
+impl Denoiser for Inpainting<'_> {
+    fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        let held = (&self.latent + (&self.noise * sigma)?)?;
+        let x = (x.broadcast_mul(&self.mask)? + held.broadcast_mul(&self.keep)?)?;
+        let out = self.inner.denoise(&x, sigma)?;
+        Ok((out.broadcast_mul(&self.mask)? + self.latent.broadcast_mul(&self.keep)?)?)
+    }
 }
 
 /// Passes through to a denoiser and keeps its first estimate at `sigma`, the last step's.

@@ -7,11 +7,12 @@
 
 use std::sync::{Arc, LazyLock};
 
-use sakuga_models::diffusion::{SampleParams, SamplerKind, Scheduler, StepHooks, sample_along};
+use sakuga_models::diffusion::{SampleParams, SamplerKind, Scheduler};
 use sakuga_telemetry::Stage;
 
 use super::diffusion::{
-    Conditioning, DiffusionModel, Latent, SAMPLER_NAMES, SCHEDULER_NAMES, node_error, sampler_cost,
+    Conditioning, DiffusionModel, Latent, SAMPLER_NAMES, SCHEDULER_NAMES, sample_with_mask,
+    sampler_cost,
 };
 use crate::error::NodeError;
 use crate::node::{ExecContext, Inputs, Node};
@@ -433,14 +434,6 @@ fn run_custom(
         )));
     }
     let latent = inputs.object::<Latent>("latent_image")?;
-    let progress = |step: usize, steps: usize| {
-        ctx.sink.progress(ctx.node_id, step as u64, steps as u64);
-    };
-    let cancelled = || ctx.cancel.is_cancelled();
-    let hooks = StepHooks {
-        progress: &progress,
-        cancelled: &cancelled,
-    };
     let params = SampleParams {
         cfg: guider.cfg,
         sampler: sampler.0,
@@ -449,20 +442,18 @@ fn run_custom(
         ..SampleParams::new(noise.0.unwrap_or(0))
     };
     let negative = guider.negative.as_ref().unwrap_or(&guider.positive);
-    let (samples, denoised) = sample_along(
-        &guider.model.unet,
-        &guider.positive.text,
-        &negative.text,
-        &latent.samples,
+    let (samples, denoised) = sample_with_mask(
+        ctx,
+        &guider.model,
+        (&guider.positive.text, &negative.text),
+        &latent,
         &sigmas,
         &params,
-        hooks,
-    )
-    .map_err(node_error)?;
+    )?;
     let denoised = denoised.unwrap_or_else(|| samples.clone());
     Ok(vec![
-        Value::object(Latent { samples }),
-        Value::object(Latent { samples: denoised }),
+        Value::object(latent.with_samples(samples)),
+        Value::object(latent.with_samples(denoised)),
     ])
 }
 

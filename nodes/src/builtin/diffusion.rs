@@ -18,8 +18,7 @@ use sakuga_models::cache::{ModelCache, ModelKind};
 use sakuga_models::diffusion::keymap::Part;
 use sakuga_models::diffusion::{
     AppliedLora, Checkpoint, ClipModel, LoraFile, SampleParams, SamplerKind, Scheduler,
-    SizeConditioning, StepHooks, TextConditioning, UnetModel, VaeModel, empty_latent,
-    sample_latent,
+    SizeConditioning, StepHooks, TextConditioning, UnetModel, VaeModel, empty_latent, sample_along,
 };
 use sakuga_models::store::{ModelFolder, ModelStore};
 
@@ -162,6 +161,27 @@ pub struct Conditioning {
 #[derive(Debug, Clone)]
 pub struct Latent {
     pub samples: Tensor,
+    /// Where sampling may change the latent: `[batch or 1, 1, h, w]` in 0..1 at any
+    /// resolution (ComfyUI's `noise_mask`); 1 is repainted, 0 kept.
+    pub noise_mask: Option<Tensor>,
+}
+
+impl Latent {
+    /// Latents without a noise mask.
+    pub fn new(samples: Tensor) -> Self {
+        Self {
+            samples,
+            noise_mask: None,
+        }
+    }
+
+    /// New samples that keep this latent's noise mask, as ComfyUI's nodes copy the dict.
+    pub fn with_samples(&self, samples: Tensor) -> Self {
+        Self {
+            samples,
+            noise_mask: self.noise_mask.clone(),
+        }
+    }
 }
 
 fn dtype_for(device: &Device) -> DType {
@@ -529,7 +549,7 @@ impl Node for EmptyLatentImage {
             8,
             &ctx.env.device,
         )?;
-        Ok(vec![Value::object(Latent { samples })])
+        Ok(vec![Value::object(Latent::new(samples))])
     }
 }
 
@@ -556,6 +576,32 @@ fn run_sampler(
     let positive = inputs.object::<Conditioning>("positive")?;
     let negative = inputs.object::<Conditioning>("negative")?;
     let latent = inputs.object::<Latent>("latent_image")?;
+    let params = SampleParams {
+        max_batch: ctx.batch_limit,
+        ..params
+    };
+    let sigmas = params.sigmas(model.unet.sampling());
+    let (samples, _) = sample_with_mask(
+        ctx,
+        &model,
+        (&positive.text, &negative.text),
+        &latent,
+        &sigmas,
+        &params,
+    )?;
+    Ok(vec![Value::object(latent.with_samples(samples))])
+}
+
+/// A sampling pass of `latent` along `sigmas`, its noise mask (if any) at latent size, with
+/// the node's progress and cancel hooks; the result and the last clean estimate.
+pub(super) fn sample_with_mask(
+    ctx: &ExecContext<'_>,
+    model: &DiffusionModel,
+    (positive, negative): (&TextConditioning, &TextConditioning),
+    latent: &Latent,
+    sigmas: &[f64],
+    params: &SampleParams,
+) -> Result<(Tensor, Option<Tensor>), NodeError> {
     let progress = |step: usize, steps: usize| {
         ctx.sink.progress(ctx.node_id, step as u64, steps as u64);
     };
@@ -564,20 +610,24 @@ fn run_sampler(
         progress: &progress,
         cancelled: &cancelled,
     };
-    let params = SampleParams {
-        max_batch: ctx.batch_limit,
-        ..params
+    let mask = match &latent.noise_mask {
+        Some(mask) => {
+            let (_, _, h, w) = latent.samples.dims4()?;
+            Some(super::mask::latent_mask(mask, h, w)?)
+        }
+        None => None,
     };
-    let samples = sample_latent(
+    sample_along(
         &model.unet,
-        &positive.text,
-        &negative.text,
+        positive,
+        negative,
         &latent.samples,
-        &params,
+        sigmas,
+        params,
+        mask.as_ref(),
         hooks,
     )
-    .map_err(node_error)?;
-    Ok(vec![Value::object(Latent { samples })])
+    .map_err(node_error)
 }
 
 /// What both samplers read alike: steps, CFG, sampler, scheduler and the seed (ComfyUI's
@@ -782,26 +832,43 @@ impl Node for VaeEncode {
         ctx.reserve_for(self.schema(), inputs)?;
         let pixels = inputs.image("pixels")?;
         let vae = inputs.object::<VaeDecoder>("vae")?;
-        let (_, h, w, c) = pixels.dims4()?;
-        let factor = vae.vae.downscale_factor();
-        let (ch, cw) = (h / factor * factor, w / factor * factor);
-        if ch == 0 || cw == 0 || c < 3 {
-            return Err(NodeError::InvalidInput(format!(
-                "VAEEncode needs an RGB image of at least {factor}x{factor}, got {:?}",
-                pixels.dims()
-            )));
-        }
-        let (top, left) = ((h - ch) / 2, (w - cw) / 2);
-        let cropped = pixels
-            .narrow(1, top, ch)?
-            .narrow(2, left, cw)?
-            .narrow(3, 0, 3)?
-            .permute((0, 3, 1, 2))?
-            .contiguous()?;
-        let proceed = |step: usize, steps: usize| ctx.step(step as u64, steps as u64).is_ok();
-        let samples = vae.vae.encode_with(&cropped, &proceed)?;
-        Ok(vec![Value::object(Latent { samples })])
+        let samples = encode_pixels(ctx, &vae.vae, pixels)?;
+        Ok(vec![Value::object(Latent::new(samples))])
     }
+}
+
+/// The centre of `pixels` (`[b, h, w, c]`) that whole latent cells cover: its offsets and size.
+pub(super) fn latent_aligned(
+    vae: &VaeModel,
+    pixels: &Tensor,
+) -> Result<(usize, usize, usize, usize), NodeError> {
+    let (_, h, w, c) = pixels.dims4()?;
+    let factor = vae.downscale_factor();
+    let (ch, cw) = (h / factor * factor, w / factor * factor);
+    if ch == 0 || cw == 0 || c < 3 {
+        return Err(NodeError::InvalidInput(format!(
+            "VAE encoding needs an RGB image of at least {factor}x{factor}, got {:?}",
+            pixels.dims()
+        )));
+    }
+    Ok(((h - ch) / 2, (w - cw) / 2, ch, cw))
+}
+
+/// Encodes the latent-aligned centre of `pixels` (`[b, h, w, c]`, 0..1) into latents.
+pub(super) fn encode_pixels(
+    ctx: &ExecContext<'_>,
+    vae: &VaeModel,
+    pixels: &Tensor,
+) -> Result<Tensor, NodeError> {
+    let (top, left, ch, cw) = latent_aligned(vae, pixels)?;
+    let cropped = pixels
+        .narrow(1, top, ch)?
+        .narrow(2, left, cw)?
+        .narrow(3, 0, 3)?
+        .permute((0, 3, 1, 2))?
+        .contiguous()?;
+    let proceed = |step: usize, steps: usize| ctx.step(step as u64, steps as u64).is_ok();
+    Ok(vae.encode_with(&cropped, &proceed)?)
 }
 
 /// Resizes latents with one of ComfyUI's methods: nearest-exact and bilinear exactly,
@@ -898,7 +965,7 @@ impl Node for LatentUpscale {
             latent.samples.clone()
         };
         let samples = resize_latent(&source, width, height, inputs.str("upscale_method")?)?;
-        Ok(vec![Value::object(Latent { samples })])
+        Ok(vec![Value::object(latent.with_samples(samples))])
     }
 }
 
@@ -939,7 +1006,7 @@ impl Node for LatentUpscaleBy {
             height,
             inputs.str("upscale_method")?,
         )?;
-        Ok(vec![Value::object(Latent { samples })])
+        Ok(vec![Value::object(latent.with_samples(samples))])
     }
 }
 
@@ -970,7 +1037,7 @@ impl Node for RepeatLatentBatch {
         let latent = inputs.object::<Latent>("samples")?;
         let amount = usize_input(inputs, "amount")?.max(1);
         let samples = latent.samples.repeat((amount, 1, 1, 1))?;
-        Ok(vec![Value::object(Latent { samples })])
+        Ok(vec![Value::object(latent.with_samples(samples))])
     }
 }
 

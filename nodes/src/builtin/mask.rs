@@ -52,13 +52,29 @@ fn host(t: &Tensor) -> Result<(Vec<f32>, Vec<usize>), NodeError> {
 }
 
 /// A `[batch, h, w]` mask resized to `height x width` (bilinear).
-fn resize_mask(mask: &Tensor, width: usize, height: usize) -> Result<Tensor, NodeError> {
+pub(super) fn resize_mask(mask: &Tensor, width: usize, height: usize) -> Result<Tensor, NodeError> {
     let (_, h, w) = mask.dims3()?;
     if (h, w) == (height, width) {
         return Ok(mask.clone());
     }
     let image = mask.unsqueeze(3)?;
     Ok(resize(&image, width as u32, height as u32, "bilinear")?.squeeze(3)?)
+}
+
+/// A mask (`[b, H, W]`, `[b, 1, H, W]` or `[H, W]`) at latent size `h x w` (bilinear), as
+/// `[b, 1, h, w]`: how a latent's noise mask meets its samples.
+pub(super) fn latent_mask(mask: &Tensor, h: usize, w: usize) -> Result<Tensor, NodeError> {
+    let planes = match mask.rank() {
+        2 => mask.unsqueeze(0)?,
+        3 => mask.clone(),
+        4 => mask.squeeze(1)?,
+        rank => {
+            return Err(NodeError::InvalidInput(format!(
+                "a noise mask of rank {rank}; expected [batch, height, width]"
+            )));
+        }
+    };
+    Ok(resize_mask(&planes.to_dtype(DType::F32)?, w, h)?.unsqueeze(1)?)
 }
 
 static GET_IMAGE_SIZE: LazyLock<NodeSchema> = LazyLock::new(|| {

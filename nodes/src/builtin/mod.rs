@@ -4,6 +4,7 @@ mod animated;
 mod custom_sampling;
 pub mod diffusion;
 mod image;
+mod inpaint;
 mod interpolate;
 mod mask;
 mod output;
@@ -21,6 +22,7 @@ pub fn register_all(registry: &mut NodeRegistry) {
     custom_sampling::register(registry);
     image::register(registry);
     mask::register(registry);
+    inpaint::register(registry);
     output::register(registry);
     animated::register(registry);
     upscale::register(registry);
