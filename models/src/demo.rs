@@ -35,6 +35,8 @@ use crate::store::{ModelFolder, write_safetensors};
 pub const DEMO_CHECKPOINT: &str = "sakuga-demo-sd15.safetensors";
 /// File name of the SDXL demo checkpoint inside `checkpoints/`.
 pub const DEMO_SDXL_CHECKPOINT: &str = "sakuga-demo-sdxl.safetensors";
+/// File name of the standalone demo VAE inside `vae/`.
+pub const DEMO_VAE: &str = "sakuga-demo-vae.safetensors";
 /// File name of the SDXL refiner demo checkpoint inside `checkpoints/`.
 pub const DEMO_SDXL_REFINER_CHECKPOINT: &str = "sakuga-demo-sdxl-refiner.safetensors";
 /// File name of the demo LoRA inside `loras/`.
@@ -59,6 +61,7 @@ pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
         write_demo_checkpoint(dir)?,
         write_demo_sdxl_checkpoint(dir)?,
         write_demo_sdxl_refiner_checkpoint(dir)?,
+        write_demo_vae(dir)?,
         write_demo_lora(dir)?,
     ];
     for writer in EXTRA_DEMO_WRITERS {
@@ -301,6 +304,33 @@ pub fn write_demo_sdxl_refiner_checkpoint(dir: &Path) -> Result<PathBuf> {
         DEMO_SDXL_REFINER_CHECKPOINT,
         "tiny seeded demo model in the SDXL refiner's SGM layout; not trained",
     )
+}
+
+/// Writes `vae/sakuga-demo-vae.safetensors`: the SD 1.5 demo's VAE alone, in the LDM
+/// layout standalone VAE files use (no `first_stage_model.` prefix), with the VAE seed
+/// shifted so it decodes differently from the checkpoint's own.
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_vae(dir: &Path) -> Result<PathBuf> {
+    let config = SdConfig::demo();
+    let vae = demo_diffusers_tensors(&config, DEMO_SEED.wrapping_add(100))?.vae;
+    let mut tensors = BTreeMap::new();
+    for (name, tensor) in vae {
+        let ldm = vae_to_ldm(&name, &config.vae)
+            .ok_or_else(|| ModelError::InvalidInput(format!("no LDM name for {name}")))?;
+        let bare = ldm[crate::diffusion::keymap::LDM_VAE_PREFIX.len()..].to_string();
+        let tensor = if bare.contains(".attn_1.") && tensor.rank() == 2 {
+            let (o, i) = tensor.dims2()?;
+            tensor.reshape((o, i, 1, 1))?
+        } else {
+            tensor
+        };
+        tensors.insert(bare, tensor);
+    }
+    let path = dir.join(ModelFolder::Vae.dir_name()).join(DEMO_VAE);
+    write_safetensors(&path, &tensors, &BTreeMap::new())?;
+    Ok(path)
 }
 
 fn write_checkpoint(dir: &Path, config: &SdConfig, file: &str, note: &str) -> Result<PathBuf> {

@@ -101,6 +101,30 @@ pub struct VaeConfig {
 }
 
 impl VaeConfig {
+    /// The autoencoder stored in the LDM layout under `prefix` (`first_stage_model.` in a
+    /// checkpoint, nothing in a standalone VAE file), from its tensor shapes. The latent
+    /// scale is SD 1.x's; it belongs to the model, which sets its own.
+    ///
+    /// # Errors
+    /// A missing tensor the sizes are read from.
+    pub fn infer_ldm(
+        dim: &dyn Fn(&str, usize) -> Result<usize>,
+        shapes: &BTreeMap<String, Vec<usize>>,
+        prefix: &str,
+    ) -> Result<Self> {
+        let n_down = count_indices(shapes, &format!("{prefix}encoder.down."));
+        let block_out_channels = (0..n_down)
+            .map(|i| dim(&format!("{prefix}encoder.down.{i}.block.0.conv2.weight"), 0))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            block_out_channels,
+            layers_per_block: count_indices(shapes, &format!("{prefix}encoder.down.0.block.")),
+            latent_channels: dim(&format!("{prefix}decoder.conv_in.weight"), 1)?,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+        })
+    }
+
     /// candle's config for this autoencoder.
     pub fn to_candle(&self) -> vae::AutoEncoderKLConfig {
         vae::AutoEncoderKLConfig {
@@ -507,27 +531,15 @@ impl SdConfig {
             },
         };
 
-        // VAE.
         const VAE: &str = "first_stage_model.";
-        let n_down = count_indices(&shapes, &format!("{VAE}encoder.down."));
-        if n_down == 0 {
+        if count_indices(&shapes, &format!("{VAE}encoder.down.")) == 0 {
             return Err(unsupported("no VAE (first_stage_model.*)"));
         }
-        let block_out_channels = (0..n_down)
-            .map(|i| dim(&format!("{VAE}encoder.down.{i}.block.0.conv2.weight"), 0))
-            .collect::<Result<Vec<_>>>()?;
-        let vae = VaeConfig {
-            block_out_channels,
-            layers_per_block: count_indices(&shapes, &format!("{VAE}encoder.down.0.block.")),
-            latent_channels: dim(&format!("{VAE}decoder.conv_in.weight"), 1)?,
-            norm_num_groups: 32,
+        let mut vae = VaeConfig::infer_ldm(&dim, &shapes, VAE)?;
+        if adm_in_channels.is_some() {
             // SDXL's VAE was trained with a smaller latent scale.
-            scaling_factor: if adm_in_channels.is_some() {
-                0.13025
-            } else {
-                0.18215
-            },
-        };
+            vae.scaling_factor = 0.13025;
+        }
         let prediction = detect_prediction(file)?;
         Ok(Self {
             unet,
@@ -797,7 +809,7 @@ fn open_clip_config(
 }
 
 /// How many consecutive numeric indices `prefix{0,1,..}.` appear among the names.
-fn count_indices(shapes: &BTreeMap<String, Vec<usize>>, prefix: &str) -> usize {
+pub(crate) fn count_indices(shapes: &BTreeMap<String, Vec<usize>>, prefix: &str) -> usize {
     let mut count = 0;
     while shapes
         .range(format!("{prefix}{count}.")..)

@@ -32,7 +32,7 @@ pub use config::{Prediction, SdConfig};
 pub use lora::LoraFile;
 pub use model::{
     AppliedLora, Checkpoint, ClipModel, Encoded, GuidedDenoiser, SizeConditioning,
-    TextConditioning, UnetModel,
+    TextConditioning, UnetModel, load_vae_file,
 };
 pub use rng::NoiseRng;
 pub use sampler::{Denoiser, SamplerKind, StepHooks};
@@ -189,10 +189,13 @@ pub fn sample_along(
     denoise_mask: Option<&Tensor>,
     hooks: StepHooks<'_>,
 ) -> Result<(Tensor, Option<Tensor>)> {
-    let latent = latent.to_dtype(DType::F32)?;
+    let raw = latent.to_dtype(DType::F32)?;
     if sigmas.len() < 2 {
-        return Ok((latent, None));
+        return Ok((raw, None));
     }
+    // Latents travel in the VAE's own scale; the model works in its latent format's.
+    let latent_scale = unet.latent_scale();
+    let latent = (&raw * latent_scale)?;
     let noise = if params.add_noise {
         NoiseRng::new(params.seed, 0).tensor(latent.dims(), DType::F32, latent.device())?
     } else {
@@ -229,7 +232,8 @@ pub fn sample_along(
     };
     let last_step = LastEstimate::new(denoiser, sigmas[sigmas.len() - 2]);
     let samples = sampler::sample(params.sampler, &last_step, x, sigmas, params.seed, hooks)?;
-    Ok((samples, last_step.take()))
+    let denoised = last_step.take().map(|d| d / latent_scale).transpose()?;
+    Ok(((samples / latent_scale)?, denoised))
 }
 
 /// ComfyUI's inpainting wrapper: outside the mask the input is the original latent noised

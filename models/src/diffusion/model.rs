@@ -12,10 +12,10 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::clip::ClipTextModel;
-use super::config::{Prediction, SdConfig};
+use super::config::{Prediction, SdConfig, VaeConfig, count_indices};
 use super::keymap::{
-    Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_PREFIX, clip_to_ldm,
-    open_clip_to_ldm, open_clip_to_ldm_at, unet_to_ldm, vae_to_ldm,
+    LDM_VAE_PREFIX, Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_PREFIX,
+    clip_to_ldm, open_clip_to_ldm, open_clip_to_ldm_at, unet_to_ldm, vae_to_ldm,
 };
 use super::lora::{LoraFile, LoraStack};
 use super::sampler::Denoiser;
@@ -289,6 +289,72 @@ fn warn_unused(stack: &LoraStack, prefix: &str) {
     }
 }
 
+/// A standalone VAE file (ComfyUI's `models/vae/`): the LDM layout with or without
+/// `first_stage_model.`, or diffusers' `AutoencoderKL` names. Its latents are in its own
+/// scale; the model it decodes for applies its latent format inside sampling.
+///
+/// # Errors
+/// [`ModelError::Unsupported`] for a file that holds no VAE; file and shape errors.
+pub fn load_vae_file(path: &Path, device: &Device, dtype: DType) -> Result<VaeModel> {
+    let file = Arc::new(WeightFile::open(path)?);
+    let shapes: std::collections::BTreeMap<String, Vec<usize>> = file
+        .names()
+        .into_iter()
+        .filter_map(|n| file.info(&n).map(|i| (n, i.shape)))
+        .collect();
+    let dim = |name: &str, axis: usize| -> Result<usize> {
+        shapes
+            .get(name)
+            .and_then(|s| s.get(axis).copied())
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: name.to_string(),
+            })
+    };
+    let prefix = if shapes.contains_key("first_stage_model.decoder.conv_in.weight") {
+        LDM_VAE_PREFIX
+    } else {
+        ""
+    };
+    let (config, rename): (VaeConfig, Renamer) =
+        if shapes.contains_key(&format!("{prefix}encoder.down.0.block.0.conv1.weight")) {
+            let config = VaeConfig::infer_ldm(&dim, &shapes, prefix)?;
+            let layout = config.clone();
+            let rename: Renamer = Box::new(move |n| {
+                vae_to_ldm(n, &layout)
+                    .map(|ldm| format!("{prefix}{}", &ldm[LDM_VAE_PREFIX.len()..]))
+                    .into_iter()
+                    .collect()
+            });
+            (config, rename)
+        } else if shapes.contains_key("encoder.down_blocks.0.resnets.0.conv1.weight") {
+            let levels = count_indices(&shapes, "encoder.down_blocks.");
+            let config = VaeConfig {
+                block_out_channels: (0..levels)
+                    .map(|i| {
+                        dim(
+                            &format!("encoder.down_blocks.{i}.resnets.0.conv2.weight"),
+                            0,
+                        )
+                    })
+                    .collect::<Result<_>>()?,
+                layers_per_block: count_indices(&shapes, "encoder.down_blocks.0.resnets."),
+                latent_channels: dim("decoder.conv_in.weight", 1)?,
+                norm_num_groups: 32,
+                scaling_factor: 0.18215,
+            };
+            (config, Box::new(|n| vec![n.to_string()]))
+        } else {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                reason: "not a VAE: no encoder.down.* (LDM) or encoder.down_blocks.* (diffusers)"
+                    .to_string(),
+            });
+        };
+    let backend = MappedWeights::new(file, Part::Vae, rename, Arc::new(LoraStack::default()));
+    build_part(backend, dtype, device, |vb| VaeModel::new(vb, &config))
+}
+
 /// The denoising UNet of a checkpoint (ComfyUI's MODEL).
 #[derive(Debug)]
 pub struct UnetModel {
@@ -341,6 +407,12 @@ impl UnetModel {
     /// Whether the model takes a class vector `y` (SDXL).
     pub fn takes_y(&self) -> bool {
         self.unet.takes_y()
+    }
+
+    /// What latents are multiplied by on their way in (its latent format: 0.18215 for SD
+    /// 1.x/2.x, 0.13025 for SDXL) and divided by on their way out.
+    pub fn latent_scale(&self) -> f64 {
+        self.config.vae.scaling_factor
     }
 }
 

@@ -172,7 +172,7 @@ impl VaeModel {
         self.config.downscale_factor()
     }
 
-    /// Latents (scaled, f32, `[B, 4, H/8, W/8]`) of images in `[0, 1]` (`[B, 3, H, W]`),
+    /// Latents (the VAE's own scale, f32, `[B, 4, H/8, W/8]`) of images in `[0, 1]` (`[B, 3, H, W]`),
     /// using the mean of the posterior so the result is deterministic.
     ///
     /// # Errors
@@ -210,10 +210,11 @@ impl VaeModel {
             .quant_conv
             .forward(&self.encoder.conv_out.forward(&xs)?)?;
         let mean = moments.narrow(1, 0, self.config.latent_channels)?;
-        Ok((mean * self.config.scaling_factor)?.to_dtype(DType::F32)?)
+        Ok(mean.to_dtype(DType::F32)?)
     }
 
-    /// Images in `[0, 1]` (f32, `[B, 3, 8h, 8w]`) of scaled latents `[B, 4, h, w]`.
+    /// Images in `[0, 1]` (f32, `[B, 3, 8h, 8w]`) of latents `[B, 4, h, w]` (the VAE's own
+    /// scale, as ComfyUI's LATENT; the model's latent scale applies inside sampling).
     ///
     /// # Errors
     /// Tensor errors (out of memory: use [`VaeModel::decode_tiled`]).
@@ -228,8 +229,7 @@ impl VaeModel {
     pub fn decode_with(&self, latents: &Tensor, proceed: crate::Proceed<'_>) -> Result<Tensor> {
         let blocks = self.decoder.up_blocks.len() + 1;
         crate::check_proceed(proceed, 0, blocks)?;
-        let z =
-            (latents.to_device(&self.device)?.to_dtype(self.dtype)? / self.config.scaling_factor)?;
+        let z = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let z = self.post_quant_conv.forward(&z)?;
         let mut xs = self
             .decoder

@@ -18,7 +18,8 @@ use sakuga_models::cache::{ModelCache, ModelKind};
 use sakuga_models::diffusion::keymap::Part;
 use sakuga_models::diffusion::{
     AppliedLora, Checkpoint, ClipModel, LoraFile, SampleParams, SamplerKind, Scheduler,
-    SizeConditioning, StepHooks, TextConditioning, UnetModel, VaeModel, empty_latent, sample_along,
+    SizeConditioning, StepHooks, TextConditioning, UnetModel, VaeModel, empty_latent,
+    load_vae_file, sample_along,
 };
 use sakuga_models::store::{ModelFolder, ModelStore};
 
@@ -39,6 +40,8 @@ pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(ClipTextEncodeSdxl);
     registry.register(ClipTextEncodeSdxlRefiner);
     registry.register(LoraLoader);
+    registry.register(LoraLoaderModelOnly);
+    registry.register(VaeLoader);
     registry.register(EmptyLatentImage);
     registry.register(KSampler);
     registry.register(KSamplerAdvanced);
@@ -311,6 +314,91 @@ impl Node for CheckpointLoaderSimple {
     }
 }
 
+/// VAELoader: a standalone VAE from `vae/`.
+struct VaeLoader;
+
+static VAE_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("VAELoader", "Load VAE", "loaders")
+        .loads("vae", "vae_name", ModelKind::Vae)
+        .input(model_combo("vae_name", "vae"))
+        .output(PortType::Vae)
+});
+
+impl Node for VaeLoader {
+    fn schema(&self) -> &NodeSchema {
+        &VAE_LOADER
+    }
+
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let env = ctx.env;
+        let path = model_path(env, ModelFolder::Vae, inputs.str("vae_name")?)?;
+        let device = env.device.clone();
+        let vae = cached(
+            env,
+            &format!("{}#vae", path.display()),
+            ModelKind::Vae,
+            || {
+                let bytes = std::fs::metadata(&path).map_or(0, |m| m.len());
+                load_vae_file(&path, &device, DType::F32).map(|v| (v, bytes))
+            },
+        )?;
+        Ok(vec![Value::object(VaeDecoder { vae })])
+    }
+}
+
+/// LoraLoaderModelOnly: a LoRA on the diffusion model alone.
+struct LoraLoaderModelOnly;
+
+static LORA_LOADER_MODEL_ONLY: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("LoraLoaderModelOnly", "LoraLoaderModelOnly", "loaders")
+        .loads("loras", "lora_name", ModelKind::Lora)
+        .input(InputSpec::link("model", PortType::Model))
+        .input(model_combo("lora_name", "loras"))
+        .input(InputSpec::float("strength_model", 1.0, -100.0, 100.0, 0.01))
+        .output(PortType::Model)
+});
+
+impl Node for LoraLoaderModelOnly {
+    fn schema(&self) -> &NodeSchema {
+        &LORA_LOADER_MODEL_ONLY
+    }
+
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let env = ctx.env;
+        let model = inputs.object::<DiffusionModel>("model")?;
+        let name = inputs.str("lora_name")?;
+        let strength_model = inputs.float("strength_model")?;
+        if strength_model == 0.0 {
+            return Ok(vec![Value::Object(model)]);
+        }
+        let applied = AppliedLora {
+            lora: open_lora(env, name)?,
+            strength_model,
+            strength_clip: 0.0,
+        };
+        let mut source = model.source.clone();
+        source.loras.push((name.to_string(), applied));
+        let unet = load_unet(env, &source)?;
+        Ok(vec![Value::object(DiffusionModel { unet, source })])
+    }
+}
+
+/// A LoRA file from `loras/`, parsed once and cached.
+fn open_lora(env: &NodeEnv, name: &str) -> Result<Arc<LoraFile>, NodeError> {
+    let path = model_path(env, ModelFolder::Loras, name)?;
+    cached(
+        env,
+        &format!("{}#lora", path.display()),
+        ModelKind::Lora,
+        || {
+            LoraFile::open(&path).map(|l| {
+                let bytes = l.bytes();
+                (l, bytes)
+            })
+        },
+    )
+}
+
 /// CLIPTextEncode: a prompt to conditioning.
 struct ClipTextEncode;
 
@@ -479,20 +567,8 @@ impl Node for LoraLoader {
         if strength_model == 0.0 && strength_clip == 0.0 {
             return Ok(vec![Value::Object(model), Value::Object(clip)]);
         }
-        let path = model_path(env, ModelFolder::Loras, name)?;
-        let lora = cached(
-            env,
-            &format!("{}#lora", path.display()),
-            ModelKind::Lora,
-            || {
-                LoraFile::open(&path).map(|l| {
-                    let bytes = l.bytes();
-                    (l, bytes)
-                })
-            },
-        )?;
         let applied = AppliedLora {
-            lora,
+            lora: open_lora(env, name)?,
             strength_model,
             strength_clip,
         };
