@@ -52,7 +52,14 @@ fn stages(c: &mut Criterion) {
 
     let positive = clip.condition("1girl, anime style").expect("encode");
     let negative = clip.condition("lowres").expect("encode");
-    let denoiser = GuidedDenoiser::new(&unet, &positive, &negative, 7.0, (8, 8)).expect("denoiser");
+    let denoiser = GuidedDenoiser::new(
+        &unet,
+        std::slice::from_ref(&positive),
+        std::slice::from_ref(&negative),
+        7.0,
+        (8, 8),
+    )
+    .expect("denoiser");
     for size in [64usize, 256] {
         let latent = empty_latent(size, size, 1, 8, &device).expect("latent");
         let noisy = NoiseRng::new(1, 0)

@@ -57,8 +57,8 @@ fn txt2img(
     let latent = empty_latent(size, size, 1, d.vae.downscale_factor(), &Device::Cpu).unwrap();
     let latent = sample_latent(
         unet,
-        &positive,
-        &negative,
+        std::slice::from_ref(&positive),
+        std::slice::from_ref(&negative),
         &latent,
         params,
         StepHooks::none(),
@@ -111,8 +111,8 @@ fn cancel_mid_sampling_stops_within_one_step() {
     };
     let err = sample_latent(
         &d.unet,
-        &positive,
-        &negative,
+        std::slice::from_ref(&positive),
+        std::slice::from_ref(&negative),
         &latent,
         &params(1, 10),
         hooks,
@@ -141,8 +141,8 @@ fn every_sampler_and_scheduler_produces_a_finite_image() {
             };
             let out = sample_latent(
                 &d.unet,
-                &positive,
-                &negative,
+                std::slice::from_ref(&positive),
+                std::slice::from_ref(&negative),
                 &latent,
                 &p,
                 StepHooks::none(),
@@ -227,8 +227,8 @@ fn img2img_encodes_and_partially_denoises() {
     assert_eq!(p.sigmas(d.unet.sampling()).len(), 5);
     let out = sample_latent(
         &d.unet,
-        &positive,
-        &negative,
+        std::slice::from_ref(&positive),
+        std::slice::from_ref(&negative),
         &latent,
         &p,
         StepHooks::none(),
@@ -457,7 +457,15 @@ fn a_split_batch_samples_the_same_latents_as_the_whole_batch() {
         ..whole.clone()
     };
     let run = |p: &SampleParams| {
-        sample_latent(&d.unet, &positive, &negative, &latent, p, StepHooks::none()).unwrap()
+        sample_latent(
+            &d.unet,
+            std::slice::from_ref(&positive),
+            std::slice::from_ref(&negative),
+            &latent,
+            p,
+            StepHooks::none(),
+        )
+        .unwrap()
     };
     let (a, b) = (values(&run(&whole)), values(&run(&split)));
     assert_eq!(a.len(), b.len());
@@ -519,4 +527,57 @@ fn standalone_vaes_load_in_ldm_and_diffusers_layouts() {
     .unwrap();
     let err = load_vae_file(&not_a_vae, &Device::Cpu, DType::F32).unwrap_err();
     assert!(err.to_string().contains("not a VAE"), "{err}");
+}
+
+#[test]
+fn combined_prompts_average_by_area_as_comfyui_does() {
+    use sakuga_models::diffusion::{Area, Denoiser, GuidedDenoiser, TextConditioning};
+    let d = demo();
+    let p = d.clip.condition("1girl, anime style").unwrap();
+    let q = d.clip.condition("a red dragon").unwrap();
+    let negative = d.clip.condition("").unwrap();
+    let x = Tensor::rand(-1f32, 1.0, (1, 4, 16, 16), &Device::Cpu).unwrap();
+    let denoise = |positive: &[TextConditioning]| {
+        let guided = GuidedDenoiser::new(
+            &d.unet,
+            positive,
+            std::slice::from_ref(&negative),
+            6.0,
+            (16, 16),
+        )
+        .unwrap();
+        guided.denoise(&x, 3.0).unwrap()
+    };
+    let alone = denoise(std::slice::from_ref(&p));
+    // The same prompt twice averages to itself (through the per-prompt path).
+    let twice = denoise(&[p.clone(), p.clone()]);
+    let diff = (&twice - &alone).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(diff.to_scalar::<f32>().unwrap() < 1e-4, "{diff}");
+    // A second prompt on the right half changes only what it covers.
+    let right = TextConditioning {
+        area: Some(Area::Cells(16, 8, 0, 8)),
+        ..q
+    };
+    let placed = denoise(&[p.clone(), right]);
+    let half = |t: &Tensor, from: usize| t.narrow(3, from, 8).unwrap();
+    let left_diff = (half(&placed, 0) - half(&alone, 0))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    let right_diff = (half(&placed, 8) - half(&alone, 8))
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap();
+    assert!(
+        left_diff.to_scalar::<f32>().unwrap() < 1e-5,
+        "left half: {left_diff}"
+    );
+    assert!(
+        right_diff.to_scalar::<f32>().unwrap() > 1e-3,
+        "right half: {right_diff}"
+    );
 }

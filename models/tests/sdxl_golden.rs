@@ -107,7 +107,6 @@ fn text_encoders_and_y_match_comfyui() {
     let adm = &g["adm"];
     let size = |key: &str| adm[key].as_f64().unwrap();
     let conditioning = TextConditioning {
-        context: encoded.context,
         pooled: Some(pooled),
         size: Some(SizeConditioning {
             width: size("width"),
@@ -117,7 +116,7 @@ fn text_encoders_and_y_match_comfyui() {
             target_width: size("target_width"),
             target_height: size("target_height"),
         }),
-        aesthetic_score: None,
+        ..TextConditioning::context(encoded.context)
     };
     let y = conditioning
         .sdxl_y(1600, false, false, (6, 8), &Device::Cpu)
@@ -179,12 +178,19 @@ fn the_refiner_demo_is_read_and_samples_with_its_aesthetic_score() {
             cfg: 1.0,
             ..SampleParams::new(3)
         };
-        sample_latent(&unet, &scored, &scored, &latent, &params, StepHooks::none())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
+        sample_latent(
+            &unet,
+            std::slice::from_ref(&scored),
+            std::slice::from_ref(&scored),
+            &latent,
+            &params,
+            StepHooks::none(),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
     };
     assert!(run(6.0).iter().all(|v| v.is_finite()));
     assert_ne!(run(6.0), run(2.0), "the aesthetic score reaches the UNet");

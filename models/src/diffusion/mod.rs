@@ -31,7 +31,7 @@ use candle_core::{DType, Device, Tensor};
 pub use config::{Prediction, SdConfig};
 pub use lora::LoraFile;
 pub use model::{
-    AppliedLora, Checkpoint, ClipModel, Encoded, GuidedDenoiser, SizeConditioning,
+    AppliedLora, Area, Checkpoint, ClipModel, Encoded, GuidedDenoiser, SizeConditioning,
     TextConditioning, UnetModel, load_vae_file,
 };
 pub use rng::NoiseRng;
@@ -156,8 +156,8 @@ pub fn empty_latent(
 /// [`ModelError::Cancelled`] when `hooks` cancel; network errors.
 pub fn sample_latent(
     unet: &UnetModel,
-    positive: &TextConditioning,
-    negative: &TextConditioning,
+    positive: &[TextConditioning],
+    negative: &[TextConditioning],
     latent: &Tensor,
     params: &SampleParams,
     hooks: StepHooks<'_>,
@@ -181,8 +181,8 @@ pub fn sample_latent(
 #[allow(clippy::too_many_arguments)]
 pub fn sample_along(
     unet: &UnetModel,
-    positive: &TextConditioning,
-    negative: &TextConditioning,
+    positive: &[TextConditioning],
+    negative: &[TextConditioning],
     latent: &Tensor,
     sigmas: &[f64],
     params: &SampleParams,

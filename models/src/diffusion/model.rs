@@ -467,10 +467,8 @@ impl ClipModel {
     pub fn condition(&self, prompt: &str) -> Result<TextConditioning> {
         let Encoded { context, pooled } = self.encode_pair(prompt, prompt)?;
         Ok(TextConditioning {
-            context,
             pooled,
-            size: None,
-            aesthetic_score: None,
+            ..TextConditioning::context(context)
         })
     }
 
@@ -601,6 +599,43 @@ pub struct TextConditioning {
     pub size: Option<SizeConditioning>,
     /// The SDXL refiner's aesthetic score; `None` is ComfyUI's 6 (2.5 for a negative).
     pub aesthetic_score: Option<f64>,
+    /// Where on the latent this prompt applies (`ConditioningSetArea`); everywhere if none.
+    pub area: Option<Area>,
+    /// Where and how much it applies by mask (`ConditioningSetMask`): `[1, h, w]` at any
+    /// size (resized to the latent) and its strength.
+    pub mask: Option<(Tensor, f64)>,
+    /// Weight against the other prompts it is combined with (1 by default).
+    pub strength: f64,
+}
+
+/// A rectangle of the latent: in cells, or in fractions of its size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Area {
+    /// `(height, width, top, left)` in latent cells.
+    Cells(usize, usize, usize, usize),
+    /// `(height, width, top, left)` as fractions of the latent's size.
+    Fraction(f64, f64, f64, f64),
+    /// The bounding box of the prompt's mask (resolved with the mask at the latent's size;
+    /// the whole latent until then).
+    MaskBounds,
+}
+
+impl Area {
+    /// `(top, left, height, width)` in cells on a latent of `h x w`, clipped to it.
+    fn on(self, h: usize, w: usize) -> (usize, usize, usize, usize) {
+        let (ah, aw, top, left) = match self {
+            Area::Cells(ah, aw, top, left) => (ah, aw, top, left),
+            Area::Fraction(fh, fw, ft, fl) => (
+                ((fh * h as f64).round() as usize).max(1),
+                ((fw * w as f64).round() as usize).max(1),
+                (ft * h as f64).round() as usize,
+                (fl * w as f64).round() as usize,
+            ),
+            Area::MaskBounds => (h, w, 0, 0),
+        };
+        let (top, left) = (top.min(h.saturating_sub(1)), left.min(w.saturating_sub(1)));
+        (top, left, ah.min(h - top).max(1), aw.min(w - left).max(1))
+    }
 }
 
 impl TextConditioning {
@@ -611,7 +646,15 @@ impl TextConditioning {
             pooled: None,
             size: None,
             aesthetic_score: None,
+            area: None,
+            mask: None,
+            strength: 1.0,
         }
+    }
+
+    /// Whether it applies everywhere at full weight (the fast, batched path).
+    fn is_plain(&self) -> bool {
+        self.area.is_none() && self.mask.is_none() && self.strength == 1.0
     }
 
     /// SDXL's class vector `y` `[1, adm]` for a latent of `latent_hw` cells: the pooled
@@ -669,46 +712,107 @@ impl TextConditioning {
     }
 }
 
+/// One prompt as the sampler evaluates it.
+#[derive(Debug)]
+struct Prompt {
+    context: Tensor,
+    y: Option<Tensor>,
+    area: Option<Area>,
+    /// `[1 or batch, 1, h, w]` at the latent's size, times its strength.
+    mask: Option<Tensor>,
+    strength: f64,
+}
+
 /// Classifier-free guided denoiser over a [`UnetModel`].
 #[derive(Debug)]
 pub struct GuidedDenoiser<'a> {
     unet: &'a UnetModel,
-    positive: Tensor,
-    negative: Tensor,
-    /// SDXL's class vectors for the positive and negative prompt.
-    y: Option<(Tensor, Tensor)>,
+    /// One plain prompt each side: both run as one batch, contexts matched in length, with
+    /// SDXL's class vectors.
+    pair: Option<(Tensor, Tensor, Option<(Tensor, Tensor)>)>,
+    /// Otherwise every prompt runs on its area and the outputs are averaged by weight.
+    positive: Vec<Prompt>,
+    negative: Vec<Prompt>,
     cfg: f64,
     max_batch: Option<usize>,
 }
 
 impl<'a> GuidedDenoiser<'a> {
-    /// Guidance `cfg` between `negative` and `positive` conditioning (contexts
-    /// `[1, tokens, width]` each; token counts may differ and are repeated to a common
-    /// length) for latents of `latent_hw` cells (SDXL's default size conditioning).
+    /// Guidance `cfg` between the `negative` and `positive` prompts for latents of
+    /// `latent_hw` cells (SDXL's default size conditioning). Prompts combined on one side
+    /// (`ConditioningCombine`) run each on its area or mask (which must be at the latent's
+    /// size already) and are averaged by weight, as ComfyUI does; a lone plain prompt per
+    /// side runs batched with the other.
     ///
     /// # Errors
-    /// When the conditionings' widths differ.
+    /// No positive prompt, no negative one with guidance, or conditioning widths that
+    /// differ.
     pub fn new(
         unet: &'a UnetModel,
-        positive: &TextConditioning,
-        negative: &TextConditioning,
+        positive: &[TextConditioning],
+        negative: &[TextConditioning],
         cfg: f64,
         latent_hw: (usize, usize),
     ) -> Result<Self> {
-        let (pos, neg) = match_lengths(&positive.context, &negative.context)?;
+        let guided = (cfg - 1.0).abs() >= f64::EPSILON;
+        let (Some(first), false) = (positive.first(), guided && negative.is_empty()) else {
+            return Err(ModelError::InvalidInput(
+                "sampling needs a positive prompt, and a negative one when cfg is not 1".into(),
+            ));
+        };
         let refiner = unet.config().is_sdxl_refiner();
-        let y = match unet.config().unet.adm_in_channels {
-            Some(adm) => Some((
-                positive.sdxl_y(adm, refiner, false, latent_hw, unet.device())?,
-                negative.sdxl_y(adm, refiner, true, latent_hw, unet.device())?,
-            )),
-            None => None,
+        let y_of = |c: &TextConditioning, negative: bool| -> Result<Option<Tensor>> {
+            match unet.config().unet.adm_in_channels {
+                Some(adm) => Ok(Some(c.sdxl_y(
+                    adm,
+                    refiner,
+                    negative,
+                    latent_hw,
+                    unet.device(),
+                )?)),
+                None => Ok(None),
+            }
+        };
+        let plain = positive.len() == 1
+            && negative.len() <= 1
+            && positive
+                .iter()
+                .chain(negative)
+                .all(TextConditioning::is_plain);
+        if plain {
+            let other = negative.first().unwrap_or(first);
+            let (pos, neg) = match_lengths(&first.context, &other.context)?;
+            let y = match (y_of(first, false)?, y_of(other, true)?) {
+                (Some(p), Some(n)) => Some((p, n)),
+                _ => None,
+            };
+            return Ok(Self {
+                unet,
+                pair: Some((pos, neg, y)),
+                positive: Vec::new(),
+                negative: Vec::new(),
+                cfg,
+                max_batch: None,
+            });
+        }
+        let prompts = |side: &[TextConditioning], negative: bool| -> Result<Vec<Prompt>> {
+            side.iter()
+                .map(|c| {
+                    Ok(Prompt {
+                        context: c.context.clone(),
+                        y: y_of(c, negative)?,
+                        area: c.area,
+                        mask: c.mask.as_ref().map(|(m, s)| m * *s).transpose()?,
+                        strength: c.strength,
+                    })
+                })
+                .collect()
         };
         Ok(Self {
             unet,
-            positive: pos,
-            negative: neg,
-            y,
+            pair: None,
+            positive: prompts(positive, false)?,
+            negative: prompts(negative, true)?,
             cfg,
             max_batch: None,
         })
@@ -728,33 +832,18 @@ impl<'a> GuidedDenoiser<'a> {
         let t = sampling.timestep(sigma);
         let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
         let x_in = (x * c_in)?;
-        let output = if (self.cfg - 1.0).abs() < f64::EPSILON {
-            let y = match &self.y {
-                Some((positive, _)) => Some(batched(positive, batch)?),
-                None => None,
-            };
-            self.unet
-                .forward(&x_in, t, &batched(&self.positive, batch)?, y.as_ref())?
-        } else {
-            let both = Tensor::cat(&[&x_in, &x_in], 0)?;
-            let context = Tensor::cat(
-                &[
-                    batched(&self.negative, batch)?,
-                    batched(&self.positive, batch)?,
-                ],
-                0,
-            )?;
-            let y = match &self.y {
-                Some((positive, negative)) => Some(Tensor::cat(
-                    &[batched(negative, batch)?, batched(positive, batch)?],
-                    0,
-                )?),
-                None => None,
-            };
-            let out = self.unet.forward(&both, t, &context, y.as_ref())?;
-            let uncond = out.narrow(0, 0, batch)?;
-            let cond = out.narrow(0, batch, batch)?;
-            (&uncond + ((cond - &uncond)? * self.cfg)?)?
+        let guided = (self.cfg - 1.0).abs() >= f64::EPSILON;
+        let output = match &self.pair {
+            Some(pair) => self.pair_output(pair, &x_in, t, batch, guided)?,
+            None => {
+                let cond = self.averaged(&self.positive, &x_in, t, batch)?;
+                if guided {
+                    let uncond = self.averaged(&self.negative, &x_in, t, batch)?;
+                    (&uncond + ((cond - &uncond)? * self.cfg)?)?
+                } else {
+                    cond
+                }
+            }
         };
         let output = output.to_device(x.device())?;
         Ok(match self.unet.config().prediction {
@@ -766,6 +855,116 @@ impl<'a> GuidedDenoiser<'a> {
             }
         })
     }
+
+    /// One plain prompt each side, run as one batch.
+    fn pair_output(
+        &self,
+        (positive, negative, y): &(Tensor, Tensor, Option<(Tensor, Tensor)>),
+        x_in: &Tensor,
+        t: f64,
+        batch: usize,
+        guided: bool,
+    ) -> Result<Tensor> {
+        if !guided {
+            let y = match y {
+                Some((positive, _)) => Some(batched(positive, batch)?),
+                None => None,
+            };
+            return self
+                .unet
+                .forward(x_in, t, &batched(positive, batch)?, y.as_ref());
+        }
+        let both = Tensor::cat(&[x_in, x_in], 0)?;
+        let context = Tensor::cat(&[batched(negative, batch)?, batched(positive, batch)?], 0)?;
+        let y = match y {
+            Some((positive, negative)) => Some(Tensor::cat(
+                &[batched(negative, batch)?, batched(positive, batch)?],
+                0,
+            )?),
+            None => None,
+        };
+        let out = self.unet.forward(&both, t, &context, y.as_ref())?;
+        let uncond = out.narrow(0, 0, batch)?;
+        let cond = out.narrow(0, batch, batch)?;
+        Ok((&uncond + ((cond - &uncond)? * self.cfg)?)?)
+    }
+
+    /// Each prompt on its area, weighted by its mask or an 8-cell fade at area edges inside
+    /// the latent, times its strength; the outputs averaged by those weights (0 where no
+    /// prompt reaches), as ComfyUI's `calc_cond_batch`.
+    fn averaged(&self, prompts: &[Prompt], x_in: &Tensor, t: f64, batch: usize) -> Result<Tensor> {
+        let (_, _, h, w) = x_in.dims4()?;
+        let device = self.unet.device();
+        let mut sum: Option<Tensor> = None;
+        let mut weight: Option<Tensor> = None;
+        for prompt in prompts {
+            let (top, left, ah, aw) = prompt.area.map_or((0, 0, h, w), |a| a.on(h, w));
+            let crop = x_in.narrow(2, top, ah)?.narrow(3, left, aw)?;
+            let y = prompt.y.as_ref().map(|y| batched(y, batch)).transpose()?;
+            let out = self
+                .unet
+                .forward(&crop, t, &batched(&prompt.context, batch)?, y.as_ref())?;
+            let mult = match &prompt.mask {
+                Some(mask) => (mask.narrow(2, top, ah)?.narrow(3, left, aw)? * prompt.strength)?,
+                None => {
+                    let fade = prompt.area.map(|_| (top, left, ah, aw, h, w));
+                    (edge_fade(ah, aw, fade, device)? * prompt.strength)?
+                }
+            }
+            .to_device(out.device())?
+            .to_dtype(out.dtype())?;
+            let place = |t: Tensor| -> Result<Tensor> {
+                Ok(t.pad_with_zeros(2, top, h - top - ah)?.pad_with_zeros(
+                    3,
+                    left,
+                    w - left - aw,
+                )?)
+            };
+            let weighted = place(out.broadcast_mul(&mult)?)?;
+            let mult = place(mult)?;
+            sum = Some(match sum {
+                Some(s) => (s + weighted)?,
+                None => weighted,
+            });
+            weight = Some(match weight {
+                Some(w) => w.broadcast_add(&mult)?,
+                None => mult,
+            });
+        }
+        let (Some(sum), Some(weight)) = (sum, weight) else {
+            return Err(ModelError::InvalidInput("no prompt on this side".into()));
+        };
+        Ok(sum.broadcast_div(&weight.clamp(1e-37, f32::MAX)?)?)
+    }
+}
+
+/// A `[1, 1, ah, aw]` weight: ones, faded over 8 cells at each edge of an area that lies
+/// inside the latent (`fade`: top, left, height, width of the area and of the latent).
+fn edge_fade(
+    ah: usize,
+    aw: usize,
+    fade: Option<(usize, usize, usize, usize, usize, usize)>,
+    device: &Device,
+) -> Result<Tensor> {
+    const RAMP: usize = 8;
+    let mut rows = vec![1f32; ah];
+    let mut cols = vec![1f32; aw];
+    if let Some((top, left, ah, aw, h, w)) = fade {
+        for (line, start, len, full) in [(&mut rows, top, ah, h), (&mut cols, left, aw, w)] {
+            for t in 0..RAMP.min(len) {
+                let factor = (t + 1) as f32 / RAMP as f32;
+                if start != 0 {
+                    line[t] *= factor;
+                }
+                if start + len < full {
+                    line[len - 1 - t] *= factor;
+                }
+            }
+        }
+    }
+    let rows = Tensor::from_vec(rows, (1, 1, ah, 1), device)?;
+    let cols = Tensor::from_vec(cols, (1, 1, 1, aw), device)?;
+    Ok(rows.broadcast_mul(&cols)?)
 }
 
 fn match_lengths(a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {

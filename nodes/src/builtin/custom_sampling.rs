@@ -445,7 +445,7 @@ fn run_custom(
     let (samples, denoised) = sample_with_mask(
         ctx,
         &guider.model,
-        (&guider.positive.text, &negative.text),
+        (&guider.positive.entries, &negative.entries),
         &latent,
         &sigmas,
         &params,

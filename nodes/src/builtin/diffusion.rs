@@ -17,7 +17,7 @@ use sakuga_models::ModelError;
 use sakuga_models::cache::{ModelCache, ModelKind};
 use sakuga_models::diffusion::keymap::Part;
 use sakuga_models::diffusion::{
-    AppliedLora, Checkpoint, ClipModel, LoraFile, SampleParams, SamplerKind, Scheduler,
+    AppliedLora, Area, Checkpoint, ClipModel, LoraFile, SampleParams, SamplerKind, Scheduler,
     SizeConditioning, StepHooks, TextConditioning, UnetModel, VaeModel, empty_latent,
     load_vae_file, sample_along,
 };
@@ -157,7 +157,17 @@ pub struct VaeDecoder {
 /// size conditioning.
 #[derive(Debug, Clone)]
 pub struct Conditioning {
-    pub text: TextConditioning,
+    /// Every prompt of it: one from a text encoder, more once combined.
+    pub entries: Vec<TextConditioning>,
+}
+
+impl Conditioning {
+    /// One prompt's conditioning.
+    pub fn one(text: TextConditioning) -> Self {
+        Self {
+            entries: vec![text],
+        }
+    }
 }
 
 /// LATENT: scaled latents `[batch, 4, h, w]` (f32).
@@ -423,7 +433,7 @@ impl Node for ClipTextEncode {
     fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let clip = inputs.object::<ClipEncoder>("clip")?;
         let text = clip.clip.condition(inputs.str("text")?)?;
-        Ok(vec![Value::object(Conditioning { text })])
+        Ok(vec![Value::object(Conditioning::one(text))])
     }
 }
 
@@ -462,7 +472,6 @@ impl Node for ClipTextEncodeSdxl {
             .encode_pair(inputs.str("text_l")?, inputs.str("text_g")?)?;
         let px = |name: &str| -> Result<f64, NodeError> { Ok(inputs.int(name)? as f64) };
         let text = TextConditioning {
-            context: encoded.context,
             pooled: encoded.pooled,
             size: Some(SizeConditioning {
                 width: px("width")?,
@@ -472,9 +481,9 @@ impl Node for ClipTextEncodeSdxl {
                 target_width: px("target_width")?,
                 target_height: px("target_height")?,
             }),
-            aesthetic_score: None,
+            ..TextConditioning::context(encoded.context)
         };
-        Ok(vec![Value::object(Conditioning { text })])
+        Ok(vec![Value::object(Conditioning::one(text))])
     }
 }
 
@@ -507,7 +516,7 @@ impl Node for ClipTextEncodeSdxlRefiner {
         let (width, height) = (inputs.int("width")? as f64, inputs.int("height")? as f64);
         text.size = Some(SizeConditioning::plain(width, height));
         text.aesthetic_score = Some(inputs.float("ascore")?);
-        Ok(vec![Value::object(Conditioning { text })])
+        Ok(vec![Value::object(Conditioning::one(text))])
     }
 }
 
@@ -660,7 +669,7 @@ fn run_sampler(
     let (samples, _) = sample_with_mask(
         ctx,
         &model,
-        (&positive.text, &negative.text),
+        (&positive.entries, &negative.entries),
         &latent,
         &sigmas,
         &params,
@@ -673,7 +682,7 @@ fn run_sampler(
 pub(super) fn sample_with_mask(
     ctx: &ExecContext<'_>,
     model: &DiffusionModel,
-    (positive, negative): (&TextConditioning, &TextConditioning),
+    (positive, negative): (&[TextConditioning], &[TextConditioning]),
     latent: &Latent,
     sigmas: &[f64],
     params: &SampleParams,
@@ -686,17 +695,32 @@ pub(super) fn sample_with_mask(
         progress: &progress,
         cancelled: &cancelled,
     };
+    let (_, _, h, w) = latent.samples.dims4()?;
     let mask = match &latent.noise_mask {
-        Some(mask) => {
-            let (_, _, h, w) = latent.samples.dims4()?;
-            Some(super::mask::latent_mask(mask, h, w)?)
-        }
+        Some(mask) => Some(super::mask::latent_mask(mask, h, w)?),
         None => None,
     };
+    // Prompt masks meet the latent at its size.
+    let at_latent_size = |side: &[TextConditioning]| -> Result<Vec<TextConditioning>, NodeError> {
+        side.iter()
+            .map(|c| {
+                let mut c = c.clone();
+                if let Some((m, strength)) = c.mask.take() {
+                    let m = super::mask::latent_mask(&m, h, w)?;
+                    if c.area == Some(Area::MaskBounds) {
+                        c.area = Some(mask_bounds(&m)?);
+                    }
+                    c.mask = Some((m, strength));
+                }
+                Ok(c)
+            })
+            .collect()
+    };
+    let (positive, negative) = (at_latent_size(positive)?, at_latent_size(negative)?);
     sample_along(
         &model.unet,
-        positive,
-        negative,
+        &positive,
+        &negative,
         &latent.samples,
         sigmas,
         params,
@@ -704,6 +728,25 @@ pub(super) fn sample_with_mask(
         hooks,
     )
     .map_err(node_error)
+}
+
+/// The cells where a `[b, 1, h, w]` mask is above zero, as an area (all of it when none is).
+fn mask_bounds(mask: &Tensor) -> Result<Area, NodeError> {
+    let (_, _, h, w) = mask.dims4()?;
+    let plane = mask.max(0)?.squeeze(0)?.to_vec2::<f32>()?;
+    let (mut top, mut left, mut bottom, mut right) = (h, w, 0, 0);
+    for (y, row) in plane.iter().enumerate() {
+        for (x, &v) in row.iter().enumerate() {
+            if v > 0.0 {
+                (top, left) = (top.min(y), left.min(x));
+                (bottom, right) = (bottom.max(y + 1), right.max(x + 1));
+            }
+        }
+    }
+    if bottom == 0 {
+        return Ok(Area::Cells(h, w, 0, 0));
+    }
+    Ok(Area::Cells(bottom - top, right - left, top, left))
 }
 
 /// What both samplers read alike: steps, CFG, sampler, scheduler and the seed (ComfyUI's

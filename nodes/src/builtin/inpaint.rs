@@ -1,13 +1,12 @@
-//! Inpainting and conditioning edits with ComfyUI's class types and inputs:
-//! `SetLatentNoiseMask`, `VAEEncodeForInpaint`, `InpaintModelConditioning` (`nodes.py`) and
-//! `ConditioningZeroOut`. A latent's noise mask makes the samplers repaint only inside it
+//! Inpainting with ComfyUI's class types and inputs: `SetLatentNoiseMask`,
+//! `VAEEncodeForInpaint` and `InpaintModelConditioning` (`nodes.py`). A latent's noise mask makes the samplers repaint only inside it
 //! (`sakuga_models::diffusion::sample_along`).
 
 use std::sync::LazyLock;
 
 use candle_core::{DType, Tensor};
 
-use super::diffusion::{Conditioning, Latent, VaeDecoder, encode_pixels, latent_aligned};
+use super::diffusion::{Latent, VaeDecoder, encode_pixels, latent_aligned};
 use super::mask::resize_mask;
 use crate::error::NodeError;
 use crate::node::{ExecContext, Inputs, Node};
@@ -21,7 +20,6 @@ pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(SetLatentNoiseMask);
     registry.register(VaeEncodeForInpaint);
     registry.register(InpaintModelConditioning);
-    registry.register(ConditioningZeroOut);
 }
 
 /// A `[b, h, w]` mask as `[b, 1, h, w]`, the noise mask's layout.
@@ -217,33 +215,6 @@ impl Node for InpaintModelConditioning {
                 noise_mask,
             }),
         ])
-    }
-}
-
-static CONDITIONING_ZERO_OUT: LazyLock<NodeSchema> = LazyLock::new(|| {
-    NodeSchema::new(
-        "ConditioningZeroOut",
-        "ConditioningZeroOut",
-        "advanced/conditioning",
-    )
-    .input(InputSpec::link("conditioning", PortType::Conditioning))
-    .output(PortType::Conditioning)
-});
-
-struct ConditioningZeroOut;
-
-impl Node for ConditioningZeroOut {
-    fn schema(&self) -> &NodeSchema {
-        &CONDITIONING_ZERO_OUT
-    }
-
-    /// The context and pooled embedding as zeros (the size conditioning stays).
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
-        let conditioning = inputs.object::<Conditioning>("conditioning")?;
-        let mut text = conditioning.text.clone();
-        text.context = text.context.zeros_like()?;
-        text.pooled = text.pooled.map(|p| p.zeros_like()).transpose()?;
-        Ok(vec![Value::object(Conditioning { text })])
     }
 }
 

@@ -1,6 +1,7 @@
 //! The built-in nodes, one family per file, and the list that registers them.
 
 mod animated;
+mod conditioning;
 mod custom_sampling;
 pub mod diffusion;
 mod image;
@@ -20,6 +21,7 @@ pub const MAX_RESOLUTION: i64 = 16384;
 pub fn register_all(registry: &mut NodeRegistry) {
     diffusion::register(registry);
     custom_sampling::register(registry);
+    conditioning::register(registry);
     image::register(registry);
     mask::register(registry);
     inpaint::register(registry);
