@@ -1,22 +1,25 @@
 #!/usr/bin/env python3
 """Writes the template corpus `tests/workflows/templates/`: ComfyUI's own workflow templates
-(PyPI `comfyui-workflow-templates-json`, UI format, unchanged graphs) with their model file
-names mapped to sakuga's demo models and their latent sizes cut to 128 px, so
-`tests/template_corpus.rs` can validate and run each one on a CPU in seconds.
+(UI format, unchanged graphs) from the current package (PyPI
+`comfyui-workflow-templates-json`) and the classic SD 1.5/SD 2 ones of an earlier release
+(`comfyui-workflow-templates` 0.1.30), with their model file names mapped to sakuga's demo
+models and their pixel sizes cut to an eighth, so `tests/template_corpus.rs` can validate and
+run each one on a CPU in seconds. SD 2.x templates are mapped to the SD 1.5-layout demo: the
+graph and its nodes are what is under test, not the architecture.
 
     python3 scripts/template_corpus.py            # (re)writes the corpus
     python3 scripts/template_corpus.py --check    # exits 1 if the corpus is stale
 
-Only the mapped names, the `EmptyLatentImage` size and the template's own `models` download
-list (dropped: it names files sakuga never fetches) change; everything else is byte-for-byte
-what ComfyUI ships. The package is installed by `scripts/template_coverage.py`'s installer
-into target/tmp/templates.
+Only the mapped names, the sizes (latents, upscales, prompt areas) and the template's own
+`models` download list (dropped: it names files sakuga never fetches) change; everything
+else is what ComfyUI ships. The packages install under target/tmp.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -26,11 +29,23 @@ from template_coverage import install  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "workflows" / "templates"
 
-# ComfyUI's model file names -> sakuga's demo models of the same architecture.
+SD15 = "sakuga-demo-sd15.safetensors"
+# ComfyUI's model file names -> sakuga's demo models.
 MODEL_NAMES = {
     "sd_xl_base_1.0.safetensors": "sakuga-demo-sdxl.safetensors",
     "sd_xl_refiner_1.0.safetensors": "sakuga-demo-sdxl-refiner.safetensors",
     "sd_xl_turbo_1.0_fp16.safetensors": "sakuga-demo-sdxl.safetensors",
+    "v1-5-pruned-emaonly-fp16.safetensors": SD15,
+    "v2-1_768-ema-pruned.safetensors": SD15,
+    "dreamshaper_8.safetensors": SD15,
+    "cardosAnime_v10.safetensors": SD15,
+    "wd-illusion-fp16.safetensors": SD15,
+    "AbyssOrangeMix2_hard.safetensors": SD15,
+    "Anything-V3.0.ckpt": SD15,
+    "MoXinV1.safetensors": "sakuga-demo-lora.safetensors",
+    "blindbox_v1_mix.safetensors": "sakuga-demo-lora.safetensors",
+    "RealESRGAN_x4plus.pth": "realesr-animevideov3-x4.param",
+    "vae-ft-mse-840000-ema-pruned.safetensors": "sakuga-demo-vae.safetensors",
 }
 
 # Templates whose every node sakuga has, on architectures it runs.
@@ -41,8 +56,32 @@ TEMPLATES = [
     "sdxlturbo_example",
     "basic_mask_operations_and_compositing",
 ]
+CLASSIC = "comfyui-workflow-templates==0.1.30"
+CLASSIC_TEMPLATES = [
+    "default",
+    "image2image",
+    "lora",
+    "lora_multiple",
+    "hiresfix_latent_workflow",
+    "hiresfix_esrgan_workflow",
+    "esrgan_example",
+    "latent_upscale_different_prompt_model",
+    "area_composition",
+    "area_composition_reversed",
+    "area_composition_square_area_for_subject",
+    "embedding_example",
+]
 
-SIDE = 128
+SHRINK = 8
+# Widget positions that hold pixel sizes or positions, per node type.
+PIXEL_WIDGETS = {
+    "EmptyLatentImage": (0, 1),
+    "LatentUpscale": (1, 2),
+    "ImageScale": (1, 2),
+    "ConditioningSetArea": (0, 1, 2, 3),
+}
+# Widgets with a floor: (node type, position) -> minimum.
+FLOORS = {("ConditioningSetArea", 0): 64, ("ConditioningSetArea", 1): 64}
 
 
 def mapped(value):
@@ -57,11 +96,12 @@ def mapped(value):
 
 
 def shrink(nodes: list) -> None:
-    """Latent sizes down to SIDE x SIDE (the graphs keep their batch sizes)."""
+    """Pixel sizes and positions to an eighth, on the multiples of 8 latents need."""
     for node in nodes:
-        if node.get("type") == "EmptyLatentImage":
-            node["widgets_values"][0] = SIDE
-            node["widgets_values"][1] = SIDE
+        kind = node.get("type")
+        for i in PIXEL_WIDGETS.get(kind, ()):
+            value = node["widgets_values"][i]
+            node["widgets_values"][i] = max(FLOORS.get((kind, i), 0), value // SHRINK // 8 * 8)
         node.get("properties", {}).pop("models", None)
 
 
@@ -74,14 +114,26 @@ def convert(template: dict) -> dict:
     return workflow
 
 
+def install_classic(target: Path) -> Path:
+    """pip-install the classic template release into `target` unless it is there."""
+    templates = target / "comfyui_workflow_templates" / "templates"
+    if not (templates / "default.json").is_file():
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
+               "--disable-pip-version-check", "--target", str(target), CLASSIC]
+        subprocess.run(cmd, check=True, stdout=sys.stderr)
+    return templates
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="fail if the corpus is stale")
     args = parser.parse_args()
-    templates = install(ROOT / "target" / "tmp" / "templates", refresh=False)
+    current = install(ROOT / "target" / "tmp" / "templates", refresh=False)
+    classic = install_classic(ROOT / "target" / "tmp" / "templates-classic")
+    sources = [(current, n) for n in TEMPLATES] + [(classic, n) for n in CLASSIC_TEMPLATES]
     CORPUS.mkdir(parents=True, exist_ok=True)
     stale = []
-    for name in TEMPLATES:
+    for templates, name in sources:
         source = json.loads((templates / f"{name}.json").read_text())
         text = json.dumps(convert(source), indent=1, sort_keys=True) + "\n"
         path = CORPUS / f"{name}.json"
@@ -93,7 +145,7 @@ def main() -> int:
     if stale:
         print(f"stale corpus entries: {', '.join(stale)}", file=sys.stderr)
         return 1
-    print(f"{len(TEMPLATES)} templates in {CORPUS.relative_to(ROOT)}")
+    print(f"{len(sources)} templates in {CORPUS.relative_to(ROOT)}")
     return 0
 
 

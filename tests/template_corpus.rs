@@ -1,6 +1,6 @@
 //! ComfyUI's own workflow templates (`tests/workflows/templates/`, written by
 //! `scripts/template_corpus.py`: UI format as shipped, model names mapped to the demo
-//! models, latents cut to 128 px) validate and render through the real `sakuga` binary.
+//! models, pixel sizes cut to an eighth) validate and render through the real `sakuga` binary.
 //! Their `LoadImage` nodes read `example.png`, the image ComfyUI ships in `input/`; a
 //! generated one stands in for it.
 
@@ -107,15 +107,7 @@ fn every_template_in_the_corpus_validates_and_renders() {
         );
         let run = sakuga(
             dir.path(),
-            &[
-                "--models-dir",
-                &models,
-                "run",
-                path,
-                "--out",
-                "out",
-                "--no-progress",
-            ],
+            &[&flags[..], &["run", path, "--out", "out", "--no-progress"]].concat(),
         );
         assert!(run.status.success(), "{name} failed: {}", text(&run.stderr));
         let images = std::fs::read_dir(dir.path().join("out"))

@@ -212,8 +212,10 @@ fn is_seed(name: &str) -> bool {
     matches!(name, "seed" | "noise_seed")
 }
 
+/// A seed's "control after generate" value: a mode name, or the boolean early frontends
+/// saved for "randomize".
 fn is_control(value: &Json) -> bool {
-    value.as_str().is_some_and(|v| SEED_CONTROLS.contains(&v))
+    value.is_boolean() || value.as_str().is_some_and(|v| SEED_CONTROLS.contains(&v))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -452,7 +454,9 @@ impl<'a> Converter<'a> {
             {
                 Some(slot) => linked.push(slot),
                 None => {
-                    if let Some(value) = widgets.remove(spec.name) {
+                    // A widget the saved node lacks holds its default, as the UI creates it.
+                    if let Some(value) = widgets.remove(spec.name).or_else(|| widget_default(spec))
+                    {
                         inputs.insert(spec.name.to_string(), value);
                     }
                 }
@@ -638,6 +642,22 @@ impl<'g, 'a> Walk<'_, 'g, 'a> {
 /// Reroute, PrimitiveNode and notes exist only in the UI.
 fn is_virtual(ty: &str) -> bool {
     matches!(ty, "Reroute" | "PrimitiveNode") || NOTES.contains(&ty)
+}
+
+/// The value a fresh widget for `spec` shows: its default, or a fixed list's first choice.
+fn widget_default(spec: &sakuga_nodes::InputSpec) -> Option<Json> {
+    match &spec.kind {
+        InputKind::Int { default, .. } => Some(json!(default)),
+        InputKind::Float { default, .. } => Some(json!(default)),
+        InputKind::String { default, .. } => Some(json!(default)),
+        InputKind::Boolean { default } => Some(json!(default)),
+        InputKind::Combo { default, options } => match (default, options) {
+            (Some(d), _) => Some(json!(d)),
+            (None, sakuga_nodes::ComboOptions::Static(list)) => list.first().map(|c| json!(c)),
+            _ => None,
+        },
+        InputKind::Link(_) => None,
+    }
 }
 
 /// The node's widget values by input name: a list in the order the UI creates widgets
