@@ -84,9 +84,15 @@ PIXEL_WIDGETS = {
 FLOORS = {("ConditioningSetArea", 0): 64, ("ConditioningSetArea", 1): 64}
 
 
+# Prompt words naming model files -> the demo's.
+PROMPT_WORDS = {"embedding:SDA768.pt": "embedding:sakuga-demo-embedding"}
+
+
 def mapped(value):
     """`value` with any known model file name replaced, recursively."""
     if isinstance(value, str):
+        for word, demo in PROMPT_WORDS.items():
+            value = value.replace(word, demo)
         return MODEL_NAMES.get(value, value)
     if isinstance(value, list):
         return [mapped(v) for v in value]

@@ -35,6 +35,8 @@ use crate::store::{ModelFolder, write_safetensors};
 pub const DEMO_CHECKPOINT: &str = "sakuga-demo-sd15.safetensors";
 /// File name of the SDXL demo checkpoint inside `checkpoints/`.
 pub const DEMO_SDXL_CHECKPOINT: &str = "sakuga-demo-sdxl.safetensors";
+/// File name of the demo textual-inversion embedding inside `embeddings/`.
+pub const DEMO_EMBEDDING: &str = "sakuga-demo-embedding.safetensors";
 /// File name of the standalone demo VAE inside `vae/`.
 pub const DEMO_VAE: &str = "sakuga-demo-vae.safetensors";
 /// File name of the SDXL refiner demo checkpoint inside `checkpoints/`.
@@ -62,6 +64,7 @@ pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
         write_demo_sdxl_checkpoint(dir)?,
         write_demo_sdxl_refiner_checkpoint(dir)?,
         write_demo_vae(dir)?,
+        write_demo_embedding(dir)?,
         write_demo_lora(dir)?,
     ];
     for writer in EXTRA_DEMO_WRITERS {
@@ -330,6 +333,27 @@ pub fn write_demo_vae(dir: &Path) -> Result<PathBuf> {
     }
     let path = dir.join(ModelFolder::Vae.dir_name()).join(DEMO_VAE);
     write_safetensors(&path, &tensors, &BTreeMap::new())?;
+    Ok(path)
+}
+
+/// Writes `embeddings/sakuga-demo-embedding.safetensors`: two seeded vectors for the SD 1.5
+/// demo's text encoder (`emb_params`, as A1111 saves them in safetensors).
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_embedding(dir: &Path) -> Result<PathBuf> {
+    let width = SdConfig::demo().clip.width;
+    let values = NoiseRng::new(DEMO_SEED, name_stream("embedding")).normals(2 * width);
+    let values: Vec<f32> = values.into_iter().map(|v| v * 0.02).collect();
+    let vectors = Tensor::from_vec(values, (2, width), &Device::Cpu)?;
+    let path = dir
+        .join(ModelFolder::Embeddings.dir_name())
+        .join(DEMO_EMBEDDING);
+    write_safetensors(
+        &path,
+        &BTreeMap::from([("emb_params".to_string(), vectors)]),
+        &BTreeMap::new(),
+    )?;
     Ok(path)
 }
 

@@ -27,16 +27,19 @@ pub enum ModelFolder {
     Loras,
     UpscaleModels,
     InterpolationModels,
+    /// Textual-inversion embeddings, named in prompts as `embedding:name`.
+    Embeddings,
 }
 
 impl ModelFolder {
     /// Every folder, in the order ComfyUI lists them.
-    pub const ALL: [ModelFolder; 5] = [
+    pub const ALL: [ModelFolder; 6] = [
         ModelFolder::Checkpoints,
         ModelFolder::Vae,
         ModelFolder::Loras,
         ModelFolder::UpscaleModels,
         ModelFolder::InterpolationModels,
+        ModelFolder::Embeddings,
     ];
 
     /// The folder of a directory name (`checkpoints`, `upscale_models`...).
@@ -52,6 +55,7 @@ impl ModelFolder {
             ModelFolder::Loras => "loras",
             ModelFolder::UpscaleModels => "upscale_models",
             ModelFolder::InterpolationModels => "interpolation_models",
+            ModelFolder::Embeddings => "embeddings",
         }
     }
 
@@ -63,15 +67,17 @@ impl ModelFolder {
             ModelFolder::Loras => ModelKind::Lora,
             ModelFolder::UpscaleModels => ModelKind::Upscale,
             ModelFolder::InterpolationModels => ModelKind::Interpolation,
+            ModelFolder::Embeddings => ModelKind::Clip,
         }
     }
 
     /// File extensions ComfyUI offers in this folder's combo list.
     pub fn extensions(self) -> &'static [&'static str] {
         match self {
-            ModelFolder::Checkpoints | ModelFolder::Vae | ModelFolder::Loras => {
-                &["safetensors", "ckpt", "pt", "pth", "bin", "sft"]
-            }
+            ModelFolder::Checkpoints
+            | ModelFolder::Vae
+            | ModelFolder::Loras
+            | ModelFolder::Embeddings => &["safetensors", "ckpt", "pt", "pth", "bin", "sft"],
             ModelFolder::UpscaleModels | ModelFolder::InterpolationModels => {
                 &["safetensors", "pth", "pt", "ckpt", "bin", "param", "sft"]
             }

@@ -581,3 +581,65 @@ fn combined_prompts_average_by_area_as_comfyui_does() {
         "right half: {right_diff}"
     );
 }
+
+#[test]
+fn embeddings_stand_in_for_tokens_and_load_from_their_files() {
+    use sakuga_models::diffusion::embedding::{EmbeddingSource, load_embedding};
+    use sakuga_models::store::{WeightFile, write_safetensors};
+    use std::collections::BTreeMap;
+
+    // An embedding whose one vector is the vocabulary's row for "cat" must encode exactly
+    // as the word does.
+    let d = demo();
+    let dir = tempfile::tempdir().unwrap();
+    let file = WeightFile::open(d.checkpoint.path()).unwrap();
+    let table = file
+        .load(
+            "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+            &Device::Cpu,
+        )
+        .unwrap();
+    let cat = table.get(2368).unwrap().unsqueeze(0).unwrap();
+    let path = dir.path().join("kitty.safetensors");
+    write_safetensors(
+        &path,
+        &BTreeMap::from([("emb_params".to_string(), cat.clone())]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    struct Folder(std::path::PathBuf);
+    impl EmbeddingSource for Folder {
+        fn embedding(&self, name: &str, width: usize, encoder: &str) -> Option<Tensor> {
+            (name == "kitty").then(|| load_embedding(&self.0, width, encoder).unwrap())
+        }
+    }
+    let source = Folder(path);
+    let word = d.clip.condition("a photo of a cat").unwrap();
+    let embedded = d
+        .clip
+        .condition_with("a photo of a embedding:kitty,", Some(&source))
+        .unwrap();
+    assert_eq!(values(&word.context), values(&embedded.context));
+    // A name the source does not know stays text.
+    let unknown = d
+        .clip
+        .condition_with("a photo of a embedding:nothing", Some(&source))
+        .unwrap();
+    assert_ne!(values(&unknown.context), values(&word.context));
+    // SDXL files key their vectors by encoder.
+    let pair = dir.path().join("pair.safetensors");
+    let l = Tensor::ones((2, 8), DType::F32, &Device::Cpu).unwrap();
+    let g = Tensor::zeros((2, 12), DType::F32, &Device::Cpu).unwrap();
+    write_safetensors(
+        &pair,
+        &BTreeMap::from([("clip_l".to_string(), l), ("clip_g".to_string(), g)]),
+        &BTreeMap::new(),
+    )
+    .unwrap();
+    assert_eq!(
+        load_embedding(&pair, 12, "clip_g").unwrap().dims(),
+        &[2, 12]
+    );
+    assert_eq!(load_embedding(&pair, 8, "clip_l").unwrap().dims(), &[2, 8]);
+    assert!(load_embedding(&pair, 5, "clip_l").is_err());
+}

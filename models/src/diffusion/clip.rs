@@ -161,27 +161,26 @@ impl ClipTextModel {
     /// # Errors
     /// When a tensor operation fails.
     pub fn forward(&self, tokens: &Tensor, stop_at_layer: i64) -> candle_core::Result<Tensor> {
-        Ok(self.forward_pooled(tokens, stop_at_layer, false)?.0)
+        Ok(self.forward_pooled(tokens, stop_at_layer, false, None)?.0)
     }
 
     /// [`Self::forward`], and with `pooled` (on a model with a projection) the pooled
     /// output `[batch, projection]`: the last layer's normed state at each row's first end
-    /// token, projected.
+    /// token, projected. Ids past the vocabulary stand for rows of `extra` (`[k, width]`,
+    /// textual-inversion vectors): id `vocab_size + i` is row `i`.
     ///
     /// # Errors
-    /// When a tensor operation fails.
+    /// When a tensor operation fails, or an id is past both.
     pub fn forward_pooled(
         &self,
         tokens: &Tensor,
         stop_at_layer: i64,
         pooled: bool,
+        extra: Option<&Tensor>,
     ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
         let (_, seq) = tokens.dims2()?;
         let positions = self.position_embedding.narrow(0, 0, seq)?;
-        let mut xs = self
-            .token_embedding
-            .forward(tokens)?
-            .broadcast_add(&positions)?;
+        let mut xs = self.embed(tokens, extra)?.broadcast_add(&positions)?;
         let mask = causal_mask(seq, xs.dtype(), xs.device())?;
         let skip = (-stop_at_layer - 1).max(0) as usize;
         let stop = self.layers.len().saturating_sub(skip).max(1);
@@ -212,6 +211,49 @@ impl ClipTextModel {
             None => None,
         };
         Ok((hidden, pooled))
+    }
+}
+
+impl ClipTextModel {
+    /// Token vectors `[batch, seq, width]`: the vocabulary's, and `extra`'s rows for ids
+    /// past it.
+    fn embed(&self, tokens: &Tensor, extra: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let vocab = self.config.vocab_size as u32;
+        let Some(extra) = extra else {
+            return self.token_embedding.forward(tokens);
+        };
+        let ids = tokens.to_dtype(DType::U32)?.to_vec2::<u32>()?;
+        let clamped: Vec<u32> = ids.iter().flatten().map(|&id| id.min(vocab - 1)).collect();
+        let base = self.token_embedding.forward(&Tensor::from_vec(
+            clamped,
+            tokens.dims(),
+            tokens.device(),
+        )?)?;
+        // Rows of the extra table where ids point past the vocabulary, zeros elsewhere.
+        let (batch, seq) = (ids.len(), ids.first().map_or(0, Vec::len));
+        let width = self.config.width;
+        let table = extra
+            .to_dtype(DType::F32)?
+            .to_device(&candle_core::Device::Cpu)?;
+        let rows = table.dim(0)? as u32;
+        let mut replaced = vec![0f32; batch * seq * width];
+        let mut mask = vec![0f32; batch * seq];
+        for (i, &id) in ids.iter().flatten().enumerate() {
+            if id >= vocab {
+                if id - vocab >= rows {
+                    candle_core::bail!("token id {id} is past the vocabulary and the embeddings");
+                }
+                let row = table.get((id - vocab) as usize)?.to_vec1::<f32>()?;
+                replaced[i * width..(i + 1) * width].copy_from_slice(&row);
+                mask[i] = 1.0;
+            }
+        }
+        let device = base.device();
+        let replaced =
+            Tensor::from_vec(replaced, (batch, seq, width), device)?.to_dtype(base.dtype())?;
+        let mask = Tensor::from_vec(mask, (batch, seq, 1), device)?.to_dtype(base.dtype())?;
+        let keep = mask.affine(-1.0, 1.0)?;
+        base.broadcast_mul(&keep)? + replaced.broadcast_mul(&mask)?
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod embedding;
 pub mod keymap;
 pub mod lora;
 pub mod model;

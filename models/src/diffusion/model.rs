@@ -13,6 +13,7 @@ use candle_core::{DType, Device, Tensor};
 
 use super::clip::ClipTextModel;
 use super::config::{Prediction, SdConfig, VaeConfig, count_indices};
+use super::embedding::EmbeddingSource;
 use super::keymap::{
     LDM_VAE_PREFIX, Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_PREFIX,
     clip_to_ldm, open_clip_to_ldm, open_clip_to_ldm_at, unet_to_ldm, vae_to_ldm,
@@ -465,7 +466,19 @@ impl ClipModel {
     /// # Errors
     /// Tensor errors.
     pub fn condition(&self, prompt: &str) -> Result<TextConditioning> {
-        let Encoded { context, pooled } = self.encode_pair(prompt, prompt)?;
+        self.condition_with(prompt, None)
+    }
+
+    /// [`Self::condition`] with the prompt's `embedding:name` words read from `embeddings`.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn condition_with(
+        &self,
+        prompt: &str,
+        embeddings: Option<&dyn EmbeddingSource>,
+    ) -> Result<TextConditioning> {
+        let Encoded { context, pooled } = self.encode_pair_with(prompt, prompt, embeddings)?;
         Ok(TextConditioning {
             pooled,
             ..TextConditioning::context(context)
@@ -485,14 +498,40 @@ impl ClipModel {
     /// # Errors
     /// Tensor errors.
     pub fn encode_pair(&self, prompt_l: &str, prompt_g: &str) -> Result<Encoded> {
-        let (l, l_pooled) = encode_prompt(&self.model, prompt_l, self.stop_at_layer, &self.device)?;
+        self.encode_pair_with(prompt_l, prompt_g, None)
+    }
+
+    /// [`Self::encode_pair`] with the prompts' `embedding:name` words read from
+    /// `embeddings`.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn encode_pair_with(
+        &self,
+        prompt_l: &str,
+        prompt_g: &str,
+        embeddings: Option<&dyn EmbeddingSource>,
+    ) -> Result<Encoded> {
+        let (l, l_pooled) = encode_prompt(
+            &self.model,
+            prompt_l,
+            self.stop_at_layer,
+            &self.device,
+            (embeddings, if self.g.is_some() { "clip_l" } else { "clip" }),
+        )?;
         let Some(g) = &self.g else {
             return Ok(Encoded {
                 context: l,
                 pooled: l_pooled,
             });
         };
-        let (g, pooled) = encode_prompt(g, prompt_g, self.stop_at_layer, &self.device)?;
+        let (g, pooled) = encode_prompt(
+            g,
+            prompt_g,
+            self.stop_at_layer,
+            &self.device,
+            (embeddings, "clip_g"),
+        )?;
         let tokens = l.dim(1)?.min(g.dim(1)?);
         let context = Tensor::cat(&[l.narrow(1, 0, tokens)?, g.narrow(1, 0, tokens)?], 2)?;
         Ok(Encoded { context, pooled })
@@ -517,18 +556,36 @@ impl ClipModel {
 
 /// One encoder's hidden states for `prompt` (windows, emphasis) and, where it has a
 /// projection, the pooled output of the first window.
+/// Its `embedding:name` words come from `embeddings` (as text when it has none by that
+/// name), read for `encoder` (`clip_l` or `clip_g`).
 fn encode_prompt(
     model: &ClipTextModel,
     prompt: &str,
     stop_at_layer: i64,
     device: &Device,
+    (embeddings, encoder): (Option<&dyn EmbeddingSource>, &str),
 ) -> Result<(Tensor, Option<Tensor>)> {
     let pad = model.config().pad_token;
     let tokenizer = ClipTokenizer::shared();
-    let windows = tokenizer.encode_weighted_windows(prompt, pad);
+    let (vocab, width) = (model.config().vocab_size as u32, model.config().width);
+    let mut rows: Vec<Tensor> = Vec::new();
+    let mut embed = |name: &str| -> Option<Vec<u32>> {
+        let vectors = embeddings?.embedding(name, width, encoder)?;
+        let first = vocab + rows.iter().map(|r| r.dim(0).unwrap_or(0)).sum::<usize>() as u32;
+        let count = vectors.dim(0).ok()? as u32;
+        rows.push(vectors);
+        Some((first..first + count).collect())
+    };
+    let windows = tokenizer.encode_weighted_windows_with(prompt, pad, &mut embed);
+    let extra = if rows.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&rows, 0)?)
+    };
     let run = |ids: &[u32], pooled: bool| -> Result<(Tensor, Option<Tensor>)> {
         let tokens = Tensor::new(ids, device)?.unsqueeze(0)?;
-        let (hidden, pooled) = model.forward_pooled(&tokens, stop_at_layer, pooled)?;
+        let (hidden, pooled) =
+            model.forward_pooled(&tokens, stop_at_layer, pooled, extra.as_ref())?;
         Ok((
             hidden.to_dtype(DType::F32)?,
             pooled.map(|p| p.to_dtype(DType::F32)).transpose()?,

@@ -21,6 +21,8 @@ pub const BOS_TOKEN: u32 = 49406;
 pub const EOS_TOKEN: u32 = 49407;
 /// Id of `!`, SD 2.x's padding token.
 pub const EXCLAMATION_TOKEN: u32 = 0;
+/// How a prompt names a textual-inversion embedding (`embedding:EasyNegative`).
+pub const EMBEDDING_PREFIX: &str = "embedding:";
 /// Tokens per CLIP window, BOS and EOS included.
 pub const CONTEXT_LENGTH: usize = 77;
 
@@ -140,13 +142,39 @@ impl ClipTokenizer {
     /// emphasis: every id carries the weight of the span it came from (BOS, EOS and padding
     /// weigh 1).
     pub fn encode_weighted_windows(&self, text: &str, pad: u32) -> Vec<Vec<(u32, f32)>> {
+        self.encode_weighted_windows_with(text, pad, &mut |_| None)
+    }
+
+    /// [`ClipTokenizer::encode_weighted_windows`] with ComfyUI's `embedding:name` words:
+    /// `embed` gets the name (trailing commas stripped) and returns the ids standing for
+    /// its vectors, or `None` to keep the word as text.
+    pub fn encode_weighted_windows_with(
+        &self,
+        text: &str,
+        pad: u32,
+        embed: &mut dyn FnMut(&str) -> Option<Vec<u32>>,
+    ) -> Vec<Vec<(u32, f32)>> {
         let mut words = Vec::new();
         for (segment, weight) in super::prompt::parse_weighted(text) {
-            words.extend(
-                self.encode_words(&segment)
-                    .into_iter()
-                    .map(|id| (id, weight)),
-            );
+            let mut plain = String::new();
+            for word in segment.split(' ') {
+                let ids = word
+                    .strip_prefix(EMBEDDING_PREFIX)
+                    .map(|name| name.trim_end_matches(['\n', ',']))
+                    .and_then(|name| embed(name));
+                match ids {
+                    Some(ids) => {
+                        words.extend(self.encode_words(&plain).into_iter().map(|id| (id, weight)));
+                        plain.clear();
+                        words.extend(ids.into_iter().map(|id| (id, weight)));
+                    }
+                    None => {
+                        plain.push_str(word);
+                        plain.push(' ');
+                    }
+                }
+            }
+            words.extend(self.encode_words(&plain).into_iter().map(|id| (id, weight)));
         }
         windows(&words, (BOS_TOKEN, 1.0), (EOS_TOKEN, 1.0), (pad, 1.0))
     }

@@ -15,6 +15,7 @@ use std::sync::{Arc, LazyLock};
 use candle_core::{DType, Device, Tensor};
 use sakuga_models::ModelError;
 use sakuga_models::cache::{ModelCache, ModelKind};
+use sakuga_models::diffusion::embedding::{EmbeddingSource, load_embedding};
 use sakuga_models::diffusion::keymap::Part;
 use sakuga_models::diffusion::{
     AppliedLora, Area, Checkpoint, ClipModel, LoraFile, SampleParams, SamplerKind, Scheduler,
@@ -409,6 +410,37 @@ fn open_lora(env: &NodeEnv, name: &str) -> Result<Arc<LoraFile>, NodeError> {
     )
 }
 
+/// Textual-inversion embeddings from the models dir's `embeddings/`, found by name with or
+/// without their extension; one that cannot be read is logged and its word stays text.
+struct FolderEmbeddings {
+    store: ModelStore,
+}
+
+impl FolderEmbeddings {
+    fn of(env: &NodeEnv) -> Self {
+        Self {
+            store: ModelStore::new(&env.models_dir),
+        }
+    }
+}
+
+impl EmbeddingSource for FolderEmbeddings {
+    fn embedding(&self, name: &str, width: usize, encoder: &str) -> Option<Tensor> {
+        let path = ["", ".safetensors", ".pt", ".bin"].iter().find_map(|ext| {
+            self.store
+                .resolve(ModelFolder::Embeddings, &format!("{name}{ext}"))
+                .ok()
+        })?;
+        match load_embedding(&path, width, encoder) {
+            Ok(vectors) => Some(vectors),
+            Err(e) => {
+                tracing::warn!(embedding = name, error = %e, "embedding not used");
+                None
+            }
+        }
+    }
+}
+
 /// CLIPTextEncode: a prompt to conditioning.
 struct ClipTextEncode;
 
@@ -430,9 +462,12 @@ impl Node for ClipTextEncode {
         &CLIP_TEXT_ENCODE
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let clip = inputs.object::<ClipEncoder>("clip")?;
-        let text = clip.clip.condition(inputs.str("text")?)?;
+        let embeddings = FolderEmbeddings::of(ctx.env);
+        let text = clip
+            .clip
+            .condition_with(inputs.str("text")?, Some(&embeddings))?;
         Ok(vec![Value::object(Conditioning::one(text))])
     }
 }
@@ -465,11 +500,14 @@ impl Node for ClipTextEncodeSdxl {
         &CLIP_TEXT_ENCODE_SDXL
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let clip = inputs.object::<ClipEncoder>("clip")?;
-        let encoded = clip
-            .clip
-            .encode_pair(inputs.str("text_l")?, inputs.str("text_g")?)?;
+        let embeddings = FolderEmbeddings::of(ctx.env);
+        let encoded = clip.clip.encode_pair_with(
+            inputs.str("text_l")?,
+            inputs.str("text_g")?,
+            Some(&embeddings),
+        )?;
         let px = |name: &str| -> Result<f64, NodeError> { Ok(inputs.int(name)? as f64) };
         let text = TextConditioning {
             pooled: encoded.pooled,
@@ -510,9 +548,12 @@ impl Node for ClipTextEncodeSdxlRefiner {
         &CLIP_TEXT_ENCODE_SDXL_REFINER
     }
 
-    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let clip = inputs.object::<ClipEncoder>("clip")?;
-        let mut text = clip.clip.condition(inputs.str("text")?)?;
+        let embeddings = FolderEmbeddings::of(ctx.env);
+        let mut text = clip
+            .clip
+            .condition_with(inputs.str("text")?, Some(&embeddings))?;
         let (width, height) = (inputs.int("width")? as f64, inputs.int("height")? as f64);
         text.size = Some(SizeConditioning::plain(width, height));
         text.aesthetic_score = Some(inputs.float("ascore")?);
