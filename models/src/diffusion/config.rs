@@ -25,6 +25,8 @@ pub enum Prediction {
     Epsilon,
     /// Velocity (SD 2.x 768-v).
     V,
+    /// The clean latent itself.
+    X0,
 }
 
 /// The CLIP text transformer's activation.
@@ -186,6 +188,9 @@ pub struct SdConfig {
     #[serde(default)]
     pub clip_g: Option<ClipConfig>,
     pub prediction: Prediction,
+    /// The noise table rescaled to zero terminal SNR (checkpoints with a `ztsnr` key).
+    #[serde(default)]
+    pub zero_terminal_snr: bool,
 }
 
 /// Safetensors metadata key under which sakuga stores an [`SdConfig`] as JSON.
@@ -212,6 +217,7 @@ impl SdConfig {
             },
             clip_g: None,
             prediction: Prediction::Epsilon,
+            zero_terminal_snr: false,
         }
     }
 
@@ -235,6 +241,7 @@ impl SdConfig {
             },
             clip_g: None,
             prediction: Prediction::V,
+            zero_terminal_snr: false,
         }
     }
 
@@ -287,6 +294,7 @@ impl SdConfig {
             },
             clip_g: None,
             prediction: Prediction::Epsilon,
+            zero_terminal_snr: false,
         }
     }
 
@@ -348,6 +356,7 @@ impl SdConfig {
             clip: l,
             clip_g: Some(g),
             prediction: Prediction::Epsilon,
+            zero_terminal_snr: false,
         }
     }
 
@@ -547,6 +556,7 @@ impl SdConfig {
             clip,
             clip_g,
             prediction,
+            zero_terminal_snr: file.contains("ztsnr"),
         })
     }
 
@@ -681,12 +691,14 @@ impl SdConfig {
             } else {
                 Prediction::Epsilon
             },
+            zero_terminal_snr: false,
         })
     }
 }
 
-/// ComfyUI's test for SD 2.x 768-v checkpoints: v-prediction training leaves the last
-/// output transformer's first norm bias with a spread above 0.09.
+/// A `v_pred` marker key (SDXL v-prediction finetunes), or ComfyUI's test for SD 2.x 768-v
+/// checkpoints: v-prediction training leaves the last output transformer's first norm bias
+/// with a spread above 0.09.
 fn detect_prediction(file: &WeightFile) -> Result<Prediction> {
     // v-prediction SDXL finetunes (NoobAI-XL V-Pred and the like) say so with a marker key.
     if file.contains("v_pred") {

@@ -215,9 +215,13 @@ impl Checkpoint {
         )?;
         warn_unused(&stack, "lora_unet_");
         Ok(UnetModel {
-            unet,
+            unet: Arc::new(unet),
             config: self.config.clone(),
-            sampling: ModelSampling::default(),
+            sampling: if self.config.zero_terminal_snr {
+                ModelSampling::default().zero_terminal_snr()
+            } else {
+                ModelSampling::default()
+            },
             device: device.clone(),
             dtype,
         })
@@ -359,7 +363,7 @@ pub fn load_vae_file(path: &Path, device: &Device, dtype: DType) -> Result<VaeMo
 /// The denoising UNet of a checkpoint (ComfyUI's MODEL).
 #[derive(Debug)]
 pub struct UnetModel {
-    unet: Unet,
+    unet: Arc<Unet>,
     config: SdConfig,
     sampling: ModelSampling,
     device: Device,
@@ -408,6 +412,26 @@ impl UnetModel {
     /// Whether the model takes a class vector `y` (SDXL).
     pub fn takes_y(&self) -> bool {
         self.unet.takes_y()
+    }
+
+    /// The same weights read as predicting `prediction`, on the noise table rescaled to
+    /// zero terminal SNR or not (ComfyUI's `ModelSamplingDiscrete`).
+    pub fn with_sampling(&self, prediction: Prediction, zero_terminal_snr: bool) -> Self {
+        let mut config = self.config.clone();
+        config.prediction = prediction;
+        config.zero_terminal_snr = zero_terminal_snr;
+        let base = ModelSampling::default();
+        Self {
+            unet: self.unet.clone(),
+            config,
+            sampling: if zero_terminal_snr {
+                base.zero_terminal_snr()
+            } else {
+                base
+            },
+            device: self.device.clone(),
+            dtype: self.dtype,
+        }
     }
 
     /// What latents are multiplied by on their way in (its latent format: 0.18215 for SD
@@ -905,6 +929,7 @@ impl<'a> GuidedDenoiser<'a> {
         let output = output.to_device(x.device())?;
         Ok(match self.unet.config().prediction {
             Prediction::Epsilon => (x - (output * sigma)?)?,
+            Prediction::X0 => output,
             Prediction::V => {
                 let c_skip = 1.0 / (sigma * sigma + 1.0);
                 let c_out = -sigma / (sigma * sigma + 1.0).sqrt();

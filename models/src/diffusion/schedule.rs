@@ -40,6 +40,30 @@ impl ModelSampling {
         Self { sigmas, log_sigmas }
     }
 
+    /// The table rescaled to zero terminal SNR (Lin et al. 2023, as ComfyUI's `zsnr`): the
+    /// square roots of alpha-bar shifted and scaled so the last step is pure noise, its
+    /// alpha-bar then set to a tiny positive value so its sigma stays finite.
+    pub fn zero_terminal_snr(&self) -> Self {
+        let roots: Vec<f64> = self
+            .sigmas
+            .iter()
+            .map(|s| (1.0 / (s * s + 1.0)).sqrt())
+            .collect();
+        let (first, last) = (roots[0], roots[roots.len() - 1]);
+        let mut sigmas: Vec<f64> = roots
+            .iter()
+            .map(|r| {
+                let bar = ((r - last) * first / (first - last)).powi(2);
+                ((1.0 - bar) / bar).sqrt()
+            })
+            .collect();
+        let end = sigmas.len() - 1;
+        let bar: f64 = 4.897_345_189_085_343_5e-8;
+        sigmas[end] = ((1.0 - bar) / bar).sqrt();
+        let log_sigmas = sigmas.iter().map(|s| s.ln()).collect();
+        Self { sigmas, log_sigmas }
+    }
+
     /// Smallest trained sigma.
     pub fn sigma_min(&self) -> f64 {
         self.sigmas[0]
@@ -390,6 +414,26 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_terminal_snr_matches_comfyuis_table() {
+        // ComfyUI 0.8.0's ModelSamplingDiscrete(zsnr=True).sigmas (float32) at 0, 1, 500,
+        // 998 and 999.
+        let zsnr = ModelSampling::default().zero_terminal_snr();
+        for (t, want) in [
+            (0, 0.029_167_158_529_162_407),
+            (1, 0.042_067_565_023_899_08),
+            (500, 1.774_557_471_275_329_6),
+            (998, 2_254.238_037_109_375),
+            (999, 4_518.763_671_875),
+        ] {
+            let got = zsnr.sigmas[t];
+            assert!(
+                (got - want).abs() / want < 2e-6,
+                "sigma {t}: {got} vs {want}"
+            );
+        }
+    }
 
     #[test]
     fn table_matches_sd_constants() {

@@ -15,6 +15,7 @@ use std::sync::{Arc, LazyLock};
 use candle_core::{DType, Device, Tensor};
 use sakuga_models::ModelError;
 use sakuga_models::cache::{ModelCache, ModelKind};
+use sakuga_models::diffusion::config::Prediction;
 use sakuga_models::diffusion::embedding::{EmbeddingSource, load_embedding};
 use sakuga_models::diffusion::keymap::Part;
 use sakuga_models::diffusion::{
@@ -47,6 +48,8 @@ pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(KSampler);
     registry.register(KSamplerAdvanced);
     registry.register(VaeDecode);
+    registry.register(VaeDecodeTiled);
+    registry.register(ModelSamplingDiscrete);
     registry.register(VaeEncode);
     registry.register(LatentUpscale);
     registry.register(LatentUpscaleBy);
@@ -962,6 +965,113 @@ impl Node for VaeDecode {
     }
 }
 
+/// VAEDecodeTiled: decoding in tiles of a chosen size (pixels), for large images.
+struct VaeDecodeTiled;
+
+static VAE_DECODE_TILED: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("VAEDecodeTiled", "VAE Decode (Tiled)", "_for_testing")
+        .stage(Stage::Inference)
+        .ends_inference()
+        .input(InputSpec::link("samples", PortType::Latent))
+        .input(InputSpec::link("vae", PortType::Vae))
+        .input(InputSpec::int_step("tile_size", 512, 64, 4096, 32))
+        .input(InputSpec::int_step("overlap", 64, 0, 4096, 32))
+        .input(InputSpec::int_step("temporal_size", 64, 8, 4096, 4))
+        .input(InputSpec::int_step("temporal_overlap", 8, 4, 4096, 4))
+        .output(PortType::Image)
+        .shapes(|i| {
+            let latent = i.shape("samples");
+            let Some((b, h, w)) = latent.pixels() else {
+                return NodeCost::outputs(vec![Shape::Fixed]);
+            };
+            let tile = i.size("tile_size", 512) / LATENT_FACTOR;
+            NodeCost::outputs(vec![Shape::image(b, h, w)])
+                .working(vae_working(b, tile, tile))
+                .work(megapasses(&latent) * 4.0)
+        })
+});
+
+impl Node for VaeDecodeTiled {
+    fn schema(&self) -> &NodeSchema {
+        &VAE_DECODE_TILED
+    }
+
+    /// Tiles of `tile_size` pixels overlapping by `overlap` (cut to a quarter of the tile
+    /// when larger, as ComfyUI does); the temporal inputs are for video VAEs.
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
+        let latent = inputs.object::<Latent>("samples")?;
+        let vae = inputs.object::<VaeDecoder>("vae")?;
+        let factor = vae.vae.downscale_factor();
+        let tile = usize::try_from(inputs.int("tile_size")?).unwrap_or(512);
+        let mut overlap = usize::try_from(inputs.int("overlap")?).unwrap_or(64);
+        if tile < overlap * 4 {
+            overlap = tile / 4;
+        }
+        let proceed = |step: usize, steps: usize| ctx.step(step as u64, steps as u64).is_ok();
+        let images = vae.vae.decode_tiled_with(
+            &latent.samples,
+            (tile / factor).max(2),
+            overlap / factor,
+            &proceed,
+        )?;
+        let images = images
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .to_device(&ctx.env.device)?;
+        Ok(vec![Value::Image(images)])
+    }
+}
+
+/// ModelSamplingDiscrete: how the model's output is read and on which noise table.
+struct ModelSamplingDiscrete;
+
+static MODEL_SAMPLING_DISCRETE: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new(
+        "ModelSamplingDiscrete",
+        "ModelSamplingDiscrete",
+        "advanced/model",
+    )
+    .input(InputSpec::link("model", PortType::Model))
+    .input(InputSpec::combo(
+        "sampling",
+        &["eps", "v_prediction", "lcm", "x0", "img_to_img"],
+    ))
+    .input(InputSpec::boolean("zsnr", false))
+    .output(PortType::Model)
+});
+
+impl Node for ModelSamplingDiscrete {
+    fn schema(&self) -> &NodeSchema {
+        &MODEL_SAMPLING_DISCRETE
+    }
+
+    /// The same weights predicting noise, velocity or the clean latent, on the noise table
+    /// rescaled to zero terminal SNR when `zsnr` (v-prediction anime finetunes want both).
+    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let model = inputs.object::<DiffusionModel>("model")?;
+        let prediction = match inputs.str("sampling")? {
+            "eps" => Prediction::Epsilon,
+            "v_prediction" => Prediction::V,
+            "x0" => Prediction::X0,
+            other => {
+                return Err(NodeError::InvalidInput(format!(
+                    "sampling {other:?} is not supported; eps, v_prediction and x0 are"
+                )));
+            }
+        };
+        let unet = Arc::new(
+            model
+                .unet
+                .with_sampling(prediction, inputs.boolean("zsnr")?),
+        );
+        Ok(vec![Value::object(DiffusionModel {
+            unet,
+            source: model.source.clone(),
+        })])
+    }
+}
+
 /// VAEEncode: images to latents (cropped to a multiple of 8, as ComfyUI does).
 struct VaeEncode;
 
@@ -1382,6 +1492,99 @@ mod tests {
         )
         .unwrap();
         assert_eq!(dims(&repeated[0]), vec![6, 4, 6, 8]);
+    }
+
+    #[test]
+    fn model_sampling_discrete_and_tiled_decode() {
+        let rig = rig();
+        let loaded = run(
+            &rig,
+            &CheckpointLoaderSimple,
+            &[("ckpt_name", s(sakuga_models::demo::DEMO_CHECKPOINT))],
+        )
+        .unwrap();
+        let reread = |sampling: &str, zsnr: bool| {
+            let out = run(
+                &rig,
+                &ModelSamplingDiscrete,
+                &[
+                    ("model", loaded[0].clone()),
+                    ("sampling", s(sampling)),
+                    ("zsnr", Value::Boolean(zsnr)),
+                ],
+            )
+            .unwrap();
+            let Value::Object(o) = &out[0] else { panic!() };
+            o.clone().downcast::<DiffusionModel>().unwrap()
+        };
+        let v = reread("v_prediction", true);
+        assert_eq!(v.unet.config().prediction, Prediction::V);
+        assert!(
+            v.unet.sampling().sigma_max() > 4000.0,
+            "zsnr's last sigma is huge"
+        );
+        let eps = reread("eps", false);
+        assert!((eps.unet.sampling().sigma_max() - 14.6146).abs() < 1e-3);
+        assert!(matches!(
+            run(
+                &rig,
+                &ModelSamplingDiscrete,
+                &[
+                    ("model", loaded[0].clone()),
+                    ("sampling", s("lcm")),
+                    ("zsnr", Value::Boolean(false)),
+                ],
+            ),
+            Err(NodeError::InvalidInput(_))
+        ));
+        // A tile as large as the image decodes exactly as one pass; 64 px tiles really
+        // tile (the demo VAE is untrained, so its seams show).
+        let latent = Value::object(Latent::new(
+            Tensor::rand(-1f32, 1.0, (1, 4, 16, 16), &Device::Cpu).unwrap(),
+        ));
+        let pixels = |v: &Value| match v {
+            Value::Image(t) => t.clone(),
+            other => panic!("not an image: {other:?}"),
+        };
+        let whole = pixels(
+            &run(
+                &rig,
+                &VaeDecode,
+                &[("samples", latent.clone()), ("vae", loaded[2].clone())],
+            )
+            .unwrap()[0],
+        );
+        let tiled = |tile: i64| {
+            pixels(
+                &run(
+                    &rig,
+                    &VaeDecodeTiled,
+                    &[
+                        ("samples", latent.clone()),
+                        ("vae", loaded[2].clone()),
+                        ("tile_size", Value::Int(tile)),
+                        ("overlap", Value::Int(32)),
+                        ("temporal_size", Value::Int(64)),
+                        ("temporal_overlap", Value::Int(8)),
+                    ],
+                )
+                .unwrap()[0],
+            )
+        };
+        let diff = |a: &Tensor, b: &Tensor| -> f32 {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap()
+        };
+        assert!(diff(&whole, &tiled(512)) < 1e-5);
+        let small = tiled(64);
+        assert_eq!(small.dims(), whole.dims());
+        assert!(diff(&whole, &small) > 1e-3, "64 px tiles were used");
     }
 
     #[test]
