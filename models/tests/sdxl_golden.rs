@@ -298,3 +298,84 @@ fn kohya_and_peft_sdxl_loras_patch_the_unet_and_both_text_encoders() {
         "the UNet is patched"
     );
 }
+
+#[test]
+fn split_unet_and_text_encoder_files_load_as_the_checkpoint_parts() {
+    use std::collections::BTreeMap;
+
+    use sakuga_models::demo::{DEMO_SEED, demo_checkpoint_tensors, demo_diffusers_tensors};
+    use sakuga_models::diffusion::SdConfig;
+    use sakuga_models::store::write_safetensors;
+
+    let config = SdConfig::demo_sdxl();
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint_path = sakuga_models::demo::write_demo_sdxl_checkpoint(dir.path()).unwrap();
+    let checkpoint = Checkpoint::open(&checkpoint_path).unwrap();
+    // The UNet alone, its LDM names without the prefix (as ComfyUI's diffusion_models/).
+    let unet_path = dir.path().join("unet.safetensors");
+    let unet: BTreeMap<String, Tensor> = demo_checkpoint_tensors(&config, DEMO_SEED)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, v)| {
+            k.strip_prefix("model.diffusion_model.")
+                .map(|k| (k.to_string(), v))
+        })
+        .collect();
+    write_safetensors(&unet_path, &unet, &BTreeMap::new()).unwrap();
+    // The text encoders in transformers' layout, OpenCLIP-G's projection as a Linear weight.
+    let parts = demo_diffusers_tensors(&config, DEMO_SEED).unwrap();
+    let l_path = dir.path().join("clip_l.safetensors");
+    write_safetensors(&l_path, &parts.clip, &BTreeMap::new()).unwrap();
+    let g_path = dir.path().join("clip_g.safetensors");
+    let g: BTreeMap<String, Tensor> = parts
+        .clip_g
+        .into_iter()
+        .map(|(k, v)| match k.as_str() {
+            "text_projection" => (
+                "text_projection.weight".to_string(),
+                v.t().unwrap().contiguous().unwrap(),
+            ),
+            _ => (k, v),
+        })
+        .collect();
+    write_safetensors(&g_path, &g, &BTreeMap::new()).unwrap();
+
+    let split_unet = Checkpoint::open_unet(&unet_path).unwrap();
+    assert_eq!(split_unet.config().unet, checkpoint.config().unet);
+    let split_clip = Checkpoint::open_text_encoders(&[&g_path, &l_path]).unwrap();
+    assert_eq!(split_clip.config().clip, checkpoint.config().clip);
+    assert_eq!(split_clip.config().clip_g, checkpoint.config().clip_g);
+
+    let cpu = Device::Cpu;
+    let encode = |c: &Checkpoint| {
+        c.load_clip(&[], &cpu, DType::F32)
+            .unwrap()
+            .encode_pair("a fox", "a fox")
+            .unwrap()
+    };
+    let (a, b) = (encode(&checkpoint), encode(&split_clip));
+    assert!(relative_error(&b.context, &a.context) < 1e-6);
+    assert!(relative_error(b.pooled.as_ref().unwrap(), a.pooled.as_ref().unwrap()) < 1e-6);
+    let g = goldens();
+    let (x, context, y) = (
+        tensor(&g["unet"]["x"]),
+        tensor(&g["context"]),
+        tensor(&g["adm"]["y"]),
+    );
+    let eps = |c: &Checkpoint| {
+        let unet = c.load_unet(&[], &cpu, DType::F32).unwrap();
+        unet.forward(&x, 537.25, &context, Some(&y)).unwrap()
+    };
+    assert!(relative_error(&eps(&split_unet), &eps(&checkpoint)) < 1e-6);
+    assert_eq!(
+        split_unet
+            .load_unet(&[], &cpu, DType::F32)
+            .unwrap()
+            .latent_scale(),
+        0.13025
+    );
+    // A UNet file does not double as a text encoder, nor the other way round.
+    assert!(Checkpoint::open_text_encoders(&[&unet_path]).is_err());
+    assert!(Checkpoint::open_unet(&l_path).is_err());
+    assert!(split_unet.load_clip(&[], &cpu, DType::F32).is_err());
+}

@@ -102,6 +102,107 @@ pub struct VaeConfig {
     pub scaling_factor: f64,
 }
 
+impl UnetConfig {
+    /// The UNet stored in the LDM layout under `prefix` (`model.diffusion_model.` in a
+    /// checkpoint, nothing in a standalone UNet file), from its tensor shapes: levels split
+    /// at the downsamplers, transformer depths, context width, SDXL's class embedding.
+    ///
+    /// # Errors
+    /// A missing tensor the sizes are read from; levels of uneven block counts.
+    pub fn infer_ldm(
+        dim: &dyn Fn(&str, usize) -> Result<usize>,
+        shapes: &BTreeMap<String, Vec<usize>>,
+        prefix: &str,
+    ) -> Result<Self> {
+        // UNet: walk input_blocks, splitting levels at downsamplers.
+        let n_input = count_indices(&shapes, &format!("{prefix}input_blocks."));
+        let mut levels = Vec::new();
+        let mut per_level = Vec::new();
+        let mut current: Option<(usize, Option<usize>)> = None;
+        let mut count = 0;
+        let mut linear_projection = false;
+        let mut context_dim = 0;
+        for index in 1..n_input {
+            let block = format!("{prefix}input_blocks.{index}.");
+            if shapes.contains_key(&format!("{block}0.op.weight")) {
+                if let Some(level) = current.take() {
+                    levels.push(level);
+                    per_level.push(count);
+                }
+                count = 0;
+                continue;
+            }
+            let channels = dim(&format!("{block}0.out_layers.3.weight"), 0)?;
+            let depth = {
+                let n = count_indices(&shapes, &format!("{block}1.transformer_blocks."));
+                (n > 0).then_some(n)
+            };
+            if depth.is_some() {
+                linear_projection = shapes
+                    .get(&format!("{block}1.proj_in.weight"))
+                    .is_some_and(|s| s.len() == 2);
+                context_dim = dim(
+                    &format!("{block}1.transformer_blocks.0.attn2.to_k.weight"),
+                    1,
+                )?;
+            }
+            current = Some((channels, depth));
+            count += 1;
+        }
+        if let Some(level) = current.take() {
+            levels.push(level);
+            per_level.push(count);
+        }
+        let layers_per_block = per_level.first().copied().unwrap_or(0);
+        if levels.is_empty() || per_level.iter().any(|&c| c != layers_per_block) {
+            return Err(ModelError::InvalidInput(
+                "UNet levels have uneven block counts".into(),
+            ));
+        }
+        if context_dim == 0 {
+            context_dim = dim(
+                &format!("{prefix}middle_block.1.transformer_blocks.0.attn2.to_k.weight"),
+                1,
+            )?;
+        }
+        let heads_for = |channels: usize| {
+            if context_dim == 768 {
+                8
+            } else {
+                (channels / 64).max(1)
+            }
+        };
+        Ok(UnetConfig {
+            in_channels: dim(&format!("{prefix}input_blocks.0.0.weight"), 1)?,
+            out_channels: dim(&format!("{prefix}out.2.weight"), 0)?,
+            levels: levels
+                .iter()
+                .map(|&(channels, depth)| UnetLevel {
+                    channels,
+                    transformer_depth: depth,
+                    heads: heads_for(channels),
+                })
+                .collect(),
+            layers_per_block,
+            norm_num_groups: 32,
+            cross_attention_dim: context_dim,
+            use_linear_projection: linear_projection,
+            adm_in_channels: shapes
+                .get(&format!("{prefix}label_emb.0.0.weight"))
+                .and_then(|s| s.get(1).copied()),
+            // Stated only where it differs from what the last level implies.
+            mid_transformer_depth: {
+                let n = count_indices(
+                    &shapes,
+                    &format!("{prefix}middle_block.1.transformer_blocks."),
+                );
+                let implied = levels.last().and_then(|l| l.1).unwrap_or(1);
+                (n > 0 && n != implied).then_some(n)
+            },
+        })
+    }
+}
+
 impl VaeConfig {
     /// The autoencoder stored in the LDM layout under `prefix` (`first_stage_model.` in a
     /// checkpoint, nothing in a standalone VAE file), from its tensor shapes. The latent
@@ -457,88 +558,7 @@ impl SdConfig {
             (hf_clip_config(&dim, &shapes, P)?, None)
         };
 
-        // UNet: walk input_blocks, splitting levels at downsamplers.
-        let n_input = count_indices(&shapes, &format!("{UNET}input_blocks."));
-        let mut levels = Vec::new();
-        let mut per_level = Vec::new();
-        let mut current: Option<(usize, Option<usize>)> = None;
-        let mut count = 0;
-        let mut linear_projection = false;
-        let mut context_dim = 0;
-        for index in 1..n_input {
-            let block = format!("{UNET}input_blocks.{index}.");
-            if shapes.contains_key(&format!("{block}0.op.weight")) {
-                if let Some(level) = current.take() {
-                    levels.push(level);
-                    per_level.push(count);
-                }
-                count = 0;
-                continue;
-            }
-            let channels = dim(&format!("{block}0.out_layers.3.weight"), 0)?;
-            let depth = {
-                let n = count_indices(&shapes, &format!("{block}1.transformer_blocks."));
-                (n > 0).then_some(n)
-            };
-            if depth.is_some() {
-                linear_projection = shapes
-                    .get(&format!("{block}1.proj_in.weight"))
-                    .is_some_and(|s| s.len() == 2);
-                context_dim = dim(
-                    &format!("{block}1.transformer_blocks.0.attn2.to_k.weight"),
-                    1,
-                )?;
-            }
-            current = Some((channels, depth));
-            count += 1;
-        }
-        if let Some(level) = current.take() {
-            levels.push(level);
-            per_level.push(count);
-        }
-        let layers_per_block = per_level.first().copied().unwrap_or(0);
-        if levels.is_empty() || per_level.iter().any(|&c| c != layers_per_block) {
-            return Err(unsupported("UNet levels have uneven block counts"));
-        }
-        if context_dim == 0 {
-            context_dim = dim(
-                &format!("{UNET}middle_block.1.transformer_blocks.0.attn2.to_k.weight"),
-                1,
-            )?;
-        }
-        let heads_for = |channels: usize| {
-            if context_dim == 768 {
-                8
-            } else {
-                (channels / 64).max(1)
-            }
-        };
-        let unet = UnetConfig {
-            in_channels: dim(&format!("{UNET}input_blocks.0.0.weight"), 1)?,
-            out_channels: dim(&format!("{UNET}out.2.weight"), 0)?,
-            levels: levels
-                .iter()
-                .map(|&(channels, depth)| UnetLevel {
-                    channels,
-                    transformer_depth: depth,
-                    heads: heads_for(channels),
-                })
-                .collect(),
-            layers_per_block,
-            norm_num_groups: 32,
-            cross_attention_dim: context_dim,
-            use_linear_projection: linear_projection,
-            adm_in_channels,
-            // Stated only where it differs from what the last level implies.
-            mid_transformer_depth: {
-                let n = count_indices(
-                    &shapes,
-                    &format!("{UNET}middle_block.1.transformer_blocks."),
-                );
-                let implied = levels.last().and_then(|l| l.1).unwrap_or(1);
-                (n > 0 && n != implied).then_some(n)
-            },
-        };
+        let unet = UnetConfig::infer_ldm(&dim, &shapes, UNET)?;
 
         const VAE: &str = "first_stage_model.";
         if count_indices(&shapes, &format!("{VAE}encoder.down.")) == 0 {
@@ -770,10 +790,10 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// A shape lookup: `dim(name, axis)`, or a missing-tensor error naming the file.
-type Dim<'a> = dyn Fn(&str, usize) -> Result<usize> + 'a;
+pub(crate) type Dim<'a> = dyn Fn(&str, usize) -> Result<usize> + 'a;
 
 /// An OpenAI CLIP text encoder in transformers' layout under `prefix` (`...text_model.`).
-fn hf_clip_config(
+pub(crate) fn hf_clip_config(
     dim: &Dim<'_>,
     shapes: &BTreeMap<String, Vec<usize>>,
     prefix: &str,
@@ -796,7 +816,7 @@ fn hf_clip_config(
 }
 
 /// An OpenCLIP text tower under `prefix` (`token_embedding`, `transformer.resblocks`).
-fn open_clip_config(
+pub(crate) fn open_clip_config(
     dim: &Dim<'_>,
     shapes: &BTreeMap<String, Vec<usize>>,
     prefix: &str,

@@ -12,11 +12,14 @@ use std::sync::Arc;
 use candle_core::{DType, Device, Tensor};
 
 use super::clip::ClipTextModel;
-use super::config::{Prediction, SdConfig, VaeConfig, count_indices};
+use super::config::{
+    ClipActivation, Prediction, SdConfig, UnetConfig, VaeConfig, count_indices, hf_clip_config,
+};
 use super::embedding::EmbeddingSource;
 use super::keymap::{
-    LDM_VAE_PREFIX, Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_PREFIX,
-    clip_to_ldm, open_clip_to_ldm, open_clip_to_ldm_at, unet_to_ldm, vae_to_ldm,
+    LDM_UNET_PREFIX, LDM_VAE_PREFIX, Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX,
+    SDXL_REFINER_CLIP_PREFIX, clip_to_ldm, open_clip_to_ldm, open_clip_to_ldm_at, unet_to_ldm,
+    vae_to_ldm,
 };
 use super::lora::{LoraFile, LoraStack};
 use super::sampler::Denoiser;
@@ -24,7 +27,7 @@ use super::schedule::ModelSampling;
 use super::tokenizer::ClipTokenizer;
 use super::unet::Unet;
 use super::vae::VaeModel;
-use super::weights::{MappedWeights, Renamer, build_part};
+use super::weights::{MappedWeights, Renamer, TRANSPOSED, build_part};
 use crate::error::{ModelError, Result};
 use crate::store::WeightFile;
 
@@ -33,6 +36,13 @@ use crate::store::WeightFile;
 enum Layout {
     /// One file in the original LDM key layout.
     Ldm(Arc<WeightFile>),
+    /// Parts from files of their own (ComfyUI's split loaders), each with the key prefix
+    /// found in it: a UNet in the LDM layout, text encoders in transformers' layout.
+    Split {
+        unet: Option<(Arc<WeightFile>, String)>,
+        clip: Option<(Arc<WeightFile>, String)>,
+        clip_g: Option<(Arc<WeightFile>, String)>,
+    },
     /// A diffusers folder: `unet/`, `vae/`, `text_encoder/` each with their own file.
     Diffusers {
         unet: Arc<WeightFile>,
@@ -102,6 +112,130 @@ impl Checkpoint {
         })
     }
 
+    /// A UNet alone (ComfyUI's `UNETLoader`), in the LDM layout with or without
+    /// `model.diffusion_model.`. What a checkpoint would say about the rest is the family's
+    /// (SDXL's latent scale when it has a class embedding, SD 1.x's otherwise).
+    ///
+    /// # Errors
+    /// [`ModelError::Unsupported`] for other layouts; file and shape errors.
+    pub fn open_unet(path: &Path) -> Result<Self> {
+        let file = WeightFile::open(path)?;
+        let shapes = shapes_of(&file);
+        let prefix = if shapes.contains_key(&format!("{LDM_UNET_PREFIX}input_blocks.0.0.weight")) {
+            LDM_UNET_PREFIX
+        } else if shapes.contains_key("input_blocks.0.0.weight") {
+            ""
+        } else {
+            return Err(ModelError::Unsupported {
+                path: path.to_path_buf(),
+                reason: "not a UNet in the LDM layout (no input_blocks.0.0.weight)".into(),
+            });
+        };
+        let unet = UnetConfig::infer_ldm(&dim_of(path, &shapes), &shapes, prefix)?;
+        let mut config = SdConfig::v1_5();
+        if unet.adm_in_channels.is_some() {
+            config.vae.scaling_factor = 0.13025;
+        }
+        config.unet = unet;
+        config.prediction = if file.contains("v_pred") {
+            Prediction::V
+        } else {
+            Prediction::Epsilon
+        };
+        config.zero_terminal_snr = file.contains("ztsnr");
+        Ok(Self {
+            path: path.to_path_buf(),
+            layout: Layout::Split {
+                unet: Some((Arc::new(file), prefix.to_string())),
+                clip: None,
+                clip_g: None,
+            },
+            config,
+        })
+    }
+
+    /// Text encoders alone (ComfyUI's `CLIPLoader` with one file, `DualCLIPLoader` with
+    /// SDXL's two) in transformers' layout: one file is SD 1.x's CLIP-L, or SD 2.x's
+    /// OpenCLIP-H when 1024 wide; two are SDXL's CLIP-L and OpenCLIP-G (the one with a
+    /// `text_projection`).
+    ///
+    /// # Errors
+    /// [`ModelError::Unsupported`] for files that hold no text encoder, or a pair without
+    /// exactly one projection; file and shape errors.
+    pub fn open_text_encoders(paths: &[&Path]) -> Result<Self> {
+        let mut encoders = Vec::with_capacity(paths.len());
+        for path in paths {
+            let file = WeightFile::open(path)?;
+            let shapes = shapes_of(&file);
+            let key = "text_model.embeddings.token_embedding.weight";
+            let prefix = shapes
+                .keys()
+                .find_map(|k| k.strip_suffix(key))
+                .ok_or_else(|| ModelError::Unsupported {
+                    path: path.to_path_buf(),
+                    reason: "not a text encoder in transformers' layout (no text_model.*)".into(),
+                })?
+                .to_string();
+            let mut config = hf_clip_config(
+                &dim_of(path, &shapes),
+                &shapes,
+                &format!("{prefix}text_model."),
+            )?;
+            let projection = shapes
+                .get(&format!("{prefix}text_projection.weight"))
+                .and_then(|s| s.first().copied());
+            if config.width >= 1024 || projection.is_some() {
+                // OpenCLIP towers: exact GELU, `!` padding, the penultimate layer.
+                config.activation = ClipActivation::Gelu;
+                config.pad_token = super::tokenizer::EXCLAMATION_TOKEN;
+                config.default_stop_at_layer = -2;
+            }
+            encoders.push((Arc::new(file), prefix, config, projection));
+        }
+        let path = paths.first().map(|p| p.to_path_buf()).unwrap_or_default();
+        let mut config = SdConfig::v1_5();
+        let unsupported = |reason: &str| ModelError::Unsupported {
+            path: path.clone(),
+            reason: reason.to_string(),
+        };
+        let (clip, clip_g) = match encoders.len() {
+            1 => {
+                let (file, prefix, clip, _) = encoders.remove(0);
+                config.clip = clip;
+                ((file, prefix), None)
+            }
+            2 => {
+                encoders.sort_by_key(|e| e.3.is_some());
+                let (g_file, g_prefix, mut g, projection) = encoders.pop().expect("two");
+                let (l_file, l_prefix, mut l, none) = encoders.pop().expect("two");
+                if projection.is_none() || none.is_some() {
+                    return Err(unsupported(
+                        "an SDXL pair is CLIP-L and OpenCLIP-G: one file with a text projection",
+                    ));
+                }
+                for clip in [&mut l, &mut g] {
+                    clip.default_stop_at_layer = -2;
+                    clip.final_norm_on_hidden = false;
+                }
+                g.projection_dim = projection;
+                config.clip = l;
+                config.clip_g = Some(g);
+                config.vae.scaling_factor = 0.13025;
+                ((l_file, l_prefix), Some((g_file, g_prefix)))
+            }
+            _ => return Err(unsupported("one text encoder file, or SDXL's two")),
+        };
+        Ok(Self {
+            path,
+            layout: Layout::Split {
+                unet: None,
+                clip: Some(clip),
+                clip_g,
+            },
+            config,
+        })
+    }
+
     /// The file or folder this was opened from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -133,6 +267,18 @@ impl Checkpoint {
             (Layout::Diffusers { text_encoder, .. }, Part::Clip | Part::ClipG) => {
                 (text_encoder, "")
             }
+            (Layout::Split { unet, clip, clip_g }, part) => {
+                let source = match part {
+                    Part::Unet => unet,
+                    Part::Clip => clip,
+                    Part::ClipG => clip_g,
+                    Part::Vae => &None,
+                };
+                let Some((file, prefix)) = source else {
+                    return 0;
+                };
+                (file, prefix.as_str())
+            }
         };
         file.names()
             .iter()
@@ -142,8 +288,8 @@ impl Checkpoint {
             .sum()
     }
 
-    fn backend(&self, part: Part, loras: Arc<LoraStack>) -> MappedWeights {
-        match &self.layout {
+    fn backend(&self, part: Part, loras: Arc<LoraStack>) -> Result<MappedWeights> {
+        Ok(match &self.layout {
             Layout::Ldm(file) => {
                 let rename: Renamer = match part {
                     Part::Unet => {
@@ -187,7 +333,42 @@ impl Checkpoint {
                 };
                 MappedWeights::new(file.clone(), part, Box::new(|n| vec![n.to_string()]), loras)
             }
-        }
+            Layout::Split { unet, clip, clip_g } => {
+                let source = match part {
+                    Part::Unet => unet,
+                    Part::Clip => clip,
+                    Part::ClipG => clip_g,
+                    Part::Vae => &None,
+                };
+                let Some((file, prefix)) = source else {
+                    return Err(ModelError::InvalidInput(format!(
+                        "{} holds no {part:?} (a split loader's file)",
+                        self.path.display()
+                    )));
+                };
+                let prefix = prefix.clone();
+                let rename: Renamer = match part {
+                    Part::Unet => {
+                        let config = self.config.unet.clone();
+                        Box::new(move |n| {
+                            unet_to_ldm(n, &config)
+                                .map(|ldm| format!("{prefix}{}", &ldm[LDM_UNET_PREFIX.len()..]))
+                                .into_iter()
+                                .collect()
+                        })
+                    }
+                    Part::ClipG => Box::new(move |n| {
+                        if n == "text_projection" {
+                            vec![format!("{prefix}text_projection.weight{TRANSPOSED}")]
+                        } else {
+                            vec![format!("{prefix}{n}")]
+                        }
+                    }),
+                    _ => Box::new(move |n| vec![format!("{prefix}{n}")]),
+                };
+                MappedWeights::new(file.clone(), part, rename, loras)
+            }
+        })
     }
 
     /// Builds the UNet with `loras` merged at their model strengths.
@@ -208,7 +389,7 @@ impl Checkpoint {
         ));
         let config = self.config.unet.clone();
         let unet = build_part(
-            self.backend(Part::Unet, stack.clone()),
+            self.backend(Part::Unet, stack.clone())?,
             dtype,
             device,
             |vb| Unet::new(vb, &config),
@@ -245,24 +426,19 @@ impl Checkpoint {
         ));
         let config = self.config.clip.clone();
         let model = build_part(
-            self.backend(Part::Clip, stack.clone()),
+            self.backend(Part::Clip, stack.clone())?,
             dtype,
             device,
             |vb| ClipTextModel::new(vb, &config),
         )?;
-        let g = match (&self.config.clip_g, &self.layout) {
-            (Some(g_config), Layout::Ldm(file)) => {
-                let rename: Renamer = Box::new(|n| {
-                    open_clip_to_ldm_at(SDXL_CLIP_G_PREFIX, n)
-                        .into_iter()
-                        .collect()
-                });
-                let backend = MappedWeights::new(file.clone(), Part::ClipG, rename, stack.clone());
-                Some(Arc::new(build_part(backend, dtype, device, |vb| {
-                    ClipTextModel::new(vb, g_config)
-                })?))
-            }
-            _ => None,
+        let g = match &self.config.clip_g {
+            Some(g_config) => Some(Arc::new(build_part(
+                self.backend(Part::ClipG, stack.clone())?,
+                dtype,
+                device,
+                |vb| ClipTextModel::new(vb, g_config),
+            )?)),
+            None => None,
         };
         warn_unused(&stack, "lora_te");
         Ok(ClipModel {
@@ -280,7 +456,7 @@ impl Checkpoint {
     pub fn load_vae(&self, device: &Device, dtype: DType) -> Result<VaeModel> {
         let config = self.config.vae.clone();
         build_part(
-            self.backend(Part::Vae, Arc::new(LoraStack::default())),
+            self.backend(Part::Vae, Arc::new(LoraStack::default()))?,
             dtype,
             device,
             |vb| VaeModel::new(vb, &config),
@@ -294,6 +470,30 @@ fn warn_unused(stack: &LoraStack, prefix: &str) {
     }
 }
 
+/// Every tensor's shape, by name.
+fn shapes_of(file: &WeightFile) -> std::collections::BTreeMap<String, Vec<usize>> {
+    file.names()
+        .into_iter()
+        .filter_map(|n| file.info(&n).map(|i| (n, i.shape)))
+        .collect()
+}
+
+/// A shape lookup over `shapes` whose misses name `path`.
+fn dim_of<'a>(
+    path: &'a Path,
+    shapes: &'a std::collections::BTreeMap<String, Vec<usize>>,
+) -> impl Fn(&str, usize) -> Result<usize> + 'a {
+    move |name, axis| {
+        shapes
+            .get(name)
+            .and_then(|s| s.get(axis).copied())
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: name.to_string(),
+            })
+    }
+}
+
 /// A standalone VAE file (ComfyUI's `models/vae/`): the LDM layout with or without
 /// `first_stage_model.`, or diffusers' `AutoencoderKL` names. Its latents are in its own
 /// scale; the model it decodes for applies its latent format inside sampling.
@@ -302,20 +502,8 @@ fn warn_unused(stack: &LoraStack, prefix: &str) {
 /// [`ModelError::Unsupported`] for a file that holds no VAE; file and shape errors.
 pub fn load_vae_file(path: &Path, device: &Device, dtype: DType) -> Result<VaeModel> {
     let file = Arc::new(WeightFile::open(path)?);
-    let shapes: std::collections::BTreeMap<String, Vec<usize>> = file
-        .names()
-        .into_iter()
-        .filter_map(|n| file.info(&n).map(|i| (n, i.shape)))
-        .collect();
-    let dim = |name: &str, axis: usize| -> Result<usize> {
-        shapes
-            .get(name)
-            .and_then(|s| s.get(axis).copied())
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: path.to_path_buf(),
-                tensor: name.to_string(),
-            })
-    };
+    let shapes = shapes_of(&file);
+    let dim = dim_of(path, &shapes);
     let prefix = if shapes.contains_key("first_stage_model.decoder.conv_in.weight") {
         LDM_VAE_PREFIX
     } else {

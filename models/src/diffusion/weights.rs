@@ -40,6 +40,10 @@ impl std::fmt::Debug for MappedWeights {
     }
 }
 
+/// A renamer's suffix for a matrix stored transposed (`text_projection` as a Linear
+/// weight in transformers' layout, `[out, in]`, where the model wants `[in, out]`).
+pub const TRANSPOSED: &str = "#T";
+
 impl MappedWeights {
     /// A backend reading `part` of `file`, renaming with `rename`, patched by `loras`.
     pub fn new(file: Arc<WeightFile>, part: Part, rename: Renamer, loras: Arc<LoraStack>) -> Self {
@@ -65,6 +69,11 @@ impl MappedWeights {
     /// the requested tensor has there.
     fn locate(&self, name: &str) -> Option<(String, TensorInfo)> {
         (self.rename)(name).into_iter().find_map(|stored| {
+            if let Some(base) = stored.strip_suffix(TRANSPOSED) {
+                let mut info = self.file.info(base)?;
+                info.shape.reverse();
+                return Some((stored, info));
+            }
             let (base, slice) = split_slice(&stored);
             let mut info = self.file.info(base)?;
             if let Some((_, parts)) = slice {
@@ -114,12 +123,20 @@ impl MappedWeights {
             target.clone()
         };
         check_float_tensor(self.file.path(), &stored, &info, &expected_shape)?;
-        let (base, slice) = split_slice(&stored);
-        let mut tensor = self.file.load(base, device)?;
-        if let Some((index, parts)) = slice {
-            let len = tensor.dim(0)? / parts;
-            tensor = tensor.narrow(0, index * len, len)?;
-        }
+        let mut tensor = match stored.strip_suffix(TRANSPOSED) {
+            Some(base) => self.file.load(base, device)?.t()?.contiguous()?,
+            None => {
+                let (base, slice) = split_slice(&stored);
+                let tensor = self.file.load(base, device)?;
+                match slice {
+                    Some((index, parts)) => {
+                        let len = tensor.dim(0)? / parts;
+                        tensor.narrow(0, index * len, len)?
+                    }
+                    None => tensor,
+                }
+            }
+        };
         if !self.loras.is_empty() {
             let keys = lora_keys(self.part, name, &stored);
             if !keys.is_empty() {
