@@ -29,17 +29,23 @@ pub enum ModelFolder {
     InterpolationModels,
     /// Textual-inversion embeddings, named in prompts as `embedding:name`.
     Embeddings,
+    /// Diffusion models alone (`UNETLoader`).
+    DiffusionModels,
+    /// Text encoders alone (`CLIPLoader`, `DualCLIPLoader`).
+    TextEncoders,
 }
 
 impl ModelFolder {
     /// Every folder, in the order ComfyUI lists them.
-    pub const ALL: [ModelFolder; 6] = [
+    pub const ALL: [ModelFolder; 8] = [
         ModelFolder::Checkpoints,
         ModelFolder::Vae,
         ModelFolder::Loras,
         ModelFolder::UpscaleModels,
         ModelFolder::InterpolationModels,
         ModelFolder::Embeddings,
+        ModelFolder::DiffusionModels,
+        ModelFolder::TextEncoders,
     ];
 
     /// The folder of a directory name (`checkpoints`, `upscale_models`...).
@@ -56,6 +62,8 @@ impl ModelFolder {
             ModelFolder::UpscaleModels => "upscale_models",
             ModelFolder::InterpolationModels => "interpolation_models",
             ModelFolder::Embeddings => "embeddings",
+            ModelFolder::DiffusionModels => "diffusion_models",
+            ModelFolder::TextEncoders => "text_encoders",
         }
     }
 
@@ -67,7 +75,8 @@ impl ModelFolder {
             ModelFolder::Loras => ModelKind::Lora,
             ModelFolder::UpscaleModels => ModelKind::Upscale,
             ModelFolder::InterpolationModels => ModelKind::Interpolation,
-            ModelFolder::Embeddings => ModelKind::Clip,
+            ModelFolder::Embeddings | ModelFolder::TextEncoders => ModelKind::Clip,
+            ModelFolder::DiffusionModels => ModelKind::Checkpoint,
         }
     }
 
@@ -77,7 +86,9 @@ impl ModelFolder {
             ModelFolder::Checkpoints
             | ModelFolder::Vae
             | ModelFolder::Loras
-            | ModelFolder::Embeddings => &["safetensors", "ckpt", "pt", "pth", "bin", "sft"],
+            | ModelFolder::Embeddings
+            | ModelFolder::DiffusionModels
+            | ModelFolder::TextEncoders => &["safetensors", "ckpt", "pt", "pth", "bin", "sft"],
             ModelFolder::UpscaleModels | ModelFolder::InterpolationModels => {
                 &["safetensors", "pth", "pt", "ckpt", "bin", "param", "sft"]
             }

@@ -462,9 +462,13 @@ impl SdConfig {
     }
 
     /// SDXL's refiner: OpenCLIP-G alone, and `y` carries an aesthetic score instead of the
-    /// target size.
+    /// target size. Told from the UNet alone: its `y` is the pooled embedding plus five
+    /// 256-wide sizes, and that pooled embedding is as wide as its context (one encoder),
+    /// where the base model's context is two encoders wide.
     pub fn is_sdxl_refiner(&self) -> bool {
-        self.unet.adm_in_channels.is_some() && self.clip_g.is_none()
+        self.unet
+            .adm_in_channels
+            .is_some_and(|adm| adm.checked_sub(5 * 256) == Some(self.unet.cross_attention_dim))
     }
 
     /// The tiny SDXL refiner demo: [`Self::demo_sdxl`]'s UNet conditioned by OpenCLIP-G

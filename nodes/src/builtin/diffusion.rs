@@ -44,6 +44,9 @@ pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(LoraLoader);
     registry.register(LoraLoaderModelOnly);
     registry.register(VaeLoader);
+    registry.register(UnetLoader);
+    registry.register(ClipLoader);
+    registry.register(DualClipLoader);
     registry.register(EmptyLatentImage);
     registry.register(KSampler);
     registry.register(KSamplerAdvanced);
@@ -325,6 +328,123 @@ impl Node for CheckpointLoaderSimple {
             Value::object(ClipEncoder { clip, source }),
             Value::object(VaeDecoder { vae }),
         ])
+    }
+}
+
+/// UNETLoader: a diffusion model alone, from `diffusion_models/`.
+struct UnetLoader;
+
+static UNET_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("UNETLoader", "Load Diffusion Model", "advanced/loaders")
+        .loads("diffusion_models", "unet_name", ModelKind::Checkpoint)
+        .input(model_combo("unet_name", "diffusion_models"))
+        .input(InputSpec::combo(
+            "weight_dtype",
+            &["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"],
+        ))
+        .output(PortType::Model)
+});
+
+impl Node for UnetLoader {
+    fn schema(&self) -> &NodeSchema {
+        &UNET_LOADER
+    }
+
+    /// `weight_dtype` is ComfyUI's memory saving; here weights load in the device's
+    /// dtype (f32 on the CPU, f16 on CUDA) whatever it says.
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let env = ctx.env;
+        let path = model_path(env, ModelFolder::DiffusionModels, inputs.str("unet_name")?)?;
+        let checkpoint = cached(
+            env,
+            &format!("{}#unet-file", path.display()),
+            ModelKind::Checkpoint,
+            || Checkpoint::open_unet(&path).map(|c| (c, 0)),
+        )?;
+        let source = ModelSource {
+            checkpoint,
+            loras: Vec::new(),
+        };
+        let unet = load_unet(env, &source)?;
+        Ok(vec![Value::object(DiffusionModel { unet, source })])
+    }
+}
+
+/// The text encoders in `names` (of `text_encoders/`) as one CLIP.
+fn text_encoders(env: &NodeEnv, names: &[&str]) -> Result<Vec<Value>, NodeError> {
+    let paths = names
+        .iter()
+        .map(|name| model_path(env, ModelFolder::TextEncoders, name))
+        .collect::<Result<Vec<_>, _>>()?;
+    let key = paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join("+");
+    let checkpoint = cached(
+        env,
+        &format!("{key}#text-encoders"),
+        ModelKind::Clip,
+        || {
+            let refs: Vec<&std::path::Path> = paths.iter().map(PathBuf::as_path).collect();
+            Checkpoint::open_text_encoders(&refs).map(|c| (c, 0))
+        },
+    )?;
+    let source = ModelSource {
+        checkpoint,
+        loras: Vec::new(),
+    };
+    let clip = load_clip(env, &source)?;
+    Ok(vec![Value::object(ClipEncoder { clip, source })])
+}
+
+/// CLIPLoader: one text encoder from `text_encoders/`.
+struct ClipLoader;
+
+static CLIP_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("CLIPLoader", "Load CLIP", "advanced/loaders")
+        .loads("text_encoders", "clip_name", ModelKind::Clip)
+        .input(model_combo("clip_name", "text_encoders"))
+        .input(InputSpec::combo("type", &["stable_diffusion"]))
+        .input(InputSpec::combo("device", &["default", "cpu"]).optional())
+        .output(PortType::Clip)
+});
+
+impl Node for ClipLoader {
+    fn schema(&self) -> &NodeSchema {
+        &CLIP_LOADER
+    }
+
+    /// `stable_diffusion`: SD 1.x's CLIP-L or SD 2.x's OpenCLIP-H, told apart by width.
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        text_encoders(ctx.env, &[inputs.str("clip_name")?])
+    }
+}
+
+/// DualCLIPLoader: SDXL's two text encoders from `text_encoders/`.
+struct DualClipLoader;
+
+static DUAL_CLIP_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("DualCLIPLoader", "DualCLIPLoader", "advanced/loaders")
+        .loads("text_encoders", "clip_name1", ModelKind::Clip)
+        .input(model_combo("clip_name1", "text_encoders"))
+        .input(model_combo("clip_name2", "text_encoders"))
+        .input(InputSpec::combo("type", &["sdxl"]))
+        .input(InputSpec::combo("device", &["default", "cpu"]).optional())
+        .output(PortType::Clip)
+});
+
+impl Node for DualClipLoader {
+    fn schema(&self) -> &NodeSchema {
+        &DUAL_CLIP_LOADER
+    }
+
+    /// `sdxl`: CLIP-L and OpenCLIP-G in either order (the one with a projection is G).
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        text_encoders(
+            ctx.env,
+            &[inputs.str("clip_name1")?, inputs.str("clip_name2")?],
+        )
     }
 }
 
@@ -1492,6 +1612,134 @@ mod tests {
         )
         .unwrap();
         assert_eq!(dims(&repeated[0]), vec![6, 4, 6, 8]);
+    }
+
+    #[test]
+    fn split_loaders_sample_as_the_checkpoint_does() {
+        use std::collections::BTreeMap;
+
+        use sakuga_models::demo::{DEMO_SEED, demo_checkpoint_tensors, demo_diffusers_tensors};
+        use sakuga_models::diffusion::SdConfig;
+        use sakuga_models::store::write_safetensors;
+
+        let rig = rig();
+        let models = &rig.env.models_dir;
+        let config = SdConfig::demo_sdxl();
+        let unet: BTreeMap<String, Tensor> = demo_checkpoint_tensors(&config, DEMO_SEED)
+            .unwrap()
+            .into_iter()
+            .filter_map(|(k, v)| {
+                k.strip_prefix("model.diffusion_model.")
+                    .map(|k| (k.into(), v))
+            })
+            .collect();
+        write_safetensors(
+            &models.join("diffusion_models/xl.safetensors"),
+            &unet,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let parts = demo_diffusers_tensors(&config, DEMO_SEED).unwrap();
+        let encoders = models.join("text_encoders");
+        write_safetensors(
+            &encoders.join("l.safetensors"),
+            &parts.clip,
+            &BTreeMap::new(),
+        )
+        .unwrap();
+        let g: BTreeMap<String, Tensor> = parts
+            .clip_g
+            .into_iter()
+            .map(|(k, v)| match k.as_str() {
+                "text_projection" => ("text_projection.weight".into(), v.t().unwrap()),
+                _ => (k, v),
+            })
+            .collect();
+        write_safetensors(&encoders.join("g.safetensors"), &g, &BTreeMap::new()).unwrap();
+
+        let sample = |model: Value, clip: Value| {
+            let encode = |text: &str| {
+                run(
+                    &rig,
+                    &ClipTextEncode,
+                    &[("text", s(text)), ("clip", clip.clone())],
+                )
+                .unwrap()
+            };
+            let latent = run(
+                &rig,
+                &EmptyLatentImage,
+                &[
+                    ("width", Value::Int(64)),
+                    ("height", Value::Int(64)),
+                    ("batch_size", Value::Int(1)),
+                ],
+            )
+            .unwrap();
+            let out = run(
+                &rig,
+                &KSampler,
+                &[
+                    ("model", model),
+                    ("seed", Value::Int(3)),
+                    ("steps", Value::Int(2)),
+                    ("cfg", Value::Float(5.0)),
+                    ("sampler_name", s("euler")),
+                    ("scheduler", s("normal")),
+                    ("positive", encode("a fox")[0].clone()),
+                    ("negative", encode("")[0].clone()),
+                    ("latent_image", latent[0].clone()),
+                    ("denoise", Value::Float(1.0)),
+                ],
+            )
+            .unwrap();
+            let Value::Object(o) = &out[0] else { panic!() };
+            let latent = o.clone().downcast::<Latent>().unwrap();
+            latent
+                .samples
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+        };
+        let whole = run(
+            &rig,
+            &CheckpointLoaderSimple,
+            &[("ckpt_name", s(sakuga_models::demo::DEMO_SDXL_CHECKPOINT))],
+        )
+        .unwrap();
+        let unet = run(
+            &rig,
+            &UnetLoader,
+            &[
+                ("unet_name", s("xl.safetensors")),
+                ("weight_dtype", s("default")),
+            ],
+        )
+        .unwrap();
+        let clip = run(
+            &rig,
+            &DualClipLoader,
+            &[
+                ("clip_name1", s("g.safetensors")),
+                ("clip_name2", s("l.safetensors")),
+                ("type", s("sdxl")),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            sample(unet[0].clone(), clip[0].clone()),
+            sample(whole[0].clone(), whole[1].clone())
+        );
+        let one = run(
+            &rig,
+            &ClipLoader,
+            &[
+                ("clip_name", s("g.safetensors")),
+                ("type", s("stable_diffusion")),
+            ],
+        );
+        assert!(one.is_ok(), "one OpenCLIP file loads as a single encoder");
     }
 
     #[test]
