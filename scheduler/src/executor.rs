@@ -439,19 +439,7 @@ impl Executor {
             state.outputs[c.step] = Some(values);
         }
         state.done[c.step] = true;
-        let mut dependents = s.dependents.clone();
-        dependents.sort_unstable();
-        dependents.dedup();
-        for d in dependents {
-            for (l, (_, source, _)) in plan.steps[d].links.iter().enumerate() {
-                if *source == c.step && std::mem::take(&mut state.counted[d][l]) {
-                    state.waiting[d] -= 1;
-                    if state.waiting[d] == 0 {
-                        state.ready.push_back(d);
-                    }
-                }
-            }
-        }
+        release_dependents(plan, c.step, state);
         for (_, source, _) in &s.links {
             state.consumers[*source] -= 1;
             if state.consumers[*source] == 0 {
@@ -469,6 +457,24 @@ impl Executor {
         state.report.runs.push(run);
         state.finished += 1;
         Ok(())
+    }
+}
+
+/// Counts `step` as done for every step waiting on it, and queues those left waiting on
+/// nothing.
+fn release_dependents(plan: &ExecutionPlan, step: usize, state: &mut JobState) {
+    let mut dependents = plan.steps[step].dependents.clone();
+    dependents.sort_unstable();
+    dependents.dedup();
+    for d in dependents {
+        for (l, (_, source, _)) in plan.steps[d].links.iter().enumerate() {
+            if *source == step && std::mem::take(&mut state.counted[d][l]) {
+                state.waiting[d] -= 1;
+                if state.waiting[d] == 0 {
+                    state.ready.push_back(d);
+                }
+            }
+        }
     }
 }
 

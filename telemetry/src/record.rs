@@ -287,7 +287,7 @@ pub fn record_each_once() {
     queue_depth(w, 2);
     queue_wait(w, Duration::from_millis(40));
     stage_finished(w, Stage::Inference, Duration::from_millis(900));
-    node_finished("KSampler", Duration::from_millis(800));
+    node_finished("ExampleSampler", Duration::from_millis(800));
     frame(w, FrameKind::Produced);
     frame_interval(w, FrameSide::Produced, Duration::from_millis(33));
     fps_health(w, 1.0);

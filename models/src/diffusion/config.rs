@@ -109,11 +109,7 @@ impl UnetConfig {
     ///
     /// # Errors
     /// A missing tensor the sizes are read from; levels of uneven block counts.
-    pub fn infer_ldm(
-        dim: &dyn Fn(&str, usize) -> Result<usize>,
-        shapes: &BTreeMap<String, Vec<usize>>,
-        prefix: &str,
-    ) -> Result<Self> {
+    pub fn infer_ldm(dim: &Dim<'_>, shapes: &Shapes, prefix: &str) -> Result<Self> {
         // UNet: walk input_blocks, splitting levels at downsamplers.
         let n_input = count_indices(&shapes, &format!("{prefix}input_blocks."));
         let mut levels = Vec::new();
@@ -210,11 +206,7 @@ impl VaeConfig {
     ///
     /// # Errors
     /// A missing tensor the sizes are read from.
-    pub fn infer_ldm(
-        dim: &dyn Fn(&str, usize) -> Result<usize>,
-        shapes: &BTreeMap<String, Vec<usize>>,
-        prefix: &str,
-    ) -> Result<Self> {
+    pub fn infer_ldm(dim: &Dim<'_>, shapes: &Shapes, prefix: &str) -> Result<Self> {
         let n_down = count_indices(shapes, &format!("{prefix}encoder.down."));
         let block_out_channels = (0..n_down)
             .map(|i| dim(&format!("{prefix}encoder.down.{i}.block.0.conv2.weight"), 0))
@@ -500,24 +492,12 @@ impl SdConfig {
                 reason: format!("metadata {CONFIG_METADATA_KEY} is not a valid config: {e}"),
             });
         }
-        let shapes: BTreeMap<String, Vec<usize>> = file
-            .names()
-            .into_iter()
-            .filter_map(|n| file.info(&n).map(|i| (n, i.shape)))
-            .collect();
+        let shapes = shapes_of(file);
         let unsupported = |reason: &str| ModelError::Unsupported {
             path: path.to_path_buf(),
             reason: reason.to_string(),
         };
-        let dim = |name: &str, axis: usize| -> Result<usize> {
-            shapes
-                .get(name)
-                .and_then(|s| s.get(axis).copied())
-                .ok_or_else(|| ModelError::MissingTensor {
-                    path: path.to_path_buf(),
-                    tensor: name.to_string(),
-                })
-        };
+        let dim = dim_of(path, &shapes);
         const UNET: &str = "model.diffusion_model.";
         if !shapes.contains_key(&format!("{UNET}input_blocks.0.0.weight")) {
             return Err(unsupported(
@@ -794,7 +774,33 @@ fn read_json(path: &Path) -> Result<serde_json::Value> {
 }
 
 /// A shape lookup: `dim(name, axis)`, or a missing-tensor error naming the file.
-pub(crate) type Dim<'a> = dyn Fn(&str, usize) -> Result<usize> + 'a;
+pub type Dim<'a> = dyn Fn(&str, usize) -> Result<usize> + 'a;
+/// Every tensor's shape, by name.
+pub type Shapes = BTreeMap<String, Vec<usize>>;
+
+/// The shapes of every tensor in `file`.
+pub(crate) fn shapes_of(file: &WeightFile) -> Shapes {
+    file.names()
+        .into_iter()
+        .filter_map(|n| file.info(&n).map(|i| (n, i.shape)))
+        .collect()
+}
+
+/// A shape lookup over `shapes` whose misses name `path`.
+pub(crate) fn dim_of<'a>(
+    path: &'a Path,
+    shapes: &'a Shapes,
+) -> impl Fn(&str, usize) -> Result<usize> + 'a {
+    move |name, axis| {
+        shapes
+            .get(name)
+            .and_then(|s| s.get(axis).copied())
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                tensor: name.to_string(),
+            })
+    }
+}
 
 /// An OpenAI CLIP text encoder in transformers' layout under `prefix` (`...text_model.`).
 pub(crate) fn hf_clip_config(

@@ -13,7 +13,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::clip::ClipTextModel;
 use super::config::{
-    ClipActivation, Prediction, SdConfig, UnetConfig, VaeConfig, count_indices, hf_clip_config,
+    ClipActivation, Prediction, SdConfig, UnetConfig, VaeConfig, count_indices, dim_of,
+    hf_clip_config, shapes_of,
 };
 use super::embedding::EmbeddingSource;
 use super::keymap::{
@@ -267,14 +268,8 @@ impl Checkpoint {
             (Layout::Diffusers { text_encoder, .. }, Part::Clip | Part::ClipG) => {
                 (text_encoder, "")
             }
-            (Layout::Split { unet, clip, clip_g }, part) => {
-                let source = match part {
-                    Part::Unet => unet,
-                    Part::Clip => clip,
-                    Part::ClipG => clip_g,
-                    Part::Vae => &None,
-                };
-                let Some((file, prefix)) = source else {
+            (Layout::Split { .. }, part) => {
+                let Some((file, prefix)) = self.split_part(part) else {
                     return 0;
                 };
                 (file, prefix.as_str())
@@ -286,6 +281,19 @@ impl Checkpoint {
             .filter_map(|n| file.info(n))
             .map(|info| (info.shape.iter().product::<usize>() * dtype.size_in_bytes()) as u64)
             .sum()
+    }
+
+    /// A split checkpoint's file (and key prefix) for `part`, if it has one.
+    fn split_part(&self, part: Part) -> Option<&(Arc<WeightFile>, String)> {
+        let Layout::Split { unet, clip, clip_g } = &self.layout else {
+            return None;
+        };
+        match part {
+            Part::Unet => unet.as_ref(),
+            Part::Clip => clip.as_ref(),
+            Part::ClipG => clip_g.as_ref(),
+            Part::Vae => None,
+        }
     }
 
     fn backend(&self, part: Part, loras: Arc<LoraStack>) -> Result<MappedWeights> {
@@ -333,14 +341,8 @@ impl Checkpoint {
                 };
                 MappedWeights::new(file.clone(), part, Box::new(|n| vec![n.to_string()]), loras)
             }
-            Layout::Split { unet, clip, clip_g } => {
-                let source = match part {
-                    Part::Unet => unet,
-                    Part::Clip => clip,
-                    Part::ClipG => clip_g,
-                    Part::Vae => &None,
-                };
-                let Some((file, prefix)) = source else {
+            Layout::Split { .. } => {
+                let Some((file, prefix)) = self.split_part(part) else {
                     return Err(ModelError::InvalidInput(format!(
                         "{} holds no {part:?} (a split loader's file)",
                         self.path.display()
@@ -467,30 +469,6 @@ impl Checkpoint {
 fn warn_unused(stack: &LoraStack, prefix: &str) {
     for (path, key) in stack.unused_keys(prefix) {
         tracing::warn!(lora = %path.display(), key, "lora key not loaded");
-    }
-}
-
-/// Every tensor's shape, by name.
-fn shapes_of(file: &WeightFile) -> std::collections::BTreeMap<String, Vec<usize>> {
-    file.names()
-        .into_iter()
-        .filter_map(|n| file.info(&n).map(|i| (n, i.shape)))
-        .collect()
-}
-
-/// A shape lookup over `shapes` whose misses name `path`.
-fn dim_of<'a>(
-    path: &'a Path,
-    shapes: &'a std::collections::BTreeMap<String, Vec<usize>>,
-) -> impl Fn(&str, usize) -> Result<usize> + 'a {
-    move |name, axis| {
-        shapes
-            .get(name)
-            .and_then(|s| s.get(axis).copied())
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: path.to_path_buf(),
-                tensor: name.to_string(),
-            })
     }
 }
 

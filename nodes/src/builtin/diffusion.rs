@@ -1077,12 +1077,16 @@ impl Node for VaeDecode {
             }
             _ => decode(&latent.samples)?,
         };
-        let images = images
-            .permute((0, 2, 3, 1))?
-            .contiguous()?
-            .to_device(&ctx.env.device)?;
-        Ok(vec![Value::Image(images)])
+        Ok(vec![Value::Image(channels_last(ctx, &images)?)])
     }
+}
+
+/// Decoded `[b, c, h, w]` images as the IMAGE layout, `[b, h, w, c]` on the job's device.
+fn channels_last(ctx: &ExecContext<'_>, images: &Tensor) -> Result<Tensor, NodeError> {
+    Ok(images
+        .permute((0, 2, 3, 1))?
+        .contiguous()?
+        .to_device(&ctx.env.device)?)
 }
 
 /// VAEDecodeTiled: decoding in tiles of a chosen size (pixels), for large images.
@@ -1135,11 +1139,7 @@ impl Node for VaeDecodeTiled {
             overlap / factor,
             &proceed,
         )?;
-        let images = images
-            .permute((0, 2, 3, 1))?
-            .contiguous()?
-            .to_device(&ctx.env.device)?;
-        Ok(vec![Value::Image(images)])
+        Ok(vec![Value::Image(channels_last(ctx, &images)?)])
     }
 }
 

@@ -109,6 +109,15 @@ pub(super) fn dpmpp_2m(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
     })
 }
 
+/// The DPM-Solver++ SDE step's first-order part from `s` to `sn` (eta = 1): `h`, `h * 2`
+/// and `x` moved along the estimate, before the multistep corrections and the noise.
+fn sde_first_order(x: &Tensor, denoised: &Tensor, s: f64, sn: f64) -> Result<(f64, f64, Tensor)> {
+    let h = s.ln() - sn.ln();
+    let h_eta = 2.0 * h;
+    let next = lin(x, sn / s * (-h).exp(), denoised, -(-h_eta).exp_m1())?;
+    Ok((h, h_eta, next))
+}
+
 /// DPM-Solver++(2M) SDE, eta = 1, with the midpoint or Heun correction.
 pub(super) fn dpmpp_2m_sde(walk: &mut Walk<'_>, x: Tensor, heun: bool) -> Result<Tensor> {
     let mut previous: Option<(Tensor, f64)> = None;
@@ -117,10 +126,8 @@ pub(super) fn dpmpp_2m_sde(walk: &mut Walk<'_>, x: Tensor, heun: bool) -> Result
         if sn == 0.0 {
             return Ok(denoised);
         }
-        let h = s.ln() - sn.ln();
-        let h_eta = 2.0 * h;
+        let (h, h_eta, mut next) = sde_first_order(&x, &denoised, s, sn)?;
         let phi = -(-h_eta).exp_m1();
-        let mut next = lin(&x, sn / s * (-h).exp(), &denoised, phi)?;
         if let Some((old, h_last)) = &previous {
             let r = h_last / h;
             let weight = if heun {
@@ -147,9 +154,7 @@ pub(super) fn dpmpp_3m_sde(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
         if sn == 0.0 {
             return Ok(denoised);
         }
-        let h = s.ln() - sn.ln();
-        let h_eta = 2.0 * h;
-        let mut next = lin(&x, sn / s * (-h).exp(), &denoised, -(-h_eta).exp_m1())?;
+        let (h, h_eta, mut next) = sde_first_order(&x, &denoised, s, sn)?;
         let phi_2 = (-h_eta).exp_m1() / h_eta + 1.0;
         match (&last, &before) {
             (Some((d1, h1)), Some((d2, h2))) => {
