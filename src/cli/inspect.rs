@@ -1,5 +1,6 @@
 //! `sakuga validate` and `sakuga nodes`: pipeline authoring without running anything.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -113,6 +114,8 @@ pub fn nodes(common: &CommonArgs, args: &NodesArgs) -> anyhow::Result<ExitCode> 
         .map(|n| n.schema().class_type.len())
         .max()
         .unwrap_or(0);
+    // A reader that stops early (`| head`) closes the pipe: stop quietly, not panic.
+    let mut out = std::io::stdout().lock();
     for node in registry.iter() {
         let s = node.schema();
         let inputs: Vec<String> = s
@@ -129,7 +132,8 @@ pub fn nodes(common: &CommonArgs, args: &NodesArgs) -> anyhow::Result<ExitCode> 
             .collect();
         let outputs: Vec<&str> = s.outputs.iter().map(|o| o.port.as_str()).collect();
         let marker = if s.output_node { " [output]" } else { "" };
-        println!(
+        let written = writeln!(
+            out,
             "{:width$}  {} -> {}{marker}   ({})",
             s.class_type,
             inputs.join(", "),
@@ -140,6 +144,10 @@ pub fn nodes(common: &CommonArgs, args: &NodesArgs) -> anyhow::Result<ExitCode> 
             },
             s.category,
         );
+        match written {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => break,
+            other => other?,
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -111,7 +111,7 @@ impl UnetConfig {
     /// A missing tensor the sizes are read from; levels of uneven block counts.
     pub fn infer_ldm(dim: &Dim<'_>, shapes: &Shapes, prefix: &str) -> Result<Self> {
         // UNet: walk input_blocks, splitting levels at downsamplers.
-        let n_input = count_indices(&shapes, &format!("{prefix}input_blocks."));
+        let n_input = count_indices(shapes, &format!("{prefix}input_blocks."));
         let mut levels = Vec::new();
         let mut per_level = Vec::new();
         let mut current: Option<(usize, Option<usize>)> = None;
@@ -130,7 +130,7 @@ impl UnetConfig {
             }
             let channels = dim(&format!("{block}0.out_layers.3.weight"), 0)?;
             let depth = {
-                let n = count_indices(&shapes, &format!("{block}1.transformer_blocks."));
+                let n = count_indices(shapes, &format!("{block}1.transformer_blocks."));
                 (n > 0).then_some(n)
             };
             if depth.is_some() {
@@ -189,7 +189,7 @@ impl UnetConfig {
             // Stated only where it differs from what the last level implies.
             mid_transformer_depth: {
                 let n = count_indices(
-                    &shapes,
+                    shapes,
                     &format!("{prefix}middle_block.1.transformer_blocks."),
                 );
                 let implied = levels.last().and_then(|l| l.1).unwrap_or(1);

@@ -970,13 +970,16 @@ struct Prompt {
     strength: f64,
 }
 
+/// The positive and negative contexts, matched in length, and their SDXL class vectors.
+type PromptPair = (Tensor, Tensor, Option<(Tensor, Tensor)>);
+
 /// Classifier-free guided denoiser over a [`UnetModel`].
 #[derive(Debug)]
 pub struct GuidedDenoiser<'a> {
     unet: &'a UnetModel,
     /// One plain prompt each side: both run as one batch, contexts matched in length, with
     /// SDXL's class vectors.
-    pair: Option<(Tensor, Tensor, Option<(Tensor, Tensor)>)>,
+    pair: Option<PromptPair>,
     /// Otherwise every prompt runs on its area and the outputs are averaged by weight.
     positive: Vec<Prompt>,
     negative: Vec<Prompt>,
@@ -1107,7 +1110,7 @@ impl<'a> GuidedDenoiser<'a> {
     /// One plain prompt each side, run as one batch.
     fn pair_output(
         &self,
-        (positive, negative, y): &(Tensor, Tensor, Option<(Tensor, Tensor)>),
+        (positive, negative, y): &PromptPair,
         x_in: &Tensor,
         t: f64,
         batch: usize,

@@ -161,7 +161,7 @@ impl ClipTokenizer {
                 let ids = word
                     .strip_prefix(EMBEDDING_PREFIX)
                     .map(|name| name.trim_end_matches(['\n', ',']))
-                    .and_then(|name| embed(name));
+                    .and_then(&mut *embed);
                 match ids {
                     Some(ids) => {
                         words.extend(self.encode_words(&plain).into_iter().map(|id| (id, weight)));

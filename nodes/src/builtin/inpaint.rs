@@ -65,12 +65,11 @@ fn prepare(
     vae: &VaeDecoder,
     pixels: &Tensor,
     mask: &Tensor,
-) -> Result<(Tensor, Tensor, (usize, usize, usize, usize)), NodeError> {
+) -> Result<(Tensor, Tensor), NodeError> {
     let (_, h, w, _) = pixels.dims4()?;
     let mask = as_noise_mask(mask)?.squeeze(1)?.to_dtype(DType::F32)?;
     let mask = resize_mask(&mask, w, h)?;
-    let window = latent_aligned(&vae.vae, pixels)?;
-    let (top, left, ch, cw) = window;
+    let (top, left, ch, cw) = latent_aligned(&vae.vae, pixels)?;
     let mask = mask.narrow(1, top, ch)?.narrow(2, left, cw)?;
     let pixels = pixels
         .narrow(1, top, ch)?
@@ -86,7 +85,7 @@ fn prepare(
         .collect();
     let keep = Tensor::from_vec(keep, mask.dims(), mask.device())?.unsqueeze(3)?;
     let greyed = ((pixels.to_dtype(DType::F32)? - 0.5)?.broadcast_mul(&keep)? + 0.5)?;
-    Ok((greyed, mask, window))
+    Ok((greyed, mask))
 }
 
 static VAE_ENCODE_FOR_INPAINT: LazyLock<NodeSchema> = LazyLock::new(|| {
@@ -115,7 +114,7 @@ impl Node for VaeEncodeForInpaint {
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         ctx.reserve_for(self.schema(), inputs)?;
         let vae = inputs.object::<VaeDecoder>("vae")?;
-        let (greyed, mask, _) = prepare(&vae, inputs.image("pixels")?, inputs.mask("mask")?)?;
+        let (greyed, mask) = prepare(&vae, inputs.image("pixels")?, inputs.mask("mask")?)?;
         let grow = usize::try_from(inputs.int("grow_mask_by")?).unwrap_or(0);
         let samples = encode_pixels(ctx, &vae.vae, &greyed)?;
         let noise_mask = grown(&mask, grow)?.unsqueeze(1)?;
@@ -200,7 +199,7 @@ impl Node for InpaintModelConditioning {
         ctx.reserve_for(self.schema(), inputs)?;
         let vae = inputs.object::<VaeDecoder>("vae")?;
         let pixels = inputs.image("pixels")?;
-        let (_, mask, _) = prepare(&vae, pixels, inputs.mask("mask")?)?;
+        let (_, mask) = prepare(&vae, pixels, inputs.mask("mask")?)?;
         let samples = encode_pixels(ctx, &vae.vae, pixels)?;
         let noise_mask = if inputs.boolean("noise_mask")? {
             Some(mask.unsqueeze(1)?)

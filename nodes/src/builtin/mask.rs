@@ -802,7 +802,7 @@ mod tests {
         assert_eq!(m[4], 1.0);
         assert_eq!(m[5], 0.25, "one pixel in: ((2 - 1) / 2)^2");
         assert_eq!(m[6], 0.0, "past the feathering");
-        assert_eq!(m[11 * 0 + 12 * 9 + 0], 1.0, "bottom margin");
+        assert_eq!(m[12 * 9], 1.0, "bottom margin: row 9, column 0");
     }
 
     #[test]

@@ -110,40 +110,6 @@ pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(PreviewAny);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::Rig;
-
-    #[test]
-    fn primitives_hand_their_value_on_and_strings_concatenate() {
-        let rig = Rig::new(|_| {});
-        let int = Primitive {
-            schema: &PRIMITIVE_INT,
-        };
-        let out = rig.run(&int, &[("value", Value::Int(-7))]).unwrap();
-        assert!(matches!(out[0], Value::Int(-7)));
-        let text = Primitive {
-            schema: &PRIMITIVE_STRING_MULTILINE,
-        };
-        let out = rig
-            .run(&text, &[("value", Value::String("a\nb".into()))])
-            .unwrap();
-        assert!(matches!(&out[0], Value::String(s) if &**s == "a\nb"));
-        let joined = rig
-            .run(
-                &StringConcatenate,
-                &[
-                    ("string_a", Value::String("masterpiece".into())),
-                    ("string_b", Value::String("1girl".into())),
-                    ("delimiter", Value::String(", ".into())),
-                ],
-            )
-            .unwrap();
-        assert!(matches!(&joined[0], Value::String(s) if &**s == "masterpiece, 1girl"));
-    }
-}
-
 /// Passes on `on_true` or `on_false`; only the branch taken is evaluated.
 struct Switch;
 
@@ -216,5 +182,39 @@ fn preview_text(value: &Value) -> String {
         Value::Boolean(v) => v.to_string(),
         Value::Image(t) | Value::Mask(t) => format!("{} {:?}", value.type_name(), t.dims()),
         Value::Object(_) => value.type_name().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::Rig;
+
+    #[test]
+    fn primitives_hand_their_value_on_and_strings_concatenate() {
+        let rig = Rig::new(|_| {});
+        let int = Primitive {
+            schema: &PRIMITIVE_INT,
+        };
+        let out = rig.run(&int, &[("value", Value::Int(-7))]).unwrap();
+        assert!(matches!(out[0], Value::Int(-7)));
+        let text = Primitive {
+            schema: &PRIMITIVE_STRING_MULTILINE,
+        };
+        let out = rig
+            .run(&text, &[("value", Value::String("a\nb".into()))])
+            .unwrap();
+        assert!(matches!(&out[0], Value::String(s) if &**s == "a\nb"));
+        let joined = rig
+            .run(
+                &StringConcatenate,
+                &[
+                    ("string_a", Value::String("masterpiece".into())),
+                    ("string_b", Value::String("1girl".into())),
+                    ("delimiter", Value::String(", ".into())),
+                ],
+            )
+            .unwrap();
+        assert!(matches!(&joined[0], Value::String(s) if &**s == "masterpiece, 1girl"));
     }
 }
