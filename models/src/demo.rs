@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use crate::diffusion::clip::ClipTextModel;
 use crate::diffusion::config::{CONFIG_METADATA_KEY, SdConfig};
+use crate::diffusion::controlnet::{ControlNet, ControlNetConfig, control_to_ldm};
 use crate::diffusion::keymap::{
     SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX, SDXL_REFINER_CLIP_PREFIX, clip_to_ldm,
     open_clip_to_ldm_at, split_slice, unet_to_ldm, vae_to_ldm,
@@ -41,6 +42,10 @@ pub const DEMO_EMBEDDING: &str = "sakuga-demo-embedding.safetensors";
 pub const DEMO_VAE: &str = "sakuga-demo-vae.safetensors";
 /// File name of the SDXL refiner demo checkpoint inside `checkpoints/`.
 pub const DEMO_SDXL_REFINER_CHECKPOINT: &str = "sakuga-demo-sdxl-refiner.safetensors";
+/// File name of the SD 1.5 demo ControlNet (LDM layout) inside `controlnet/`.
+pub const DEMO_CONTROLNET: &str = "sakuga-demo-controlnet-sd15.safetensors";
+/// File name of the SDXL demo ControlNet (diffusers layout) inside `controlnet/`.
+pub const DEMO_SDXL_CONTROLNET: &str = "sakuga-demo-controlnet-sdxl.safetensors";
 /// File name of the demo LoRA inside `loras/`.
 pub const DEMO_LORA: &str = "sakuga-demo-lora.safetensors";
 
@@ -67,6 +72,7 @@ pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
         write_demo_embedding(dir)?,
         write_demo_lora(dir)?,
     ];
+    written.extend(write_demo_controlnets(dir)?);
     for writer in EXTRA_DEMO_WRITERS {
         written.extend(writer(dir)?);
     }
@@ -357,18 +363,60 @@ pub fn write_demo_embedding(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// Metadata naming the architecture a demo file belongs to: its head counts cannot be
+/// read from tensor shapes at toy widths.
+fn config_metadata(config: &SdConfig) -> Result<BTreeMap<String, String>> {
+    let json =
+        serde_json::to_string(config).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
+    Ok(BTreeMap::from([(CONFIG_METADATA_KEY.to_string(), json)]))
+}
+
 fn write_checkpoint(dir: &Path, config: &SdConfig, file: &str, note: &str) -> Result<PathBuf> {
     let tensors = demo_checkpoint_tensors(config, DEMO_SEED)?;
-    let mut metadata = BTreeMap::new();
-    metadata.insert(
-        CONFIG_METADATA_KEY.to_string(),
-        serde_json::to_string(config).map_err(|e| ModelError::InvalidInput(e.to_string()))?,
-    );
+    let mut metadata = config_metadata(config)?;
     metadata.insert("format".to_string(), "pt".to_string());
     metadata.insert("sakuga.note".to_string(), note.to_string());
     let path = dir.join(ModelFolder::Checkpoints.dir_name()).join(file);
     write_safetensors(&path, &tensors, &metadata)?;
     Ok(path)
+}
+
+/// Seeded tensors of a ControlNet beside `config`'s UNet, under diffusers names.
+///
+/// # Errors
+/// Tensor errors.
+pub fn demo_controlnet_tensors(config: &SdConfig, seed: u64) -> Result<BTreeMap<String, Tensor>> {
+    let control = ControlNetConfig {
+        unet: config.unet.clone(),
+        hint_channels: 3,
+        global_average_pooling: false,
+    };
+    invent(seed, |vb| ControlNet::new(vb, &control))
+}
+
+/// Writes the demo ControlNets: `controlnet/sakuga-demo-controlnet-sd15.safetensors` for
+/// the SD 1.5 demo in the LDM layout (no prefix, as ComfyUI's repackaged v1.1 files) and
+/// `controlnet/sakuga-demo-controlnet-sdxl.safetensors` for the SDXL demo in the diffusers
+/// layout most SDXL ControlNets ship in.
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_controlnets(dir: &Path) -> Result<Vec<PathBuf>> {
+    let folder = dir.join(ModelFolder::ControlNet.dir_name());
+    let sd15 = SdConfig::demo();
+    let mut ldm = BTreeMap::new();
+    for (name, tensor) in demo_controlnet_tensors(&sd15, DEMO_SEED.wrapping_add(200))? {
+        let mapped = control_to_ldm(&name, &sd15.unet)
+            .ok_or_else(|| ModelError::InvalidInput(format!("no LDM name for {name}")))?;
+        ldm.insert(mapped, tensor);
+    }
+    let sd15_path = folder.join(DEMO_CONTROLNET);
+    write_safetensors(&sd15_path, &ldm, &config_metadata(&sd15)?)?;
+    let sdxl_config = SdConfig::demo_sdxl();
+    let sdxl = demo_controlnet_tensors(&sdxl_config, DEMO_SEED.wrapping_add(201))?;
+    let sdxl_path = folder.join(DEMO_SDXL_CONTROLNET);
+    write_safetensors(&sdxl_path, &sdxl, &config_metadata(&sdxl_config)?)?;
+    Ok(vec![sd15_path, sdxl_path])
 }
 
 /// Writes `loras/sakuga-demo-lora.safetensors`: rank-4 kohya factors for the demo UNet's

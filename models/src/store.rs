@@ -33,11 +33,13 @@ pub enum ModelFolder {
     DiffusionModels,
     /// Text encoders alone (`CLIPLoader`, `DualCLIPLoader`).
     TextEncoders,
+    /// ControlNets (`ControlNetLoader`).
+    ControlNet,
 }
 
 impl ModelFolder {
     /// Every folder, in the order ComfyUI lists them.
-    pub const ALL: [ModelFolder; 8] = [
+    pub const ALL: [ModelFolder; 9] = [
         ModelFolder::Checkpoints,
         ModelFolder::Vae,
         ModelFolder::Loras,
@@ -46,6 +48,7 @@ impl ModelFolder {
         ModelFolder::Embeddings,
         ModelFolder::DiffusionModels,
         ModelFolder::TextEncoders,
+        ModelFolder::ControlNet,
     ];
 
     /// The folder of a directory name (`checkpoints`, `upscale_models`...).
@@ -64,6 +67,7 @@ impl ModelFolder {
             ModelFolder::Embeddings => "embeddings",
             ModelFolder::DiffusionModels => "diffusion_models",
             ModelFolder::TextEncoders => "text_encoders",
+            ModelFolder::ControlNet => "controlnet",
         }
     }
 
@@ -77,6 +81,7 @@ impl ModelFolder {
             ModelFolder::InterpolationModels => ModelKind::Interpolation,
             ModelFolder::Embeddings | ModelFolder::TextEncoders => ModelKind::Clip,
             ModelFolder::DiffusionModels => ModelKind::Checkpoint,
+            ModelFolder::ControlNet => ModelKind::ControlNet,
         }
     }
 
@@ -88,7 +93,8 @@ impl ModelFolder {
             | ModelFolder::Loras
             | ModelFolder::Embeddings
             | ModelFolder::DiffusionModels
-            | ModelFolder::TextEncoders => &["safetensors", "ckpt", "pt", "pth", "bin", "sft"],
+            | ModelFolder::TextEncoders
+            | ModelFolder::ControlNet => &["safetensors", "ckpt", "pt", "pth", "bin", "sft"],
             ModelFolder::UpscaleModels | ModelFolder::InterpolationModels => {
                 &["safetensors", "pth", "pt", "ckpt", "bin", "param", "sft"]
             }

@@ -10,6 +10,9 @@ use sakuga_models::demo::write_demo_sdxl_checkpoint;
 use sakuga_models::diffusion::tokenizer::ClipTokenizer;
 use sakuga_models::diffusion::{Checkpoint, SizeConditioning, TextConditioning};
 use serde_json::Value;
+use support::relative_error;
+
+mod support;
 
 fn goldens() -> Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/sdxl/goldens.json");
@@ -17,34 +20,7 @@ fn goldens() -> Value {
 }
 
 fn tensor(v: &Value) -> Tensor {
-    let shape: Vec<usize> = v["shape"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_u64().unwrap() as usize)
-        .collect();
-    let values: Vec<f32> = v["values"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect();
-    Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap()
-}
-
-/// The largest difference relative to the reference's largest magnitude.
-fn relative_error(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-    let diff: f32 = (got.to_dtype(DType::F32).unwrap() - want)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    diff / scale.max(1e-6)
+    support::golden_tensor(v)
 }
 
 fn demo() -> (tempfile::TempDir, Checkpoint) {

@@ -167,6 +167,7 @@ label_enum! {
         Clip => "clip",
         Upscale => "upscale",
         Interpolation => "interpolation",
+        ControlNet => "controlnet",
     }
 }
 

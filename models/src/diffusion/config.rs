@@ -168,9 +168,18 @@ impl UnetConfig {
                 (channels / 64).max(1)
             }
         };
+        let in_channels = dim(&format!("{prefix}input_blocks.0.0.weight"), 1)?;
+        // A ControlNet, a copy of the encoder half, has no output convolution; a UNet
+        // without one fails when its `conv_out` is read.
+        let out_name = format!("{prefix}out.2.weight");
+        let out_channels = if shapes.contains_key(&out_name) {
+            dim(&out_name, 0)?
+        } else {
+            in_channels
+        };
         Ok(UnetConfig {
-            in_channels: dim(&format!("{prefix}input_blocks.0.0.weight"), 1)?,
-            out_channels: dim(&format!("{prefix}out.2.weight"), 0)?,
+            in_channels,
+            out_channels,
             levels: levels
                 .iter()
                 .map(|&(channels, depth)| UnetLevel {

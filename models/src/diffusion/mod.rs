@@ -10,10 +10,13 @@
 //! - [`vae`]: images <-> latents, tiled decode.
 //! - [`lora`]: kohya-format LoRA files.
 //! - [`model`]: [`Checkpoint`] and its parts, the guided denoiser.
+//! - [`controlnet`]: ControlNets (LDM and diffusers layouts) and their application to a
+//!   prompt.
 //! - [`schedule`], [`sampler`], [`rng`]: sigmas, sampling loops, seeded noise.
 
 pub mod clip;
 pub mod config;
+pub mod controlnet;
 pub mod embedding;
 pub mod keymap;
 pub mod lora;
@@ -30,6 +33,7 @@ pub mod weights;
 use candle_core::{DType, Device, Tensor};
 
 pub use config::{Prediction, SdConfig};
+pub use controlnet::{AppliedControl, ControlNetModel};
 pub use lora::LoraFile;
 pub use model::{
     AppliedLora, Area, Checkpoint, ClipModel, Encoded, GuidedDenoiser, SizeConditioning,

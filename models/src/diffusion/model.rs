@@ -16,6 +16,7 @@ use super::config::{
     ClipActivation, Prediction, SdConfig, UnetConfig, VaeConfig, count_indices, dim_of,
     hf_clip_config, shapes_of,
 };
+use super::controlnet::AppliedControl;
 use super::embedding::EmbeddingSource;
 use super::keymap::{
     LDM_UNET_PREFIX, LDM_VAE_PREFIX, Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX,
@@ -26,7 +27,7 @@ use super::lora::{LoraFile, LoraStack};
 use super::sampler::Denoiser;
 use super::schedule::ModelSampling;
 use super::tokenizer::ClipTokenizer;
-use super::unet::Unet;
+use super::unet::{ControlResiduals, Unet};
 use super::vae::VaeModel;
 use super::weights::{MappedWeights, Renamer, TRANSPOSED, build_part};
 use crate::error::{ModelError, Result};
@@ -564,14 +565,42 @@ impl UnetModel {
         context: &Tensor,
         y: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.forward_controlled(latents, t, context, y, None)
+    }
+
+    /// [`Self::forward`] with a ControlNet's residuals added.
+    ///
+    /// # Errors
+    /// Tensor errors; a missing `y` on an SDXL model; residuals for another architecture.
+    pub fn forward_controlled(
+        &self,
+        latents: &Tensor,
+        t: f64,
+        context: &Tensor,
+        y: Option<&Tensor>,
+        control: Option<&ControlResiduals>,
+    ) -> Result<Tensor> {
         let xs = latents.to_device(&self.device)?.to_dtype(self.dtype)?;
         let context = context.to_device(&self.device)?.to_dtype(self.dtype)?;
         let y = y
             .map(|y| y.to_device(&self.device)?.to_dtype(self.dtype))
             .transpose()?;
+        let control = control
+            .map(|c| -> Result<ControlResiduals> {
+                let moved = |t: &Tensor| t.to_device(&self.device)?.to_dtype(self.dtype);
+                Ok(ControlResiduals {
+                    skips: c
+                        .skips
+                        .iter()
+                        .map(moved)
+                        .collect::<candle_core::Result<_>>()?,
+                    middle: moved(&c.middle)?,
+                })
+            })
+            .transpose()?;
         Ok(self
             .unet
-            .forward(&xs, t, &context, y.as_ref())?
+            .forward(&xs, t, &context, y.as_ref(), control.as_ref())?
             .to_dtype(DType::F32)?)
     }
 
@@ -853,6 +882,8 @@ pub struct TextConditioning {
     pub mask: Option<(Tensor, f64)>,
     /// Weight against the other prompts it is combined with (1 by default).
     pub strength: f64,
+    /// The ControlNet (chain) that guides the UNet for this prompt.
+    pub control: Option<Arc<AppliedControl>>,
 }
 
 /// A rectangle of the latent: in cells, or in fractions of its size.
@@ -896,12 +927,14 @@ impl TextConditioning {
             area: None,
             mask: None,
             strength: 1.0,
+            control: None,
         }
     }
 
-    /// Whether it applies everywhere at full weight (the fast, batched path).
+    /// Whether it applies everywhere at full weight without a ControlNet (the fast,
+    /// batched path).
     fn is_plain(&self) -> bool {
-        self.area.is_none() && self.mask.is_none() && self.strength == 1.0
+        self.area.is_none() && self.mask.is_none() && self.strength == 1.0 && self.control.is_none()
     }
 
     /// SDXL's class vector `y` `[1, adm]` for a latent of `latent_hw` cells: the pooled
@@ -968,6 +1001,7 @@ struct Prompt {
     /// `[1 or batch, 1, h, w]` at the latent's size, times its strength.
     mask: Option<Tensor>,
     strength: f64,
+    control: Option<Arc<AppliedControl>>,
 }
 
 /// The positive and negative contexts, matched in length, and their SDXL class vectors.
@@ -1023,6 +1057,7 @@ impl<'a> GuidedDenoiser<'a> {
                 None => Ok(None),
             }
         };
+        let negative = &negative_with_controls(positive, negative);
         let plain = positive.len() == 1
             && negative.len() <= 1
             && positive
@@ -1054,6 +1089,7 @@ impl<'a> GuidedDenoiser<'a> {
                         area: c.area,
                         mask: c.mask.as_ref().map(|(m, s)| m * *s).transpose()?,
                         strength: c.strength,
+                        control: c.control.clone(),
                     })
                 })
                 .collect()
@@ -1086,9 +1122,9 @@ impl<'a> GuidedDenoiser<'a> {
         let output = match &self.pair {
             Some(pair) => self.pair_output(pair, &x_in, t, batch, guided)?,
             None => {
-                let cond = self.averaged(&self.positive, &x_in, t, batch)?;
+                let cond = self.averaged(&self.positive, &x_in, sigma, batch)?;
                 if guided {
-                    let uncond = self.averaged(&self.negative, &x_in, t, batch)?;
+                    let uncond = self.averaged(&self.negative, &x_in, sigma, batch)?;
                     (&uncond + ((cond - &uncond)? * self.cfg)?)?
                 } else {
                     cond
@@ -1143,18 +1179,31 @@ impl<'a> GuidedDenoiser<'a> {
     /// Each prompt on its area, weighted by its mask or an 8-cell fade at area edges inside
     /// the latent, times its strength; the outputs averaged by those weights (0 where no
     /// prompt reaches), as ComfyUI's `calc_cond_batch`.
-    fn averaged(&self, prompts: &[Prompt], x_in: &Tensor, t: f64, batch: usize) -> Result<Tensor> {
+    fn averaged(
+        &self,
+        prompts: &[Prompt],
+        x_in: &Tensor,
+        sigma: f64,
+        batch: usize,
+    ) -> Result<Tensor> {
         let (_, _, h, w) = x_in.dims4()?;
         let device = self.unet.device();
+        let sampling = self.unet.sampling();
+        let t = sampling.timestep(sigma);
         let mut sum: Option<Tensor> = None;
         let mut weight: Option<Tensor> = None;
         for prompt in prompts {
             let (top, left, ah, aw) = prompt.area.map_or((0, 0, h, w), |a| a.on(h, w));
             let crop = x_in.narrow(2, top, ah)?.narrow(3, left, aw)?;
             let y = prompt.y.as_ref().map(|y| batched(y, batch)).transpose()?;
-            let out = self
-                .unet
-                .forward(&crop, t, &batched(&prompt.context, batch)?, y.as_ref())?;
+            let context = batched(&prompt.context, batch)?;
+            let control = match &prompt.control {
+                Some(control) => control.residuals(sampling, &crop, sigma, &context, y.as_ref())?,
+                None => None,
+            };
+            let out =
+                self.unet
+                    .forward_controlled(&crop, t, &context, y.as_ref(), control.as_ref())?;
             let mult = match &prompt.mask {
                 Some(mask) => (mask.narrow(2, top, ah)?.narrow(3, left, aw)? * prompt.strength)?,
                 None => {
@@ -1187,6 +1236,40 @@ impl<'a> GuidedDenoiser<'a> {
         };
         Ok(sum.broadcast_div(&weight.clamp(1e-37, f32::MAX)?)?)
     }
+}
+
+/// The negative prompts, with the positive prompts' ControlNets applied by `ControlNetApply`
+/// given to them, as ComfyUI's `apply_empty_x_to_equal_area` does: only when no negative
+/// prompt without an area has one, each such ControlNet to the next negative prompt without
+/// an area, cycling, a copy added for each past the last.
+fn negative_with_controls(
+    positive: &[TextConditioning],
+    negative: &[TextConditioning],
+) -> Vec<TextConditioning> {
+    let mut out = negative.to_vec();
+    let controls: Vec<_> = positive
+        .iter()
+        .filter(|c| c.area.is_none())
+        .filter_map(|c| c.control.clone().filter(|c| c.apply_to_uncond))
+        .collect();
+    let open: Vec<usize> = (0..negative.len())
+        .filter(|&i| negative[i].area.is_none())
+        .collect();
+    if controls.is_empty() || open.is_empty() || open.iter().any(|&i| negative[i].control.is_some())
+    {
+        return out;
+    }
+    for (k, control) in controls.into_iter().enumerate() {
+        let slot = open[k % open.len()];
+        if k < open.len() {
+            out[slot].control = Some(control);
+        } else {
+            let mut copy = negative[slot].clone();
+            copy.control = Some(control);
+            out.push(copy);
+        }
+    }
+    out
 }
 
 /// A `[1, 1, ah, aw]` weight: ones, faded over 8 cells at each edge of an area that lies

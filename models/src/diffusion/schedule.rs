@@ -100,6 +100,18 @@ impl ModelSampling {
         ((1.0 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
     }
 
+    /// The sigma a fraction of the schedule has reached (ComfyUI's `percent_to_sigma`):
+    /// above every sigma at 0, 0 at 1.
+    pub fn percent_to_sigma(&self, percent: f64) -> f64 {
+        if percent <= 0.0 {
+            return 999_999_999.9;
+        }
+        if percent >= 1.0 {
+            return 0.0;
+        }
+        self.sigma((1.0 - percent) * (self.sigmas.len() - 1) as f64)
+    }
+
     /// The sigmas `scheduler` visits in `steps` steps (`steps + 1` values ending in 0).
     pub fn sigmas(&self, scheduler: Scheduler, steps: usize) -> Vec<f64> {
         if steps == 0 {

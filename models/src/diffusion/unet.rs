@@ -40,10 +40,38 @@ impl UpLevel {
     }
 }
 
-/// The UNet: `eps` (or `v`) for a noisy latent at a timestep, given the text context and,
-/// for SDXL, the class vector `y`.
+/// What a ControlNet adds to the UNet it guides: one residual per skip connection, in the
+/// order the encoder makes them, and one for the middle block's output.
+#[derive(Debug, Clone)]
+pub struct ControlResiduals {
+    pub skips: Vec<Tensor>,
+    pub middle: Tensor,
+}
+
+impl ControlResiduals {
+    /// These residuals plus `other`'s, where both have one (ControlNets chained on one
+    /// prompt add up).
+    ///
+    /// # Errors
+    /// Shape mismatches.
+    pub fn plus(self, other: &ControlResiduals) -> candle_core::Result<Self> {
+        let skips = self
+            .skips
+            .into_iter()
+            .zip(&other.skips)
+            .map(|(a, b)| a + b)
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            skips,
+            middle: (self.middle + &other.middle)?,
+        })
+    }
+}
+
+/// The UNet's first half, shared with the ControlNet, which is a trainable copy of it: the
+/// time (and class) embedding, the input convolution, the down levels and the middle block.
 #[derive(Debug)]
-pub struct Unet {
+pub(crate) struct UnetEncoder {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
@@ -51,25 +79,33 @@ pub struct Unet {
     class_embedding: Option<TimestepEmbedding>,
     down: Vec<DownLevel>,
     mid: UNetMidBlock2DCrossAttn,
+}
+
+/// The UNet: `eps` (or `v`) for a noisy latent at a timestep, given the text context and,
+/// for SDXL, the class vector `y`.
+#[derive(Debug)]
+pub struct Unet {
+    encoder: UnetEncoder,
     up: Vec<UpLevel>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
-impl Unet {
-    /// Builds the UNet of `config` from `vb` (diffusers names).
-    ///
-    /// # Errors
-    /// When a weight is missing or misshapen.
-    pub fn new(vb: VarBuilder<'_>, config: &UnetConfig) -> candle_core::Result<Self> {
+pub(crate) const PADDED: candle_nn::Conv2dConfig = candle_nn::Conv2dConfig {
+    padding: 1,
+    stride: 1,
+    dilation: 1,
+    groups: 1,
+    cudnn_fwd_algo: None,
+};
+
+impl UnetEncoder {
+    pub(crate) fn new(vb: &VarBuilder<'_>, config: &UnetConfig) -> candle_core::Result<Self> {
         let levels = &config.levels;
         let n = levels.len();
         let base = levels[0].channels;
         let time_dim = base * 4;
-        let padded = candle_nn::Conv2dConfig {
-            padding: 1,
-            ..Default::default()
-        };
+        let padded = PADDED;
         let conv_in = candle_nn::conv2d(config.in_channels, base, 3, padded, vb.pp("conv_in"))?;
         let time_embedding = TimestepEmbedding::new(vb.pp("time_embedding"), base, time_dim)?;
         let class_embedding = config
@@ -132,6 +168,79 @@ impl Unet {
                 ..Default::default()
             },
         )?;
+        Ok(Self {
+            conv_in,
+            time_proj: Timesteps::new(base, true, 0.0),
+            time_embedding,
+            class_embedding,
+            down,
+            mid,
+        })
+    }
+
+    /// The time embedding, plus the class embedding of `y` where the model has one.
+    pub(crate) fn embed(
+        &self,
+        batch: usize,
+        timestep: f64,
+        y: Option<&Tensor>,
+        like: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let t = Tensor::full(timestep as f32, batch, like.device())?.to_dtype(like.dtype())?;
+        let emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
+        match (&self.class_embedding, y) {
+            (Some(embed), Some(y)) => {
+                let class = embed.forward(&y.to_dtype(emb.dtype())?)?;
+                emb + class
+            }
+            (Some(_), None) => candle_core::bail!("this UNet needs its class vector y (SDXL)"),
+            (None, _) => Ok(emb),
+        }
+    }
+
+    /// The middle block's output and every skip connection, in order; `hint` is added to
+    /// the input convolution's output (a ControlNet's guided hint).
+    pub(crate) fn forward(
+        &self,
+        latents: &Tensor,
+        emb: &Tensor,
+        context: &Tensor,
+        hint: Option<&Tensor>,
+    ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let mut xs = self.conv_in.forward(latents)?;
+        if let Some(hint) = hint {
+            xs = xs.broadcast_add(hint)?;
+        }
+        let mut skips = vec![xs.clone()];
+        for level in &self.down {
+            let (out, residuals) = match level {
+                DownLevel::Plain(b) => b.forward(&xs, Some(emb))?,
+                DownLevel::Attention(b) => b.forward(&xs, Some(emb), Some(context))?,
+            };
+            skips.extend(residuals);
+            xs = out;
+        }
+        let mid = self.mid.forward(&xs, Some(emb), Some(context))?;
+        Ok((mid, skips))
+    }
+
+    pub(crate) fn takes_y(&self) -> bool {
+        self.class_embedding.is_some()
+    }
+}
+
+impl Unet {
+    /// Builds the UNet of `config` from `vb` (diffusers names).
+    ///
+    /// # Errors
+    /// When a weight is missing or misshapen.
+    pub fn new(vb: VarBuilder<'_>, config: &UnetConfig) -> candle_core::Result<Self> {
+        let encoder = UnetEncoder::new(&vb, config)?;
+        let levels = &config.levels;
+        let n = levels.len();
+        let base = levels[0].channels;
+        let time_dim = base * 4;
+        let last = levels[n - 1];
         let mut up = Vec::with_capacity(n);
         for i in 0..n {
             let level = levels[n - 1 - i];
@@ -178,12 +287,7 @@ impl Unet {
             });
         }
         Ok(Self {
-            conv_in,
-            time_proj: Timesteps::new(base, true, 0.0),
-            time_embedding,
-            class_embedding,
-            down,
-            mid,
+            encoder,
             up,
             norm_out: candle_nn::group_norm(
                 config.norm_num_groups,
@@ -191,17 +295,18 @@ impl Unet {
                 NORM_EPS,
                 vb.pp("conv_norm_out"),
             )?,
-            conv_out: candle_nn::conv2d(base, config.out_channels, 3, padded, vb.pp("conv_out"))?,
+            conv_out: candle_nn::conv2d(base, config.out_channels, 3, PADDED, vb.pp("conv_out"))?,
         })
     }
 
     /// Whether the model takes a class vector `y` (SDXL).
     pub fn takes_y(&self) -> bool {
-        self.class_embedding.is_some()
+        self.encoder.takes_y()
     }
 
     /// The model output for `latents` `[b, c, h, w]` at `timestep`, with `context`
-    /// `[b, tokens, width]` and, for SDXL, `y` `[b, adm]`.
+    /// `[b, tokens, width]`, for SDXL the class vector `y` `[b, adm]`, and a ControlNet's
+    /// residuals added to the skip connections and the middle block's output.
     ///
     /// # Errors
     /// Shape mismatches, or a missing `y` on a model that needs one.
@@ -211,32 +316,26 @@ impl Unet {
         timestep: f64,
         context: &Tensor,
         y: Option<&Tensor>,
+        control: Option<&ControlResiduals>,
     ) -> candle_core::Result<Tensor> {
         let (batch, _, height, width) = latents.dims4()?;
-        let t =
-            Tensor::full(timestep as f32, batch, latents.device())?.to_dtype(latents.dtype())?;
-        let mut emb = self.time_embedding.forward(&self.time_proj.forward(&t)?)?;
-        match (&self.class_embedding, y) {
-            (Some(embed), Some(y)) => {
-                let class = embed.forward(&y.to_dtype(emb.dtype())?)?;
-                emb = (emb + class)?;
+        let emb = self.encoder.embed(batch, timestep, y, latents)?;
+        let (mut xs, mut skips) = self.encoder.forward(latents, &emb, context, None)?;
+        if let Some(control) = control {
+            if control.skips.len() != skips.len() {
+                candle_core::bail!(
+                    "the ControlNet makes {} skip residuals where this UNet has {}",
+                    control.skips.len(),
+                    skips.len()
+                );
             }
-            (Some(_), None) => candle_core::bail!("this UNet needs its class vector y (SDXL)"),
-            (None, _) => {}
+            for (skip, residual) in skips.iter_mut().zip(&control.skips) {
+                *skip = (&*skip + residual)?;
+            }
+            xs = (xs + &control.middle)?;
         }
-        let mut xs = self.conv_in.forward(latents)?;
-        let mut skips = vec![xs.clone()];
-        for level in &self.down {
-            let (out, residuals) = match level {
-                DownLevel::Plain(b) => b.forward(&xs, Some(&emb))?,
-                DownLevel::Attention(b) => b.forward(&xs, Some(&emb), Some(context))?,
-            };
-            skips.extend(residuals);
-            xs = out;
-        }
-        xs = self.mid.forward(&xs, Some(&emb), Some(context))?;
         // Sizes that do not halve evenly upsample to the skip connection's size.
-        let factor = 1usize << (self.down.len() - 1);
+        let factor = 1usize << (self.encoder.down.len() - 1);
         let uneven = height % factor != 0 || width % factor != 0;
         for (i, level) in self.up.iter().enumerate() {
             let residuals = skips.split_off(skips.len() - level.resnets());
