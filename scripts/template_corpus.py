@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "tests" / "workflows" / "templates"
 
 SD15 = "sakuga-demo-sd15.safetensors"
+CONTROLNET = "sakuga-demo-controlnet-sd15.safetensors"
 # ComfyUI's model file names -> sakuga's demo models.
 MODEL_NAMES = {
     "sd_xl_base_1.0.safetensors": "sakuga-demo-sdxl.safetensors",
@@ -46,6 +47,20 @@ MODEL_NAMES = {
     "blindbox_v1_mix.safetensors": "sakuga-demo-lora.safetensors",
     "RealESRGAN_x4plus.pth": "realesr-animevideov3-x4.param",
     "vae-ft-mse-840000-ema-pruned.safetensors": "sakuga-demo-vae.safetensors",
+    "dreamCreationVirtual3DECommerce_v10.safetensors": SD15,
+    "majicmixRealistic_v7.safetensors": SD15,
+    "japaneseStyleRealistic_v20.safetensors": SD15,
+    "architecturerealmix_v11.safetensors": SD15,
+    "awpainting_v14.safetensors": SD15,
+    "control_v11p_sd15_scribble_fp16.safetensors": CONTROLNET,
+    "control_v11p_sd15_openpose_fp16.safetensors": CONTROLNET,
+    "control_v11f1p_sd15_depth_fp16.safetensors": CONTROLNET,
+    # Input images the templates ask for -> the one the corpus test writes.
+    "scribble_input.png": "example.png",
+    "input (3).png": "example.png",
+    "depth_input (1).png": "example.png",
+    "image (70).png": "example.png",
+    "image (72).png": "example.png",
 }
 
 # Templates whose every node sakuga has, on architectures it runs.
@@ -70,6 +85,10 @@ CLASSIC_TEMPLATES = [
     "area_composition_reversed",
     "area_composition_square_area_for_subject",
     "embedding_example",
+    "controlnet_example",
+    "2_pass_pose_worship",
+    "depth_controlnet",
+    "mixing_controlnets",
 ]
 
 SHRINK = 8

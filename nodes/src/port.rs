@@ -15,6 +15,8 @@ pub enum PortType {
     Mask,
     UpscaleModel,
     InterpolationModel,
+    /// A loaded ControlNet.
+    ControlNet,
     /// A sampler's update rule (custom sampling).
     Sampler,
     /// A sigma schedule (custom sampling).
@@ -49,6 +51,7 @@ impl PortType {
             PortType::Mask => "MASK",
             PortType::UpscaleModel => "UPSCALE_MODEL",
             PortType::InterpolationModel => "INTERPOLATION_MODEL",
+            PortType::ControlNet => "CONTROL_NET",
             PortType::Sampler => "SAMPLER",
             PortType::Sigmas => "SIGMAS",
             PortType::Noise => "NOISE",

@@ -2,6 +2,7 @@
 
 mod animated;
 mod conditioning;
+mod controlnet;
 mod custom_sampling;
 pub mod diffusion;
 mod image;
@@ -22,6 +23,7 @@ pub fn register_all(registry: &mut NodeRegistry) {
     diffusion::register(registry);
     custom_sampling::register(registry);
     conditioning::register(registry);
+    controlnet::register(registry);
     image::register(registry);
     mask::register(registry);
     inpaint::register(registry);
