@@ -265,7 +265,7 @@ fn rife(inputs: &Inputs<'_>, t: f32, golden: &str) -> Result<f64> {
         (1, 3, 32, 32),
         &Device::Cpu,
     )?;
-    let path = inputs.models.join("interpolation_models").join(DEMO_RIFE);
+    let path = inputs.models.join("frame_interpolation").join(DEMO_RIFE);
     let interpolator = Interpolator::load(&path, inputs.device)?;
     let got = interpolator
         .net()

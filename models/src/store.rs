@@ -1,7 +1,7 @@
 //! The models directory and the weight files in it.
 //!
 //! sakuga reads models from a directory laid out like ComfyUI's `models/` folder
-//! (`checkpoints/`, `vae/`, `loras/`, `upscale_models/`, `interpolation_models/`), so a user
+//! (`checkpoints/`, `vae/`, `loras/`, `upscale_models/`, `frame_interpolation/`), so a user
 //! can point `--models-dir` at an existing ComfyUI install. [`ModelStore`] turns a name from a
 //! workflow into a path without ever leaving that directory, and lists what is there for the
 //! combo inputs of loader nodes.
@@ -63,7 +63,7 @@ impl ModelFolder {
             ModelFolder::Vae => "vae",
             ModelFolder::Loras => "loras",
             ModelFolder::UpscaleModels => "upscale_models",
-            ModelFolder::InterpolationModels => "interpolation_models",
+            ModelFolder::InterpolationModels => "frame_interpolation",
             ModelFolder::Embeddings => "embeddings",
             ModelFolder::DiffusionModels => "diffusion_models",
             ModelFolder::TextEncoders => "text_encoders",

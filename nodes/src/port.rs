@@ -50,7 +50,7 @@ impl PortType {
             PortType::Image => "IMAGE",
             PortType::Mask => "MASK",
             PortType::UpscaleModel => "UPSCALE_MODEL",
-            PortType::InterpolationModel => "INTERPOLATION_MODEL",
+            PortType::InterpolationModel => "INTERP_MODEL",
             PortType::ControlNet => "CONTROL_NET",
             PortType::Sampler => "SAMPLER",
             PortType::Sigmas => "SIGMAS",

@@ -30,7 +30,8 @@ const TYPES: &[&str] = &[
     "VAE",
     "CONDITIONING",
     "UPSCALE_MODEL",
-    "INTERPOLATION_MODEL",
+    "INTERP_MODEL",
+    "CONTROL_NET",
     "*",
     "COMFY_MATCHTYPE_V3",
 ];

@@ -262,7 +262,7 @@ impl SignalService for SignalsApi {
 /// `sakuga_planned_heavy_load{reason="warmup"}` at 1 meanwhile so alerts stay quiet.
 ///
 /// A name is looked up in the folder of every registered loader (its schema's `loads`
-/// role: `checkpoints/`, `upscale_models/`, `interpolation_models/`, `loras/`), or given
+/// role: `checkpoints/`, `upscale_models/`, `frame_interpolation/`, `loras/`), or given
 /// with its folder (`checkpoints/x.safetensors`). Files whose loader runs on its own are
 /// loaded onto the device through it; LoRAs only apply on top of a checkpoint, so they are
 /// read through once into the page cache.

@@ -78,7 +78,7 @@ pub fn demo_rife_state_dict() -> Result<StateDict> {
 }
 
 /// Writes the demo RIFE as `.safetensors` at `path` (conventionally
-/// `interpolation_models/rife-demo.safetensors`).
+/// `frame_interpolation/rife-demo.safetensors`).
 ///
 /// # Errors
 /// [`crate::ModelError::Io`] when the file cannot be written.
@@ -86,10 +86,10 @@ pub fn write_demo_rife(path: &Path) -> Result<()> {
     demo_rife_state_dict()?.save_safetensors(path)
 }
 
-/// File name of the demo RIFE inside `interpolation_models/`.
+/// File name of the demo RIFE inside `frame_interpolation/`.
 pub const DEMO_RIFE: &str = "sakuga-demo-rife.safetensors";
 
-/// Writes the demo RIFE into `interpolation_models/` under the models root `dir`.
+/// Writes the demo RIFE into `frame_interpolation/` under the models root `dir`.
 ///
 /// # Errors
 /// [`crate::ModelError::Io`] when the file cannot be written.

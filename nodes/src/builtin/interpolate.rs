@@ -1,5 +1,5 @@
 //! Frame interpolation nodes (sakuga's own, RIFE-style): `FrameInterpolationModelLoader`
-//! (a file from `interpolation_models/` to an INTERPOLATION_MODEL) and `FrameInterpolate`
+//! (a file from `frame_interpolation/` to an INTERP_MODEL) and `FrameInterpolate`
 //! (a batch of frames with `multiplier - 1` in-between frames inserted between each pair;
 //! progress and cancellation are checked between generated frames).
 
@@ -27,27 +27,27 @@ pub(super) fn register(registry: &mut NodeRegistry) {
 /// Loads RIFE weights (`flownet.pkl`, `.pth`, `.safetensors`).
 struct FrameInterpolationModelLoader;
 
-static FRAME_INTERPOLATION_MODEL_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
+static FRAME_INTERP_MODEL_LOADER: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new(
         "FrameInterpolationModelLoader",
         "Load Frame Interpolation Model",
         "loaders",
     )
     .loads(
-        "interpolation_models",
+        "frame_interpolation",
         "model_name",
         ModelKind::Interpolation,
     )
     .input(InputSpec::files(
         "model_name",
-        ComboOptions::ModelFolder("interpolation_models"),
+        ComboOptions::ModelFolder("frame_interpolation"),
     ))
     .output(PortType::InterpolationModel)
 });
 
 impl Node for FrameInterpolationModelLoader {
     fn schema(&self) -> &NodeSchema {
-        &FRAME_INTERPOLATION_MODEL_LOADER
+        &FRAME_INTERP_MODEL_LOADER
     }
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
@@ -77,7 +77,7 @@ static FRAME_INTERPOLATE: LazyLock<NodeSchema> = LazyLock::new(|| {
         .degrade(DegradeKnob::InterpolationMultiplier)
         .feature(Feature::Interpolator)
         .input(InputSpec::link(
-            "interpolation_model",
+            "interp_model",
             PortType::InterpolationModel,
         ))
         .input(InputSpec::link("images", PortType::Image))
@@ -110,7 +110,7 @@ impl Node for FrameInterpolate {
 
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         ctx.reserve_for(self.schema(), inputs)?;
-        let interpolator = inputs.object::<Interpolator>("interpolation_model")?;
+        let interpolator = inputs.object::<Interpolator>("interp_model")?;
         let images = inputs.image("images")?;
         let multiplier = inputs.int("multiplier")?;
         let multiplier = usize::try_from(multiplier)
@@ -140,8 +140,8 @@ mod tests {
     fn env() -> (tempfile::TempDir, NodeEnv) {
         let dir = tempfile::tempdir().unwrap();
         let models = dir.path().join("models");
-        std::fs::create_dir_all(models.join("interpolation_models")).unwrap();
-        write_demo_rife(&models.join("interpolation_models/rife-demo.safetensors")).unwrap();
+        std::fs::create_dir_all(models.join("frame_interpolation")).unwrap();
+        write_demo_rife(&models.join("frame_interpolation/rife-demo.safetensors")).unwrap();
         let env = NodeEnv::new(dir.path().join("input"), dir.path().join("output"), models);
         (dir, env)
     }
@@ -190,7 +190,7 @@ mod tests {
                 &cancel,
                 &FrameInterpolate,
                 &[
-                    ("interpolation_model", model[0].clone()),
+                    ("interp_model", model[0].clone()),
                     ("images", Value::Image(frames.clone())),
                     ("multiplier", Value::Int(multiplier)),
                 ],
@@ -222,7 +222,7 @@ mod tests {
         let frames = Tensor::zeros((2, 32, 32, 3), DType::F32, &Device::Cpu).unwrap();
         let inputs = |m: i64| {
             [
-                ("interpolation_model", model[0].clone()),
+                ("interp_model", model[0].clone()),
                 ("images", Value::Image(frames.clone())),
                 ("multiplier", Value::Int(m)),
             ]
