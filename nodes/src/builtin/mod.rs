@@ -10,6 +10,7 @@ mod inpaint;
 mod interpolate;
 mod mask;
 mod output;
+mod preprocess;
 mod upscale;
 mod utility;
 
@@ -24,6 +25,7 @@ pub fn register_all(registry: &mut NodeRegistry) {
     custom_sampling::register(registry);
     conditioning::register(registry);
     controlnet::register(registry);
+    preprocess::register(registry);
     image::register(registry);
     mask::register(registry);
     inpaint::register(registry);
