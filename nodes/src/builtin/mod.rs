@@ -9,6 +9,7 @@ mod image;
 mod inpaint;
 mod interpolate;
 mod mask;
+mod math;
 mod output;
 mod preprocess;
 mod upscale;
@@ -26,6 +27,7 @@ pub fn register_all(registry: &mut NodeRegistry) {
     conditioning::register(registry);
     controlnet::register(registry);
     preprocess::register(registry);
+    math::register(registry);
     image::register(registry);
     mask::register(registry);
     inpaint::register(registry);
