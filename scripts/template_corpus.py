@@ -55,7 +55,10 @@ MODEL_NAMES = {
     "control_v11p_sd15_scribble_fp16.safetensors": CONTROLNET,
     "control_v11p_sd15_openpose_fp16.safetensors": CONTROLNET,
     "control_v11f1p_sd15_depth_fp16.safetensors": CONTROLNET,
+    "512-inpainting-ema.safetensors": "sakuga-demo-sd15-inpainting.safetensors",
     # Input images the templates ask for -> the one the corpus test writes.
+    "input.png": "example.png",
+    "input (1).png": "example.png",
     "scribble_input.png": "example.png",
     "input (3).png": "example.png",
     "depth_input (1).png": "example.png",
@@ -89,6 +92,8 @@ CLASSIC_TEMPLATES = [
     "2_pass_pose_worship",
     "depth_controlnet",
     "mixing_controlnets",
+    "inpaint_example",
+    "inpaint_model_outpainting",
 ]
 
 SHRINK = 8

@@ -42,6 +42,9 @@ pub const DEMO_EMBEDDING: &str = "sakuga-demo-embedding.safetensors";
 pub const DEMO_VAE: &str = "sakuga-demo-vae.safetensors";
 /// File name of the SDXL refiner demo checkpoint inside `checkpoints/`.
 pub const DEMO_SDXL_REFINER_CHECKPOINT: &str = "sakuga-demo-sdxl-refiner.safetensors";
+/// File name of the SD 1.5 inpainting demo checkpoint (a 9-channel UNet) inside
+/// `checkpoints/`.
+pub const DEMO_INPAINTING_CHECKPOINT: &str = "sakuga-demo-sd15-inpainting.safetensors";
 /// File name of the SD 1.5 demo ControlNet (LDM layout) inside `controlnet/`.
 pub const DEMO_CONTROLNET: &str = "sakuga-demo-controlnet-sd15.safetensors";
 /// File name of the SDXL demo ControlNet (diffusers layout) inside `controlnet/`.
@@ -68,6 +71,7 @@ pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
         write_demo_checkpoint(dir)?,
         write_demo_sdxl_checkpoint(dir)?,
         write_demo_sdxl_refiner_checkpoint(dir)?,
+        write_demo_inpainting_checkpoint(dir)?,
         write_demo_vae(dir)?,
         write_demo_embedding(dir)?,
         write_demo_lora(dir)?,
@@ -312,6 +316,23 @@ pub fn write_demo_sdxl_refiner_checkpoint(dir: &Path) -> Result<PathBuf> {
         &SdConfig::demo_sdxl_refiner(),
         DEMO_SDXL_REFINER_CHECKPOINT,
         "tiny seeded demo model in the SDXL refiner's SGM layout; not trained",
+    )
+}
+
+/// Writes `checkpoints/sakuga-demo-sd15-inpainting.safetensors`: the SD 1.5 demo with an
+/// inpainting UNet, whose input convolution also reads the mask and the masked image
+/// (9 channels), as SD 1.5 inpainting checkpoints are.
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_inpainting_checkpoint(dir: &Path) -> Result<PathBuf> {
+    let mut config = SdConfig::demo();
+    config.unet.in_channels = 9;
+    write_checkpoint(
+        dir,
+        &config,
+        DEMO_INPAINTING_CHECKPOINT,
+        "tiny seeded demo inpainting model (9-channel UNet) in SD 1.5 LDM layout; not trained",
     )
 }
 

@@ -498,11 +498,27 @@ impl AppliedControl {
     }
 }
 
-/// The hint at `height` x `width` for a batch of `batch`: cropped to that aspect around its
-/// centre and resized nearest-exact (ComfyUI's `common_upscale(..., "nearest-exact",
-/// "center")`), its batch cut or cycled to `batch` (a single hint serves every latent).
-fn hint_for(hint: &Tensor, batch: usize, height: usize, width: usize) -> Result<Tensor> {
-    let (b, _, old_h, old_w) = hint.dims4()?;
+/// How [`fit_centre`] resamples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Resample {
+    /// PyTorch's `nearest-exact`.
+    NearestExact,
+    /// PyTorch's `bilinear` without corner alignment.
+    Bilinear,
+}
+
+/// `t` `[b, c, h, w]` at `height` x `width`: cropped to that aspect around its centre, then
+/// resampled (ComfyUI's `common_upscale(..., "center")`).
+pub(crate) fn fit_centre(
+    t: &Tensor,
+    height: usize,
+    width: usize,
+    resample: Resample,
+) -> Result<Tensor> {
+    let (_, _, old_h, old_w) = t.dims4()?;
+    if (old_h, old_w) == (height, width) {
+        return Ok(t.clone());
+    }
     let old_aspect = old_w as f64 / old_h as f64;
     let new_aspect = width as f64 / height as f64;
     let (mut x, mut y) = (0usize, 0usize);
@@ -512,20 +528,27 @@ fn hint_for(hint: &Tensor, batch: usize, height: usize, width: usize) -> Result<
         y = ((old_h as f64 - old_h as f64 * (old_aspect / new_aspect)) / 2.0).round() as usize;
     }
     let (crop_h, crop_w) = (old_h - 2 * y, old_w - 2 * x);
-    let cropped = hint
-        .narrow(2, y, crop_h)?
-        .narrow(3, x, crop_w)?
-        .contiguous()?;
+    let cropped = t.narrow(2, y, crop_h)?.narrow(3, x, crop_w)?.contiguous()?;
+    if resample == Resample::Bilinear {
+        return Ok(cropped.upsample_bilinear2d(height, width, false)?);
+    }
     let index = |from: usize, to: usize| -> Result<Tensor> {
         let scale = from as f64 / to as f64;
         let picks: Vec<u32> = (0..to)
             .map(|i| (((i as f64 + 0.5) * scale).floor() as usize).min(from - 1) as u32)
             .collect();
-        Ok(Tensor::from_vec(picks, to, hint.device())?)
+        Ok(Tensor::from_vec(picks, to, t.device())?)
     };
-    let resized = cropped
+    Ok(cropped
         .index_select(&index(crop_h, height)?, 2)?
-        .index_select(&index(crop_w, width)?, 3)?;
+        .index_select(&index(crop_w, width)?, 3)?)
+}
+
+/// The hint at `height` x `width` for a batch of `batch`, its batch cut or cycled to
+/// `batch` (a single hint serves every latent).
+fn hint_for(hint: &Tensor, batch: usize, height: usize, width: usize) -> Result<Tensor> {
+    let resized = fit_centre(hint, height, width, Resample::NearestExact)?;
+    let b = resized.dim(0)?;
     if b == 1 || b == batch {
         return Ok(resized);
     }

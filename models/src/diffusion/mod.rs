@@ -36,8 +36,8 @@ pub use config::{Prediction, SdConfig};
 pub use controlnet::{AppliedControl, ControlNetModel};
 pub use lora::LoraFile;
 pub use model::{
-    AppliedLora, Area, Checkpoint, ClipModel, Encoded, GuidedDenoiser, SizeConditioning,
-    TextConditioning, UnetModel, load_vae_file,
+    AppliedLora, Area, Checkpoint, ClipModel, Encoded, GuidedDenoiser, InpaintConcat,
+    SizeConditioning, TextConditioning, UnetModel, load_vae_file,
 };
 pub use rng::NoiseRng;
 pub use sampler::{Denoiser, SamplerKind, StepHooks};
@@ -217,7 +217,8 @@ pub fn sample_along(
     let x = (&latent + (&noise * scale)?)?;
     let (_, _, h, w) = x.dims4()?;
     let guided = GuidedDenoiser::new(unet, positive, negative, params.cfg, (h, w))?
-        .with_max_batch(params.max_batch);
+        .with_max_batch(params.max_batch)
+        .with_inpaint_source(&latent, denoise_mask)?;
     let inpainting = match denoise_mask {
         Some(mask) => Some(Inpainting {
             inner: &guided,

@@ -16,7 +16,7 @@ use super::config::{
     ClipActivation, Prediction, SdConfig, UnetConfig, VaeConfig, count_indices, dim_of,
     hf_clip_config, shapes_of,
 };
-use super::controlnet::AppliedControl;
+use super::controlnet::{AppliedControl, Resample, fit_centre};
 use super::embedding::EmbeddingSource;
 use super::keymap::{
     LDM_UNET_PREFIX, LDM_VAE_PREFIX, Part, SDXL_CLIP_G_PREFIX, SDXL_CLIP_L_PREFIX,
@@ -884,7 +884,26 @@ pub struct TextConditioning {
     pub strength: f64,
     /// The ControlNet (chain) that guides the UNet for this prompt.
     pub control: Option<Arc<AppliedControl>>,
+    /// What an inpainting UNet reads beside the latent (`InpaintModelConditioning`).
+    pub inpaint: Option<InpaintConcat>,
 }
+
+/// What an inpainting UNet (4 more input channels than output, plus the mask) reads beside
+/// the noisy latent: the mask and the masked pixels encoded, as ComfyUI's `concat_cond`.
+#[derive(Debug, Clone)]
+pub struct InpaintConcat {
+    /// The pixels with the repainted area greyed out, encoded, in the VAE's own scale.
+    pub latent: Tensor,
+    /// `[b, 1, H, W]` at any size; 1 is repainted.
+    pub mask: Tensor,
+}
+
+/// Channels an inpainting UNet takes beside the latent: the mask and the masked image.
+const INPAINT_EXTRA_CHANNELS: usize = 5;
+
+/// ComfyUI's latent of a blank (grey) image in SD's latent format, per channel: what an
+/// inpainting UNet is shown where nothing is masked.
+const BLANK_INPAINT_LATENT: [f32; 4] = [0.8223, -0.6876, 0.6364, 0.1380];
 
 /// A rectangle of the latent: in cells, or in fractions of its size.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -928,6 +947,7 @@ impl TextConditioning {
             mask: None,
             strength: 1.0,
             control: None,
+            inpaint: None,
         }
     }
 
@@ -1002,10 +1022,15 @@ struct Prompt {
     mask: Option<Tensor>,
     strength: f64,
     control: Option<Arc<AppliedControl>>,
+    inpaint: Option<InpaintConcat>,
 }
 
 /// The positive and negative contexts, matched in length, and their SDXL class vectors.
 type PromptPair = (Tensor, Tensor, Option<(Tensor, Tensor)>);
+
+/// What an inpainting UNet is shown when a prompt brings nothing: the latent being sampled
+/// (in the model's scale) and its noise mask at latent size.
+type InpaintSource = (Tensor, Option<Tensor>);
 
 /// Classifier-free guided denoiser over a [`UnetModel`].
 #[derive(Debug)]
@@ -1019,6 +1044,9 @@ pub struct GuidedDenoiser<'a> {
     negative: Vec<Prompt>,
     cfg: f64,
     max_batch: Option<usize>,
+    /// The plain pair's inpainting inputs, positive then negative.
+    pair_inpaint: (Option<InpaintConcat>, Option<InpaintConcat>),
+    source: Option<InpaintSource>,
 }
 
 impl<'a> GuidedDenoiser<'a> {
@@ -1078,6 +1106,8 @@ impl<'a> GuidedDenoiser<'a> {
                 negative: Vec::new(),
                 cfg,
                 max_batch: None,
+                pair_inpaint: (first.inpaint.clone(), other.inpaint.clone()),
+                source: None,
             });
         }
         let prompts = |side: &[TextConditioning], negative: bool| -> Result<Vec<Prompt>> {
@@ -1090,6 +1120,7 @@ impl<'a> GuidedDenoiser<'a> {
                         mask: c.mask.as_ref().map(|(m, s)| m * *s).transpose()?,
                         strength: c.strength,
                         control: c.control.clone(),
+                        inpaint: c.inpaint.clone(),
                     })
                 })
                 .collect()
@@ -1101,7 +1132,85 @@ impl<'a> GuidedDenoiser<'a> {
             negative: prompts(negative, true)?,
             cfg,
             max_batch: None,
+            pair_inpaint: (None, None),
+            source: None,
         })
+    }
+
+    /// The latent being sampled (in the model's scale) and its noise mask at latent size:
+    /// what an inpainting UNet reads where a prompt brings no inpainting inputs of its own.
+    ///
+    /// # Errors
+    /// A UNet that takes extra input channels other than an inpainting one's.
+    pub fn with_inpaint_source(mut self, latent: &Tensor, mask: Option<&Tensor>) -> Result<Self> {
+        if self.extra_channels()? > 0 {
+            self.source = Some((latent.clone(), mask.cloned()));
+        }
+        Ok(self)
+    }
+
+    /// Input channels beside the latent: 0, or an inpainting UNet's 5.
+    fn extra_channels(&self) -> Result<usize> {
+        let unet = &self.unet.config().unet;
+        match unet.in_channels.saturating_sub(unet.out_channels) {
+            0 => Ok(0),
+            INPAINT_EXTRA_CHANNELS => Ok(INPAINT_EXTRA_CHANNELS),
+            other => Err(ModelError::InvalidInput(format!(
+                "the UNet takes {other} input channels beside the latent; only inpainting \
+                 UNets ({INPAINT_EXTRA_CHANNELS}: mask and masked image) are supported"
+            ))),
+        }
+    }
+
+    /// `x_in` with the inpainting inputs appended for an inpainting UNet: the prompt's own,
+    /// else the sampled latent and its noise mask, else no mask and a blank image, each
+    /// fitted to `x_in`'s size and batch (ComfyUI's `concat_cond`).
+    fn with_concat(&self, x_in: &Tensor, inpaint: Option<&InpaintConcat>) -> Result<Tensor> {
+        if self.extra_channels()? == 0 {
+            return Ok(x_in.clone());
+        }
+        let (batch, _, h, w) = x_in.dims4()?;
+        let device = x_in.device();
+        let (latent, mask) = match (inpaint, &self.source) {
+            (Some(c), _) => (
+                (&c.latent * self.unet.latent_scale())?,
+                Some(c.mask.clone()),
+            ),
+            (None, Some((latent, mask))) => (latent.clone(), mask.clone()),
+            (None, None) => {
+                return Err(ModelError::InvalidInput(
+                    "an inpainting UNet needs the latent being sampled".into(),
+                ));
+            }
+        };
+        let fit = |t: &Tensor| -> Result<Tensor> {
+            let t = t.to_dtype(DType::F32)?.to_device(device)?;
+            let t = fit_centre(&t, h, w, Resample::Bilinear)?;
+            let b = t.dim(0)?;
+            Ok(if b == batch {
+                t
+            } else {
+                t.narrow(0, 0, 1)?.repeat((batch, 1, 1, 1))?
+            })
+        };
+        let parts = match mask {
+            Some(mask) => {
+                let mask = match mask.rank() {
+                    4 => mask.narrow(1, 0, 1)?,
+                    3 => mask.unsqueeze(1)?,
+                    _ => mask.reshape((1, 1, mask.dim(0)?, mask.dim(1)?))?,
+                };
+                [round_half_even(&fit(&mask)?)?, fit(&latent)?]
+            }
+            None => {
+                let blank = Tensor::from_vec(BLANK_INPAINT_LATENT.to_vec(), (1, 4, 1, 1), device)?
+                    .broadcast_as((batch, 4, h, w))?
+                    .contiguous()?;
+                [Tensor::ones((batch, 1, h, w), DType::F32, device)?, blank]
+            }
+        };
+        let concat = Tensor::cat(&parts, 1)?.to_dtype(x_in.dtype())?;
+        Ok(Tensor::cat(&[x_in, &concat], 1)?)
     }
 
     /// Runs the UNet on at most `max_batch` latents at a time (`None`: the whole batch).
@@ -1152,16 +1261,24 @@ impl<'a> GuidedDenoiser<'a> {
         batch: usize,
         guided: bool,
     ) -> Result<Tensor> {
+        let (positive_inpaint, negative_inpaint) = &self.pair_inpaint;
         if !guided {
             let y = match y {
                 Some((positive, _)) => Some(batched(positive, batch)?),
                 None => None,
             };
+            let x_in = self.with_concat(x_in, positive_inpaint.as_ref())?;
             return self
                 .unet
-                .forward(x_in, t, &batched(positive, batch)?, y.as_ref());
+                .forward(&x_in, t, &batched(positive, batch)?, y.as_ref());
         }
-        let both = Tensor::cat(&[x_in, x_in], 0)?;
+        let both = Tensor::cat(
+            &[
+                self.with_concat(x_in, negative_inpaint.as_ref())?,
+                self.with_concat(x_in, positive_inpaint.as_ref())?,
+            ],
+            0,
+        )?;
         let context = Tensor::cat(&[batched(negative, batch)?, batched(positive, batch)?], 0)?;
         let y = match y {
             Some((positive, negative)) => Some(Tensor::cat(
@@ -1201,9 +1318,17 @@ impl<'a> GuidedDenoiser<'a> {
                 Some(control) => control.residuals(sampling, &crop, sigma, &context, y.as_ref())?,
                 None => None,
             };
+            // An inpainting UNet's inputs are fitted to the whole latent, then cropped with it.
+            let input = if self.extra_channels()? == 0 {
+                crop.clone()
+            } else {
+                self.with_concat(x_in, prompt.inpaint.as_ref())?
+                    .narrow(2, top, ah)?
+                    .narrow(3, left, aw)?
+            };
             let out =
                 self.unet
-                    .forward_controlled(&crop, t, &context, y.as_ref(), control.as_ref())?;
+                    .forward_controlled(&input, t, &context, y.as_ref(), control.as_ref())?;
             let mult = match &prompt.mask {
                 Some(mask) => (mask.narrow(2, top, ah)?.narrow(3, left, aw)? * prompt.strength)?,
                 None => {
@@ -1270,6 +1395,17 @@ fn negative_with_controls(
         }
     }
     out
+}
+
+/// `torch.round`: halves go to the even neighbour (a resized mask is often exactly 0.5).
+fn round_half_even(t: &Tensor) -> Result<Tensor> {
+    let values: Vec<f32> = t
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(f32::round_ties_even)
+        .collect();
+    Ok(Tensor::from_vec(values, t.dims(), t.device())?)
 }
 
 /// A `[1, 1, ah, aw]` weight: ones, faded over 8 cells at each edge of an area that lies

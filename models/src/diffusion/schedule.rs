@@ -74,21 +74,20 @@ impl ModelSampling {
         self.sigmas[self.sigmas.len() - 1]
     }
 
-    /// The (continuous) timestep of `sigma`, interpolating in log-sigma.
+    /// The timestep the model is shown for `sigma`: the trained timestep nearest in
+    /// log-sigma, as ComfyUI's `ModelSamplingDiscrete.timestep` (an argmin, so a sigma
+    /// between two trained ones is rounded, never interpolated; ties go to the lower).
     pub fn timestep(&self, sigma: f64) -> f64 {
-        let log_sigma = sigma.max(1e-10).ln();
-        let n = self.log_sigmas.len();
-        if log_sigma <= self.log_sigmas[0] {
-            return 0.0;
+        // f32 as ComfyUI's buffers, so near-ties fall the same way.
+        let log_sigma = (sigma as f32).ln();
+        let mut best = (0usize, f32::INFINITY);
+        for (i, &l) in self.log_sigmas.iter().enumerate() {
+            let distance = (log_sigma - l as f32).abs();
+            if distance < best.1 {
+                best = (i, distance);
+            }
         }
-        if log_sigma >= self.log_sigmas[n - 1] {
-            return (n - 1) as f64;
-        }
-        let high = self.log_sigmas.partition_point(|&l| l < log_sigma);
-        let low = high - 1;
-        let (l0, l1) = (self.log_sigmas[low], self.log_sigmas[high]);
-        let w = (l0 - log_sigma) / (l0 - l1);
-        low as f64 + w
+        best.0 as f64
     }
 
     /// The sigma at (continuous) timestep `t`, interpolating in log-sigma.
@@ -461,9 +460,14 @@ mod tests {
             "{}",
             ms.sigma_max()
         );
-        for t in [0.0, 1.5, 500.0, 998.25, 999.0] {
-            assert!((ms.timestep(ms.sigma(t)) - t).abs() < 1e-6);
+        for t in [0.0, 1.0, 500.0, 998.0, 999.0] {
+            assert_eq!(ms.timestep(ms.sigma(t)), t);
         }
+        // Between two trained sigmas the nearest one's timestep is taken.
+        assert_eq!(ms.timestep(ms.sigma(500.4)), 500.0);
+        assert_eq!(ms.timestep(ms.sigma(500.6)), 501.0);
+        assert_eq!(ms.timestep(1e-6), 0.0);
+        assert_eq!(ms.timestep(1e6), 999.0);
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::sync::LazyLock;
 
 use candle_core::{DType, Tensor};
 
-use super::diffusion::{Latent, VaeDecoder, encode_pixels, latent_aligned};
+use sakuga_models::diffusion::{InpaintConcat, TextConditioning};
+
+use super::diffusion::{Conditioning, Latent, VaeDecoder, encode_pixels, latent_aligned};
 use super::mask::resize_mask;
 use crate::error::NodeError;
 use crate::node::{ExecContext, Inputs, Node};
@@ -192,23 +194,39 @@ impl Node for InpaintModelConditioning {
         &INPAINT_MODEL_CONDITIONING
     }
 
-    /// The original pixels encoded, with the mask as noise mask when `noise_mask`. The
-    /// greyed-out encoding ComfyUI attaches for 9-channel inpainting UNets has no reader
-    /// here: such a checkpoint fails to load with its channel count named.
+    /// The original pixels encoded, with the mask as noise mask when `noise_mask`; both
+    /// prompts carry the greyed-out pixels encoded and the mask, which an inpainting UNet
+    /// reads beside the latent (other UNets ignore them).
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         ctx.reserve_for(self.schema(), inputs)?;
         let vae = inputs.object::<VaeDecoder>("vae")?;
         let pixels = inputs.image("pixels")?;
-        let (_, mask) = prepare(&vae, pixels, inputs.mask("mask")?)?;
+        let (greyed, mask) = prepare(&vae, pixels, inputs.mask("mask")?)?;
         let samples = encode_pixels(ctx, &vae.vae, pixels)?;
+        let concat = InpaintConcat {
+            latent: encode_pixels(ctx, &vae.vae, &greyed)?,
+            mask: mask.unsqueeze(1)?,
+        };
         let noise_mask = if inputs.boolean("noise_mask")? {
             Some(mask.unsqueeze(1)?)
         } else {
             None
         };
+        let with_concat = |name: &str| -> Result<Value, NodeError> {
+            let conditioning = inputs.object::<Conditioning>(name)?;
+            let entries = conditioning
+                .entries
+                .iter()
+                .map(|c| TextConditioning {
+                    inpaint: Some(concat.clone()),
+                    ..c.clone()
+                })
+                .collect();
+            Ok(Value::object(Conditioning { entries }))
+        };
         Ok(vec![
-            inputs.required("positive")?.clone(),
-            inputs.required("negative")?.clone(),
+            with_concat("positive")?,
+            with_concat("negative")?,
             Value::object(Latent {
                 samples,
                 noise_mask,
