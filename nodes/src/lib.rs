@@ -12,6 +12,7 @@
 //! - [`registry`]: node classes by name; crates above extend it.
 //! - [`files`]: names resolved inside their folder, folder listings for combos.
 //! - [`image`]: conversions between image tensors, pixels and PNG files.
+//! - [`video`]: VIDEO values and their file format, H.264 in MP4 (OpenH264, `mp4`).
 //! - [`builtin`]: the built-in nodes.
 
 pub mod builtin;
@@ -26,6 +27,7 @@ pub mod shape;
 #[cfg(test)]
 mod testing;
 pub mod value;
+pub mod video;
 
 pub use error::NodeError;
 pub use node::{

@@ -25,6 +25,10 @@ pub enum PortType {
     Noise,
     /// A model with its conditioning and guidance (custom sampling).
     Guider,
+    /// Frames with their rate (LoadVideo, CreateVideo).
+    Video,
+    /// Sound; sakuga carries only "no audio" (a video's missing track).
+    Audio,
     Int,
     Float,
     String,
@@ -56,6 +60,8 @@ impl PortType {
             PortType::Sigmas => "SIGMAS",
             PortType::Noise => "NOISE",
             PortType::Guider => "GUIDER",
+            PortType::Video => "VIDEO",
+            PortType::Audio => "AUDIO",
             PortType::Int => "INT",
             PortType::Float => "FLOAT",
             PortType::String => "STRING",

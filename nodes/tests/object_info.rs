@@ -32,6 +32,8 @@ const TYPES: &[&str] = &[
     "UPSCALE_MODEL",
     "INTERP_MODEL",
     "CONTROL_NET",
+    "VIDEO",
+    "AUDIO",
     "*",
     "COMFY_MATCHTYPE_V3",
 ];

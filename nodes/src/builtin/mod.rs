@@ -14,6 +14,7 @@ mod output;
 mod preprocess;
 mod upscale;
 mod utility;
+mod video;
 
 use crate::registry::NodeRegistry;
 
@@ -36,4 +37,5 @@ pub fn register_all(registry: &mut NodeRegistry) {
     upscale::register(registry);
     interpolate::register(registry);
     utility::register(registry);
+    video::register(registry);
 }
