@@ -96,7 +96,14 @@ fn samplers_match_comfyuis_on_fixed_sigmas_and_noise() {
         let out: Vec<f64> = out.flatten_all().unwrap().to_vec1().unwrap();
         let error = max_relative_error(&out, &floats(&case["out"]));
         let label = format!("{name} on schedule {}", case["schedule"]);
-        assert!(error < 1e-9, "{label}: relative error {error:e}");
+        // ER-SDE's stage integrals are 200-point sums ComfyUI takes over f32 points in f32
+        // (the order of a vectorised f32 sum is torch's own); the rest is f64 throughout.
+        let tolerance = if kind == SamplerKind::ErSde {
+            1e-5
+        } else {
+            1e-9
+        };
+        assert!(error < tolerance, "{label}: relative error {error:e}");
         assert_eq!(
             toy.calls.get() as u64,
             case["evals"].as_u64().unwrap(),
@@ -113,7 +120,7 @@ fn samplers_match_comfyuis_on_fixed_sigmas_and_noise() {
         checked += 1;
     }
     assert_eq!(unsupported, ["deis", "deis"], "samplers not checked");
-    assert!(checked >= 38, "{checked} cases checked");
+    assert!(checked >= 42, "{checked} cases checked");
 }
 
 #[test]
