@@ -422,3 +422,71 @@ fn selftest_runs_the_golden_checks_and_never_falls_back() {
         );
     }
 }
+
+/// A video saved by one run is listed for, validated in and loaded by the next, as a user
+/// moving a render into `input/` would.
+#[test]
+fn a_saved_video_loads_back_through_the_input_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let make = write(
+        dir.path(),
+        "make.json",
+        &json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 5, "color": 0xff0000}},
+            "2": {"class_type": "CreateVideo", "inputs": {"images": ["1", 0], "fps": 12.0}},
+            "3": {"class_type": "SaveVideo", "inputs": {"video": ["2", 0], "filename_prefix": "video/clip", "format": "auto", "codec": "auto"}},
+        }),
+    );
+    let flags = ["--models-dir", "models", "--input-dir", "input"];
+    let run = |wf: &Path, out: &str| {
+        sakuga(
+            dir.path(),
+            &[
+                &flags[..],
+                &["run", wf.to_str().unwrap(), "--out", out, "--no-progress"],
+            ]
+            .concat(),
+        )
+    };
+    let made = run(&make, "out");
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let saved = dir.path().join("out/video/clip_00001_.mp4");
+    assert!(saved.is_file(), "SaveVideo writes ComfyUI's counter name");
+    std::fs::create_dir_all(dir.path().join("input")).unwrap();
+    std::fs::copy(&saved, dir.path().join("input/clip.mp4")).unwrap();
+
+    let load = write(
+        dir.path(),
+        "load.json",
+        &json!({
+            "1": {"class_type": "LoadVideo", "inputs": {"file": "clip.mp4"}},
+            "2": {"class_type": "GetVideoComponents", "inputs": {"video": ["1", 0]}},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "frames"}},
+        }),
+    );
+    let loaded = run(&load, "frames");
+    assert!(loaded.status.success(), "{}", text(&loaded.stderr));
+    let frames = std::fs::read_dir(dir.path().join("frames"))
+        .unwrap()
+        .count();
+    assert_eq!(frames, 5, "every frame comes back");
+
+    // A name that is not in the input dir is a validation error naming the choices.
+    let missing = write(
+        dir.path(),
+        "missing.json",
+        &json!({"1": {"class_type": "LoadVideo", "inputs": {"file": "nope.mp4"}},
+                "2": {"class_type": "GetVideoComponents", "inputs": {"video": ["1", 0]}},
+                "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "x"}}}),
+    );
+    let refused = sakuga(
+        dir.path(),
+        &[&flags[..], &["validate", missing.to_str().unwrap()]].concat(),
+    );
+    assert_eq!(refused.status.code(), Some(2));
+    let said = format!("{}{}", text(&refused.stdout), text(&refused.stderr));
+    assert!(
+        said.contains("nope.mp4") && said.contains("clip.mp4"),
+        "{said}"
+    );
+}

@@ -80,6 +80,7 @@ pub fn list_options(env: &NodeEnv, options: &ComboOptions) -> Vec<String> {
     match options {
         ComboOptions::Static(list) => list.iter().map(|s| (*s).to_string()).collect(),
         ComboOptions::InputFiles => list_files(&env.input_dir, IMAGE_EXTENSIONS),
+        ComboOptions::InputVideos => list_files(&env.input_dir, crate::video::VIDEO_EXTENSIONS),
         // The model store's listing: its one extension table and its one path check.
         ComboOptions::ModelFolder(folder) => ModelFolder::from_dir_name(folder)
             .map(|folder| ModelStore::new(&env.models_dir).list(folder))

@@ -16,6 +16,8 @@ pub enum ComboOptions {
     Static(&'static [&'static str]),
     /// Image files in the input dir, like ComfyUI's `input/` folder.
     InputFiles,
+    /// Video files in the input dir (`LoadVideo`).
+    InputVideos,
     /// Model files in a folder of the models dir (`checkpoints`, `loras`...).
     ModelFolder(&'static str),
 }

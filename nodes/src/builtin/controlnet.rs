@@ -409,8 +409,7 @@ mod tests {
                     ("strength", Value::Float(1.0)),
                 ],
             )
-            .err()
-            .expect("an RGBA hint is refused")
+            .expect_err("an RGBA hint is refused")
             .to_string();
         assert!(
             error.contains("3-channel") && error.contains("4 channels"),
@@ -421,8 +420,7 @@ mod tests {
         let (positive, negative) = scene.advanced(&sdxl, 1.0, (0.0, 1.0));
         let error = scene
             .try_sample(&positive, &negative)
-            .err()
-            .expect("an SDXL ControlNet cannot guide SD 1.5")
+            .expect_err("an SDXL ControlNet cannot guide SD 1.5")
             .to_string();
         assert!(error.contains("SDXL ControlNet"), "{error}");
 
@@ -431,8 +429,7 @@ mod tests {
                 "ControlNetLoader",
                 &[("control_net_name", s("nope.safetensors"))],
             )
-            .err()
-            .expect("a missing file")
+            .expect_err("a missing file")
             .to_string();
         assert!(missing.contains("nope.safetensors"), "{missing}");
     }

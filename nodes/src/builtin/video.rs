@@ -39,7 +39,7 @@ struct LoadVideo;
 
 static LOAD_VIDEO: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("LoadVideo", "Load Video", "image/video")
-        .input(InputSpec::files("file", ComboOptions::InputFiles))
+        .input(InputSpec::files("file", ComboOptions::InputVideos))
         .output(PortType::Video)
         .shapes(load_video_cost)
 });
