@@ -59,6 +59,11 @@ MODEL_NAMES = {
     # Input images the templates ask for -> the one the corpus test writes.
     "input.png": "example.png",
     "input (1).png": "example.png",
+    "gan_input.mp4": "example.mp4",
+    "white_armored_warrior.mp4": "example.mp4",
+    # FILM is not ported; the demo RIFE stands in so the graph runs (as SD 2 maps to SD 1.5).
+    "film_net_fp16.safetensors": "sakuga-demo-rife.safetensors",
+    "RealESRGAN_x4plus.safetensors": "realesr-animevideov3-x4.param",
     "scribble_input.png": "example.png",
     "input (3).png": "example.png",
     "depth_input (1).png": "example.png",
@@ -73,6 +78,8 @@ TEMPLATES = [
     "sdxl_refiner_prompt_example",
     "sdxlturbo_example",
     "basic_mask_operations_and_compositing",
+    "utility-gan_upscaler",
+    "utility_video_frame_interpolation",
 ]
 CLASSIC = "comfyui-workflow-templates==0.1.30"
 CLASSIC_TEMPLATES = [

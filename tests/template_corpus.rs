@@ -2,7 +2,8 @@
 //! `scripts/template_corpus.py`: UI format as shipped, model names mapped to the demo
 //! models, pixel sizes cut to an eighth) validate and render through the real `sakuga` binary.
 //! Their `LoadImage` nodes read `example.png`, the image ComfyUI ships in `input/`; a
-//! generated one stands in for it.
+//! generated one stands in for it. Their `LoadVideo` nodes read `example.mp4`, a short clip
+//! ComfyUI's own writer (PyAV, libx264) made.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -52,6 +53,11 @@ fn input_dir(dir: &Path) -> PathBuf {
     encoder.set_depth(png::BitDepth::Eight);
     let mut writer = encoder.write_header().unwrap();
     writer.write_image_data(&pixels).unwrap();
+    let clip = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/nodes/tests/fixtures/video/comfyui_pyav_x264.mp4"
+    );
+    std::fs::copy(clip, input.join("example.mp4")).unwrap();
     input
 }
 

@@ -371,6 +371,9 @@ enum Source {
     Literal(Json),
     /// Fed only by something left out (muted, bypassed without a match, unlinked).
     Nothing,
+    /// A subgraph input its instance leaves empty: a widget promoted to the instance
+    /// (`proxyWidgets`) whose value the inner node still holds.
+    Unfed,
 }
 
 /// What a failed resolution lacks; the caller names the node it was resolving for.
@@ -497,6 +500,15 @@ impl<'a> Converter<'a> {
                 }
                 Source::Literal(value) => {
                     inputs.insert(input.name.clone(), value);
+                }
+                Source::Unfed => {
+                    let name = schema.find_input(&input.name).map(|spec| spec.name);
+                    let kept = name
+                        .and_then(|n| widgets.remove(n))
+                        .or_else(|| schema.find_input(&input.name).and_then(widget_default));
+                    if let Some(value) = kept {
+                        inputs.insert(input.name.clone(), value);
+                    }
                 }
                 Source::Nothing => {}
             }
@@ -635,7 +647,23 @@ impl<'g, 'a> Walk<'_, 'g, 'a> {
             .input_names
             .get(slot)
             .and_then(|name| instance.inputs.iter().position(|i| &i.name == name));
-        self.input(outer, instance, by_name.unwrap_or(slot))
+        let Some(socket) = by_name.or_else(|| {
+            // Unnamed subgraph inputs line up with the instance's sockets.
+            frame.graph.input_names.get(slot).is_none().then_some(slot)
+        }) else {
+            return Ok(Source::Unfed);
+        };
+        match self.input(outer, instance, socket)? {
+            Source::Nothing
+                if instance
+                    .inputs
+                    .get(socket)
+                    .is_some_and(|i| i.link.is_none()) =>
+            {
+                Ok(Source::Unfed)
+            }
+            resolved => Ok(resolved),
+        }
     }
 }
 

@@ -430,3 +430,26 @@ fn widget_values_may_be_an_object_by_name() {
         (json!(32), json!(16))
     );
 }
+
+/// Widgets promoted to a subgraph instance (`proxyWidgets`) that the instance saves no value
+/// for keep the inner node's own, as the frontend shows them: ComfyUI's video frame
+/// interpolation template relies on it.
+#[test]
+fn promoted_widgets_without_an_instance_value_keep_the_inner_value() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/workflows/templates/utility_video_frame_interpolation.json"
+    );
+    let api = convert(read(path)).unwrap();
+    let inner = |id: &str| &api[id]["inputs"];
+    assert_eq!(inner("16:9")["value"], json!(2), "PrimitiveInt keeps 2");
+    assert_eq!(
+        inner("16:13")["value"],
+        json!(true),
+        "PrimitiveBoolean keeps true"
+    );
+    assert_eq!(
+        inner("16:1")["model_name"],
+        json!("sakuga-demo-rife.safetensors")
+    );
+}
