@@ -60,6 +60,7 @@ MODEL_NAMES = {
     "input.png": "example.png",
     "input (1).png": "example.png",
     "gan_input.mp4": "example.mp4",
+    "pray.png": "example.png",
     "white_armored_warrior.mp4": "example.mp4",
     # FILM is not ported; the demo RIFE stands in so the graph runs (as SD 2 maps to SD 1.5).
     "film_net_fp16.safetensors": "sakuga-demo-rife.safetensors",
@@ -80,6 +81,8 @@ TEMPLATES = [
     "basic_mask_operations_and_compositing",
     "utility-gan_upscaler",
     "utility_video_frame_interpolation",
+    "utility_interpolation_image_upscale",
+    "basic_datatype_conversion",
 ]
 CLASSIC = "comfyui-workflow-templates==0.1.30"
 CLASSIC_TEMPLATES = [

@@ -207,7 +207,17 @@ fn shared_classes_match_comfyuis_own_object_info() {
                 }
             }
         }
-        for key in ["output", "output_name", "output_node"] {
+        // Newer ComfyUI releases add outputs at the end (PreviewAny's STRING), which graphs
+        // made for 0.8.0 never link: ours must start with ComfyUI's.
+        for key in ["output", "output_name"] {
+            let (want, got) = (reference[key].as_array(), mine[key].as_array());
+            if let (Some(want), Some(got)) = (want, got) {
+                if got.len() < want.len() || got[..want.len()] != want[..] {
+                    problems.push(format!("{class}.{key}: ours {got:?}, ComfyUI {want:?}"));
+                }
+            }
+        }
+        for key in ["output_node"] {
             if !reference[key].is_null() && mine[key] != reference[key] {
                 problems.push(format!(
                     "{class}.{key}: ours {}, ComfyUI {}",

@@ -3,7 +3,9 @@
 //! kept apart, `/` always a float, `//` and `%` flooring, `**` powers, comparisons, and the
 //! functions ComfyUI allows (`sum min max abs round pow sqrt ceil floor log log2 log10 sin
 //! cos tan int float`); `values` is the list of every value given. The result comes out as
-//! FLOAT and as INT (truncated); a result that is not a finite number is an error.
+//! FLOAT, as INT (truncated) and as BOOL (not zero); a result that is not a finite number is
+//! an error. `ComfyNumberConvert` turns an INT, FLOAT, BOOLEAN or numeric STRING into FLOAT
+//! and INT.
 
 use std::sync::LazyLock;
 
@@ -16,6 +18,7 @@ use crate::value::Value;
 
 pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(MathExpression);
+    registry.register(NumberConvert);
 }
 
 /// The value sockets, `values.a` to `values.z` (ComfyUI's growing input group).
@@ -35,6 +38,7 @@ static MATH_EXPRESSION: LazyLock<NodeSchema> = LazyLock::new(|| {
     schema
         .named_output("FLOAT", PortType::Float)
         .named_output("INT", PortType::Int)
+        .named_output("BOOL", PortType::Boolean)
 });
 
 struct MathExpression;
@@ -82,6 +86,58 @@ impl Node for MathExpression {
                 return Err(NodeError::InvalidInput(format!(
                     "expression {expression:?} is {v}, too large for an INT"
                 )));
+            }
+        };
+        Ok(vec![
+            Value::Float(float),
+            Value::Int(int),
+            Value::Boolean(float != 0.0),
+        ])
+    }
+}
+
+static NUMBER_CONVERT: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("ComfyNumberConvert", "Number Convert", "utils")
+        .input(InputSpec::link("value", PortType::Any))
+        .named_output("FLOAT", PortType::Float)
+        .named_output("INT", PortType::Int)
+});
+
+struct NumberConvert;
+
+impl Node for NumberConvert {
+    fn schema(&self) -> &NodeSchema {
+        &NUMBER_CONVERT
+    }
+
+    /// Python's `float()` and `int()` of the value; a string is read as an integer, else
+    /// as a float (surrounding spaces ignored). The INT of a float is truncated.
+    fn execute(&self, _: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let number = match inputs.required("value")? {
+            Value::Int(v) => Num::Int(*v),
+            Value::Float(v) => Num::Float(*v),
+            Value::Boolean(v) => Num::Int(i64::from(*v)),
+            Value::String(text) => {
+                let trimmed = text.trim();
+                trimmed
+                    .parse::<i64>()
+                    .map(Num::Int)
+                    .or_else(|_| trimmed.parse::<f64>().map(Num::Float))
+                    .map_err(|_| NodeError::InvalidInput(format!("{text:?} is not a number")))?
+            }
+            other => {
+                return Err(NodeError::InvalidInput(format!(
+                    "value is {}; ComfyNumberConvert takes INT, FLOAT, BOOLEAN or STRING",
+                    other.type_name()
+                )));
+            }
+        };
+        let float = number.as_f64();
+        let int = match number {
+            Num::Int(v) => v,
+            Num::Float(v) if v.is_finite() && v.abs() < 9.2e18 => v.trunc() as i64,
+            Num::Float(v) => {
+                return Err(NodeError::InvalidInput(format!("{v} cannot be an INT")));
             }
         };
         Ok(vec![Value::Float(float), Value::Int(int)])
@@ -536,6 +592,7 @@ mod tests {
             .unwrap();
         assert!(matches!(out[0], Value::Float(v) if v == -7.0));
         assert!(matches!(out[1], Value::Int(-7)));
+        assert!(matches!(out[2], Value::Boolean(true)));
         let out = rig
             .run(
                 &MathExpression,
@@ -567,5 +624,34 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(error.contains("values.a is STRING"), "{error}");
+    }
+
+    #[test]
+    fn number_convert_reads_numbers_of_every_kind() {
+        let rig = crate::testing::Rig::new(|_| {});
+        let convert = |value: Value| rig.run(&NumberConvert, &[("value", value)]);
+        let pair = |out: Vec<Value>| match (&out[0], &out[1]) {
+            (Value::Float(f), Value::Int(i)) => (*f, *i),
+            _ => panic!("FLOAT and INT"),
+        };
+        assert_eq!(
+            pair(convert(Value::String(" 1 ".into())).unwrap()),
+            (1.0, 1)
+        );
+        assert_eq!(
+            pair(convert(Value::String("-2.75".into())).unwrap()),
+            (-2.75, -2)
+        );
+        assert_eq!(pair(convert(Value::Float(1.5)).unwrap()), (1.5, 1));
+        assert_eq!(pair(convert(Value::Boolean(true)).unwrap()), (1.0, 1));
+        assert_eq!(pair(convert(Value::Int(-3)).unwrap()), (-3.0, -3));
+        let error = convert(Value::String("one".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("\"one\" is not a number"), "{error}");
+        let error = convert(Value::String("inf".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cannot be an INT"), "{error}");
     }
 }

@@ -12,6 +12,7 @@ mod mask;
 mod math;
 mod output;
 mod preprocess;
+mod stitch;
 mod upscale;
 mod utility;
 mod video;
@@ -28,6 +29,7 @@ pub fn register_all(registry: &mut NodeRegistry) {
     conditioning::register(registry);
     controlnet::register(registry);
     preprocess::register(registry);
+    stitch::register(registry);
     math::register(registry);
     image::register(registry);
     mask::register(registry);

@@ -24,6 +24,7 @@ use sakuga_telemetry::Stage;
 pub(super) fn register(registry: &mut NodeRegistry) {
     registry.register(SaveImage);
     registry.register(PreviewImage);
+    registry.register(ImageCompare);
     registry.register(StreamFrames);
 }
 
@@ -185,6 +186,35 @@ impl Node for PreviewImage {
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         ctx.reserve_for(self.schema(), inputs)?;
         preview(ctx, inputs.image("images")?)?;
+        Ok(Vec::new())
+    }
+}
+
+/// Two images side by side in the UI (a before/after slider): both are saved as previews.
+struct ImageCompare;
+
+static IMAGE_COMPARE: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new("ImageCompare", "Image Compare", "image")
+        .stage(Stage::Deliver)
+        .description("Compares two images with a slider: both are saved as previews.")
+        .input(InputSpec::link("image_a", PortType::Image).optional())
+        .input(InputSpec::link("image_b", PortType::Image).optional())
+        .output_node()
+        .shapes(save_cost)
+});
+
+impl Node for ImageCompare {
+    fn schema(&self) -> &NodeSchema {
+        &IMAGE_COMPARE
+    }
+
+    fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
+        ctx.reserve_for(self.schema(), inputs)?;
+        for name in ["image_a", "image_b"] {
+            if inputs.get(name).is_some() {
+                preview(ctx, inputs.image(name)?)?;
+            }
+        }
         Ok(Vec::new())
     }
 }

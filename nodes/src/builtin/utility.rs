@@ -158,6 +158,7 @@ struct PreviewAny;
 static PREVIEW_ANY: LazyLock<NodeSchema> = LazyLock::new(|| {
     NodeSchema::new("PreviewAny", "Preview as Text", "utils")
         .input(InputSpec::link("source", PortType::Any))
+        .named_output("STRING", PortType::String)
         .output_node()
 });
 
@@ -169,7 +170,8 @@ impl Node for PreviewAny {
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let text = preview_text(inputs.required("source")?);
         tracing::info!(job_id = ctx.job_id, node_id = ctx.node_id, preview = %text, "preview");
-        Ok(Vec::new())
+        // Newer ComfyUI passes the text on, so previews can chain.
+        Ok(vec![Value::String(text.into())])
     }
 }
 
