@@ -211,10 +211,10 @@ fn shared_classes_match_comfyuis_own_object_info() {
         // made for 0.8.0 never link: ours must start with ComfyUI's.
         for key in ["output", "output_name"] {
             let (want, got) = (reference[key].as_array(), mine[key].as_array());
-            if let (Some(want), Some(got)) = (want, got) {
-                if got.len() < want.len() || got[..want.len()] != want[..] {
-                    problems.push(format!("{class}.{key}: ours {got:?}, ComfyUI {want:?}"));
-                }
+            if let (Some(want), Some(got)) = (want, got)
+                && (got.len() < want.len() || got[..want.len()] != want[..])
+            {
+                problems.push(format!("{class}.{key}: ours {got:?}, ComfyUI {want:?}"));
             }
         }
         for key in ["output_node"] {
