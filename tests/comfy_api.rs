@@ -611,3 +611,31 @@ async fn catalogue_models_and_settings_endpoints_answer_in_comfyuis_shapes() {
     );
     assert_eq!(http::get(addr, "/users").await.json()["storage"], "server");
 }
+
+/// `PreviewAny` shows its text on the node, as ComfyUI's `executed` message carries it, and
+/// passes it on through its STRING output.
+#[tokio::test]
+async fn preview_any_sends_its_text_in_executed() {
+    let (_dir, server) = server(&[]).await;
+    let addr = &server.comfy_addr;
+    let mut ws = ws_connect(addr, "text-test").await;
+    let _status = next_message(&mut ws).await;
+    let prompt = json!({
+        "1": {"class_type": "PrimitiveFloat", "inputs": {"value": 2.5}},
+        "2": {"class_type": "ComfyMathExpression", "inputs": {"expression": "a * 4", "values.a": ["1", 0]}},
+        "3": {"class_type": "PreviewAny", "inputs": {"source": ["2", 1]}},
+        "4": {"class_type": "PreviewAny", "inputs": {"source": ["3", 0]}},
+    });
+    let r = post_prompt(addr, json!({"prompt": prompt, "client_id": "text-test"})).await;
+    assert_eq!(r.status, 200, "{}", r.json());
+    let id = r.json()["prompt_id"].as_str().unwrap().to_owned();
+    let messages = messages_until_done(&mut ws, &id).await;
+    let shown = |node: &str| {
+        messages
+            .iter()
+            .find(|m| m["type"] == "executed" && m["data"]["node"] == node)
+            .map(|m| m["data"]["output"].clone())
+    };
+    assert_eq!(shown("3"), Some(json!({"text": ["10"]})), "{messages:?}");
+    assert_eq!(shown("4"), Some(json!({"text": ["10"]})), "{messages:?}");
+}

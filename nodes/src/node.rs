@@ -319,6 +319,10 @@ pub trait JobSink: Send + Sync {
     fn frame(&self, node_id: &str, frame: StreamFrame);
     /// A file the node wrote.
     fn output(&self, node_id: &str, file: OutputFile);
+    /// Text the node shows in the UI (`PreviewAny`); dropped where nobody shows it.
+    fn text(&self, node_id: &str, text: &str) {
+        let _ = (node_id, text);
+    }
     /// Whether [`Self::frame`] holds paced frames until their time off the calling thread,
     /// so the node may hand over a whole stream at once. When false the node paces itself
     /// (sleeping on the device worker).

@@ -175,6 +175,10 @@ impl JobSink for TelemetryObserver {
     fn output(&self, node_id: &str, file: OutputFile) {
         self.inner.output(node_id, file);
     }
+
+    fn text(&self, node_id: &str, text: &str) {
+        self.inner.text(node_id, text);
+    }
 }
 
 impl ExecutionObserver for TelemetryObserver {

@@ -178,6 +178,8 @@ struct Console {
     bar: ProgressBar,
     nodes: Mutex<Vec<NodeTiming>>,
     frames: Mutex<(u64, u64)>,
+    /// What `PreviewAny` nodes showed, by node.
+    texts: Mutex<Vec<(String, String)>>,
 }
 
 impl Console {
@@ -197,6 +199,7 @@ impl Console {
             bar,
             nodes: Mutex::new(Vec::new()),
             frames: Mutex::new((0, 0)),
+            texts: Mutex::new(Vec::new()),
         }
     }
 
@@ -234,6 +237,9 @@ impl Console {
                         duration: *duration,
                         cached: *cached,
                     });
+                }
+                JobEvent::Text { node_id, text } => {
+                    self.texts.lock().push((node_id.clone(), text.clone()));
                 }
                 JobEvent::Admission {
                     decision, reason, ..
@@ -293,6 +299,13 @@ impl Console {
             println!("\noutputs");
             for output in &info.outputs {
                 println!("  {} ({})", output.path.display(), output.kind);
+            }
+        }
+        let texts = self.texts.lock();
+        if !texts.is_empty() {
+            println!("\npreviews");
+            for (node_id, text) in texts.iter() {
+                println!("  node {node_id}: {text}");
             }
         }
         let (frames, dropped) = *self.frames.lock();

@@ -323,6 +323,10 @@ pub fn to_watch_item(
             path: out_dir.join(job_id).join(o.path),
             kind: o.kind,
         },
+        Kind::Text(t) => JobEvent::Text {
+            node_id: t.node_id,
+            text: t.text,
+        },
         Kind::FinalStatus(f) => JobEvent::Finished {
             state: crate::server::convert::state_from_proto(f.state)?,
             error: (!f.error.is_empty()).then_some(f.error),

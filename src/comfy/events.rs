@@ -71,6 +71,8 @@ pub struct Translator {
     last: Option<(String, String)>,
     /// Files per node, for `executed` and the history.
     outputs: BTreeMap<String, Vec<Json>>,
+    /// Text per node (`PreviewAny`), for `executed`.
+    texts: BTreeMap<String, Vec<String>>,
     /// The status messages (`execution_*`) for the history entry.
     status_messages: Vec<Json>,
     finished: Option<JobState>,
@@ -87,6 +89,7 @@ impl Translator {
             running: Vec::new(),
             last: None,
             outputs: BTreeMap::new(),
+            texts: BTreeMap::new(),
             status_messages: Vec::new(),
             finished: None,
         }
@@ -167,6 +170,11 @@ impl Translator {
                 .entry(node_id.clone())
                 .or_default()
                 .push(file_ref(env, path, kind)),
+            JobEvent::Text { node_id, text } => self
+                .texts
+                .entry(node_id.clone())
+                .or_default()
+                .push(text.clone()),
             JobEvent::Finished { state, error } => {
                 self.job_finished(*state, error.as_deref(), event.at, out)
             }
@@ -186,13 +194,20 @@ impl Translator {
         }
         self.running.retain(|(n, _)| n != node_id);
         self.executed.push(node_id.to_owned());
+        let mut output = serde_json::Map::new();
         if let Some(files) = self.outputs.get(node_id) {
+            output.insert("images".into(), json!(files));
+        }
+        if let Some(texts) = self.texts.get(node_id) {
+            output.insert("text".into(), json!(texts));
+        }
+        if !output.is_empty() {
             out.push(message(
                 "executed",
                 json!({
                     "node": node_id,
                     "display_node": node_id,
-                    "output": {"images": files},
+                    "output": output,
                     "prompt_id": self.prompt_id,
                 }),
             ));

@@ -203,6 +203,10 @@ pub fn event_to_proto(e: &TimedEvent, trace_id: &str) -> v1::WatchEvent {
             path: path.display().to_string(),
             kind: kind.clone(),
         }),
+        JobEvent::Text { node_id, text } => Kind::Text(v1::NodeText {
+            node_id: node_id.clone(),
+            text: text.clone(),
+        }),
         JobEvent::Finished { state, error } => Kind::FinalStatus(v1::FinalStatus {
             state: state_to_proto(*state) as i32,
             error: error.clone().unwrap_or_default(),

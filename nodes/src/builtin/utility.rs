@@ -170,6 +170,7 @@ impl Node for PreviewAny {
     fn execute(&self, ctx: &ExecContext<'_>, inputs: &Inputs) -> Result<Vec<Value>, NodeError> {
         let text = preview_text(inputs.required("source")?);
         tracing::info!(job_id = ctx.job_id, node_id = ctx.node_id, preview = %text, "preview");
+        ctx.sink.text(ctx.node_id, &text);
         // Newer ComfyUI passes the text on, so previews can chain.
         Ok(vec![Value::String(text.into())])
     }

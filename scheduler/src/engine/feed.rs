@@ -72,6 +72,11 @@ pub enum JobEvent {
         path: PathBuf,
         kind: String,
     },
+    /// Text a node shows (`PreviewAny`).
+    Text {
+        node_id: String,
+        text: String,
+    },
     /// The job reached its final state; always the last event.
     Finished {
         state: RecordState,

@@ -179,6 +179,10 @@ impl JobSink for PacedObserver {
         self.lane.sink.output(node_id, file);
     }
 
+    fn text(&self, node_id: &str, text: &str) {
+        self.lane.sink.text(node_id, text);
+    }
+
     fn paces_frames(&self) -> bool {
         true
     }

@@ -213,6 +213,13 @@ impl JobSink for FeedObserver {
             kind: file.kind.to_owned(),
         });
     }
+
+    fn text(&self, node_id: &str, text: &str) {
+        self.feed.push(JobEvent::Text {
+            node_id: node_id.to_owned(),
+            text: text.to_owned(),
+        });
+    }
 }
 
 impl ExecutionObserver for FeedObserver {
