@@ -60,6 +60,8 @@ MODEL_NAMES = {
     "input.png": "example.png",
     "input (1).png": "example.png",
     "gan_input.mp4": "example.mp4",
+    "image_lotus_depth_v1_1_input_image.png": "example.png",
+    "lotus-depth-d-v1-1.safetensors": "sakuga-demo-lotus-depth.safetensors",
     "pray.png": "example.png",
     "white_armored_warrior.mp4": "example.mp4",
     # FILM is not ported; the demo RIFE stands in so the graph runs (as SD 2 maps to SD 1.5).
@@ -83,6 +85,7 @@ TEMPLATES = [
     "utility_video_frame_interpolation",
     "utility_interpolation_image_upscale",
     "basic_datatype_conversion",
+    "image_lotus_depth_v1_1",
 ]
 CLASSIC = "comfyui-workflow-templates==0.1.30"
 CLASSIC_TEMPLATES = [

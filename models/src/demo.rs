@@ -45,6 +45,8 @@ pub const DEMO_SDXL_REFINER_CHECKPOINT: &str = "sakuga-demo-sdxl-refiner.safeten
 /// File name of the SD 1.5 inpainting demo checkpoint (a 9-channel UNet) inside
 /// `checkpoints/`.
 pub const DEMO_INPAINTING_CHECKPOINT: &str = "sakuga-demo-sd15-inpainting.safetensors";
+/// File name of the demo Lotus depth UNet inside `diffusion_models/`.
+pub const DEMO_LOTUS_UNET: &str = "sakuga-demo-lotus-depth.safetensors";
 /// File name of the SD 1.5 demo ControlNet (LDM layout) inside `controlnet/`.
 pub const DEMO_CONTROLNET: &str = "sakuga-demo-controlnet-sd15.safetensors";
 /// File name of the SDXL demo ControlNet (diffusers layout) inside `controlnet/`.
@@ -72,6 +74,7 @@ pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
         write_demo_sdxl_checkpoint(dir)?,
         write_demo_sdxl_refiner_checkpoint(dir)?,
         write_demo_inpainting_checkpoint(dir)?,
+        write_demo_lotus_unet(dir)?,
         write_demo_vae(dir)?,
         write_demo_embedding(dir)?,
         write_demo_lora(dir)?,
@@ -334,6 +337,59 @@ pub fn write_demo_inpainting_checkpoint(dir: &Path) -> Result<PathBuf> {
         DEMO_INPAINTING_CHECKPOINT,
         "tiny seeded demo inpainting model (9-channel UNet) in SD 1.5 LDM layout; not trained",
     )
+}
+
+/// Lotus's UNet at toy widths: SD 2.x's layout (linear projections, a 1024-wide context)
+/// with the 4-wide class input Lotus reads its task from; heads follow SD 2.x's 64-channel
+/// rule, so the shapes alone describe it.
+pub fn demo_lotus_unet_config() -> crate::diffusion::config::UnetConfig {
+    use crate::diffusion::config::{LOTUS_TASK_CHANNELS, UnetConfig, UnetLevel};
+    UnetConfig {
+        in_channels: 4,
+        out_channels: 4,
+        levels: vec![
+            UnetLevel {
+                channels: 32,
+                transformer_depth: Some(1),
+                heads: 1,
+            },
+            UnetLevel {
+                channels: 64,
+                transformer_depth: None,
+                heads: 1,
+            },
+        ],
+        layers_per_block: 1,
+        norm_num_groups: 32,
+        cross_attention_dim: 1024,
+        use_linear_projection: true,
+        adm_in_channels: Some(LOTUS_TASK_CHANNELS),
+        mid_transformer_depth: None,
+    }
+}
+
+/// Writes `diffusion_models/sakuga-demo-lotus-depth.safetensors`: a Lotus depth UNet alone
+/// in the LDM layout without prefix, as `UNETLoader` reads Lotus.
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_lotus_unet(dir: &Path) -> Result<PathBuf> {
+    let config = demo_lotus_unet_config();
+    let mut tensors = BTreeMap::new();
+    for (name, tensor) in invent(DEMO_SEED.wrapping_add(300), |vb| Unet::new(vb, &config))? {
+        let ldm = unet_to_ldm(&name, &config)
+            .ok_or_else(|| ModelError::InvalidInput(format!("no LDM name for {name}")))?;
+        let bare = ldm
+            .strip_prefix(crate::diffusion::keymap::LDM_UNET_PREFIX)
+            .unwrap_or(&ldm)
+            .to_string();
+        tensors.insert(bare, tensor);
+    }
+    let path = dir
+        .join(ModelFolder::DiffusionModels.dir_name())
+        .join(DEMO_LOTUS_UNET);
+    write_safetensors(&path, &tensors, &BTreeMap::new())?;
+    Ok(path)
 }
 
 /// Writes `vae/sakuga-demo-vae.safetensors`: the SD 1.5 demo's VAE alone, in the LDM

@@ -27,6 +27,9 @@ pub enum Prediction {
     V,
     /// The clean latent itself.
     X0,
+    /// The clean latent, from an unscaled input: image-to-image models such as Lotus
+    /// (ComfyUI's `IMG_TO_IMG`).
+    ImgToImg,
 }
 
 /// The CLIP text transformer's activation.
@@ -100,6 +103,16 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     /// Latents are multiplied by this after encoding (0.18215 for SD 1.x/2.x).
     pub scaling_factor: f64,
+}
+
+/// Width of Lotus's class input: its task embedding (sin and cos of the depth/normal switch).
+pub const LOTUS_TASK_CHANNELS: usize = 4;
+
+impl UnetConfig {
+    /// Whether this is Lotus's UNet: SD 2.x's with a 4-wide class input for its task.
+    pub fn is_lotus(&self) -> bool {
+        self.adm_in_channels == Some(LOTUS_TASK_CHANNELS)
+    }
 }
 
 impl UnetConfig {

@@ -135,15 +135,17 @@ impl Checkpoint {
         };
         let unet = UnetConfig::infer_ldm(&dim_of(path, &shapes), &shapes, prefix)?;
         let mut config = SdConfig::v1_5();
-        if unet.adm_in_channels.is_some() {
+        if unet.adm_in_channels.is_some() && !unet.is_lotus() {
             config.vae.scaling_factor = 0.13025;
         }
-        config.unet = unet;
-        config.prediction = if file.contains("v_pred") {
+        config.prediction = if unet.is_lotus() {
+            Prediction::ImgToImg
+        } else if file.contains("v_pred") {
             Prediction::V
         } else {
             Prediction::Epsilon
         };
+        config.unet = unet;
         config.zero_terminal_snr = file.contains("ztsnr");
         Ok(Self {
             path: path.to_path_buf(),
@@ -1074,6 +1076,9 @@ impl<'a> GuidedDenoiser<'a> {
         };
         let refiner = unet.config().is_sdxl_refiner();
         let y_of = |c: &TextConditioning, negative: bool| -> Result<Option<Tensor>> {
+            if unet.config().unet.is_lotus() {
+                return Ok(Some(lotus_task(unet.device())?));
+            }
             match unet.config().unet.adm_in_channels {
                 Some(adm) => Ok(Some(c.sdxl_y(
                     adm,
@@ -1225,7 +1230,12 @@ impl<'a> GuidedDenoiser<'a> {
         let batch = x.dim(0)?;
         let sampling = self.unet.sampling();
         let t = sampling.timestep(sigma);
-        let c_in = 1.0 / (sigma * sigma + 1.0).sqrt();
+        let prediction = self.unet.config().prediction;
+        let c_in = if prediction == Prediction::ImgToImg {
+            1.0
+        } else {
+            1.0 / (sigma * sigma + 1.0).sqrt()
+        };
         let x_in = (x * c_in)?;
         let guided = (self.cfg - 1.0).abs() >= f64::EPSILON;
         let output = match &self.pair {
@@ -1241,9 +1251,9 @@ impl<'a> GuidedDenoiser<'a> {
             }
         };
         let output = output.to_device(x.device())?;
-        Ok(match self.unet.config().prediction {
+        Ok(match prediction {
             Prediction::Epsilon => (x - (output * sigma)?)?,
-            Prediction::X0 => output,
+            Prediction::X0 | Prediction::ImgToImg => output,
             Prediction::V => {
                 let c_skip = 1.0 / (sigma * sigma + 1.0);
                 let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
@@ -1395,6 +1405,17 @@ fn negative_with_controls(
         }
     }
     out
+}
+
+/// Lotus's task embedding `[1, 4]`: sin and cos of (1, 0), as ComfyUI's `Lotus.extra_conds`.
+fn lotus_task(device: &Device) -> Result<Tensor> {
+    let task = [1f32, 0.0];
+    let values: Vec<f32> = task
+        .iter()
+        .map(|t| t.sin())
+        .chain(task.iter().map(|t| t.cos()))
+        .collect();
+    Ok(Tensor::from_vec(values, (1, 4), device)?)
 }
 
 /// `torch.round`: halves go to the even neighbour (a resized mask is often exactly 0.5).

@@ -1174,9 +1174,10 @@ impl Node for ModelSamplingDiscrete {
             "eps" => Prediction::Epsilon,
             "v_prediction" => Prediction::V,
             "x0" => Prediction::X0,
+            "img_to_img" => Prediction::ImgToImg,
             other => {
                 return Err(NodeError::InvalidInput(format!(
-                    "sampling {other:?} is not supported; eps, v_prediction and x0 are"
+                    "sampling {other:?} is not supported; eps, v_prediction, x0 and img_to_img are"
                 )));
             }
         };
