@@ -340,6 +340,39 @@ impl Node for ConditioningZeroOut {
     }
 }
 
+/// LotusConditioning: the fixed prompt Lotus was trained with (a frozen text encoder on an
+/// empty prompt), as ComfyUI inlines it; `nodes/assets/make_lotus_conditioning.py` copies
+/// it from ComfyUI's node, float16 exactly.
+struct LotusConditioning;
+
+static LOTUS_CONDITIONING: LazyLock<NodeSchema> = LazyLock::new(|| {
+    NodeSchema::new(
+        "LotusConditioning",
+        "LotusConditioning",
+        "conditioning/lotus",
+    )
+    .named_output("conditioning", PortType::Conditioning)
+});
+
+const LOTUS_PROMPT: &[u8] = include_bytes!("../../assets/lotus_conditioning.safetensors");
+
+impl Node for LotusConditioning {
+    fn schema(&self) -> &NodeSchema {
+        &LOTUS_CONDITIONING
+    }
+
+    fn execute(&self, ctx: &ExecContext<'_>, _: &Inputs) -> Result<Vec<Value>, NodeError> {
+        let mut tensors = candle_core::safetensors::load_buffer(LOTUS_PROMPT, &ctx.env.device)?;
+        let embeds = tensors
+            .remove("prompt_embeds")
+            .ok_or_else(|| NodeError::InvalidInput("the built-in Lotus prompt is missing".into()))?
+            .to_dtype(candle_core::DType::F32)?;
+        Ok(vec![Value::object(Conditioning::one(
+            TextConditioning::context(embeds),
+        ))])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device};
@@ -428,38 +461,5 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert_eq!(max, 0.0);
-    }
-}
-
-/// LotusConditioning: the fixed prompt Lotus was trained with (a frozen text encoder on an
-/// empty prompt), as ComfyUI inlines it; `nodes/assets/make_lotus_conditioning.py` copies
-/// it from ComfyUI's node, float16 exactly.
-struct LotusConditioning;
-
-static LOTUS_CONDITIONING: LazyLock<NodeSchema> = LazyLock::new(|| {
-    NodeSchema::new(
-        "LotusConditioning",
-        "LotusConditioning",
-        "conditioning/lotus",
-    )
-    .named_output("conditioning", PortType::Conditioning)
-});
-
-const LOTUS_PROMPT: &[u8] = include_bytes!("../../assets/lotus_conditioning.safetensors");
-
-impl Node for LotusConditioning {
-    fn schema(&self) -> &NodeSchema {
-        &LOTUS_CONDITIONING
-    }
-
-    fn execute(&self, ctx: &ExecContext<'_>, _: &Inputs) -> Result<Vec<Value>, NodeError> {
-        let mut tensors = candle_core::safetensors::load_buffer(LOTUS_PROMPT, &ctx.env.device)?;
-        let embeds = tensors
-            .remove("prompt_embeds")
-            .ok_or_else(|| NodeError::InvalidInput("the built-in Lotus prompt is missing".into()))?
-            .to_dtype(candle_core::DType::F32)?;
-        Ok(vec![Value::object(Conditioning::one(
-            TextConditioning::context(embeds),
-        ))])
     }
 }
