@@ -157,3 +157,36 @@ fn other_control_files_are_named_not_guessed() {
         );
     }
 }
+
+/// A ControlNet cut short, or one of another family, is named with what is wrong.
+#[test]
+fn truncated_and_mismatched_controlnets_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    write_demo_controlnets(dir.path()).unwrap();
+    let path = dir.path().join("controlnet").join(DEMO_CONTROLNET);
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let error = ControlNetModel::load(&cut, &Device::Cpu, DType::F32)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("cut.safetensors") && error.contains("truncated"),
+        "{error}"
+    );
+
+    // The SD 1.5 demo ControlNet reads 64-wide prompts; SDXL's demo prompts are wider.
+    let g = &goldens()["sdxl"];
+    let net = ControlNetModel::load(&path, &Device::Cpu, DType::F32).unwrap();
+    let error = net
+        .residuals(
+            &tensor(&g["x"]),
+            500.0,
+            &tensor(&g["context"]),
+            Some(&tensor(&g["y"])),
+            &tensor(&g["hint"]),
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("64-wide prompts"), "{error}");
+}

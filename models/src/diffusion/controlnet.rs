@@ -260,6 +260,14 @@ impl ControlNetModel {
                 self.path.display()
             )));
         }
+        let (wanted, given) = (self.config.unet.cross_attention_dim, context.dim(2)?);
+        if wanted != given {
+            return Err(ModelError::InvalidInput(format!(
+                "{} reads {wanted}-wide prompts; this model's are {given} wide (a ControlNet \
+                 for another model family)",
+                self.path.display()
+            )));
+        }
         let moved =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
         let y = y.map(moved).transpose()?;

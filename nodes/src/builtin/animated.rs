@@ -307,7 +307,7 @@ pub fn encode_apng(
 }
 
 /// Writes through a temp file and a rename, so a reader never sees half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
+pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
     let io = |op, source| NodeError::Io {
         op,
         path: path.to_path_buf(),

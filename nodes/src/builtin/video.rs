@@ -3,12 +3,12 @@
 //! rate ([`Video`]); sakuga has no audio, so the AUDIO a video gives is [`NoAudio`] and
 //! real audio is refused. Files are H.264 in MP4 ([`crate::video`]).
 
-use std::io::Write;
 use std::path::Path;
 use std::sync::LazyLock;
 
 use candle_core::Tensor;
 
+use super::animated::write_atomically;
 use super::image::file_salt;
 use super::output::{next_counter, output_target};
 use crate::error::NodeError;
@@ -255,30 +255,6 @@ impl Node for SaveVideo {
 fn frame_rgb(frames: &Tensor, i: usize) -> Result<Vec<u8>, NodeError> {
     let mut pixels = to_pixels(&frames.narrow(0, i, 1)?)?;
     Ok(pixels.pop().map(|p| p.data).unwrap_or_default())
-}
-
-/// Writes through a temp file and a rename, so a reader never sees half a video.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), NodeError> {
-    let io = |op, source| NodeError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("partial");
-    // A leftover or planted file or link at the temp name is removed, never written
-    // through: `create_new` refuses to follow a link.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io("remove", e)),
-        _ => {}
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .map_err(|e| io("create", e))?;
-    file.write_all(bytes).map_err(|e| io("write", e))?;
-    file.sync_all().map_err(|e| io("sync", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("rename", e))
 }
 
 #[cfg(test)]
