@@ -3,7 +3,6 @@
 //! rate ([`Video`]); sakuga has no audio, so the AUDIO a video gives is [`NoAudio`] and
 //! real audio is refused. Files are H.264 in MP4 ([`crate::video`]).
 
-use std::path::Path;
 use std::sync::LazyLock;
 
 use candle_core::Tensor;
