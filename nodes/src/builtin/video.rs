@@ -258,6 +258,7 @@ fn frame_rgb(frames: &Tensor, i: usize) -> Result<Vec<u8>, NodeError> {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
     use std::path::PathBuf;
 
     use candle_core::Device;
