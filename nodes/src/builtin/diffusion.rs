@@ -120,6 +120,9 @@ fn latent_resize_cost(source: Shape, height: u64, width: u64) -> NodeCost {
 pub struct ModelSource {
     pub checkpoint: Arc<Checkpoint>,
     pub loras: Vec<(String, AppliedLora)>,
+    /// What `ModelSamplingDiscrete` set: the prediction and zero-terminal-SNR table, kept
+    /// when a later node (a LoRA) reloads the UNet from this source.
+    pub sampling: Option<(Prediction, bool)>,
 }
 
 impl ModelSource {
@@ -250,12 +253,17 @@ fn open_checkpoint(env: &NodeEnv, name: &str) -> Result<Arc<Checkpoint>, NodeErr
 fn load_unet(env: &NodeEnv, source: &ModelSource) -> Result<Arc<UnetModel>, NodeError> {
     let device = env.device.clone();
     let dtype = dtype_for(&device);
-    cached(env, &source.key("unet"), ModelKind::Checkpoint, || {
+    let unet = cached(env, &source.key("unet"), ModelKind::Checkpoint, || {
         let bytes = source.checkpoint.part_bytes(Part::Unet, dtype);
         source
             .checkpoint
             .load_unet(&source.applied(), &device, dtype)
             .map(|m| (m, bytes))
+    })?;
+    // The override shares the cached weights; only the noise table and prediction change.
+    Ok(match source.sampling {
+        Some((prediction, zsnr)) => Arc::new(unet.with_sampling(prediction, zsnr)),
+        None => unet,
     })
 }
 
@@ -312,6 +320,7 @@ impl Node for CheckpointLoaderSimple {
         let source = ModelSource {
             checkpoint: checkpoint.clone(),
             loras: Vec::new(),
+            sampling: None,
         };
         let unet = load_unet(env, &source)?;
         let clip = load_clip(env, &source)?;
@@ -364,6 +373,7 @@ impl Node for UnetLoader {
         let source = ModelSource {
             checkpoint,
             loras: Vec::new(),
+            sampling: None,
         };
         let unet = load_unet(env, &source)?;
         Ok(vec![Value::object(DiffusionModel { unet, source })])
@@ -393,6 +403,7 @@ fn text_encoders(env: &NodeEnv, names: &[&str]) -> Result<Vec<Value>, NodeError>
     let source = ModelSource {
         checkpoint,
         loras: Vec::new(),
+        sampling: None,
     };
     let clip = load_clip(env, &source)?;
     Ok(vec![Value::object(ClipEncoder { clip, source })])
@@ -1186,10 +1197,9 @@ impl Node for ModelSamplingDiscrete {
                 .unet
                 .with_sampling(prediction, inputs.boolean("zsnr")?),
         );
-        Ok(vec![Value::object(DiffusionModel {
-            unet,
-            source: model.source.clone(),
-        })])
+        let mut source = model.source.clone();
+        source.sampling = Some((prediction, inputs.boolean("zsnr")?));
+        Ok(vec![Value::object(DiffusionModel { unet, source })])
     }
 }
 
@@ -1772,6 +1782,23 @@ mod tests {
             v.unet.sampling().sigma_max() > 4000.0,
             "zsnr's last sigma is huge"
         );
+        // A LoRA after the override reloads the UNet from its source; the override stays.
+        let patched = run(
+            &rig,
+            &LoraLoaderModelOnly,
+            &[
+                ("model", Value::object((*v).clone())),
+                ("lora_name", s(sakuga_models::demo::DEMO_LORA)),
+                ("strength_model", Value::Float(0.5)),
+            ],
+        )
+        .unwrap();
+        let Value::Object(o) = &patched[0] else {
+            panic!()
+        };
+        let patched = o.clone().downcast::<DiffusionModel>().unwrap();
+        assert_eq!(patched.unet.config().prediction, Prediction::V);
+        assert!(patched.unet.sampling().sigma_max() > 4000.0);
         let eps = reread("eps", false);
         assert!((eps.unet.sampling().sigma_max() - 14.6146).abs() < 1e-3);
         assert!(matches!(
