@@ -29,7 +29,8 @@ def main() -> None:
     classes = {c: {k: info[c][k] for k in KEEP if k in info[c]} for c in sorted(ours & set(info))}
     pinned = {"comfyui": f"{version.get('comfyui_version', '?')} (/object_info, --cpu, no custom nodes)",
               "classes": classes}
-    json.dump(pinned, sys.stdout, indent=1, sort_keys=True)
+    # Key order is kept: a dynamic combo's inputs are laid out in the order ComfyUI lists them.
+    json.dump(pinned, sys.stdout, indent=1)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,7 @@ TEMPLATES = [
     "utility_interpolation_image_upscale",
     "basic_datatype_conversion",
     "image_lotus_depth_v1_1",
+    "utility_image_stitch",
 ]
 CLASSIC = "comfyui-workflow-templates==0.1.30"
 CLASSIC_TEMPLATES = [
@@ -142,7 +143,11 @@ def shrink(nodes: list) -> None:
     """Pixel sizes and positions to an eighth, on the multiples of 8 latents need."""
     for node in nodes:
         kind = node.get("type")
-        for i in PIXEL_WIDGETS.get(kind, ()):
+        positions = PIXEL_WIDGETS.get(kind, ())
+        # A dynamic combo's sizes follow its choice: only "scale dimensions" holds pixels.
+        if kind == "ResizeImageMaskNode" and node["widgets_values"][0] == "scale dimensions":
+            positions = (1, 2)
+        for i in positions:
             value = node["widgets_values"][i]
             node["widgets_values"][i] = max(FLOORS.get((kind, i), 0), value // SHRINK // 8 * 8)
         node.get("properties", {}).pop("models", None)

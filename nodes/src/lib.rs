@@ -37,8 +37,8 @@ pub use node::{
 pub use port::PortType;
 pub use registry::NodeRegistry;
 pub use schema::{
-    ComboOptions, DegradeKnob, Feature, InputKind, InputSpec, ModelSlot, NodeRoles, NodeSchema,
-    OutputSpec,
+    ComboOptions, DegradeKnob, DynamicOption, Feature, InputKind, InputSpec, ModelSlot, NodeRoles,
+    NodeSchema, OutputSpec,
 };
 pub use shape::{NodeCost, Shape, ShapeInputs};
 pub use value::Value;

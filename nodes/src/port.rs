@@ -83,7 +83,8 @@ impl PortType {
             || (self == PortType::String && input == PortType::Combo)
     }
 
-    fn is_wildcard(self) -> bool {
+    /// Any and MatchType: the real type is known only at run time.
+    pub fn is_wildcard(self) -> bool {
         matches!(self, PortType::Any | PortType::MatchType)
     }
 }

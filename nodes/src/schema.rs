@@ -83,7 +83,18 @@ pub struct InputSpec {
     pub lazy: bool,
     /// For [`PortType::MatchType`] inputs: the template id tying them to the outputs.
     pub match_template: Option<&'static str>,
+    /// The port types a wildcard link may carry (`IMAGE,MASK`); empty: any.
+    pub allowed: &'static [PortType],
+    /// For a dynamic combo (ComfyUI's `DynamicCombo`): each choice with the inputs it
+    /// shows, named relative to this input (`width` for `resize_type.width`).
+    pub dynamic: &'static [DynamicOption],
+    /// For an input a dynamic combo shows: that combo's name. The input's own name is
+    /// `parent.member`, as ComfyUI names it in API-format prompts.
+    pub parent: Option<&'static str>,
 }
+
+/// One choice of a dynamic combo and the inputs it shows, in the order the UI lays them out.
+pub type DynamicOption = (&'static str, &'static [&'static str]);
 
 impl InputSpec {
     fn new(name: &'static str, kind: InputKind) -> Self {
@@ -95,6 +106,51 @@ impl InputSpec {
             control_after_generate: false,
             lazy: false,
             match_template: None,
+            allowed: &[],
+            dynamic: &[],
+            parent: None,
+        }
+    }
+
+    /// A choice that shows its own inputs (ComfyUI's `DynamicCombo`): those inputs are
+    /// declared on the schema with [`InputSpec::within`] and only count for their choice.
+    pub fn dynamic_combo(name: &'static str, options: &'static [DynamicOption]) -> Self {
+        let keys: Vec<&'static str> = options.iter().map(|(key, _)| *key).collect();
+        let mut spec = Self::new(
+            name,
+            InputKind::Combo {
+                options: ComboOptions::Static(keys.leak()),
+                default: None,
+            },
+        );
+        spec.dynamic = options;
+        spec
+    }
+
+    /// Marks the input as one a dynamic combo shows; `self.name` is `parent.member`.
+    pub fn within(mut self, parent: &'static str) -> Self {
+        debug_assert!(
+            self.name
+                .strip_prefix(parent)
+                .is_some_and(|rest| rest.starts_with('.')),
+            "{} is not named under {parent}",
+            self.name
+        );
+        self.parent = Some(parent);
+        self
+    }
+
+    /// Restricts a wildcard link to these port types.
+    pub fn allowing(mut self, ports: &'static [PortType]) -> Self {
+        self.allowed = ports;
+        self
+    }
+
+    /// The name the input has inside its dynamic combo's choice (`width`).
+    pub fn member_name(&self) -> &'static str {
+        match self.parent {
+            Some(parent) => &self.name[parent.len() + 1..],
+            None => self.name,
         }
     }
 
@@ -208,6 +264,14 @@ impl InputSpec {
                 default: None,
             },
         )
+    }
+
+    /// A combo whose default is not its first choice.
+    pub fn default_choice(mut self, choice: &'static str) -> Self {
+        if let InputKind::Combo { default, .. } = &mut self.kind {
+            *default = Some(choice);
+        }
+        self
     }
 
     /// Marks the input optional.
@@ -415,12 +479,45 @@ impl NodeSchema {
         self.inputs.iter().find(|i| i.name == name)
     }
 
+    /// Whether `spec` counts when its dynamic combo (if any) holds `choice`: inputs outside
+    /// a dynamic combo always count; an unknown choice shows nothing.
+    pub fn is_shown(&self, spec: &InputSpec, choice: Option<&str>) -> bool {
+        let Some(parent) = spec.parent else {
+            return true;
+        };
+        let Some(choice) = choice else {
+            return false;
+        };
+        self.shown_by(parent, choice)
+            .any(|member| member.name == spec.name)
+    }
+
+    /// The inputs a dynamic combo shows for `choice`, in its layout order.
+    pub fn shown_by<'s>(
+        &'s self,
+        combo: &str,
+        choice: &str,
+    ) -> impl Iterator<Item = &'s InputSpec> + 's {
+        let members = self
+            .find_input(combo)
+            .and_then(|c| c.dynamic.iter().find(|(key, _)| *key == choice))
+            .map_or(&[][..], |(_, members)| *members);
+        members.iter().filter_map(move |member| {
+            self.inputs
+                .iter()
+                .find(|i| i.parent.is_some() && i.member_name() == *member)
+        })
+    }
+
     /// The `/object_info` entry for this class; `list` resolves file-backed combos.
     pub fn to_object_info(&self, list: &dyn Fn(&ComboOptions) -> Vec<String>) -> Json {
         let mut required = Map::new();
         let mut optional = Map::new();
-        for input in &self.inputs {
-            let entry = input_info(input, list);
+        for input in self.inputs.iter().filter(|i| i.parent.is_none()) {
+            let entry = match input.dynamic {
+                [] => input_info(input, list),
+                options => self.dynamic_info(options, list),
+            };
             if input.required {
                 required.insert(input.name.to_string(), entry);
             } else {
@@ -430,7 +527,7 @@ impl NodeSchema {
         let order = |req: bool| -> Vec<&str> {
             self.inputs
                 .iter()
-                .filter(|i| i.required == req)
+                .filter(|i| i.required == req && i.parent.is_none())
                 .map(|i| i.name)
                 .collect()
         };
@@ -446,6 +543,31 @@ impl NodeSchema {
             "category": self.category,
             "output_node": self.output_node,
         })
+    }
+
+    /// `["COMFY_DYNAMICCOMBO_V3", {"options": [{"key", "inputs": {"required": ...}}]}]`.
+    fn dynamic_info(
+        &self,
+        options: &[DynamicOption],
+        list: &dyn Fn(&ComboOptions) -> Vec<String>,
+    ) -> Json {
+        let options: Vec<Json> = options
+            .iter()
+            .map(|(key, members)| {
+                let mut inputs = Map::new();
+                for member in *members {
+                    if let Some(spec) = self
+                        .inputs
+                        .iter()
+                        .find(|i| i.parent.is_some() && i.member_name() == *member)
+                    {
+                        inputs.insert(member.to_string(), input_info(spec, list));
+                    }
+                }
+                json!({"key": key, "inputs": {"required": inputs}})
+            })
+            .collect();
+        json!(["COMFY_DYNAMICCOMBO_V3", {"options": options}])
     }
 }
 
@@ -486,16 +608,29 @@ fn input_info(input: &InputSpec, list: &dyn Fn(&ComboOptions) -> Vec<String>) ->
             if input.lazy {
                 extra.insert("lazy".into(), json!(true));
             }
-            if let Some(id) = input.match_template {
+            let allowed = match input.allowed {
+                [] => "*".to_string(),
+                ports => ports
+                    .iter()
+                    .map(|p| p.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            };
+            let kind = if let Some(id) = input.match_template {
                 extra.insert(
                     "template".into(),
-                    json!({"template_id": id, "allowed_types": "*"}),
+                    json!({"template_id": id, "allowed_types": allowed}),
                 );
-            }
+                port.as_str().to_string()
+            } else if input.allowed.is_empty() {
+                port.as_str().to_string()
+            } else {
+                allowed
+            };
             if extra.is_empty() {
-                return json!([port.as_str()]);
+                return json!([kind]);
             }
-            return json!([port.as_str(), extra]);
+            return json!([kind, extra]);
         }
     };
     if !input.tooltip.is_empty() {

@@ -36,6 +36,8 @@ const TYPES: &[&str] = &[
     "AUDIO",
     "*",
     "COMFY_MATCHTYPE_V3",
+    "COMFY_DYNAMICCOMBO_V3",
+    "IMAGE,MASK",
 ];
 
 /// `[TYPE, {options}]`, `[TYPE]` or `[[choices], {options}]`, as ComfyUI writes inputs.
@@ -164,47 +166,14 @@ fn shared_classes_match_comfyuis_own_object_info() {
     for (class, reference) in theirs.as_object().unwrap() {
         let mine = &ours[class];
         for section in ["required", "optional"] {
-            let Some(inputs) = reference["input"][section].as_object() else {
-                continue;
-            };
-            for (name, entry) in inputs {
-                let Some(my_entry) = mine["input"][section].get(name) else {
-                    problems.push(format!("{class}.{name}: missing ({section})"));
-                    continue;
-                };
-                let (kind, choices, options) = normalized(entry);
-                let (my_kind, my_choices, my_options) = normalized(my_entry);
-                if kind != my_kind {
-                    problems.push(format!("{class}.{name}: type {my_kind}, ComfyUI {kind}"));
-                }
-                // Choices must be ComfyUI's (a subset where sakuga runs fewer); file lists
-                // depend on what each install has on disk.
-                if !choices.is_empty() {
-                    if let Some(extra) = my_choices.iter().find(|c| !choices.contains(c)) {
-                        problems.push(format!("{class}.{name}: choice {extra} is not ComfyUI's"));
-                    }
-                    let (first, my_first) = (choices.first(), my_choices.first());
-                    if my_choices.len() == choices.len() && first != my_first {
-                        problems.push(format!("{class}.{name}: default choice differs"));
-                    }
-                }
-                for key in [
-                    "default",
-                    "min",
-                    "max",
-                    "step",
-                    "multiline",
-                    "control_after_generate",
-                ] {
-                    let (want, got) = (&options[key], &my_options[key]);
-                    let same = match (got.as_f64(), want.as_f64()) {
-                        (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * b.abs().max(1.0),
-                        _ => want.is_null() || got == want,
-                    };
-                    if !same {
-                        problems.push(format!("{class}.{name}.{key}: ours {got}, ComfyUI {want}"));
-                    }
-                }
+            if let Some(inputs) = reference["input"][section].as_object() {
+                compare_inputs(
+                    class,
+                    section,
+                    inputs,
+                    &mine["input"][section],
+                    &mut problems,
+                );
             }
         }
         // Newer ComfyUI releases add outputs at the end (PreviewAny's STRING), which graphs
@@ -232,4 +201,111 @@ fn shared_classes_match_comfyuis_own_object_info() {
         problems.len(),
         problems.join("\n")
     );
+}
+
+/// Compares one section of inputs with ComfyUI's, a dynamic combo's choices recursively.
+fn compare_inputs(
+    label: &str,
+    section: &str,
+    inputs: &serde_json::Map<String, Json>,
+    mine: &Json,
+    problems: &mut Vec<String>,
+) {
+    for (name, entry) in inputs {
+        let Some(my_entry) = mine.get(name) else {
+            problems.push(format!("{label}.{name}: missing ({section})"));
+            continue;
+        };
+        let (kind, choices, options) = normalized(entry);
+        let (my_kind, my_choices, my_options) = normalized(my_entry);
+        if kind != my_kind {
+            problems.push(format!("{label}.{name}: type {my_kind}, ComfyUI {kind}"));
+        }
+        // Choices must be ComfyUI's (a subset where sakuga runs fewer); file lists
+        // depend on what each install has on disk.
+        if !choices.is_empty() {
+            if let Some(extra) = my_choices.iter().find(|c| !choices.contains(c)) {
+                problems.push(format!("{label}.{name}: choice {extra} is not ComfyUI's"));
+            }
+            let (first, my_first) = (choices.first(), my_choices.first());
+            if my_choices.len() == choices.len() && first != my_first {
+                problems.push(format!("{label}.{name}: default choice differs"));
+            }
+        }
+        if kind == "COMFY_DYNAMICCOMBO_V3" {
+            compare_dynamic(&format!("{label}.{name}"), &options, &my_options, problems);
+        }
+        if options["template"] != my_options["template"] {
+            problems.push(format!(
+                "{label}.{name}.template: ours {}, ComfyUI {}",
+                my_options["template"], options["template"]
+            ));
+        }
+        for key in [
+            "default",
+            "min",
+            "max",
+            "step",
+            "multiline",
+            "control_after_generate",
+        ] {
+            let (want, got) = (&options[key], &my_options[key]);
+            let same = match (got.as_f64(), want.as_f64()) {
+                (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * b.abs().max(1.0),
+                _ => want.is_null() || got == want,
+            };
+            if !same {
+                problems.push(format!("{label}.{name}.{key}: ours {got}, ComfyUI {want}"));
+            }
+        }
+    }
+}
+
+/// A dynamic combo: the same choices in the same order, each showing the same inputs.
+fn compare_dynamic(label: &str, options: &Json, mine: &Json, problems: &mut Vec<String>) {
+    let keys = |o: &Json| -> Vec<Json> {
+        o["options"]
+            .as_array()
+            .map(|list| list.iter().map(|c| c["key"].clone()).collect())
+            .unwrap_or_default()
+    };
+    if keys(options) != keys(mine) {
+        problems.push(format!(
+            "{label}: choices {:?}, ComfyUI {:?}",
+            keys(mine),
+            keys(options)
+        ));
+        return;
+    }
+    let (theirs, ours) = (
+        options["options"].as_array().unwrap(),
+        mine["options"].as_array().unwrap(),
+    );
+    for (choice, my_choice) in theirs.iter().zip(ours) {
+        let label = format!("{label}[{}]", choice["key"]);
+        let inputs = choice["inputs"]["required"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        let order = |c: &Json| -> Vec<String> {
+            c["inputs"]["required"]
+                .as_object()
+                .map(|m| m.keys().cloned().collect())
+                .unwrap_or_default()
+        };
+        if order(choice) != order(my_choice) {
+            problems.push(format!(
+                "{label}: inputs {:?}, ComfyUI {:?}",
+                order(my_choice),
+                order(choice)
+            ));
+        }
+        compare_inputs(
+            &label,
+            "required",
+            &inputs,
+            &my_choice["inputs"]["required"],
+            problems,
+        );
+    }
 }

@@ -450,11 +450,18 @@ impl<'a> Converter<'a> {
         let mut inputs = Map::new();
         let mut linked = Vec::new();
         for spec in &schema.inputs {
-            match node
+            let linked_slot = node
                 .inputs
                 .iter()
-                .position(|i| i.name == spec.name && i.link.is_some())
-            {
+                .position(|i| i.name == spec.name && i.link.is_some());
+            let choice = spec
+                .parent
+                .and_then(|parent| inputs.get(parent))
+                .and_then(Json::as_str);
+            if linked_slot.is_none() && !schema.is_shown(spec, choice) {
+                continue;
+            }
+            match linked_slot {
                 Some(slot) => linked.push(slot),
                 None => {
                     // A widget the saved node lacks holds its default, as the UI creates it.
@@ -689,18 +696,20 @@ fn widget_default(spec: &sakuga_nodes::InputSpec) -> Option<Json> {
 }
 
 /// The node's widget values by input name: a list in the order the UI creates widgets
-/// (required inputs, then optional, links excluded), or an object by name.
+/// (required inputs, then optional, links excluded; a dynamic combo's shown inputs right
+/// after it), or an object by name.
 fn widget_values(node: &UiNode<'_>, schema: &NodeSchema) -> HashMap<&'static str, Json> {
     let mut named = HashMap::new();
     let Some(widgets) = node.widgets else {
         return named;
     };
-    let order = schema
-        .inputs
-        .iter()
+    let is_widget = |i: &&sakuga_nodes::InputSpec| !matches!(i.kind, InputKind::Link(_));
+    let top = schema.inputs.iter().filter(|i| i.parent.is_none());
+    let order = top
+        .clone()
         .filter(|i| i.required)
-        .chain(schema.inputs.iter().filter(|i| !i.required))
-        .filter(|i| !matches!(i.kind, InputKind::Link(_)));
+        .chain(top.filter(|i| !i.required))
+        .filter(is_widget);
     match widgets {
         Json::Array(values) => {
             let mut values = values.iter().peekable();
@@ -710,10 +719,17 @@ fn widget_values(node: &UiNode<'_>, schema: &NodeSchema) -> HashMap<&'static str
                 if spec.control_after_generate && values.peek().is_some_and(|v| is_control(v)) {
                     values.next();
                 }
+                let Some(choice) = value.as_str().filter(|_| !spec.dynamic.is_empty()) else {
+                    continue;
+                };
+                for member in schema.shown_by(spec.name, choice).filter(is_widget) {
+                    let Some(value) = values.next() else { break };
+                    named.insert(member.name, value.clone());
+                }
             }
         }
         Json::Object(values) => {
-            for spec in order {
+            for spec in schema.inputs.iter().filter(is_widget) {
                 if let Some(value) = values.get(spec.name) {
                     named.insert(spec.name, value.clone());
                 }

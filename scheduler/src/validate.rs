@@ -17,7 +17,7 @@ use sakuga_nodes::files::list_options;
 use sakuga_nodes::{ComboOptions, InputKind, InputSpec, Node, NodeEnv, NodeRegistry, Value};
 
 use crate::error::SchedulerError;
-use crate::workflow::{RawInput, Workflow};
+use crate::workflow::{RawInput, Workflow, WorkflowNode};
 
 /// Longest piece of a client's own text (an id, a value, a file name) echoed back in a
 /// problem; longer text is cut with its length noted, so a report stays small enough for
@@ -380,7 +380,12 @@ impl<'a> Validator<'a> {
     fn check_inputs(&mut self, i: usize, class: Arc<dyn Node>) {
         let wf = self.workflow;
         let node = &wf.nodes[i];
-        for spec in &class.schema().inputs {
+        let schema = class.schema();
+        for spec in schema
+            .inputs
+            .iter()
+            .filter(|spec| schema.is_shown(spec, dynamic_choice(node, spec)))
+        {
             let given = node
                 .inputs
                 .iter()
@@ -457,13 +462,24 @@ impl<'a> Validator<'a> {
             return;
         };
         let expected = spec.kind.port_type();
-        if !out.port.feeds(expected) {
+        let allowed =
+            spec.allowed.is_empty() || out.port.is_wildcard() || spec.allowed.contains(&out.port);
+        if !out.port.feeds(expected) || !allowed {
             self.push(
                 i,
                 ValidationError {
                     details: format!(
                         "{}, received_type({}) mismatch input_type({})",
-                        spec.name, out.port, expected
+                        spec.name,
+                        out.port,
+                        match spec.allowed {
+                            [] => expected.to_string(),
+                            ports => ports
+                                .iter()
+                                .map(|p| p.as_str())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                        }
                     ),
                     ..input_error(
                         "return_type_mismatch",
@@ -645,8 +661,12 @@ impl<'a> Validator<'a> {
             let mut literals = Vec::new();
             let mut links = Vec::new();
             for (name, input) in &wf.nodes[i].inputs {
-                let Some(spec) = schema.find_input(name) else {
-                    continue; // ComfyUI ignores inputs a class does not declare.
+                // ComfyUI ignores inputs a class does not declare, or a choice hides.
+                let Some(spec) = schema
+                    .find_input(name)
+                    .filter(|spec| schema.is_shown(spec, dynamic_choice(&wf.nodes[i], spec)))
+                else {
+                    continue;
                 };
                 match input {
                     RawInput::Link { source, output } => {
@@ -674,6 +694,18 @@ impl<'a> Validator<'a> {
             source: wf.source.clone(),
         }
     }
+}
+
+/// What the dynamic combo that shows `spec` holds on this node, if it is a literal.
+fn dynamic_choice<'n>(node: &'n WorkflowNode, spec: &InputSpec) -> Option<&'n str> {
+    let parent = spec.parent?;
+    node.inputs
+        .iter()
+        .find(|(name, _)| &**name == parent)
+        .and_then(|(_, given)| match given {
+            RawInput::Literal(Json::String(choice)) => Some(choice.as_str()),
+            _ => None,
+        })
 }
 
 fn spec_name(spec: &InputSpec) -> Arc<str> {

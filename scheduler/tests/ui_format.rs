@@ -195,6 +195,54 @@ fn a_primitive_gives_its_value_to_the_converted_widget() {
 }
 
 #[test]
+fn a_dynamic_combo_reads_the_widgets_its_choice_shows() {
+    // As the frontend saves ResizeImageMaskNode: the choice, then its own widgets, then
+    // the node's next widget; a shown widget converted to a socket takes its link.
+    let resize = |widgets: Json, width_link: bool| {
+        let mut sockets = vec![("input", "IMAGE,MASK", Some(1))];
+        let mut nodes = vec![];
+        let mut links = vec![
+            json!([1, 1, 0, 2, 0, "IMAGE"]),
+            json!([2, 2, 0, 3, 0, "IMAGE"]),
+        ];
+        if width_link {
+            sockets.push(("=resize_type.width", "INT", Some(7)));
+            nodes.push(node(8, "PrimitiveNode", 0, &[], json!([640, "fixed"])));
+            links.push(json!([7, 8, 0, 2, 1, "INT"]));
+        }
+        nodes.push(node(2, "ResizeImageMaskNode", 0, &sockets, widgets));
+        convert(chain(nodes, Json::Array(links))).unwrap()["2"]["inputs"].clone()
+    };
+    let dims = resize(
+        json!(["scale dimensions", 1024, 768, "center", "lanczos"]),
+        false,
+    );
+    assert_eq!(
+        numeric(&dims),
+        numeric(
+            &json!({"input": ["1", 0], "resize_type": "scale dimensions",
+            "resize_type.width": 1024, "resize_type.height": 768, "resize_type.crop": "center",
+            "scale_method": "lanczos"})
+        )
+    );
+    let by = resize(json!(["scale by multiplier", 1.5, "area"]), false);
+    assert_eq!(
+        numeric(&by),
+        numeric(
+            &json!({"input": ["1", 0], "resize_type": "scale by multiplier",
+            "resize_type.multiplier": 1.5, "scale_method": "area"})
+        )
+    );
+    let linked = resize(
+        json!(["scale dimensions", 512, 512, "center", "area"]),
+        true,
+    );
+    assert_eq!(linked["resize_type.width"], json!(640));
+    assert_eq!(linked["resize_type.height"], json!(512));
+    assert_eq!(linked["scale_method"], json!("area"));
+}
+
+#[test]
 fn a_bypassed_node_passes_its_input_of_the_same_type() {
     let ui = chain(
         vec![node(

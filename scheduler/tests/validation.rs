@@ -83,6 +83,69 @@ fn link_problems_are_reported() {
 }
 
 #[test]
+fn a_dynamic_combos_inputs_count_only_for_the_chosen_option() {
+    let f = common::fixture(1);
+    let graph = |resize: Json| {
+        json!({
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 0}},
+            "2": {"class_type": "ResizeImageMaskNode", "inputs": resize},
+            "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "r"}},
+            "4": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        })
+    };
+    // A hidden input is ignored, even out of range; the shown one is checked.
+    let by = graph(
+        json!({"input": ["1", 0], "resize_type": "scale by multiplier",
+        "resize_type.multiplier": 2.0, "resize_type.width": -5, "scale_method": "area"}),
+    );
+    f.plan(&by).unwrap();
+    let too_big = graph(
+        json!({"input": ["1", 0], "resize_type": "scale by multiplier",
+        "resize_type.multiplier": 9.0, "scale_method": "area"}),
+    );
+    assert_eq!(
+        kinds_of(&report(f.plan(&too_big)), "2"),
+        ["value_bigger_than_max"]
+    );
+    let dims = graph(json!({"input": ["1", 0], "resize_type": "scale dimensions",
+        "resize_type.multiplier": 2.0, "scale_method": "area"}));
+    let r = report(f.plan(&dims));
+    let missing: Vec<&str> = r.node_errors["2"]
+        .errors
+        .iter()
+        .map(|e| e.details.as_str())
+        .collect();
+    assert_eq!(
+        missing,
+        [
+            "resize_type.width",
+            "resize_type.height",
+            "resize_type.crop"
+        ]
+    );
+    let unknown =
+        graph(json!({"input": ["1", 0], "resize_type": "scale sideways", "scale_method": "area"}));
+    assert_eq!(
+        kinds_of(&report(f.plan(&unknown)), "2"),
+        ["value_not_in_list"]
+    );
+    // IMAGE or MASK only: a LATENT is named against the allowed types.
+    let latent = graph(
+        json!({"input": ["4", 0], "resize_type": "scale by multiplier",
+        "resize_type.multiplier": 2.0, "scale_method": "area"}),
+    );
+    let r = report(f.plan(&latent));
+    assert_eq!(kinds_of(&r, "2"), ["return_type_mismatch"]);
+    assert!(
+        r.node_errors["2"].errors[0]
+            .details
+            .contains("received_type(LATENT) mismatch input_type(IMAGE,MASK)"),
+        "{}",
+        r.node_errors["2"].errors[0].details
+    );
+}
+
+#[test]
 fn a_three_node_cycle_names_all_three_nodes() {
     let f = common::fixture(1);
     let wf = json!({

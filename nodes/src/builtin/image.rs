@@ -162,7 +162,11 @@ impl Node for ImageInvert {
 }
 
 /// Crops the batch to `width:height` around its centre, as ComfyUI's `crop="center"`.
-fn center_crop_to_aspect(image: &Tensor, width: usize, height: usize) -> Result<Tensor, NodeError> {
+pub(super) fn center_crop_to_aspect(
+    image: &Tensor,
+    width: usize,
+    height: usize,
+) -> Result<Tensor, NodeError> {
     let (_, h, w, _) = image.dims4()?;
     let old_aspect = w as f64 / h as f64;
     let new_aspect = width as f64 / height as f64;

@@ -12,6 +12,7 @@ mod mask;
 mod math;
 mod output;
 mod preprocess;
+mod resize;
 mod stitch;
 mod upscale;
 mod utility;
@@ -32,6 +33,7 @@ pub fn register_all(registry: &mut NodeRegistry) {
     stitch::register(registry);
     math::register(registry);
     image::register(registry);
+    resize::register(registry);
     mask::register(registry);
     inpaint::register(registry);
     output::register(registry);
