@@ -56,7 +56,11 @@ fn input_dir(dir: &Path) -> PathBuf {
     writer.write_image_data(&pixels).unwrap();
     // The image stitch template loads four views of one object.
     for view in 1..=4 {
-        std::fs::copy(input.join("example.png"), input.join(format!("angle_{view}.png"))).unwrap();
+        std::fs::copy(
+            input.join("example.png"),
+            input.join(format!("angle_{view}.png")),
+        )
+        .unwrap();
     }
     let clip = concat!(
         env!("CARGO_MANIFEST_DIR"),

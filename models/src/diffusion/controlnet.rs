@@ -127,7 +127,7 @@ impl ControlNet {
         let guided = self.hint_out.forward(&guided)?;
         let (middle, skips) = self
             .encoder
-            .forward(latents, &emb, context, Some(&guided))?;
+            .forward(latents, &emb, context, Some(&guided), None)?;
         let skips = skips
             .iter()
             .zip(&self.zero_convs)
@@ -135,7 +135,8 @@ impl ControlNet {
             .collect::<candle_core::Result<_>>()?;
         Ok(ControlResiduals {
             skips,
-            middle: self.middle_out.forward(&middle)?,
+            after_blocks: Vec::new(),
+            middle: Some(self.middle_out.forward(&middle)?),
         })
     }
 }
@@ -497,7 +498,12 @@ impl AppliedControl {
         };
         let own = ControlResiduals {
             skips: raw.skips.into_iter().map(scale).collect::<Result<_>>()?,
-            middle: scale(raw.middle)?,
+            after_blocks: raw
+                .after_blocks
+                .into_iter()
+                .map(|(b, t)| Ok((b, scale(t)?)))
+                .collect::<Result<_>>()?,
+            middle: raw.middle.map(scale).transpose()?,
         };
         Ok(Some(match previous {
             Some(previous) => own.plus(&previous)?,

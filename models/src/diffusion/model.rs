@@ -588,17 +588,7 @@ impl UnetModel {
             .map(|y| y.to_device(&self.device)?.to_dtype(self.dtype))
             .transpose()?;
         let control = control
-            .map(|c| -> Result<ControlResiduals> {
-                let moved = |t: &Tensor| t.to_device(&self.device)?.to_dtype(self.dtype);
-                Ok(ControlResiduals {
-                    skips: c
-                        .skips
-                        .iter()
-                        .map(moved)
-                        .collect::<candle_core::Result<_>>()?,
-                    middle: moved(&c.middle)?,
-                })
-            })
+            .map(|c| c.moved(&self.device, self.dtype))
             .transpose()?;
         Ok(self
             .unet

@@ -20,9 +20,18 @@ use super::config::UnetConfig;
 const NORM_EPS: f64 = 1e-5;
 
 #[derive(Debug)]
-enum DownLevel {
+enum DownBlocks {
     Plain(DownBlock2D),
     Attention(CrossAttnDownBlock2D),
+}
+
+/// One level of the encoder: its resnets (with attention or not), then its downsampler,
+/// kept apart so a T2I adapter's features can be added between the two, as ComfyUI adds
+/// them after each of its input blocks.
+#[derive(Debug)]
+struct DownLevel {
+    blocks: DownBlocks,
+    downsampler: Option<Conv2d>,
 }
 
 #[derive(Debug)]
@@ -40,33 +49,92 @@ impl UpLevel {
     }
 }
 
-/// What a ControlNet adds to the UNet it guides: one residual per skip connection, in the
-/// order the encoder makes them, and one for the middle block's output.
-#[derive(Debug, Clone)]
+/// What ControlNets and T2I adapters add to the UNet they guide: a ControlNet one
+/// residual per skip connection, in the order the encoder makes them (empty for an
+/// adapter); an adapter features added to the running activations after some input blocks
+/// (ComfyUI's block numbering: 0 the input convolution, then each resnet and each
+/// downsampler in order); both may add to the middle block's output.
+#[derive(Debug, Clone, Default)]
 pub struct ControlResiduals {
     pub skips: Vec<Tensor>,
-    pub middle: Tensor,
+    pub after_blocks: Vec<(usize, Tensor)>,
+    pub middle: Option<Tensor>,
 }
 
 impl ControlResiduals {
-    /// These residuals plus `other`'s, where both have one (ControlNets chained on one
-    /// prompt add up).
+    /// These residuals plus `other`'s (controls chained on one prompt add up).
     ///
     /// # Errors
     /// Shape mismatches.
     pub fn plus(self, other: &ControlResiduals) -> candle_core::Result<Self> {
-        let skips = self
-            .skips
-            .into_iter()
-            .zip(&other.skips)
-            .map(|(a, b)| a + b)
-            .collect::<candle_core::Result<_>>()?;
+        let skips = match (self.skips.is_empty(), other.skips.is_empty()) {
+            (_, true) => self.skips,
+            (true, false) => other.skips.clone(),
+            (false, false) => self
+                .skips
+                .into_iter()
+                .zip(&other.skips)
+                .map(|(a, b)| a + b)
+                .collect::<candle_core::Result<_>>()?,
+        };
+        let mut after_blocks = self.after_blocks;
+        for (block, feature) in &other.after_blocks {
+            match after_blocks.iter_mut().find(|(b, _)| b == block) {
+                Some((_, mine)) => *mine = (&*mine + feature)?,
+                None => after_blocks.push((*block, feature.clone())),
+            }
+        }
+        let middle = match (self.middle, &other.middle) {
+            (Some(a), Some(b)) => Some((a + b)?),
+            (a, b) => a.or_else(|| b.clone()),
+        };
         Ok(Self {
             skips,
-            middle: (self.middle + &other.middle)?,
+            after_blocks,
+            middle,
         })
     }
+
+    /// The same residuals on `device` in `dtype`.
+    ///
+    /// # Errors
+    /// Tensor errors.
+    pub fn moved(
+        &self,
+        device: &candle_core::Device,
+        dtype: candle_core::DType,
+    ) -> candle_core::Result<Self> {
+        let moved = |t: &Tensor| t.to_device(device)?.to_dtype(dtype);
+        Ok(Self {
+            skips: self
+                .skips
+                .iter()
+                .map(moved)
+                .collect::<candle_core::Result<_>>()?,
+            after_blocks: self
+                .after_blocks
+                .iter()
+                .map(|(b, t)| Ok((*b, moved(t)?)))
+                .collect::<candle_core::Result<_>>()?,
+            middle: self.middle.as_ref().map(moved).transpose()?,
+        })
+    }
+
+    fn add_after(&self, block: usize, xs: Tensor) -> candle_core::Result<Tensor> {
+        match self.after_blocks.iter().find(|(b, _)| *b == block) {
+            Some((_, feature)) => xs.broadcast_add(feature),
+            None => Ok(xs),
+        }
+    }
 }
+
+const DOWNSAMPLE: candle_nn::Conv2dConfig = candle_nn::Conv2dConfig {
+    padding: 1,
+    stride: 2,
+    dilation: 1,
+    groups: 1,
+    cudnn_fwd_algo: None,
+};
 
 /// The UNet's first half, shared with the ControlNet, which is a trainable copy of it: the
 /// time (and class) embedding, the input convolution, the down levels and the middle block.
@@ -119,13 +187,24 @@ impl UnetEncoder {
                 num_layers: config.layers_per_block,
                 resnet_eps: NORM_EPS,
                 resnet_groups: config.norm_num_groups,
-                add_downsample: i + 1 < n,
+                add_downsample: false,
                 downsample_padding: 1,
                 ..Default::default()
             };
             let vb = vb.pp(format!("down_blocks.{i}"));
-            down.push(match level.transformer_depth {
-                Some(depth) => DownLevel::Attention(CrossAttnDownBlock2D::new(
+            let downsampler = (i + 1 < n)
+                .then(|| {
+                    candle_nn::conv2d(
+                        level.channels,
+                        level.channels,
+                        3,
+                        DOWNSAMPLE,
+                        vb.pp("downsamplers.0.conv"),
+                    )
+                })
+                .transpose()?;
+            let blocks = match level.transformer_depth {
+                Some(depth) => DownBlocks::Attention(CrossAttnDownBlock2D::new(
                     vb,
                     in_channels,
                     level.channels,
@@ -140,13 +219,17 @@ impl UnetEncoder {
                         transformer_layers_per_block: depth,
                     },
                 )?),
-                None => DownLevel::Plain(DownBlock2D::new(
+                None => DownBlocks::Plain(DownBlock2D::new(
                     vb,
                     in_channels,
                     level.channels,
                     Some(time_dim),
                     plain,
                 )?),
+            };
+            down.push(DownLevel {
+                blocks,
+                downsampler,
             });
         }
         let last = levels[n - 1];
@@ -199,29 +282,57 @@ impl UnetEncoder {
     }
 
     /// The middle block's output and every skip connection, in order; `hint` is added to
-    /// the input convolution's output (a ControlNet's guided hint).
+    /// the input convolution's output (a ControlNet's guided hint), `control`'s features
+    /// after the input blocks they name (a T2I adapter's).
     pub(crate) fn forward(
         &self,
         latents: &Tensor,
         emb: &Tensor,
         context: &Tensor,
         hint: Option<&Tensor>,
+        control: Option<&ControlResiduals>,
     ) -> candle_core::Result<(Tensor, Vec<Tensor>)> {
+        let none = ControlResiduals::default();
+        let control = control.unwrap_or(&none);
         let mut xs = self.conv_in.forward(latents)?;
         if let Some(hint) = hint {
             xs = xs.broadcast_add(hint)?;
         }
+        xs = control.add_after(0, xs)?;
         let mut skips = vec![xs.clone()];
         for level in &self.down {
-            let (out, residuals) = match level {
-                DownLevel::Plain(b) => b.forward(&xs, Some(emb))?,
-                DownLevel::Attention(b) => b.forward(&xs, Some(emb), Some(context))?,
+            let (out, residuals) = match &level.blocks {
+                DownBlocks::Plain(b) => b.forward(&xs, Some(emb))?,
+                DownBlocks::Attention(b) => b.forward(&xs, Some(emb), Some(context))?,
             };
+            // Without a downsampler the blocks' last residual is their output.
+            let last = skips.len() + residuals.len() - 1;
             skips.extend(residuals);
-            xs = out;
+            xs = control.add_after(last, out)?;
+            skips[last] = xs.clone();
+            if let Some(down) = &level.downsampler {
+                xs = control.add_after(skips.len(), down.forward(&xs)?)?;
+                skips.push(xs.clone());
+            }
         }
         let mid = self.mid.forward(&xs, Some(emb), Some(context))?;
         Ok((mid, skips))
+    }
+
+    /// The number of input blocks in ComfyUI's numbering (input convolution, resnets,
+    /// downsamplers).
+    pub(crate) fn input_blocks(&self) -> usize {
+        1 + self
+            .down
+            .iter()
+            .map(|level| {
+                let resnets = match &level.blocks {
+                    DownBlocks::Plain(b) => b.config.num_layers,
+                    DownBlocks::Attention(b) => b.config.downblock.num_layers,
+                };
+                resnets + usize::from(level.downsampler.is_some())
+            })
+            .sum::<usize>()
     }
 
     pub(crate) fn takes_y(&self) -> bool {
@@ -320,9 +431,18 @@ impl Unet {
     ) -> candle_core::Result<Tensor> {
         let (batch, _, height, width) = latents.dims4()?;
         let emb = self.encoder.embed(batch, timestep, y, latents)?;
-        let (mut xs, mut skips) = self.encoder.forward(latents, &emb, context, None)?;
+        let (mut xs, mut skips) = self
+            .encoder
+            .forward(latents, &emb, context, None, control)?;
         if let Some(control) = control {
-            if control.skips.len() != skips.len() {
+            let blocks = self.encoder.input_blocks();
+            if let Some((block, _)) = control.after_blocks.iter().find(|(b, _)| *b >= blocks) {
+                candle_core::bail!(
+                    "the T2I adapter adds features after input block {block}; this UNet has \
+                     {blocks} input blocks (an adapter for another model layout)"
+                );
+            }
+            if !control.skips.is_empty() && control.skips.len() != skips.len() {
                 candle_core::bail!(
                     "the ControlNet makes {} skip residuals where this UNet has {}",
                     control.skips.len(),
@@ -332,7 +452,9 @@ impl Unet {
             for (skip, residual) in skips.iter_mut().zip(&control.skips) {
                 *skip = (&*skip + residual)?;
             }
-            xs = (xs + &control.middle)?;
+            if let Some(middle) = &control.middle {
+                xs = (xs + middle)?;
+            }
         }
         // Sizes that do not halve evenly upsample to the skip connection's size.
         let factor = 1usize << (self.encoder.down.len() - 1);
