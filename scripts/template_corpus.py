@@ -39,6 +39,10 @@ MODEL_NAMES = {
     "v1-5-pruned-emaonly-fp16.safetensors": SD15,
     "v2-1_768-ema-pruned.safetensors": SD15,
     "dreamshaper_8.safetensors": SD15,
+    # T2I adapters add features after input blocks 2, 5, 8 and 11: SD 1.5's full layout.
+    "interiordesignsuperm_v2.safetensors": "sakuga-demo-sd15-full.safetensors",
+    "controlnetT2IAdapter_t2iAdapterDepth.safetensors":
+        "sakuga-demo-t2i-adapter-depth-sd15.safetensors",
     "cardosAnime_v10.safetensors": SD15,
     "wd-illusion-fp16.safetensors": SD15,
     "AbyssOrangeMix2_hard.safetensors": SD15,
@@ -108,6 +112,7 @@ CLASSIC_TEMPLATES = [
     "mixing_controlnets",
     "inpaint_example",
     "inpaint_model_outpainting",
+    "depth_t2i_adapter",
 ]
 
 SHRINK = 8

@@ -2,9 +2,9 @@
 //! `scripts/template_corpus.py`: UI format as shipped, model names mapped to the demo
 //! models, pixel sizes cut to an eighth) validate and render through the real `sakuga` binary.
 //! Their `LoadImage` nodes read `example.png`, the image ComfyUI ships in `input/` (or, for
-//! image stitch, `angle_1.png`..`angle_4.png`); a generated one stands in for each. Their
-//! `LoadVideo` nodes read `example.mp4`, a short clip ComfyUI's own writer (PyAV, libx264)
-//! made.
+//! image stitch, `angle_1.png`..`angle_4.png`, and the T2I adapter's depth map); a
+//! generated one stands in for each. Their `LoadVideo` nodes read `example.mp4`, a short
+//! clip ComfyUI's own writer (PyAV, libx264) made.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -54,13 +54,12 @@ fn input_dir(dir: &Path) -> PathBuf {
     encoder.set_depth(png::BitDepth::Eight);
     let mut writer = encoder.write_header().unwrap();
     writer.write_image_data(&pixels).unwrap();
-    // The image stitch template loads four views of one object.
-    for view in 1..=4 {
-        std::fs::copy(
-            input.join("example.png"),
-            input.join(format!("angle_{view}.png")),
-        )
-        .unwrap();
+    writer.finish().unwrap();
+    // The image stitch template loads four views of one object, the T2I adapter one a
+    // depth map.
+    let views = (1..=4).map(|view| format!("angle_{view}.png"));
+    for name in views.chain(["depth-t2i-adapter_input.png".to_string()]) {
+        std::fs::copy(input.join("example.png"), input.join(name)).unwrap();
     }
     let clip = concat!(
         env!("CARGO_MANIFEST_DIR"),

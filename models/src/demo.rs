@@ -51,6 +51,11 @@ pub const DEMO_LOTUS_UNET: &str = "sakuga-demo-lotus-depth.safetensors";
 pub const DEMO_CONTROLNET: &str = "sakuga-demo-controlnet-sd15.safetensors";
 /// File name of the SDXL demo ControlNet (diffusers layout) inside `controlnet/`.
 pub const DEMO_SDXL_CONTROLNET: &str = "sakuga-demo-controlnet-sdxl.safetensors";
+/// File name of the SD 1.5 demo in the full four-level block layout inside `checkpoints/`.
+pub const DEMO_SD15_FULL_CHECKPOINT: &str = "sakuga-demo-sd15-full.safetensors";
+/// File name of the demo depth T2I adapter (for [`DEMO_SD15_FULL_CHECKPOINT`]) inside
+/// `controlnet/`.
+pub const DEMO_T2I_ADAPTER: &str = "sakuga-demo-t2i-adapter-depth-sd15.safetensors";
 /// File name of the demo LoRA inside `loras/`.
 pub const DEMO_LORA: &str = "sakuga-demo-lora.safetensors";
 
@@ -78,6 +83,13 @@ pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
         write_demo_vae(dir)?,
         write_demo_embedding(dir)?,
         write_demo_lora(dir)?,
+        write_checkpoint(
+            dir,
+            &SdConfig::demo_sd15_full(),
+            DEMO_SD15_FULL_CHECKPOINT,
+            "sakuga demo: SD 1.5's full block layout at toy widths, random weights",
+        )?,
+        write_demo_t2i_adapter(dir)?,
     ];
     written.extend(write_demo_controlnets(dir)?);
     for writer in EXTRA_DEMO_WRITERS {
@@ -494,6 +506,54 @@ pub fn write_demo_controlnets(dir: &Path) -> Result<Vec<PathBuf>> {
     let sdxl_path = folder.join(DEMO_SDXL_CONTROLNET);
     write_safetensors(&sdxl_path, &sdxl, &config_metadata(&sdxl_config)?)?;
     Ok(vec![sd15_path, sdxl_path])
+}
+
+/// Writes `controlnet/sakuga-demo-t2i-adapter-depth-sd15.safetensors`: a full T2I adapter
+/// in the original key layout, shaped as TencentARC's SD 1.5 depth adapter (RGB hints,
+/// 1x1 resnet kernels, pooled downsampling) at [`SdConfig::demo_sd15_full`]'s widths.
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_t2i_adapter(dir: &Path) -> Result<PathBuf> {
+    let widths: Vec<usize> = SdConfig::demo_sd15_full()
+        .unet
+        .levels
+        .iter()
+        .map(|l| l.channels)
+        .collect();
+    let cin = 3 * 64;
+    let mut convs: Vec<(String, [usize; 4])> = vec![("conv_in".into(), [widths[0], cin, 3, 3])];
+    for (i, &out) in widths.iter().enumerate() {
+        for j in 0..2 {
+            let index = i * 2 + j;
+            let in_c = if j == 0 && i > 0 { widths[i - 1] } else { out };
+            if in_c != out {
+                convs.push((format!("body.{index}.in_conv"), [out, in_c, 1, 1]));
+            }
+            convs.push((format!("body.{index}.block1"), [out, out, 3, 3]));
+            convs.push((format!("body.{index}.block2"), [out, out, 1, 1]));
+        }
+    }
+    let mut tensors = BTreeMap::new();
+    for (name, shape) in convs {
+        let fan_in = (shape[1] * shape[2] * shape[3]) as f64;
+        let stream = name_stream(&name);
+        let weight =
+            (NoiseRng::new(DEMO_SEED, stream).tensor(&shape, DType::F32, &Device::Cpu)?
+                * fan_in.sqrt().recip())?;
+        let bias = (NoiseRng::new(DEMO_SEED, stream ^ 1).tensor(
+            &[shape[0]],
+            DType::F32,
+            &Device::Cpu,
+        )? * 0.05)?;
+        tensors.insert(format!("{name}.weight"), weight);
+        tensors.insert(format!("{name}.bias"), bias);
+    }
+    let path = dir
+        .join(ModelFolder::ControlNet.dir_name())
+        .join(DEMO_T2I_ADAPTER);
+    write_safetensors(&path, &tensors, &BTreeMap::new())?;
+    Ok(path)
 }
 
 /// Writes `loras/sakuga-demo-lora.safetensors`: rank-4 kohya factors for the demo UNet's

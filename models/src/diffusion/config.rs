@@ -413,6 +413,26 @@ impl SdConfig {
         }
     }
 
+    /// [`Self::demo`]'s text encoder and VAE with a UNet in SD 1.5's full block layout (four
+    /// levels of two resnets, attention on the first three) at toy widths: what T2I
+    /// adapters, whose features land after input blocks 2, 5, 8 and 11, need.
+    pub fn demo_sd15_full() -> Self {
+        let mut config = Self::demo();
+        let level = |channels, transformer_depth| UnetLevel {
+            channels,
+            transformer_depth,
+            heads: 2,
+        };
+        config.unet.levels = vec![
+            level(32, Some(1)),
+            level(64, Some(1)),
+            level(128, Some(1)),
+            level(128, None),
+        ];
+        config.unet.layers_per_block = 2;
+        config
+    }
+
     /// The tiny SDXL demo: SDXL's layout (no attention on the first level, a two-deep
     /// transformer with linear projections below it, CLIP-L and OpenCLIP-G with a pooled
     /// projection, the size conditioning in `y`) at toy widths.

@@ -3,6 +3,9 @@
 //! one to the middle block of the UNet it guides, as ComfyUI's `comfy/cldm` and
 //! `comfy/controlnet.py` run them.
 //!
+//! T2I adapters load here too, as ComfyUI's ControlNet loader takes them
+//! ([`super::t2i_adapter`]).
+//!
 //! Files come in two layouts: the original LDM one (`input_hint_block.*`, `zero_convs.*`,
 //! `middle_block_out.*`, the encoder as `input_blocks.*`, with or without
 //! `control_model.`), and diffusers' (`controlnet_cond_embedding.*`,
@@ -10,9 +13,9 @@
 //! ask for, so the LDM layout is read through the UNet key map.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use candle_core::{D, DType, Device, Module, Tensor};
+use candle_core::{D, DType, Device, Module, Tensor, TensorId};
 use candle_nn::{Conv2d, VarBuilder};
 
 use super::SdConfig;
@@ -22,6 +25,7 @@ use super::config::{
 use super::keymap::{LDM_UNET_PREFIX, Part, unet_to_ldm};
 use super::lora::LoraStack;
 use super::schedule::ModelSampling;
+use super::t2i_adapter::{AdapterConfig, T2iAdapter, is_adapter};
 use super::unet::{ControlResiduals, PADDED, UnetEncoder};
 use super::weights::{MappedWeights, build_part};
 use crate::error::{ModelError, Result};
@@ -162,26 +166,69 @@ enum ControlLayout {
     Diffusers,
 }
 
-/// A loaded ControlNet (ComfyUI's CONTROL_NET).
+/// A loaded ControlNet or T2I adapter (ComfyUI's CONTROL_NET: its loader takes both).
 #[derive(Debug)]
 pub struct ControlNetModel {
-    net: ControlNet,
-    config: ControlNetConfig,
+    kind: ControlKind,
     path: PathBuf,
     device: Device,
     dtype: DType,
 }
 
+/// Adapter features for one hint at one size: `(hint, [batch, h, w], features)`.
+type AdapterCache = Vec<(TensorId, [usize; 3], ControlResiduals)>;
+
+#[derive(Debug)]
+enum ControlKind {
+    Net {
+        net: ControlNet,
+        config: ControlNetConfig,
+    },
+    /// An adapter's features depend on the hint alone, so they are kept between steps.
+    Adapter {
+        adapter: T2iAdapter,
+        cache: Mutex<AdapterCache>,
+    },
+}
+
+/// Hints whose adapter features are kept at once (one per chained adapter, typically).
+const ADAPTER_CACHE_ENTRIES: usize = 4;
+
 impl ControlNetModel {
-    /// Loads a ControlNet file in the LDM or diffusers layout.
+    /// Loads a ControlNet file in the LDM or diffusers layout, or a T2I adapter.
     ///
     /// # Errors
-    /// [`ModelError::Unsupported`] for T2I adapters, control-LoRAs, union ControlNets and
-    /// other families, naming what the file is; file and shape errors.
+    /// [`ModelError::Unsupported`] for control-LoRAs, union ControlNets, adapters of unknown
+    /// layouts and other families, naming what the file is; file and shape errors.
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let file = WeightFile::open(path)?;
         let shapes = shapes_of(&file);
-        let layout = detect_layout(path, &shapes)?;
+        let layout = match detect_layout(path, &shapes) {
+            Err(ModelError::Unsupported { .. })
+                if is_adapter(shapes.keys().map(String::as_str)) =>
+            {
+                drop(file);
+                let adapter = T2iAdapter::load(path, device, dtype).map_err(|e| match e {
+                    ModelError::MissingTensor { path, tensor } => ModelError::Unsupported {
+                        path,
+                        reason: format!(
+                            "a T2I adapter in a layout sakuga does not know (no {tensor})"
+                        ),
+                    },
+                    other => other,
+                })?;
+                return Ok(Self {
+                    kind: ControlKind::Adapter {
+                        adapter,
+                        cache: Mutex::new(Vec::new()),
+                    },
+                    path: path.to_path_buf(),
+                    device: device.clone(),
+                    dtype,
+                });
+            }
+            other => other?,
+        };
         let dim = dim_of(path, &shapes);
         let (inferred, hint_name) = match &layout {
             ControlLayout::Ldm(prefix) => (
@@ -223,17 +270,83 @@ impl ControlNetModel {
         );
         let net = build_part(backend, dtype, device, |vb| ControlNet::new(vb, &config))?;
         Ok(Self {
-            net,
-            config,
+            kind: ControlKind::Net { net, config },
             path: path.to_path_buf(),
             device: device.clone(),
             dtype,
         })
     }
 
-    /// What the file holds.
-    pub fn config(&self) -> &ControlNetConfig {
-        &self.config
+    /// What a ControlNet file holds; `None` for a T2I adapter.
+    pub fn config(&self) -> Option<&ControlNetConfig> {
+        match &self.kind {
+            ControlKind::Net { config, .. } => Some(config),
+            ControlKind::Adapter { .. } => None,
+        }
+    }
+
+    /// What a T2I adapter file holds; `None` for a ControlNet.
+    pub fn adapter_config(&self) -> Option<&AdapterConfig> {
+        match &self.kind {
+            ControlKind::Net { .. } => None,
+            ControlKind::Adapter { adapter, .. } => Some(adapter.config()),
+        }
+    }
+
+    /// Whether a hint image of `channels` channels fits (a one-channel adapter averages
+    /// any image down to one channel).
+    pub fn takes_hint_channels(&self, channels: usize) -> bool {
+        match &self.kind {
+            ControlKind::Net { config, .. } => config.hint_channels == channels,
+            ControlKind::Adapter { adapter, .. } => {
+                let wanted = adapter.config().hint_channels();
+                wanted == channels || wanted == 1
+            }
+        }
+    }
+
+    /// Channels of the hint images it reads.
+    pub fn hint_channels(&self) -> usize {
+        match &self.kind {
+            ControlKind::Net { config, .. } => config.hint_channels,
+            ControlKind::Adapter { adapter, .. } => adapter.config().hint_channels(),
+        }
+    }
+
+    /// The hint size for a latent of `h` x `w` (8x; an adapter rounds up to its unshuffle).
+    pub fn hint_size(&self, h: usize, w: usize) -> (usize, usize) {
+        match &self.kind {
+            ControlKind::Net { .. } => (h * 8, w * 8),
+            ControlKind::Adapter { adapter, .. } => adapter.hint_size(h, w),
+        }
+    }
+
+    fn pooled(&self) -> bool {
+        self.config().is_some_and(|c| c.global_average_pooling)
+    }
+
+    /// A T2I adapter's features for `hint` (sized by [`Self::hint_size`]); `key` names the
+    /// source hint, so each step after the first reuses them.
+    fn adapter_features(
+        &self,
+        adapter: &T2iAdapter,
+        cache: &Mutex<AdapterCache>,
+        key: TensorId,
+        hint: &Tensor,
+    ) -> Result<ControlResiduals> {
+        let (b, _, h, w) = hint.dims4()?;
+        let size = [b, h, w];
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, _, features)) = cache.iter().find(|(k, s, _)| *k == key && *s == size) {
+            return Ok(features.clone());
+        }
+        let moved = hint.to_device(&self.device)?.to_dtype(self.dtype)?;
+        let features = adapter.forward(&moved)?;
+        if cache.len() == ADAPTER_CACHE_ENTRIES {
+            cache.remove(0);
+        }
+        cache.push((key, size, features.clone()));
+        Ok(features)
     }
 
     /// The file it was loaded from.
@@ -255,13 +368,17 @@ impl ControlNetModel {
         y: Option<&Tensor>,
         hint: &Tensor,
     ) -> Result<ControlResiduals> {
-        if self.config.unet.adm_in_channels.is_some() && y.is_none() {
+        let (net, config) = match &self.kind {
+            ControlKind::Net { net, config } => (net, config),
+            ControlKind::Adapter { adapter, .. } => return adapter.forward(hint),
+        };
+        if config.unet.adm_in_channels.is_some() && y.is_none() {
             return Err(ModelError::InvalidInput(format!(
                 "{} is an SDXL ControlNet; it cannot guide an SD 1.x/2.x model",
                 self.path.display()
             )));
         }
-        let (wanted, given) = (self.config.unet.cross_attention_dim, context.dim(2)?);
+        let (wanted, given) = (config.unet.cross_attention_dim, context.dim(2)?);
         if wanted != given {
             return Err(ModelError::InvalidInput(format!(
                 "{} reads {wanted}-wide prompts; this model's are {given} wide (a ControlNet \
@@ -272,7 +389,7 @@ impl ControlNetModel {
         let moved =
             |t: &Tensor| -> Result<Tensor> { Ok(t.to_device(&self.device)?.to_dtype(self.dtype)?) };
         let y = y.map(moved).transpose()?;
-        let residuals = self.net.forward(
+        let residuals = net.forward(
             &moved(x_in)?,
             timestep,
             &moved(context)?,
@@ -321,7 +438,7 @@ fn detect_layout(path: &Path, shapes: &Shapes) -> Result<ControlLayout> {
         .any(|k| k.starts_with("adapter.") || k.starts_with("body.") || k.starts_with("conv_in."))
     {
         return Err(unsupported(
-            "a T2I adapter; T2I adapters are not supported yet",
+            "a T2I adapter in a layout sakuga does not know",
         ));
     }
     Err(unsupported(
@@ -480,11 +597,19 @@ impl AppliedControl {
             return Ok(previous);
         }
         let (batch, _, h, w) = x_in.dims4()?;
-        let hint = hint_for(&self.hint, batch, h * 8, w * 8)?;
-        let raw = self
-            .net
-            .residuals(x_in, sampling.timestep(sigma), context, y, &hint)?;
-        let pooled = self.net.config.global_average_pooling;
+        let (hint_h, hint_w) = self.net.hint_size(h, w);
+        let hint = hint_for(&self.hint, batch, hint_h, hint_w)?;
+        let raw = match &self.net.kind {
+            ControlKind::Adapter { adapter, cache } => {
+                self.net
+                    .adapter_features(adapter, cache, self.hint.id(), &hint)?
+            }
+            ControlKind::Net { .. } => {
+                self.net
+                    .residuals(x_in, sampling.timestep(sigma), context, y, &hint)?
+            }
+        };
+        let pooled = self.net.pooled();
         let scale = |t: Tensor| -> Result<Tensor> {
             let t = if pooled {
                 t.mean_keepdim(D::Minus1)?

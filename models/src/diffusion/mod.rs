@@ -25,6 +25,7 @@ pub mod prompt;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;
+pub mod t2i_adapter;
 pub mod tokenizer;
 pub mod unet;
 pub mod vae;

@@ -120,9 +120,22 @@ impl ControlResiduals {
         })
     }
 
+    /// `xs` plus the feature for `block`. A feature of another size (a latent whose size
+    /// the adapter's levels do not divide) is left out with a warning, as ComfyUI does.
     fn add_after(&self, block: usize, xs: Tensor) -> candle_core::Result<Tensor> {
         match self.after_blocks.iter().find(|(b, _)| *b == block) {
-            Some((_, feature)) => xs.broadcast_add(feature),
+            Some((_, feature)) if feature.dims()[1..] == xs.dims()[1..] => {
+                xs.broadcast_add(feature)
+            }
+            Some((_, feature)) => {
+                tracing::warn!(
+                    block,
+                    feature = ?feature.dims(),
+                    activations = ?xs.dims(),
+                    "T2I adapter feature does not fit this input block; left out"
+                );
+                Ok(xs)
+            }
             None => Ok(xs),
         }
     }

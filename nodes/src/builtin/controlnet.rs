@@ -64,10 +64,10 @@ impl Node for ControlNetLoader {
 fn hint(inputs: &Inputs, net: &ControlNetModel) -> Result<candle_core::Tensor, NodeError> {
     let image = inputs.image("image")?;
     let channels = image.dim(3)?;
-    let wanted = net.config().hint_channels;
-    if channels != wanted {
+    if !net.takes_hint_channels(channels) {
         return Err(NodeError::InvalidInput(format!(
-            "the ControlNet reads {wanted}-channel hint images; this image has {channels} channels"
+            "the ControlNet reads {}-channel hint images; this image has {channels} channels",
+            net.hint_channels()
         )));
     }
     Ok(image.permute((0, 3, 1, 2))?.contiguous()?)
