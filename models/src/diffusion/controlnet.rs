@@ -181,7 +181,7 @@ type AdapterCache = Vec<(TensorId, [usize; 3], ControlResiduals)>;
 #[derive(Debug)]
 enum ControlKind {
     Net {
-        net: ControlNet,
+        net: Box<ControlNet>,
         config: ControlNetConfig,
     },
     /// An adapter's features depend on the hint alone, so they are kept between steps.
@@ -270,7 +270,10 @@ impl ControlNetModel {
         );
         let net = build_part(backend, dtype, device, |vb| ControlNet::new(vb, &config))?;
         Ok(Self {
-            kind: ControlKind::Net { net, config },
+            kind: ControlKind::Net {
+                net: Box::new(net),
+                config,
+            },
             path: path.to_path_buf(),
             device: device.clone(),
             dtype,

@@ -102,12 +102,11 @@ fn original_name(name: &str) -> String {
     let Ok(level) = level.parse::<usize>() else {
         return rest.to_string();
     };
-    if let Some(inner) = tail.strip_prefix("resnets.") {
-        if let Some((j, tail)) = inner.split_once('.')
-            && let Ok(j) = j.parse::<usize>()
-        {
-            return format!("body.{}.{tail}", level * 2 + j);
-        }
+    if let Some(inner) = tail.strip_prefix("resnets.")
+        && let Some((j, tail)) = inner.split_once('.')
+        && let Ok(j) = j.parse::<usize>()
+    {
+        return format!("body.{}.{tail}", level * 2 + j);
     }
     format!("body.{}.{tail}", level * 2)
 }
