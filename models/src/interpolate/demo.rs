@@ -214,6 +214,20 @@ fn res_state_dict(spec: &ResSpec, name: &str) -> Result<StateDict> {
     Ok(StateDict::from_tensors(name, tensors))
 }
 
+/// RIFE 4.6 at its real widths (192/128/96/64, 8 ResConvs), random like the demos: not
+/// written as a demo file (the small one suffices for tests), for benchmarks against 4.25.
+///
+/// # Errors
+/// Only candle allocation errors.
+pub fn rife46_real_widths_state_dict() -> Result<StateDict> {
+    let spec = ResSpec {
+        channels: &[192, 128, 96, 64],
+        depth: 8,
+        ..RIFE46
+    };
+    res_state_dict(&spec, "rife46-real-widths")
+}
+
 /// The demo RIFE 4.25's tensors, by Practical-RIFE key (`module.` stripped).
 ///
 /// # Errors
