@@ -523,3 +523,42 @@ fn rife425_pads_odd_frames_and_runs_sequences() {
             .all(|v| v.is_finite() && (0.0..=1.0).contains(v))
     );
 }
+
+/// `fixtures/rife425/flownet_tiny.pkl` is what Practical-RIFE's `torch.save` writes (zip
+/// pickle, DataParallel `module.` keys; float16 here), wired as 4.25 at tiny widths with
+/// 4.26 heavy's 16-channel encoder: the pickle reader, the prefix, the dtype and the width
+/// detection against the PyTorch reference (`make_rife425_goldens.py`).
+#[test]
+fn practical_rife_pickle_with_module_prefix_matches_the_reference() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/rife425/flownet_tiny.pkl");
+    let interpolator = Interpolator::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(interpolator.arch(), RifeArch::V425);
+    let RifeNet::Res(net) = interpolator.net() else {
+        panic!("loaded as {:?}", interpolator.arch())
+    };
+    let encoder = net.encoder_config().unwrap();
+    assert_eq!((encoder.hidden, encoder.out), (8, 16));
+    let configs = net.block_configs();
+    let widths: Vec<_> = configs.iter().map(|c| c.channels).collect();
+    assert_eq!(widths, [16, 16, 8, 8, 8]);
+    assert_eq!(configs[0].in_channels, 39);
+    assert!(
+        configs[1..]
+            .iter()
+            .all(|c| c.in_channels == 52 && c.depth == 1)
+    );
+    let frames = read_fixture("rife425", "frames_40x48.f32", &[2, 3, 40, 48]);
+    let bhwc = |t: Tensor| t.permute((0, 2, 3, 1)).unwrap();
+    let img0 = bhwc(frames.narrow(0, 0, 1).unwrap());
+    let img1 = bhwc(frames.narrow(0, 1, 1).unwrap());
+    let expected = bhwc(read_fixture(
+        "rife425",
+        "flownet_tiny_t50.f32",
+        &[1, 3, 40, 48],
+    ));
+    let got = interpolator.interpolate(&img0, &img1, 0.5).unwrap();
+    let diff: f32 = max_abs_diff(&got, &expected);
+    eprintln!("flownet_tiny.pkl t=0.5: max abs diff {diff:e}");
+    assert!(diff < 1e-5, "max abs diff {diff}");
+}
