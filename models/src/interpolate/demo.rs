@@ -134,36 +134,26 @@ fn insert_conv(
     Ok(())
 }
 
+/// `encode.cnn{0..3}`: three convs `hidden` wide, then a ConvTranspose to `out`.
+fn insert_encoder(
+    rng: &mut DemoRng,
+    tensors: &mut BTreeMap<String, Tensor>,
+    hidden: usize,
+    out: usize,
+) -> Result<()> {
+    insert_conv(rng, tensors, "encode.cnn0", [hidden, 3, 3, 3], false)?;
+    insert_conv(rng, tensors, "encode.cnn1", [hidden, hidden, 3, 3], false)?;
+    insert_conv(rng, tensors, "encode.cnn2", [hidden, hidden, 3, 3], false)?;
+    insert_conv(rng, tensors, "encode.cnn3", [hidden, out, 4, 4], true)
+}
+
 fn res_state_dict(spec: &ResSpec, name: &str) -> Result<StateDict> {
     let mut rng = DemoRng(spec.seed);
     let mut beta_rng = DemoRng(spec.seed ^ 0xbe7a);
     let mut tensors = BTreeMap::new();
-    let mut conv = |tensors: &mut BTreeMap<String, Tensor>,
-                    name: String,
-                    dims: [usize; 4],
-                    transposed: bool|
-     -> Result<()> { insert_conv(&mut rng, tensors, &name, dims, transposed) };
     let head = match spec.encoder {
         Some((hidden, out)) => {
-            conv(&mut tensors, "encode.cnn0".into(), [hidden, 3, 3, 3], false)?;
-            conv(
-                &mut tensors,
-                "encode.cnn1".into(),
-                [hidden, hidden, 3, 3],
-                false,
-            )?;
-            conv(
-                &mut tensors,
-                "encode.cnn2".into(),
-                [hidden, hidden, 3, 3],
-                false,
-            )?;
-            conv(
-                &mut tensors,
-                "encode.cnn3".into(),
-                [hidden, out, 4, 4],
-                true,
-            )?;
+            insert_encoder(&mut rng, &mut tensors, hidden, out)?;
             out
         }
         None => 0,
@@ -180,22 +170,25 @@ fn res_state_dict(spec: &ResSpec, name: &str) -> Result<StateDict> {
             12 + 2 * head + passed
         };
         let p = format!("block{block}");
-        conv(
+        insert_conv(
+            &mut rng,
             &mut tensors,
-            format!("{p}.conv0.0.0"),
+            &format!("{p}.conv0.0.0"),
             [c / 2, in_channels, 3, 3],
             false,
         )?;
-        conv(
+        insert_conv(
+            &mut rng,
             &mut tensors,
-            format!("{p}.conv0.1.0"),
+            &format!("{p}.conv0.1.0"),
             [c, c / 2, 3, 3],
             false,
         )?;
         for j in 0..spec.depth {
-            conv(
+            insert_conv(
+                &mut rng,
                 &mut tensors,
-                format!("{p}.convblock.{j}.conv"),
+                &format!("{p}.convblock.{j}.conv"),
                 [c, c, 3, 3],
                 false,
             )?;
@@ -204,9 +197,10 @@ fn res_state_dict(spec: &ResSpec, name: &str) -> Result<StateDict> {
             let beta = (beta_rng.tensor(&[1, c, 1, 1], 0.05)? + 0.2)?;
             tensors.insert(format!("{p}.convblock.{j}.beta"), beta);
         }
-        conv(
+        insert_conv(
+            &mut rng,
             &mut tensors,
-            format!("{p}.lastconv.0"),
+            &format!("{p}.lastconv.0"),
             [c, spec.lastconv, 4, 4],
             true,
         )?;
