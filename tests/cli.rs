@@ -396,12 +396,12 @@ fn selftest_runs_the_golden_checks_and_never_falls_back() {
         "{stdout}\nstderr: {}",
         text(&out.stderr)
     );
-    assert!(stdout.contains("8 passed, 0 failed"), "{stdout}");
+    assert!(stdout.contains("10 passed, 0 failed"), "{stdout}");
     let report: Json =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("selftest.json")).unwrap())
             .unwrap();
     assert_eq!(report["device"], "cpu");
-    assert_eq!(report["checks"].as_array().unwrap().len(), 8);
+    assert_eq!(report["checks"].as_array().unwrap().len(), 10);
 
     // Missing references fail the checks that need them, by name.
     let out = sakuga(dir.path(), &["selftest", "--fixtures", "nowhere"]);

@@ -1,6 +1,6 @@
 //! The model golden checks as a library, for `sakuga selftest`: the references the
 //! integration tests under `models/tests/` compare against (numpy goldens for the demo SD
-//! network and the demo RIFE, the official ncnn outputs for two released Real-ESRGAN
+//! network and the demo RIFE, PyTorch goldens for the RIFE 4.6 and 4.25 demos, the official ncnn outputs for two released Real-ESRGAN
 //! networks), run on any device. A shipped binary can so check a GPU host that has neither
 //! cargo nor the source tree; it needs only the fixtures folder (`models/tests/fixtures`).
 
@@ -13,7 +13,7 @@ use crate::demo::{DEMO_CHECKPOINT, write_demo_models};
 use crate::diffusion::Checkpoint;
 use crate::error::{ModelError, Result};
 use crate::interpolate::Interpolator;
-use crate::interpolate::demo::DEMO_RIFE;
+use crate::interpolate::demo::{DEMO_RIFE, DEMO_RIFE46, DEMO_RIFE425};
 use crate::upscale::Upscaler;
 use crate::upscale::demo::DEMO_UPSCALER;
 
@@ -58,6 +58,8 @@ const CHECKS: &[(&str, f64, CheckFn)] = &[
     }),
     ("rife_ifnet_t50", 1e-4, |i| rife(i, 0.5, "ifnet_t50.f32")),
     ("rife_ifnet_t25", 1e-4, |i| rife(i, 0.25, "ifnet_t25.f32")),
+    ("rife46_resconv_t50", 1e-4, rife46_resconv),
+    ("rife425_t50", 1e-5, rife425),
 ];
 
 struct Inputs<'a> {
@@ -249,6 +251,48 @@ fn upscaler(inputs: &Inputs<'_>, model: &Path, reference: &str) -> Result<f64> {
     let want = read_npy_f32(&reference_dir.join(reference))?.unsqueeze(0)?;
     let upscaler = Upscaler::load(model, inputs.device)?;
     let got = upscaler.forward_nchw(&input.to_device(inputs.device)?)?;
+    max_diff(&got, &want)
+}
+
+fn fixture(inputs: &Inputs<'_>, dir: &str, name: &str, dims: &[usize]) -> Result<Tensor> {
+    let path = inputs.fixtures.join(dir).join(name);
+    Ok(Tensor::from_vec(f32s(&read(&path)?), dims, &Device::Cpu)?)
+}
+
+/// The ResConv RIFE 4.6 demo against `rife425/rife46_t50.f32` (PyTorch reference).
+fn rife46_resconv(inputs: &Inputs<'_>) -> Result<f64> {
+    let frames =
+        fixture(inputs, "rife", "frames_32x32.f32", &[2, 3, 32, 32])?.to_device(inputs.device)?;
+    let want = fixture(inputs, "rife425", "rife46_t50.f32", &[1, 3, 32, 32])?;
+    let path = inputs.models.join("frame_interpolation").join(DEMO_RIFE46);
+    let interpolator = Interpolator::load(&path, inputs.device)?;
+    let got =
+        interpolator
+            .net()
+            .forward(&frames.narrow(0, 0, 1)?, &frames.narrow(0, 1, 1)?, 0.5)?;
+    max_diff(&got, &want)
+}
+
+/// The RIFE 4.25 demo through [`Interpolator::interpolate`] (mirrored padding to 64,
+/// crop, clamp) against `rife425/rife425_t50.f32` (PyTorch reference).
+fn rife425(inputs: &Inputs<'_>) -> Result<f64> {
+    let bhwc = |t: Tensor| t.permute((0, 2, 3, 1));
+    let frames = bhwc(fixture(
+        inputs,
+        "rife425",
+        "frames_40x48.f32",
+        &[2, 3, 40, 48],
+    )?)?
+    .to_device(inputs.device)?;
+    let want = bhwc(fixture(
+        inputs,
+        "rife425",
+        "rife425_t50.f32",
+        &[1, 3, 40, 48],
+    )?)?;
+    let path = inputs.models.join("frame_interpolation").join(DEMO_RIFE425);
+    let interpolator = Interpolator::load(&path, inputs.device)?;
+    let got = interpolator.interpolate(&frames.narrow(0, 0, 1)?, &frames.narrow(0, 1, 1)?, 0.5)?;
     max_diff(&got, &want)
 }
 

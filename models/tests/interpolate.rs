@@ -1,14 +1,22 @@
 //! RIFE frame interpolation: the backward warp against hand-computed cases, and the IFNet
-//! architecture on the demo weights (loading, padding, timestep endpoints, sequences).
+//! architectures on the demo weights (loading, layout detection, padding, timestep
+//! endpoints, sequences, goldens from numpy and PyTorch ports of the reference code).
 //!
 //! Run with `cargo test -p sakuga-models --test interpolate`.
 
 mod support;
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
 use candle_core::{DType, Device, Tensor};
 use sakuga_models::ModelError;
+use sakuga_models::interpolate::demo::{demo_rife425_state_dict, write_demo_rife46};
 use sakuga_models::interpolate::warp::{warp, warp_with_gather};
-use sakuga_models::interpolate::{Interpolator, write_demo_rife};
+use sakuga_models::interpolate::{
+    Interpolator, RifeArch, RifeNet, write_demo_rife, write_demo_rife425,
+};
+use sakuga_models::upscale::StateDict;
 use support::max_abs_diff;
 
 /// A 1x1x3x4 image with distinct values: `v(y, x) = 10 y + x`.
@@ -174,7 +182,11 @@ fn frame_pair(h: usize, w: usize) -> (Tensor, Tensor) {
 #[test]
 fn demo_rife_loads_with_the_real_key_layout() {
     let (dir, interpolator) = demo_interpolator();
-    let configs = interpolator.net().block_configs();
+    assert_eq!(interpolator.arch(), RifeArch::Prelu);
+    let RifeNet::Prelu(net) = interpolator.net() else {
+        panic!("the PReLU demo loaded as {:?}", interpolator.arch())
+    };
+    let configs = net.block_configs();
     assert_eq!(configs.map(|c| c.channels), [16, 16, 8, 8]);
     assert_eq!(configs.map(|c| c.in_channels), [7, 12, 12, 12]);
     assert!(interpolator.approx_bytes() > 10_000);
@@ -264,7 +276,7 @@ fn bad_frames_and_times_are_invalid_input() {
 fn foreign_weights_are_unsupported() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("not-rife.safetensors");
-    let mut tensors = std::collections::BTreeMap::new();
+    let mut tensors = BTreeMap::new();
     tensors.insert(
         "encode.0.weight".to_string(),
         Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
@@ -275,11 +287,17 @@ fn foreign_weights_are_unsupported() {
     let err = Interpolator::load(&path, &Device::Cpu).unwrap_err();
     assert!(matches!(err, ModelError::Unsupported { .. }), "{err:?}");
     assert!(err.to_string().contains("encode.0.weight"));
+    assert!(err.to_string().contains("unknown RIFE layout"), "{err}");
 }
 
 fn read_f32(name: &str, dims: &[usize]) -> Tensor {
+    read_fixture("rife", name, dims)
+}
+
+fn read_fixture(dir: &str, name: &str, dims: &[usize]) -> Tensor {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/rife")
+        .join("tests/fixtures")
+        .join(dir)
         .join(name);
     let bytes = std::fs::read(&path).unwrap();
     let values: Vec<f32> = bytes
@@ -313,4 +331,234 @@ fn ifnet_matches_the_numpy_reference_on_demo_weights() {
         let diff: f32 = max_abs_diff(&via_api, &bhwc(&expected));
         assert!(diff < 1e-4, "t={t} via interpolate(): max abs diff {diff}");
     }
+}
+
+fn load_demo(write: fn(&std::path::Path) -> sakuga_models::Result<()>) -> Interpolator {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("demo.safetensors");
+    write(&path).unwrap();
+    Interpolator::load(&path, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn rife425_demo_has_the_real_layout_and_widths() {
+    let interpolator = load_demo(write_demo_rife425);
+    assert_eq!(interpolator.arch(), RifeArch::V425);
+    let RifeNet::Res(net) = interpolator.net() else {
+        panic!("4.25 loaded as {:?}", interpolator.arch())
+    };
+    let encoder = net.encoder_config().unwrap();
+    assert_eq!((encoder.hidden, encoder.out), (16, 4));
+    let configs = net.block_configs();
+    let widths: Vec<_> = configs.iter().map(|c| c.channels).collect();
+    assert_eq!(widths, [192, 128, 96, 64, 32]);
+    // Block 0: two frames, two 4-channel features, timestep. Later: two warped frames and
+    // features, timestep, mask, 8 feature channels of the previous block, 4 flow channels.
+    let inputs: Vec<_> = configs.iter().map(|c| c.in_channels).collect();
+    assert_eq!(inputs, [15, 28, 28, 28, 28]);
+    assert!(configs.iter().all(|c| c.depth == 8 && c.outputs == 13));
+    // RIFE 4.25's real shapes: about 5.7 M parameters, 22.7 MB as f32.
+    let bytes = interpolator.approx_bytes();
+    assert!((20_000_000..23_000_000).contains(&bytes), "{bytes} bytes");
+}
+
+/// `fixtures/rife425/*.f32` were made by `make_rife425_goldens.py` beside them: a PyTorch
+/// port of Practical-RIFE's 4.25 IFNet and of ComfyUI's padding around it (reflect to a
+/// multiple of 64, crop, clamp), run in float64 on the demo weights. The 40x48 frames are
+/// padded to 64x64 on both sides, so the mirrored padding is checked too.
+#[test]
+fn rife425_matches_the_pytorch_reference_through_interpolate() {
+    let interpolator = load_demo(write_demo_rife425);
+    let frames = read_fixture("rife425", "frames_40x48.f32", &[2, 3, 40, 48]);
+    let bhwc = |t: Tensor| t.permute((0, 2, 3, 1)).unwrap();
+    let img0 = bhwc(frames.narrow(0, 0, 1).unwrap());
+    let img1 = bhwc(frames.narrow(0, 1, 1).unwrap());
+    for (t, golden) in [(0.5f32, "rife425_t50.f32"), (0.25, "rife425_t25.f32")] {
+        let expected = bhwc(read_fixture("rife425", golden, &[1, 3, 40, 48]));
+        let got = interpolator.interpolate(&img0, &img1, t).unwrap();
+        let diff: f32 = max_abs_diff(&got, &expected);
+        eprintln!("RIFE 4.25 t={t}: max abs diff {diff:e}");
+        // f32 against a float64 reference through ~50 convolutions: observed 1.8e-7. The
+        // wiring mistakes this must catch move the frame by far more (in the reference:
+        // accumulating the mask 4e-3, dropping the passed features 2.2e-4, zero padding
+        // instead of mirrored 0.44).
+        assert!(diff < 1e-5, "t={t}: max abs diff {diff}");
+        // The frame is not one of the inputs: the network did something time-dependent.
+        assert!(max_abs_diff(&got, &img0) > 1e-3);
+    }
+}
+
+#[test]
+fn rife46_resconv_layout_matches_the_pytorch_reference() {
+    let interpolator = load_demo(write_demo_rife46);
+    assert_eq!(interpolator.arch(), RifeArch::V46);
+    let frames = read_f32("frames_32x32.f32", &[2, 3, 32, 32]);
+    let (img0, img1) = (
+        frames.narrow(0, 0, 1).unwrap(),
+        frames.narrow(0, 1, 1).unwrap(),
+    );
+    for (t, golden) in [(0.5f32, "rife46_t50.f32"), (0.25, "rife46_t25.f32")] {
+        let expected = read_fixture("rife425", golden, &[1, 3, 32, 32]);
+        let out = interpolator.net().forward(&img0, &img1, t).unwrap();
+        let diff: f32 = max_abs_diff(&out, &expected);
+        eprintln!("RIFE 4.6 t={t}: max abs diff {diff:e}");
+        assert!(diff < 1e-4, "t={t}: max abs diff {diff}");
+    }
+}
+
+fn save(dir: &std::path::Path, name: &str, tensors: BTreeMap<String, Tensor>) -> PathBuf {
+    let path = dir.join(name);
+    StateDict::from_tensors(&path, tensors)
+        .save_safetensors(&path)
+        .unwrap();
+    path
+}
+
+/// ComfyUI's `Comfy-Org/frame_interpolation` files name blocks `blocks.{i}.`; some
+/// Practical-RIFE checkpoints carry training-only `teacher.`/`caltime.` modules.
+#[test]
+fn comfyui_key_layout_and_training_modules_load_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = demo_rife425_state_dict().unwrap();
+    let mut renamed: BTreeMap<String, Tensor> = demo
+        .tensors()
+        .iter()
+        .map(|(name, t)| {
+            let name = match name.strip_prefix("block") {
+                Some(rest) => format!("blocks.{rest}"),
+                None => name.clone(),
+            };
+            (name, t.clone())
+        })
+        .collect();
+    renamed.insert(
+        "teacher.conv0.0.0.weight".into(),
+        Tensor::zeros((8, 8, 3, 3), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let comfy = Interpolator::load(
+        &save(dir.path(), "comfy.safetensors", renamed),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let plain = Interpolator::from_state_dict(&demo).unwrap();
+    assert_eq!(comfy.arch(), RifeArch::V425);
+    let (a, b) = frame_pair(64, 64);
+    let diff: f32 = max_abs_diff(
+        &comfy.interpolate(&a, &b, 0.5).unwrap(),
+        &plain.interpolate(&a, &b, 0.5).unwrap(),
+    );
+    assert_eq!(diff, 0.0);
+}
+
+#[test]
+fn truncated_and_garbage_files_are_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rife425.safetensors");
+    write_demo_rife425(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Interpolator::load(&path, &Device::Cpu).unwrap_err();
+    assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
+    assert!(err.to_string().contains("rife425.safetensors"), "{err}");
+    let pkl = dir.path().join("flownet.pkl");
+    std::fs::write(&pkl, b"not a pickle at all").unwrap();
+    let err = Interpolator::load(&pkl, &Device::Cpu).unwrap_err();
+    assert!(matches!(err, ModelError::Corrupt { .. }), "{err:?}");
+}
+
+fn without(prefix: &str) -> BTreeMap<String, Tensor> {
+    let demo = demo_rife425_state_dict().unwrap();
+    demo.tensors()
+        .iter()
+        .filter(|(name, _)| !name.starts_with(prefix))
+        .map(|(n, t)| (n.clone(), t.clone()))
+        .collect()
+}
+
+#[test]
+fn unknown_rife_layouts_name_what_was_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let load = |name: &str, tensors| {
+        let err = Interpolator::load(&save(dir.path(), name, tensors), &Device::Cpu).unwrap_err();
+        assert!(matches!(err, ModelError::Unsupported { .. }), "{err:?}");
+        err.to_string()
+    };
+    // Encoder + four blocks: the 4.7-4.24 generations.
+    let msg = load("four.safetensors", without("block4."));
+    assert!(msg.contains("RIFE 4.7-4.24"), "{msg}");
+    // No encoder, five blocks: matches nothing; the message says what it saw.
+    let msg = load("no-encoder.safetensors", without("encode."));
+    assert!(msg.contains("found 5 flow blocks"), "{msg}");
+    assert!(msg.contains("no feature encoder"), "{msg}");
+    assert!(msg.contains("block0.conv0.0.0.bias [96]"), "{msg}");
+    // A 16-channel encoder (4.26 heavy's) with 4.25's 15-input block 0: the widths do
+    // not chain, and the error names the tensor.
+    let mut wide = without("no such prefix");
+    wide.insert(
+        "encode.cnn3.weight".into(),
+        Tensor::zeros((16, 16, 4, 4), DType::F32, &Device::Cpu).unwrap(),
+    );
+    wide.insert(
+        "encode.cnn3.bias".into(),
+        Tensor::zeros(16, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let msg = load("wide.safetensors", wide);
+    assert!(msg.contains("block0.conv0.0.0.weight takes 15"), "{msg}");
+    assert!(msg.contains("needs 39"), "{msg}");
+}
+
+#[test]
+fn rife425_pads_odd_frames_and_runs_sequences() {
+    let interpolator = load_demo(write_demo_rife425);
+    // 20x24 needs more padding than the side (44 and 40 rows to reach 64): the mirror
+    // folds back and forth instead of failing.
+    let (a, b) = frame_pair(20, 24);
+    let frames = Tensor::cat(&[&a, &b], 0).unwrap();
+    let out = interpolator.interpolate_sequence(&frames, 3).unwrap();
+    assert_eq!(out.dims(), &[4, 20, 24, 3]);
+    let values: Vec<f32> = out.flatten_all().unwrap().to_vec1().unwrap();
+    assert!(
+        values
+            .iter()
+            .all(|v| v.is_finite() && (0.0..=1.0).contains(v))
+    );
+}
+
+/// `fixtures/rife425/flownet_tiny.pkl` is what Practical-RIFE's `torch.save` writes (zip
+/// pickle, DataParallel `module.` keys; float16 here), wired as 4.25 at tiny widths with
+/// 4.26 heavy's 16-channel encoder: the pickle reader, the prefix, the dtype and the width
+/// detection against the PyTorch reference (`make_rife425_goldens.py`).
+#[test]
+fn practical_rife_pickle_with_module_prefix_matches_the_reference() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/rife425/flownet_tiny.pkl");
+    let interpolator = Interpolator::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(interpolator.arch(), RifeArch::V425);
+    let RifeNet::Res(net) = interpolator.net() else {
+        panic!("loaded as {:?}", interpolator.arch())
+    };
+    let encoder = net.encoder_config().unwrap();
+    assert_eq!((encoder.hidden, encoder.out), (8, 16));
+    let configs = net.block_configs();
+    let widths: Vec<_> = configs.iter().map(|c| c.channels).collect();
+    assert_eq!(widths, [16, 16, 8, 8, 8]);
+    assert_eq!(configs[0].in_channels, 39);
+    assert!(
+        configs[1..]
+            .iter()
+            .all(|c| c.in_channels == 52 && c.depth == 1)
+    );
+    let frames = read_fixture("rife425", "frames_40x48.f32", &[2, 3, 40, 48]);
+    let bhwc = |t: Tensor| t.permute((0, 2, 3, 1)).unwrap();
+    let img0 = bhwc(frames.narrow(0, 0, 1).unwrap());
+    let img1 = bhwc(frames.narrow(0, 1, 1).unwrap());
+    let expected = bhwc(read_fixture(
+        "rife425",
+        "flownet_tiny_t50.f32",
+        &[1, 3, 40, 48],
+    ));
+    let got = interpolator.interpolate(&img0, &img1, 0.5).unwrap();
+    let diff: f32 = max_abs_diff(&got, &expected);
+    eprintln!("flownet_tiny.pkl t=0.5: max abs diff {diff:e}");
+    assert!(diff < 1e-5, "max abs diff {diff}");
 }

@@ -1,4 +1,4 @@
-//! RIFE's IFNet (the 4.x "HDv3" flow network, laid out as in RIFE 4.6): four IFBlocks
+//! RIFE's IFNet (the 4.x "HDv3" flow network in its conv + PReLU layout): four IFBlocks
 //! estimate bidirectional optical flow and a blend mask coarse to fine at 1/8, 1/4, 1/2
 //! and full resolution; each block refines the previous estimate from the frames warped by
 //! it. The in-between frame is the mask-weighted blend of both warped frames.
@@ -6,8 +6,9 @@
 //! State dict layout (`module.` prefix already stripped): `block{i}.conv0.{0,1}.{0,1}`
 //! (stride-2 conv + PReLU, twice), `block{i}.convblock.{j}.{0,1}` (3x3 conv + PReLU),
 //! `block{i}.lastconv` (4x4 stride-2 ConvTranspose with 5 outputs: 4 flow + 1 mask).
-//! Channel widths are read from the weights, so the same code runs the real 4.6 weights
-//! (192/128/96/64 wide) and sakuga's small demo weights.
+//! Channel widths are read from the weights. Practical-RIFE's released 4.6 weights use
+//! the ResConv layout instead (`convblock.{j}.{conv,beta}`, LeakyReLU, PixelShuffle head),
+//! which [`super::ifnet_res`] runs.
 
 use candle_core::{Module, Tensor};
 
@@ -186,7 +187,7 @@ impl IfNet {
             return Err(ModelError::Unsupported {
                 path: weights.path().to_path_buf(),
                 reason: format!(
-                    "tensor {other:?} is not part of the RIFE 4.6 IFNet layout (block0..block3)"
+                    "tensor {other:?} is not part of the PReLU IFNet layout (block0..block3)"
                 ),
             });
         }

@@ -132,7 +132,8 @@ mod tests {
     use std::sync::Arc;
 
     use candle_core::{DType, Device, Tensor};
-    use sakuga_models::interpolate::write_demo_rife;
+    use sakuga_models::interpolate::demo::DEMO_RIFE425;
+    use sakuga_models::interpolate::{RifeArch, write_demo_rife, write_demo_rife425};
 
     use super::*;
     use crate::node::{CancelToken, NodeEnv, NullSink};
@@ -142,6 +143,7 @@ mod tests {
         let models = dir.path().join("models");
         std::fs::create_dir_all(models.join("frame_interpolation")).unwrap();
         write_demo_rife(&models.join("frame_interpolation/rife-demo.safetensors")).unwrap();
+        write_demo_rife425(&models.join("frame_interpolation").join(DEMO_RIFE425)).unwrap();
         let env = NodeEnv::new(dir.path().join("input"), dir.path().join("output"), models);
         (dir, env)
     }
@@ -232,5 +234,62 @@ mod tests {
         cancel.cancel();
         let err = run(&env, &cancel, &FrameInterpolate, &inputs(2)).unwrap_err();
         assert!(matches!(err, NodeError::Cancelled), "{err:?}");
+    }
+
+    /// ComfyUI's RIFE 4.25/4.26 family through the same two nodes: the loader detects
+    /// the layout, FrameInterpolate keeps the originals and inserts frames at k/multiplier.
+    #[test]
+    fn rife425_weights_run_through_the_nodes() {
+        let (_dir, env) = env();
+        let cancel = CancelToken::new();
+        let model = run(
+            &env,
+            &cancel,
+            &FrameInterpolationModelLoader,
+            &[("model_name", Value::String(DEMO_RIFE425.into()))],
+        )
+        .unwrap();
+        let Value::Object(object) = &model[0] else {
+            panic!("not a model")
+        };
+        let interpolator = object.clone().downcast::<Interpolator>().unwrap();
+        assert_eq!(interpolator.arch(), RifeArch::V425);
+        let frames = Tensor::rand(0f32, 1.0, (3, 20, 24, 3), &Device::Cpu).unwrap();
+        let out = run(
+            &env,
+            &cancel,
+            &FrameInterpolate,
+            &[
+                ("interp_model", model[0].clone()),
+                ("images", Value::Image(frames.clone())),
+                ("multiplier", Value::Int(2)),
+            ],
+        )
+        .unwrap();
+        let Value::Image(out) = &out[0] else {
+            panic!("not an image")
+        };
+        assert_eq!(out.dims(), &[5, 20, 24, 3]);
+        let same = |a: &Tensor, b: &Tensor| -> bool {
+            let d: f32 = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            d == 0.0
+        };
+        for (index, original) in [(0, 0), (2, 1), (4, 2)] {
+            assert!(same(
+                &out.narrow(0, index, 1).unwrap(),
+                &frames.narrow(0, original, 1).unwrap()
+            ));
+        }
+        let a = frames.narrow(0, 0, 1).unwrap();
+        let b = frames.narrow(0, 1, 1).unwrap();
+        let mid = interpolator.interpolate(&a, &b, 0.5).unwrap();
+        assert!(same(&out.narrow(0, 1, 1).unwrap(), &mid));
     }
 }
