@@ -69,7 +69,8 @@ MODEL_NAMES = {
     "pray.png": "example.png",
     "white_armored_warrior.mp4": "example.mp4",
     # FILM is not ported; the demo RIFE stands in so the graph runs (as SD 2 maps to SD 1.5).
-    "film_net_fp16.safetensors": "sakuga-demo-rife.safetensors",
+    # FILM is not supported: its template runs on the RIFE 4.25 demo from the same folder.
+    "film_net_fp16.safetensors": "sakuga-demo-rife425.safetensors",
     "RealESRGAN_x4plus.safetensors": "realesr-animevideov3-x4.param",
     "scribble_input.png": "example.png",
     "input (3).png": "example.png",
