@@ -39,6 +39,7 @@ MODEL_NAMES = {
     "v1-5-pruned-emaonly-fp16.safetensors": SD15,
     "v2-1_768-ema-pruned.safetensors": SD15,
     "dreamshaper_8.safetensors": SD15,
+    "clip_vision_g.safetensors": "sakuga-demo-clip-vision-g.safetensors",
     # T2I adapters add features after input blocks 2, 5, 8 and 11: SD 1.5's full layout.
     "interiordesignsuperm_v2.safetensors": "sakuga-demo-sd15-full.safetensors",
     "controlnetT2IAdapter_t2iAdapterDepth.safetensors":
@@ -92,6 +93,7 @@ TEMPLATES = [
     "basic_datatype_conversion",
     "image_lotus_depth_v1_1",
     "utility_image_stitch",
+    "sdxl_revision_text_prompts",
 ]
 CLASSIC = "comfyui-workflow-templates==0.1.30"
 CLASSIC_TEMPLATES = [

@@ -2,9 +2,9 @@
 //! `scripts/template_corpus.py`: UI format as shipped, model names mapped to the demo
 //! models, pixel sizes cut to an eighth) validate and render through the real `sakuga` binary.
 //! Their `LoadImage` nodes read `example.png`, the image ComfyUI ships in `input/` (or, for
-//! image stitch, `angle_1.png`..`angle_4.png`, and the T2I adapter's depth map); a
-//! generated one stands in for each. Their `LoadVideo` nodes read `example.mp4`, a short
-//! clip ComfyUI's own writer (PyAV, libx264) made.
+//! image stitch, `angle_1.png`..`angle_4.png`, the T2I adapter's depth map, the SDXL
+//! revision references); a generated one stands in for each. Their `LoadVideo` nodes read
+//! `example.mp4`, a short clip ComfyUI's own writer (PyAV, libx264) made.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -56,9 +56,14 @@ fn input_dir(dir: &Path) -> PathBuf {
     writer.write_image_data(&pixels).unwrap();
     writer.finish().unwrap();
     // The image stitch template loads four views of one object, the T2I adapter one a
-    // depth map.
+    // depth map, SDXL revision two reference images.
     let views = (1..=4).map(|view| format!("angle_{view}.png"));
-    for name in views.chain(["depth-t2i-adapter_input.png".to_string()]) {
+    let others = [
+        "depth-t2i-adapter_input.png",
+        "sdxl_revision_text_prompts_ref_image1.png",
+        "sdxl_revision_text_prompts_ref_image2.png",
+    ];
+    for name in views.chain(others.map(String::from)) {
         std::fs::copy(input.join("example.png"), input.join(name)).unwrap();
     }
     let clip = concat!(

@@ -20,6 +20,8 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 
 use crate::diffusion::clip::ClipTextModel;
+use crate::diffusion::clip_vision::{CLIP_VISION_CONFIG_KEY, ClipVisionConfig, ClipVisionModel};
+use crate::diffusion::config::ClipActivation;
 use crate::diffusion::config::{CONFIG_METADATA_KEY, SdConfig};
 use crate::diffusion::controlnet::{ControlNet, ControlNetConfig, control_to_ldm};
 use crate::diffusion::keymap::{
@@ -56,6 +58,9 @@ pub const DEMO_SD15_FULL_CHECKPOINT: &str = "sakuga-demo-sd15-full.safetensors";
 /// File name of the demo depth T2I adapter (for [`DEMO_SD15_FULL_CHECKPOINT`]) inside
 /// `controlnet/`.
 pub const DEMO_T2I_ADAPTER: &str = "sakuga-demo-t2i-adapter-depth-sd15.safetensors";
+/// File name of the demo CLIP vision encoder (ViT-bigG's layout at toy widths, projecting to
+/// the SDXL demo's pooled width) inside `clip_vision/`.
+pub const DEMO_CLIP_VISION: &str = "sakuga-demo-clip-vision-g.safetensors";
 /// File name of the demo LoRA inside `loras/`.
 pub const DEMO_LORA: &str = "sakuga-demo-lora.safetensors";
 
@@ -90,6 +95,7 @@ pub fn write_demo_models(dir: &Path) -> Result<Vec<PathBuf>> {
             "sakuga demo: SD 1.5's full block layout at toy widths, random weights",
         )?,
         write_demo_t2i_adapter(dir)?,
+        write_demo_clip_vision(dir)?,
     ];
     written.extend(write_demo_controlnets(dir)?);
     for writer in EXTRA_DEMO_WRITERS {
@@ -553,6 +559,43 @@ pub fn write_demo_t2i_adapter(dir: &Path) -> Result<PathBuf> {
         .join(ModelFolder::ControlNet.dir_name())
         .join(DEMO_T2I_ADAPTER);
     write_safetensors(&path, &tensors, &BTreeMap::new())?;
+    Ok(path)
+}
+
+/// The demo CLIP vision encoder's architecture.
+pub fn demo_clip_vision_config() -> ClipVisionConfig {
+    ClipVisionConfig {
+        width: 64,
+        layers: 3,
+        heads: 2,
+        intermediate_size: 128,
+        image_size: 224,
+        patch_size: 14,
+        projection_dim: SdConfig::demo_sdxl()
+            .clip_g
+            .and_then(|g| g.projection_dim)
+            .unwrap_or(64),
+        activation: ClipActivation::Gelu,
+    }
+}
+
+/// Writes `clip_vision/sakuga-demo-clip-vision-g.safetensors` in transformers' layout, its
+/// config in the metadata.
+///
+/// # Errors
+/// Tensor and I/O errors.
+pub fn write_demo_clip_vision(dir: &Path) -> Result<PathBuf> {
+    let config = demo_clip_vision_config();
+    let path = dir
+        .join(ModelFolder::ClipVision.dir_name())
+        .join(DEMO_CLIP_VISION);
+    let tensors = invent(DEMO_SEED.wrapping_add(300), |vb| {
+        ClipVisionModel::new(vb, config.clone(), &path)
+    })?;
+    let json =
+        serde_json::to_string(&config).map_err(|e| ModelError::InvalidInput(e.to_string()))?;
+    let metadata = BTreeMap::from([(CLIP_VISION_CONFIG_KEY.to_string(), json)]);
+    write_safetensors(&path, &tensors, &metadata)?;
     Ok(path)
 }
 

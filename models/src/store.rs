@@ -35,11 +35,13 @@ pub enum ModelFolder {
     TextEncoders,
     /// ControlNets (`ControlNetLoader`).
     ControlNet,
+    /// CLIP vision encoders (`CLIPVisionLoader`).
+    ClipVision,
 }
 
 impl ModelFolder {
     /// Every folder, in the order ComfyUI lists them.
-    pub const ALL: [ModelFolder; 9] = [
+    pub const ALL: [ModelFolder; 10] = [
         ModelFolder::Checkpoints,
         ModelFolder::Vae,
         ModelFolder::Loras,
@@ -49,6 +51,7 @@ impl ModelFolder {
         ModelFolder::DiffusionModels,
         ModelFolder::TextEncoders,
         ModelFolder::ControlNet,
+        ModelFolder::ClipVision,
     ];
 
     /// The folder of a directory name (`checkpoints`, `upscale_models`...).
@@ -68,6 +71,7 @@ impl ModelFolder {
             ModelFolder::DiffusionModels => "diffusion_models",
             ModelFolder::TextEncoders => "text_encoders",
             ModelFolder::ControlNet => "controlnet",
+            ModelFolder::ClipVision => "clip_vision",
         }
     }
 
@@ -79,7 +83,9 @@ impl ModelFolder {
             ModelFolder::Loras => ModelKind::Lora,
             ModelFolder::UpscaleModels => ModelKind::Upscale,
             ModelFolder::InterpolationModels => ModelKind::Interpolation,
-            ModelFolder::Embeddings | ModelFolder::TextEncoders => ModelKind::Clip,
+            ModelFolder::Embeddings | ModelFolder::TextEncoders | ModelFolder::ClipVision => {
+                ModelKind::Clip
+            }
             ModelFolder::DiffusionModels => ModelKind::Checkpoint,
             ModelFolder::ControlNet => ModelKind::ControlNet,
         }
@@ -94,7 +100,8 @@ impl ModelFolder {
             | ModelFolder::Embeddings
             | ModelFolder::DiffusionModels
             | ModelFolder::TextEncoders
-            | ModelFolder::ControlNet => &["safetensors", "ckpt", "pt", "pth", "bin", "sft"],
+            | ModelFolder::ControlNet
+            | ModelFolder::ClipVision => &["safetensors", "ckpt", "pt", "pth", "bin", "sft"],
             ModelFolder::UpscaleModels | ModelFolder::InterpolationModels => {
                 &["safetensors", "pth", "pt", "ckpt", "bin", "param", "sft"]
             }

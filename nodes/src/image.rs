@@ -205,6 +205,33 @@ pub fn resize(batch: &Tensor, width: u32, height: u32, method: &str) -> Result<T
             )));
         }
     };
+    resize_with(batch, width, height, algorithm)
+}
+
+/// PyTorch's `interpolate(mode="bicubic", antialias=True)`, which CLIP's preprocessing uses:
+/// Catmull-Rom (a = -0.5) widened to the scale when shrinking.
+///
+/// # Errors
+/// As [`resize`].
+pub fn resize_bicubic_antialiased(
+    batch: &Tensor,
+    width: u32,
+    height: u32,
+) -> Result<Tensor, NodeError> {
+    resize_with(
+        batch,
+        width,
+        height,
+        ResizeAlg::Convolution(FilterType::CatmullRom),
+    )
+}
+
+fn resize_with(
+    batch: &Tensor,
+    width: u32,
+    height: u32,
+    algorithm: ResizeAlg,
+) -> Result<Tensor, NodeError> {
     if width == 0 || height == 0 {
         return Err(NodeError::InvalidInput(format!(
             "cannot resize to {width}x{height}"

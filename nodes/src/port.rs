@@ -17,6 +17,10 @@ pub enum PortType {
     InterpolationModel,
     /// A loaded ControlNet.
     ControlNet,
+    /// A loaded CLIP vision encoder.
+    ClipVision,
+    /// An image encoded by CLIP vision (`CLIPVisionEncode`).
+    ClipVisionOutput,
     /// A sampler's update rule (custom sampling).
     Sampler,
     /// A sigma schedule (custom sampling).
@@ -56,6 +60,8 @@ impl PortType {
             PortType::UpscaleModel => "UPSCALE_MODEL",
             PortType::InterpolationModel => "INTERP_MODEL",
             PortType::ControlNet => "CONTROL_NET",
+            PortType::ClipVision => "CLIP_VISION",
+            PortType::ClipVisionOutput => "CLIP_VISION_OUTPUT",
             PortType::Sampler => "SAMPLER",
             PortType::Sigmas => "SIGMAS",
             PortType::Noise => "NOISE",

@@ -498,6 +498,6 @@ fn promoted_widgets_without_an_instance_value_keep_the_inner_value() {
     );
     assert_eq!(
         inner("16:1")["model_name"],
-        json!("sakuga-demo-rife.safetensors")
+        json!("sakuga-demo-rife425.safetensors")
     );
 }

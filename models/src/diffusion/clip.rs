@@ -56,7 +56,7 @@ impl ClipAttention {
 }
 
 #[derive(Debug)]
-struct ClipLayer {
+pub(crate) struct ClipLayer {
     layer_norm1: LayerNorm,
     attention: ClipAttention,
     layer_norm2: LayerNorm,
@@ -66,7 +66,7 @@ struct ClipLayer {
 }
 
 impl ClipLayer {
-    fn new(vb: VarBuilder<'_>, config: &ClipConfig) -> candle_core::Result<Self> {
+    pub(crate) fn new(vb: VarBuilder<'_>, config: &ClipConfig) -> candle_core::Result<Self> {
         Ok(Self {
             layer_norm1: candle_nn::layer_norm(config.width, 1e-5, vb.pp("layer_norm1"))?,
             attention: ClipAttention::new(vb.pp("self_attn"), config)?,
@@ -77,7 +77,7 @@ impl ClipLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
         let residual = xs;
         let hidden = self
             .attention

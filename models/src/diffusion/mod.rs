@@ -15,6 +15,7 @@
 //! - [`schedule`], [`sampler`], [`rng`]: sigmas, sampling loops, seeded noise.
 
 pub mod clip;
+pub mod clip_vision;
 pub mod config;
 pub mod controlnet;
 pub mod embedding;
@@ -217,6 +218,14 @@ pub fn sample_along(
     };
     let x = (&latent + (&noise * scale)?)?;
     let (_, _, h, w) = x.dims4()?;
+    let adm = unet.config().unet.adm_in_channels;
+    let refiner = unet.config().is_sdxl_refiner();
+    let resolve = |side: &[TextConditioning]| -> Result<Vec<TextConditioning>> {
+        side.iter()
+            .map(|c| c.with_unclip_resolved(adm, refiner, params.seed))
+            .collect()
+    };
+    let (positive, negative) = (&resolve(positive)?, &resolve(negative)?);
     let guided = GuidedDenoiser::new(unet, positive, negative, params.cfg, (h, w))?
         .with_max_batch(params.max_batch)
         .with_inpaint_source(&latent, denoise_mask)?;

@@ -878,6 +878,9 @@ pub struct TextConditioning {
     pub control: Option<Arc<AppliedControl>>,
     /// What an inpainting UNet reads beside the latent (`InpaintModelConditioning`).
     pub inpaint: Option<InpaintConcat>,
+    /// Images whose CLIP embeddings stand in for the pooled text embedding at sampling
+    /// time (`unCLIPConditioning`, SDXL revision).
+    pub unclip: Vec<super::clip_vision::UnclipEntry>,
 }
 
 /// What an inpainting UNet (4 more input channels than output, plus the mask) reads beside
@@ -940,7 +943,44 @@ impl TextConditioning {
             strength: 1.0,
             control: None,
             inpaint: None,
+            unclip: Vec::new(),
         }
+    }
+
+    /// The same prompt with its unCLIP images turned into SDXL's pooled embedding for a
+    /// `y` of `adm` values (the refiner's when `refiner`), with the sampler's `seed`.
+    ///
+    /// # Errors
+    /// As [`super::clip_vision::unclip_pooled`]; a model without `y`.
+    pub fn with_unclip_resolved(
+        &self,
+        adm: Option<usize>,
+        refiner: bool,
+        seed: u64,
+    ) -> Result<Self> {
+        if self.unclip.is_empty() {
+            return Ok(self.clone());
+        }
+        let Some(adm) = adm else {
+            return Err(ModelError::InvalidInput(
+                "unCLIP conditioning needs a model that reads image embeddings (SDXL); this \
+                 one does not"
+                    .into(),
+            ));
+        };
+        let sizes = if refiner { 5 } else { 6 } * 256;
+        let width = adm.checked_sub(sizes).ok_or_else(|| {
+            ModelError::InvalidInput(format!("SDXL y of width {adm} has no room for sizes"))
+        })?;
+        let pooled = super::clip_vision::unclip_pooled(
+            &self.unclip,
+            width,
+            &mut super::clip_vision::unclip_noise(seed),
+        )?;
+        Ok(Self {
+            pooled: Some(pooled),
+            ..self.clone()
+        })
     }
 
     /// Whether it applies everywhere at full weight without a ControlNet (the fast,

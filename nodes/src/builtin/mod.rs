@@ -1,6 +1,7 @@
 //! The built-in nodes, one family per file, and the list that registers them.
 
 mod animated;
+mod clip_vision;
 mod conditioning;
 mod controlnet;
 mod custom_sampling;
@@ -29,6 +30,7 @@ pub fn register_all(registry: &mut NodeRegistry) {
     custom_sampling::register(registry);
     conditioning::register(registry);
     controlnet::register(registry);
+    clip_vision::register(registry);
     preprocess::register(registry);
     stitch::register(registry);
     math::register(registry);
