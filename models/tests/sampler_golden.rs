@@ -120,7 +120,7 @@ fn samplers_match_comfyuis_on_fixed_sigmas_and_noise() {
         checked += 1;
     }
     assert_eq!(unsupported, ["deis", "deis"], "samplers not checked");
-    assert!(checked >= 42, "{checked} cases checked");
+    assert!(checked >= 52, "{checked} cases checked");
 }
 
 #[test]

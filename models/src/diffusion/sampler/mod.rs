@@ -14,6 +14,7 @@
 //! seed reproduces a run exactly.
 
 mod multistep;
+mod seeds;
 mod unipc;
 
 use candle_core::Tensor;
@@ -111,6 +112,11 @@ pub enum SamplerKind {
     Ddim,
     UniPc,
     UniPcBh2,
+    Heunpp2,
+    ExpHeun2X0,
+    ExpHeun2X0Sde,
+    Seeds2,
+    Seeds3,
 }
 
 /// Every name in ComfyUI's combo order. The `_gpu` variants differ in ComfyUI only in
@@ -119,6 +125,9 @@ const NAMES: &[(&str, SamplerKind)] = &[
     ("euler", SamplerKind::Euler),
     ("euler_ancestral", SamplerKind::EulerAncestral),
     ("heun", SamplerKind::Heun),
+    ("heunpp2", SamplerKind::Heunpp2),
+    ("exp_heun_2_x0", SamplerKind::ExpHeun2X0),
+    ("exp_heun_2_x0_sde", SamplerKind::ExpHeun2X0Sde),
     ("dpm_2", SamplerKind::Dpm2),
     ("dpm_2_ancestral", SamplerKind::Dpm2Ancestral),
     ("lms", SamplerKind::Lms),
@@ -142,6 +151,8 @@ const NAMES: &[(&str, SamplerKind)] = &[
     ),
     ("gradient_estimation", SamplerKind::GradientEstimation),
     ("er_sde", SamplerKind::ErSde),
+    ("seeds_2", SamplerKind::Seeds2),
+    ("seeds_3", SamplerKind::Seeds3),
     ("ddim", SamplerKind::Ddim),
     ("uni_pc", SamplerKind::UniPc),
     ("uni_pc_bh2", SamplerKind::UniPcBh2),
@@ -185,7 +196,11 @@ impl SamplerKind {
             | SamplerKind::Dpm2
             | SamplerKind::Dpm2Ancestral
             | SamplerKind::Dpmpp2sAncestral
-            | SamplerKind::DpmppSde => 2,
+            | SamplerKind::DpmppSde
+            | SamplerKind::ExpHeun2X0
+            | SamplerKind::ExpHeun2X0Sde
+            | SamplerKind::Seeds2 => 2,
+            SamplerKind::Heunpp2 | SamplerKind::Seeds3 => 3,
             _ => 1,
         }
     }
@@ -353,6 +368,11 @@ pub fn sample_with_noise(
         SamplerKind::ErSde => multistep::er_sde(&mut walk, x),
         SamplerKind::UniPc => unipc::sample(&mut walk, x, unipc::Variant::Bh1),
         SamplerKind::UniPcBh2 => unipc::sample(&mut walk, x, unipc::Variant::Bh2),
+        SamplerKind::Heunpp2 => seeds::heunpp2(&mut walk, x),
+        SamplerKind::ExpHeun2X0 => seeds::seeds_2(&mut walk, x, 0.0, 1.0, seeds::Phi::Two),
+        SamplerKind::ExpHeun2X0Sde => seeds::seeds_2(&mut walk, x, 1.0, 1.0, seeds::Phi::Two),
+        SamplerKind::Seeds2 => seeds::seeds_2(&mut walk, x, 1.0, 0.5, seeds::Phi::One),
+        SamplerKind::Seeds3 => seeds::seeds_3(&mut walk, x, 1.0),
     }
 }
 
