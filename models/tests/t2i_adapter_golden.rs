@@ -25,17 +25,19 @@ fn tensor(v: &Value) -> Tensor {
     support::golden_tensor(v)
 }
 
-#[test]
-fn the_sd15_depth_adapter_steers_the_unet_as_comfyui_does() {
+/// The demo models in a temporary dir, and the demo adapter loaded from it.
+fn demo_adapter() -> (tempfile::TempDir, ControlNetModel) {
     let dir = tempfile::tempdir().unwrap();
     write_demo_models(dir.path()).unwrap();
+    let path = dir.path().join("controlnet").join(DEMO_T2I_ADAPTER);
+    let net = ControlNetModel::load(&path, &Device::Cpu, DType::F32).unwrap();
+    (dir, net)
+}
+
+#[test]
+fn the_sd15_depth_adapter_steers_the_unet_as_comfyui_does() {
+    let (dir, net) = demo_adapter();
     let g = &goldens()["sd15_depth"];
-    let net = ControlNetModel::load(
-        &dir.path().join("controlnet").join(DEMO_T2I_ADAPTER),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
     let adapter = net
         .adapter_config()
         .expect("the file is taken for a T2I adapter");
@@ -111,15 +113,8 @@ fn the_sd15_depth_adapter_steers_the_unet_as_comfyui_does() {
 
 #[test]
 fn an_adapter_for_a_deeper_unet_is_named_not_a_shape_error() {
-    let dir = tempfile::tempdir().unwrap();
-    write_demo_models(dir.path()).unwrap();
+    let (dir, net) = demo_adapter();
     let g = &goldens()["sd15_depth"];
-    let net = ControlNetModel::load(
-        &dir.path().join("controlnet").join(DEMO_T2I_ADAPTER),
-        &Device::Cpu,
-        DType::F32,
-    )
-    .unwrap();
     let features = net
         .residuals(
             &tensor(&g["x"]),

@@ -115,81 +115,94 @@ fn py_round(x: f64) -> usize {
     x.round_ties_even().max(0.0) as usize
 }
 
+/// What a request is read from: the node's inputs, or the literals admission sees.
+struct Reading<'r> {
+    choice: &'r str,
+    side: &'r dyn Fn(&str) -> Option<usize>,
+    number: &'r dyn Fn(&str) -> Option<f64>,
+    crop: bool,
+    /// `(height, width)` of the `match` input, where known.
+    matched: Option<(usize, usize)>,
+}
+
 impl Request {
-    fn read(inputs: &Inputs) -> Result<Self, NodeError> {
-        let side = |name: &str| -> Result<usize, NodeError> {
-            let v = inputs.int(name)?;
-            usize::try_from(v).map_err(|_| NodeError::InvalidInput(format!("{name} is {v}")))
-        };
-        let crop = || Ok::<_, NodeError>(inputs.str("resize_type.crop")? == "center");
-        Ok(match inputs.str("resize_type")? {
-            SCALE_BY => Request::By(inputs.float("resize_type.multiplier")?),
+    /// `None` for an unknown choice or a missing input.
+    fn parse(r: &Reading<'_>) -> Option<Self> {
+        let crop = r.crop;
+        Some(match r.choice {
+            SCALE_BY => Request::By((r.number)("resize_type.multiplier")?),
             DIMENSIONS => Request::Dimensions {
-                width: side("resize_type.width")?,
-                height: side("resize_type.height")?,
-                crop: crop()?,
+                width: (r.side)("resize_type.width")?,
+                height: (r.side)("resize_type.height")?,
+                crop,
             },
-            LONGER => Request::Longer(side("resize_type.longer_size")?),
-            SHORTER => Request::Shorter(side("resize_type.shorter_size")?),
+            LONGER => Request::Longer((r.side)("resize_type.longer_size")?),
+            SHORTER => Request::Shorter((r.side)("resize_type.shorter_size")?),
             WIDTH => Request::Dimensions {
-                width: side("resize_type.width")?,
+                width: (r.side)("resize_type.width")?,
                 height: 0,
                 crop: false,
             },
             HEIGHT => Request::Dimensions {
                 width: 0,
-                height: side("resize_type.height")?,
+                height: (r.side)("resize_type.height")?,
                 crop: false,
             },
-            TOTAL_PIXELS => Request::TotalPixels(inputs.float("resize_type.megapixels")?),
+            TOTAL_PIXELS => Request::TotalPixels((r.number)("resize_type.megapixels")?),
             MATCH_SIZE => {
-                let (height, width) = spatial(inputs.required("resize_type.match")?)?;
+                let (height, width) = r.matched?;
                 Request::Match {
                     width,
                     height,
-                    crop: crop()?,
+                    crop,
                 }
             }
-            other => {
-                return Err(NodeError::InvalidInput(format!(
-                    "unknown resize_type {other:?}"
-                )));
-            }
+            _ => return None,
         })
     }
 
-    /// The same request from literals alone, for admission; `None` where the size comes
-    /// from a link (match size).
+    fn read(inputs: &Inputs) -> Result<Self, NodeError> {
+        let choice = inputs.str("resize_type")?;
+        if !RESIZE_TYPES.iter().any(|(key, _)| *key == choice) {
+            return Err(NodeError::InvalidInput(format!(
+                "unknown resize_type {choice:?}"
+            )));
+        }
+        let side = |name: &str| inputs.int(name).ok().and_then(|v| usize::try_from(v).ok());
+        let number = |name: &str| inputs.float(name).ok();
+        let matched = match inputs.get("resize_type.match") {
+            Some(value) => Some(spatial(value)?),
+            None => None,
+        };
+        let reading = Reading {
+            choice,
+            side: &side,
+            number: &number,
+            crop: inputs.str("resize_type.crop").is_ok_and(|c| c == "center"),
+            matched,
+        };
+        Self::parse(&reading).ok_or_else(|| {
+            NodeError::InvalidInput(format!(
+                "resize_type {choice:?} lacks one of its inputs, or has a negative size"
+            ))
+        })
+    }
+
+    /// The same request from literals alone, for admission (no crop: it does not change
+    /// the output size).
     fn from_shape(i: &ShapeInputs<'_>) -> Option<Self> {
-        let side = |name| i.int(name).map(|v| v.max(0) as usize);
-        Some(match i.str("resize_type")? {
-            SCALE_BY => Request::By(i.float("resize_type.multiplier")?),
-            DIMENSIONS => Request::Dimensions {
-                width: side("resize_type.width")?,
-                height: side("resize_type.height")?,
-                crop: false,
-            },
-            LONGER => Request::Longer(side("resize_type.longer_size")?),
-            SHORTER => Request::Shorter(side("resize_type.shorter_size")?),
-            WIDTH => Request::Dimensions {
-                width: side("resize_type.width")?,
-                height: 0,
-                crop: false,
-            },
-            HEIGHT => Request::Dimensions {
-                width: 0,
-                height: side("resize_type.height")?,
-                crop: false,
-            },
-            TOTAL_PIXELS => Request::TotalPixels(i.float("resize_type.megapixels")?),
-            _ => match i.shape("resize_type.match").spatial() {
-                Some((h, w)) => Request::Match {
-                    width: w as usize,
-                    height: h as usize,
-                    crop: false,
-                },
-                None => return None,
-            },
+        let side = |name: &str| i.int(name).map(|v| v.max(0) as usize);
+        let number = |name: &str| i.float(name);
+        let matched = i
+            .shape("resize_type.match")
+            .spatial()
+            .map(|(h, w)| (h as usize, w as usize));
+        Self::parse(&Reading {
+            choice: i.str("resize_type")?,
+            side: &side,
+            number: &number,
+            crop: false,
+            matched,
         })
     }
 

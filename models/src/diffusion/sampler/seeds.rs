@@ -39,6 +39,30 @@ fn carry(w: &mut Walk<'_>, like: &Tensor, sde: &Tensor, factor: f64) -> Result<T
     lin(sde, factor.exp(), &fresh, (-(2.0 * factor).exp_m1()).sqrt())
 }
 
+/// Both SEEDS methods' first stage: from `sigmas[0]` to the intermediate `sigmas[1]` at
+/// fraction `r` of the step's log-SNR `h`, and the SDE noise it drew (with `eta` > 0).
+fn first_stage(
+    w: &mut Walk<'_>,
+    x: &Tensor,
+    denoised: &Tensor,
+    [s, s_1]: [f64; 2],
+    r: f64,
+    h: f64,
+    eta: f64,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let x_2 = lin(
+        x,
+        s_1 / s * (-r * h * eta).exp(),
+        denoised,
+        -phi_1(-r * h * (eta + 1.0)),
+    )?;
+    if eta <= 0.0 {
+        return Ok((x_2, None));
+    }
+    let draw = (w.noise.draw(x)? * segment_noise(r, h, eta))?;
+    Ok(((x_2 + (&draw * s_1)?)?, Some(draw)))
+}
+
 /// SEEDS-2 with stage fraction `r`; `eta` 0 is deterministic.
 pub(super) fn seeds_2(
     walk: &mut Walk<'_>,
@@ -47,7 +71,6 @@ pub(super) fn seeds_2(
     r: f64,
     phi: Phi,
 ) -> Result<Tensor> {
-    let noisy = eta > 0.0;
     walk.each_step(x, |w, _, x, s, sn| {
         let denoised = w.denoise(&x, s)?;
         if sn == 0.0 {
@@ -56,18 +79,7 @@ pub(super) fn seeds_2(
         let h = s.ln() - sn.ln();
         let h_eta = h * (eta + 1.0);
         let s_1 = (-(-s.ln() + r * h)).exp();
-        let mut x_2 = lin(
-            &x,
-            s_1 / s * (-r * h * eta).exp(),
-            &denoised,
-            -phi_1(-r * h_eta),
-        )?;
-        let mut sde = None;
-        if noisy {
-            let draw = (w.noise.draw(&x)? * segment_noise(r, h, eta))?;
-            x_2 = (x_2 + (&draw * s_1)?)?;
-            sde = Some(draw);
-        }
+        let (x_2, sde) = first_stage(w, &x, &denoised, [s, s_1], r, h, eta)?;
         let denoised_2 = w.denoise(&x_2, s_1)?;
         let decay = sn / s * (-h * eta).exp();
         let mut next = match phi {
@@ -98,7 +110,6 @@ pub(super) fn seeds_2(
 pub(super) fn seeds_3(walk: &mut Walk<'_>, x: Tensor, eta: f64) -> Result<Tensor> {
     const R_1: f64 = 1.0 / 3.0;
     const R_2: f64 = 2.0 / 3.0;
-    let noisy = eta > 0.0;
     walk.each_step(x, |w, _, x, s, sn| {
         let denoised = w.denoise(&x, s)?;
         if sn == 0.0 {
@@ -108,18 +119,7 @@ pub(super) fn seeds_3(walk: &mut Walk<'_>, x: Tensor, eta: f64) -> Result<Tensor
         let h_eta = h * (eta + 1.0);
         let sigma_at = |r: f64| (-(-s.ln() + r * h)).exp();
         let (s_1, s_2) = (sigma_at(R_1), sigma_at(R_2));
-        let mut x_2 = lin(
-            &x,
-            s_1 / s * (-R_1 * h * eta).exp(),
-            &denoised,
-            -phi_1(-R_1 * h_eta),
-        )?;
-        let mut sde = None;
-        if noisy {
-            let draw = (w.noise.draw(&x)? * segment_noise(R_1, h, eta))?;
-            x_2 = (x_2 + (&draw * s_1)?)?;
-            sde = Some(draw);
-        }
+        let (x_2, mut sde) = first_stage(w, &x, &denoised, [s, s_1], R_1, h, eta)?;
         let denoised_2 = w.denoise(&x_2, s_1)?;
         let a3_2 = R_2 / R_1 * phi_2(-R_2 * h_eta);
         let a3_1 = phi_1(-R_2 * h_eta) - a3_2;
