@@ -643,3 +643,59 @@ fn embeddings_stand_in_for_tokens_and_load_from_their_files() {
     assert_eq!(load_embedding(&pair, 8, "clip_l").unwrap().dims(), &[2, 8]);
     assert!(load_embedding(&pair, 5, "clip_l").is_err());
 }
+
+#[test]
+fn cfg_pp_samplers_read_the_negative_prompts_own_estimate() {
+    use sakuga_models::diffusion::{Denoiser, GuidedDenoiser};
+    let d = demo();
+    let positive = d.clip.condition("1girl, anime style").unwrap();
+    let negative = d.clip.condition("lowres").unwrap();
+    let x = Tensor::rand(-1f32, 1.0, (2, 4, 16, 16), &Device::Cpu).unwrap();
+    let max = |a: &Tensor, b: &Tensor| -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    };
+    for (cfg, max_batch) in [(1.0, None), (6.0, None), (6.0, Some(1))] {
+        let guided = GuidedDenoiser::new(
+            &d.unet,
+            std::slice::from_ref(&positive),
+            std::slice::from_ref(&negative),
+            cfg,
+            (16, 16),
+        )
+        .unwrap()
+        .with_max_batch(max_batch);
+        let (out, uncond) = guided.denoise_with_uncond(&x, 3.0).unwrap();
+        let plain = guided.denoise(&x, 3.0).unwrap();
+        // At cfg 1 the positive then runs batched with the negative, which only changes
+        // how the matmuls block.
+        let moved = max(&out, &plain);
+        assert!(
+            moved < 1e-4,
+            "cfg {cfg}: the guided estimate moved by {moved}"
+        );
+        // The negative prompt alone, unguided, is what CFG++ steps along.
+        let alone =
+            GuidedDenoiser::new(&d.unet, std::slice::from_ref(&negative), &[], 1.0, (16, 16))
+                .unwrap()
+                .denoise(&x, 3.0)
+                .unwrap();
+        assert!(max(&uncond, &alone) < 1e-4, "cfg {cfg}: uncond");
+        assert!(
+            max(&uncond, &out) > 1e-3,
+            "cfg {cfg}: the two estimates differ"
+        );
+    }
+    let params = SampleParams {
+        sampler: SamplerKind::from_name("euler_ancestral_cfg_pp").unwrap(),
+        ..params(7, 3)
+    };
+    let render = values(&txt2img(&d, &d.unet, &d.clip, &params, 64));
+    assert!(render.iter().all(|v| v.is_finite()));
+}

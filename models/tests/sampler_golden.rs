@@ -26,7 +26,9 @@ fn floats(v: &Value) -> Vec<f64> {
         .collect()
 }
 
-/// `0.9 tanh(x / sqrt(1 + s²)) + 0.1 x cos(s) / (1 + s²)`, elementwise, counting its calls.
+/// `0.9 tanh(x / sqrt(1 + s²)) + 0.1 x cos(s) / (1 + s²)`, elementwise, counting its calls;
+/// its "negative prompt" estimate (for CFG++) is `0.8 tanh(x / sqrt(1 + s²)) + 0.05 x /
+/// (1 + s²)`, as the golden script's post-CFG hook sees it.
 struct Toy {
     calls: Cell<usize>,
 }
@@ -37,6 +39,17 @@ impl Denoiser for Toy {
         let squashed = (x / (1.0 + sigma * sigma).sqrt())?.tanh()?;
         let linear = (x * (0.1 * sigma.cos() / (1.0 + sigma * sigma)))?;
         Ok(((squashed * 0.9)? + linear)?)
+    }
+
+    fn denoise_with_uncond(
+        &self,
+        x: &Tensor,
+        sigma: f64,
+    ) -> sakuga_models::Result<(Tensor, Tensor)> {
+        let denoised = self.denoise(x, sigma)?;
+        let squashed = (x / (1.0 + sigma * sigma).sqrt())?.tanh()?;
+        let uncond = ((squashed * 0.8)? + (x * (0.05 / (1.0 + sigma * sigma)))?)?;
+        Ok((denoised, uncond))
     }
 }
 
@@ -120,7 +133,7 @@ fn samplers_match_comfyuis_on_fixed_sigmas_and_noise() {
         checked += 1;
     }
     assert_eq!(unsupported, ["deis", "deis"], "samplers not checked");
-    assert!(checked >= 52, "{checked} cases checked");
+    assert!(checked >= 58, "{checked} cases checked");
 }
 
 #[test]

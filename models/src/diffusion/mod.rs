@@ -271,6 +271,16 @@ impl Denoiser for Inpainting<'_> {
         let out = self.inner.denoise(&x, sigma)?;
         Ok((out.broadcast_mul(&self.mask)? + self.latent.broadcast_mul(&self.keep)?)?)
     }
+
+    /// The negative prompt's estimate is taken inside the guider, before the blend, as
+    /// ComfyUI's post-CFG hook sees it.
+    fn denoise_with_uncond(&self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor)> {
+        let held = (&self.latent + (&self.noise * sigma)?)?;
+        let x = (x.broadcast_mul(&self.mask)? + held.broadcast_mul(&self.keep)?)?;
+        let (out, uncond) = self.inner.denoise_with_uncond(&x, sigma)?;
+        let out = (out.broadcast_mul(&self.mask)? + self.latent.broadcast_mul(&self.keep)?)?;
+        Ok((out, uncond))
+    }
 }
 
 /// Passes through to a denoiser and keeps its first estimate at `sigma`, the last step's.
@@ -297,15 +307,27 @@ impl<'a> LastEstimate<'a> {
     }
 }
 
-impl Denoiser for LastEstimate<'_> {
-    fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
-        let out = self.inner.denoise(x, sigma)?;
+impl LastEstimate<'_> {
+    fn keep(&self, out: &Tensor, sigma: f64) {
         if sigma == self.sigma
             && let Ok(mut estimate) = self.estimate.lock()
             && estimate.is_none()
         {
             *estimate = Some(out.clone());
         }
+    }
+}
+
+impl Denoiser for LastEstimate<'_> {
+    fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+        let out = self.inner.denoise(x, sigma)?;
+        self.keep(&out, sigma);
         Ok(out)
+    }
+
+    fn denoise_with_uncond(&self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor)> {
+        let (out, uncond) = self.inner.denoise_with_uncond(x, sigma)?;
+        self.keep(&out, sigma);
+        Ok((out, uncond))
     }
 }

@@ -1256,7 +1256,14 @@ impl<'a> GuidedDenoiser<'a> {
         self
     }
 
-    fn denoise_all(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
+    /// The guided estimate and, with `want_uncond` (or where guidance needs it anyway),
+    /// the negative prompt's own.
+    fn denoise_all(
+        &self,
+        x: &Tensor,
+        sigma: f64,
+        want_uncond: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let batch = x.dim(0)?;
         let sampling = self.unet.sampling();
         let t = sampling.timestep(sigma);
@@ -1268,49 +1275,63 @@ impl<'a> GuidedDenoiser<'a> {
         };
         let x_in = (x * c_in)?;
         let guided = (self.cfg - 1.0).abs() >= f64::EPSILON;
-        let output = match &self.pair {
-            Some(pair) => self.pair_output(pair, &x_in, t, batch, guided)?,
+        let both = guided || want_uncond;
+        let (cond, uncond) = match &self.pair {
+            Some(pair) => self.pair_output(pair, &x_in, t, batch, both)?,
             None => {
                 let cond = self.averaged(&self.positive, &x_in, sigma, batch)?;
-                if guided {
-                    let uncond = self.averaged(&self.negative, &x_in, sigma, batch)?;
-                    (&uncond + ((cond - &uncond)? * self.cfg)?)?
+                let uncond = if both && !self.negative.is_empty() {
+                    Some(self.averaged(&self.negative, &x_in, sigma, batch)?)
                 } else {
-                    cond
-                }
+                    None
+                };
+                (cond, uncond)
             }
         };
-        let output = output.to_device(x.device())?;
-        Ok(match prediction {
-            Prediction::Epsilon => (x - (output * sigma)?)?,
-            Prediction::X0 | Prediction::ImgToImg => output,
-            Prediction::V => {
-                let c_skip = 1.0 / (sigma * sigma + 1.0);
-                let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
-                ((x * c_skip)? + (output * c_out)?)?
-            }
-        })
+        let output = match &uncond {
+            Some(uncond) if guided => (uncond + ((cond - uncond)? * self.cfg)?)?,
+            _ => cond,
+        };
+        let denoised = |output: Tensor| -> Result<Tensor> {
+            let output = output.to_device(x.device())?;
+            Ok(match prediction {
+                Prediction::Epsilon => (x - (output * sigma)?)?,
+                Prediction::X0 | Prediction::ImgToImg => output,
+                Prediction::V => {
+                    let c_skip = 1.0 / (sigma * sigma + 1.0);
+                    let c_out = -sigma / (sigma * sigma + 1.0).sqrt();
+                    ((x * c_skip)? + (output * c_out)?)?
+                }
+            })
+        };
+        let uncond = match uncond {
+            Some(u) if want_uncond => Some(denoised(u)?),
+            _ => None,
+        };
+        Ok((denoised(output)?, uncond))
     }
 
-    /// One plain prompt each side, run as one batch.
+    /// One plain prompt each side, run as one batch (the positive alone without `both`):
+    /// the positive's output and the negative's.
     fn pair_output(
         &self,
         (positive, negative, y): &PromptPair,
         x_in: &Tensor,
         t: f64,
         batch: usize,
-        guided: bool,
-    ) -> Result<Tensor> {
+        both: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (positive_inpaint, negative_inpaint) = &self.pair_inpaint;
-        if !guided {
+        if !both {
             let y = match y {
                 Some((positive, _)) => Some(batched(positive, batch)?),
                 None => None,
             };
             let x_in = self.with_concat(x_in, positive_inpaint.as_ref())?;
-            return self
+            let cond = self
                 .unet
-                .forward(&x_in, t, &batched(positive, batch)?, y.as_ref());
+                .forward(&x_in, t, &batched(positive, batch)?, y.as_ref())?;
+            return Ok((cond, None));
         }
         let both = Tensor::cat(
             &[
@@ -1330,7 +1351,7 @@ impl<'a> GuidedDenoiser<'a> {
         let out = self.unet.forward(&both, t, &context, y.as_ref())?;
         let uncond = out.narrow(0, 0, batch)?;
         let cond = out.narrow(0, batch, batch)?;
-        Ok((&uncond + ((cond - &uncond)? * self.cfg)?)?)
+        Ok((cond, Some(uncond)))
     }
 
     /// Each prompt on its area, weighted by its mask or an 8-cell fade at area edges inside
@@ -1521,19 +1542,47 @@ fn batched(cond: &Tensor, batch: usize) -> Result<Tensor> {
     }
 }
 
+impl GuidedDenoiser<'_> {
+    /// [`Self::denoise_all`] over chunks of at most `max_batch` latents.
+    fn chunked(
+        &self,
+        x: &Tensor,
+        sigma: f64,
+        want_uncond: bool,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let batch = x.dim(0)?;
+        let max = match self.max_batch {
+            Some(max) if batch > max => max,
+            _ => return self.denoise_all(x, sigma, want_uncond),
+        };
+        let mut outs = Vec::with_capacity(batch.div_ceil(max));
+        let mut unconds = Vec::new();
+        for start in (0..batch).step_by(max) {
+            let len = max.min(batch - start);
+            let (out, uncond) = self.denoise_all(&x.narrow(0, start, len)?, sigma, want_uncond)?;
+            outs.push(out);
+            unconds.extend(uncond);
+        }
+        let uncond = if unconds.len() == outs.len() {
+            Some(Tensor::cat(&unconds, 0)?)
+        } else {
+            None
+        };
+        Ok((Tensor::cat(&outs, 0)?, uncond))
+    }
+}
+
 impl Denoiser for GuidedDenoiser<'_> {
     fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor> {
-        let batch = x.dim(0)?;
-        match self.max_batch {
-            Some(max) if batch > max => {
-                let mut chunks = Vec::with_capacity(batch.div_ceil(max));
-                for start in (0..batch).step_by(max) {
-                    let len = max.min(batch - start);
-                    chunks.push(self.denoise_all(&x.narrow(0, start, len)?, sigma)?);
-                }
-                Ok(Tensor::cat(&chunks, 0)?)
-            }
-            _ => self.denoise_all(x, sigma),
-        }
+        Ok(self.chunked(x, sigma, false)?.0)
+    }
+
+    fn denoise_with_uncond(&self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor)> {
+        let (out, uncond) = self.chunked(x, sigma, true)?;
+        let uncond = match uncond {
+            Some(uncond) => uncond,
+            None => out.clone(),
+        };
+        Ok((out, uncond))
     }
 }

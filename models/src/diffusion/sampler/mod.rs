@@ -13,6 +13,7 @@
 //! their noise sampler; [`SeededNoise`] makes draw `n` from stream `n` of the seed, so a
 //! seed reproduces a run exactly.
 
+mod cfg_pp;
 mod multistep;
 mod seeds;
 mod unipc;
@@ -30,6 +31,17 @@ pub trait Denoiser {
     /// # Errors
     /// When the network fails.
     fn denoise(&self, x: &Tensor, sigma: f64) -> Result<Tensor>;
+
+    /// The guided estimate and the negative prompt's own (ComfyUI's `uncond_denoised`,
+    /// which the CFG++ samplers step along), the latter computed even at guidance 1. A
+    /// denoiser without a negative prompt gives its estimate for both.
+    ///
+    /// # Errors
+    /// When the network fails.
+    fn denoise_with_uncond(&self, x: &Tensor, sigma: f64) -> Result<(Tensor, Tensor)> {
+        let denoised = self.denoise(x, sigma)?;
+        Ok((denoised.clone(), denoised))
+    }
 }
 
 /// Progress and cancellation hooks the executor plugs into a sampling loop.
@@ -117,13 +129,18 @@ pub enum SamplerKind {
     ExpHeun2X0Sde,
     Seeds2,
     Seeds3,
+    EulerCfgPp,
+    EulerAncestralCfgPp,
+    DpmPp2mCfgPp,
 }
 
 /// Every name in ComfyUI's combo order. The `_gpu` variants differ in ComfyUI only in
 /// where their Brownian-tree noise is drawn, which sakuga's seeded noise makes moot.
 const NAMES: &[(&str, SamplerKind)] = &[
     ("euler", SamplerKind::Euler),
+    ("euler_cfg_pp", SamplerKind::EulerCfgPp),
     ("euler_ancestral", SamplerKind::EulerAncestral),
+    ("euler_ancestral_cfg_pp", SamplerKind::EulerAncestralCfgPp),
     ("heun", SamplerKind::Heun),
     ("heunpp2", SamplerKind::Heunpp2),
     ("exp_heun_2_x0", SamplerKind::ExpHeun2X0),
@@ -135,6 +152,7 @@ const NAMES: &[(&str, SamplerKind)] = &[
     ("dpmpp_sde", SamplerKind::DpmppSde),
     ("dpmpp_sde_gpu", SamplerKind::DpmppSde),
     ("dpmpp_2m", SamplerKind::DpmPp2m),
+    ("dpmpp_2m_cfg_pp", SamplerKind::DpmPp2mCfgPp),
     ("dpmpp_2m_sde", SamplerKind::Dpmpp2mSde),
     ("dpmpp_2m_sde_gpu", SamplerKind::Dpmpp2mSde),
     ("dpmpp_2m_sde_heun", SamplerKind::Dpmpp2mSdeHeun),
@@ -373,6 +391,9 @@ pub fn sample_with_noise(
         SamplerKind::ExpHeun2X0Sde => seeds::seeds_2(&mut walk, x, 1.0, 1.0, seeds::Phi::Two),
         SamplerKind::Seeds2 => seeds::seeds_2(&mut walk, x, 1.0, 0.5, seeds::Phi::One),
         SamplerKind::Seeds3 => seeds::seeds_3(&mut walk, x, 1.0),
+        SamplerKind::EulerCfgPp => cfg_pp::euler(&mut walk, x, 0.0),
+        SamplerKind::EulerAncestralCfgPp => cfg_pp::euler(&mut walk, x, 1.0),
+        SamplerKind::DpmPp2mCfgPp => cfg_pp::dpmpp_2m(&mut walk, x),
     }
 }
 
