@@ -51,3 +51,27 @@ pub(super) fn dpmpp_2m(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
         Ok(next)
     })
 }
+
+/// DPM-Solver++(2S) ancestral, its input shifted by the guidance (`denoised - uncond`) and
+/// its midpoint fixed at half the step, as ComfyUI's `dpmpp_2s_ancestral_cfg_pp`.
+pub(super) fn dpmpp_2s_ancestral(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
+    walk.each_step(x, |w, _, x, s, sn| {
+        let (denoised, uncond) = w.denoiser.denoise_with_uncond(&x, s)?;
+        let (down, up) = ancestral_split(s, sn);
+        let x = if down == 0.0 {
+            denoised
+        } else {
+            let (t, t_next) = (-s.ln(), -down.ln());
+            let h = t_next - t;
+            let mid = (-(t + 0.5 * h)).exp();
+            let shifted = ((&x + &denoised)? - &uncond)?;
+            let x_2 = lin(&shifted, mid / s, &denoised, -(-0.5 * h).exp_m1())?;
+            // ComfyUI's hook has by now replaced the negative's estimate with the midpoint's,
+            // and its second shift reads that one.
+            let (denoised_2, uncond_2) = w.denoiser.denoise_with_uncond(&x_2, mid)?;
+            let shifted = ((&x + &denoised)? - &uncond_2)?;
+            lin(&shifted, down / s, &denoised_2, -(-h).exp_m1())?
+        };
+        w.renoise(x, sn, up)
+    })
+}

@@ -132,6 +132,8 @@ pub enum SamplerKind {
     EulerCfgPp,
     EulerAncestralCfgPp,
     DpmPp2mCfgPp,
+    Dpmpp2sAncestralCfgPp,
+    GradientEstimationCfgPp,
 }
 
 /// Every name in ComfyUI's combo order. The `_gpu` variants differ in ComfyUI only in
@@ -149,6 +151,10 @@ const NAMES: &[(&str, SamplerKind)] = &[
     ("dpm_2_ancestral", SamplerKind::Dpm2Ancestral),
     ("lms", SamplerKind::Lms),
     ("dpmpp_2s_ancestral", SamplerKind::Dpmpp2sAncestral),
+    (
+        "dpmpp_2s_ancestral_cfg_pp",
+        SamplerKind::Dpmpp2sAncestralCfgPp,
+    ),
     ("dpmpp_sde", SamplerKind::DpmppSde),
     ("dpmpp_sde_gpu", SamplerKind::DpmppSde),
     ("dpmpp_2m", SamplerKind::DpmPp2m),
@@ -168,6 +174,10 @@ const NAMES: &[(&str, SamplerKind)] = &[
         SamplerKind::ResMultistepAncestral,
     ),
     ("gradient_estimation", SamplerKind::GradientEstimation),
+    (
+        "gradient_estimation_cfg_pp",
+        SamplerKind::GradientEstimationCfgPp,
+    ),
     ("er_sde", SamplerKind::ErSde),
     ("seeds_2", SamplerKind::Seeds2),
     ("seeds_3", SamplerKind::Seeds3),
@@ -217,7 +227,8 @@ impl SamplerKind {
             | SamplerKind::DpmppSde
             | SamplerKind::ExpHeun2X0
             | SamplerKind::ExpHeun2X0Sde
-            | SamplerKind::Seeds2 => 2,
+            | SamplerKind::Seeds2
+            | SamplerKind::Dpmpp2sAncestralCfgPp => 2,
             SamplerKind::Heunpp2 | SamplerKind::Seeds3 => 3,
             _ => 1,
         }
@@ -382,7 +393,8 @@ pub fn sample_with_noise(
         SamplerKind::Dpmpp3mSde => multistep::dpmpp_3m_sde(&mut walk, x),
         SamplerKind::ResMultistep => multistep::res_multistep(&mut walk, x, false),
         SamplerKind::ResMultistepAncestral => multistep::res_multistep(&mut walk, x, true),
-        SamplerKind::GradientEstimation => multistep::gradient_estimation(&mut walk, x),
+        SamplerKind::GradientEstimation => multistep::gradient_estimation(&mut walk, x, false),
+        SamplerKind::GradientEstimationCfgPp => multistep::gradient_estimation(&mut walk, x, true),
         SamplerKind::ErSde => multistep::er_sde(&mut walk, x),
         SamplerKind::UniPc => unipc::sample(&mut walk, x, unipc::Variant::Bh1),
         SamplerKind::UniPcBh2 => unipc::sample(&mut walk, x, unipc::Variant::Bh2),
@@ -394,6 +406,7 @@ pub fn sample_with_noise(
         SamplerKind::EulerCfgPp => cfg_pp::euler(&mut walk, x, 0.0),
         SamplerKind::EulerAncestralCfgPp => cfg_pp::euler(&mut walk, x, 1.0),
         SamplerKind::DpmPp2mCfgPp => cfg_pp::dpmpp_2m(&mut walk, x),
+        SamplerKind::Dpmpp2sAncestralCfgPp => cfg_pp::dpmpp_2s_ancestral(&mut walk, x),
     }
 }
 

@@ -217,17 +217,27 @@ pub(super) fn res_multistep(walk: &mut Walk<'_>, x: Tensor, ancestral: bool) -> 
 
 /// Gradient estimation (ge_gamma 2): Euler, corrected by the change of slope since the
 /// last step, `(gamma - 1) (d - d_prev) dt`.
-pub(super) fn gradient_estimation(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
+pub(super) fn gradient_estimation(walk: &mut Walk<'_>, x: Tensor, cfg_pp: bool) -> Result<Tensor> {
     const GAMMA: f64 = 2.0;
     let mut previous: Option<Tensor> = None;
     walk.each_step(x, |w, i, x, s, sn| {
-        let denoised = w.denoise(&x, s)?;
-        let d = ((&x - &denoised)? / s)?;
+        // CFG++ takes the slope from the negative prompt's own estimate.
+        let (denoised, slope_from) = if cfg_pp {
+            w.denoiser.denoise_with_uncond(&x, s)?
+        } else {
+            let denoised = w.denoise(&x, s)?;
+            (denoised.clone(), denoised)
+        };
+        let d = ((&x - &slope_from)? / s)?;
         let dt = sn - s;
         let next = if sn == 0.0 {
             denoised
         } else {
-            let x = (&x + (&d * dt)?)?;
+            let x = if cfg_pp {
+                (&denoised + (&d * sn)?)?
+            } else {
+                (&x + (&d * dt)?)?
+            };
             match (&previous, i >= 1) {
                 (Some(old), true) => (&x + ((&d - old)? * ((GAMMA - 1.0) * dt))?)?,
                 _ => x,
