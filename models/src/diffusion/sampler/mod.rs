@@ -134,6 +134,8 @@ pub enum SamplerKind {
     DpmPp2mCfgPp,
     Dpmpp2sAncestralCfgPp,
     GradientEstimationCfgPp,
+    ResMultistepCfgPp,
+    ResMultistepAncestralCfgPp,
 }
 
 /// Every name in ComfyUI's combo order. The `_gpu` variants differ in ComfyUI only in
@@ -169,9 +171,14 @@ const NAMES: &[(&str, SamplerKind)] = &[
     ("lcm", SamplerKind::Lcm),
     ("ipndm", SamplerKind::Ipndm),
     ("res_multistep", SamplerKind::ResMultistep),
+    ("res_multistep_cfg_pp", SamplerKind::ResMultistepCfgPp),
     (
         "res_multistep_ancestral",
         SamplerKind::ResMultistepAncestral,
+    ),
+    (
+        "res_multistep_ancestral_cfg_pp",
+        SamplerKind::ResMultistepAncestralCfgPp,
     ),
     ("gradient_estimation", SamplerKind::GradientEstimation),
     (
@@ -391,8 +398,12 @@ pub fn sample_with_noise(
         SamplerKind::Dpmpp2mSde => multistep::dpmpp_2m_sde(&mut walk, x, false),
         SamplerKind::Dpmpp2mSdeHeun => multistep::dpmpp_2m_sde(&mut walk, x, true),
         SamplerKind::Dpmpp3mSde => multistep::dpmpp_3m_sde(&mut walk, x),
-        SamplerKind::ResMultistep => multistep::res_multistep(&mut walk, x, false),
-        SamplerKind::ResMultistepAncestral => multistep::res_multistep(&mut walk, x, true),
+        SamplerKind::ResMultistep => multistep::res_multistep(&mut walk, x, false, false),
+        SamplerKind::ResMultistepAncestral => multistep::res_multistep(&mut walk, x, true, false),
+        SamplerKind::ResMultistepCfgPp => multistep::res_multistep(&mut walk, x, false, true),
+        SamplerKind::ResMultistepAncestralCfgPp => {
+            multistep::res_multistep(&mut walk, x, true, true)
+        }
         SamplerKind::GradientEstimation => multistep::gradient_estimation(&mut walk, x, false),
         SamplerKind::GradientEstimationCfgPp => multistep::gradient_estimation(&mut walk, x, true),
         SamplerKind::ErSde => multistep::er_sde(&mut walk, x),

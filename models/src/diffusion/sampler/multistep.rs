@@ -181,16 +181,34 @@ pub(super) fn dpmpp_3m_sde(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
 }
 
 /// RES multistep (second order, arXiv 2308.02157), deterministic or ancestral (eta = 1).
-pub(super) fn res_multistep(walk: &mut Walk<'_>, x: Tensor, ancestral: bool) -> Result<Tensor> {
+pub(super) fn res_multistep(
+    walk: &mut Walk<'_>,
+    x: Tensor,
+    ancestral: bool,
+    cfg_pp: bool,
+) -> Result<Tensor> {
     let sigmas = walk.sigmas;
-    // The previous estimate and the sigma its step went down to.
+    // The previous estimate (the negative prompt's, with CFG++) and the sigma its step went
+    // down to.
     let mut previous: Option<(Tensor, f64)> = None;
     walk.each_step(x, |w, i, x, s, sn| {
-        let denoised = w.denoise(&x, s)?;
+        let (denoised, along) = if cfg_pp {
+            w.denoiser.denoise_with_uncond(&x, s)?
+        } else {
+            let denoised = w.denoise(&x, s)?;
+            (denoised.clone(), denoised)
+        };
         let (down, up) = if ancestral {
             ancestral_split(s, sn)
         } else {
             (sn, 0.0)
+        };
+        // CFG++ moves the latent by the guidance first and steps along the negative's
+        // estimate.
+        let shifted = if cfg_pp {
+            ((&x + &denoised)? - &along)?
+        } else {
+            x.clone()
         };
         let next = match &previous {
             Some((old, old_down)) if down != 0.0 => {
@@ -200,9 +218,10 @@ pub(super) fn res_multistep(walk: &mut Walk<'_>, x: Tensor, ancestral: bool) -> 
                 let phi2 = (phi1 - 1.0) / -h;
                 let finite = |v: f64| if v.is_nan() { 0.0 } else { v };
                 let (b1, b2) = (finite(phi1 - phi2 / c2), finite(phi2 / c2));
-                let estimate = lin(&denoised, h * b1, old, h * b2)?;
-                ((&x * (-h).exp())? + estimate)?
+                let estimate = lin(&along, h * b1, old, h * b2)?;
+                ((&shifted * (-h).exp())? + estimate)?
             }
+            _ if cfg_pp => (&denoised + (((&x - &along)? / s)? * down)?)?,
             _ => toward(&x, &denoised, s, down)?,
         };
         let next = if ancestral {
@@ -210,7 +229,7 @@ pub(super) fn res_multistep(walk: &mut Walk<'_>, x: Tensor, ancestral: bool) -> 
         } else {
             next
         };
-        previous = Some((denoised, down));
+        previous = Some((along, down));
         Ok(next)
     })
 }
