@@ -136,7 +136,7 @@ fn samplers_match_comfyuis_on_fixed_sigmas_and_noise() {
         checked += 1;
     }
     assert_eq!(unsupported, ["deis", "deis"], "samplers not checked");
-    assert!(checked >= 66, "{checked} cases checked");
+    assert!(checked >= 68, "{checked} cases checked");
 }
 
 #[test]

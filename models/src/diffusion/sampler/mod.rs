@@ -136,6 +136,7 @@ pub enum SamplerKind {
     GradientEstimationCfgPp,
     ResMultistepCfgPp,
     ResMultistepAncestralCfgPp,
+    IpndmV,
 }
 
 /// Every name in ComfyUI's combo order. The `_gpu` variants differ in ComfyUI only in
@@ -170,6 +171,7 @@ const NAMES: &[(&str, SamplerKind)] = &[
     ("ddpm", SamplerKind::Ddpm),
     ("lcm", SamplerKind::Lcm),
     ("ipndm", SamplerKind::Ipndm),
+    ("ipndm_v", SamplerKind::IpndmV),
     ("res_multistep", SamplerKind::ResMultistep),
     ("res_multistep_cfg_pp", SamplerKind::ResMultistepCfgPp),
     (
@@ -394,6 +396,7 @@ pub fn sample_with_noise(
         SamplerKind::Ddpm => walk.each_step(x, ddpm_step),
         SamplerKind::Lms => multistep::lms(&mut walk, x),
         SamplerKind::Ipndm => multistep::ipndm(&mut walk, x),
+        SamplerKind::IpndmV => multistep::ipndm_v(&mut walk, x),
         SamplerKind::DpmPp2m => multistep::dpmpp_2m(&mut walk, x),
         SamplerKind::Dpmpp2mSde => multistep::dpmpp_2m_sde(&mut walk, x, false),
         SamplerKind::Dpmpp2mSdeHeun => multistep::dpmpp_2m_sde(&mut walk, x, true),

@@ -84,6 +84,69 @@ pub(super) fn ipndm(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
     })
 }
 
+/// iPNDM with variable step sizes (ComfyUI's `ipndm_v`): the Adams-Bashforth weights of
+/// [`ipndm`] recomputed from the actual sigma gaps, up to fourth order.
+pub(super) fn ipndm_v(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
+    const MAX_ORDER: usize = 4;
+    let t = walk.sigmas.to_vec();
+    let mut history: VecDeque<Tensor> = VecDeque::with_capacity(MAX_ORDER);
+    walk.each_step(x, |w, i, x, s, sn| {
+        let denoised = w.denoise(&x, s)?;
+        let d = ((&x - &denoised)? / s)?;
+        let back = |k: usize| &history[history.len() - k];
+        let next = if sn == 0.0 {
+            denoised
+        } else {
+            let coefficients = variable_ab_weights(&t, i, (i + 1).min(MAX_ORDER));
+            let mut slope = (&d * coefficients[0])?;
+            for (k, c) in coefficients.iter().enumerate().skip(1) {
+                slope = (slope + (back(k) * *c)?)?;
+            }
+            (&x + (slope * (sn - s))?)?
+        };
+        if history.len() == MAX_ORDER - 1 {
+            history.pop_front();
+        }
+        history.push_back(d);
+        Ok(next)
+    })
+}
+
+/// Weights of this step's slope and the `order - 1` before it, newest first, for the gaps
+/// between sigmas `t` around step `i` (ComfyUI's `sample_ipndm_v`).
+fn variable_ab_weights(t: &[f64], i: usize, order: usize) -> Vec<f64> {
+    if order == 1 {
+        return vec![1.0];
+    }
+    let h = t[i + 1] - t[i];
+    let h1 = t[i] - t[i - 1];
+    let base = [(2.0 + h / h1) / 2.0, -(h / h1) / 2.0];
+    if order == 2 {
+        return base.to_vec();
+    }
+    let h2 = t[i - 1] - t[i - 2];
+    let temp1 = (1.0 - h / (3.0 * (h + h1)) * (h * (h + h1)) / (h1 * (h1 + h2))) / 2.0;
+    if order == 3 {
+        return vec![
+            base[0] + temp1,
+            base[1] - (1.0 + h1 / h2) * temp1,
+            temp1 * h1 / h2,
+        ];
+    }
+    let h3 = t[i - 2] - t[i - 3];
+    let temp2 = ((1.0 - h / (3.0 * (h + h1))) / 2.0
+        + (1.0 - h / (2.0 * (h + h1))) * h / (6.0 * (h + h1 + h2)))
+        * (h * (h + h1) * (h + h1 + h2))
+        / (h1 * (h1 + h2) * (h1 + h2 + h3));
+    let ratio = h1 * (h1 + h2) / (h2 * (h2 + h3));
+    vec![
+        base[0] + temp1 + temp2,
+        base[1] - (1.0 + h1 / h2) * temp1 - (1.0 + h1 / h2 + ratio) * temp2,
+        temp1 * h1 / h2 + (h1 / h2 + ratio * (1.0 + h2 / h3)) * temp2,
+        -temp2 * ratio * h1 / h2,
+    ]
+}
+
 /// DPM-Solver++(2M): the exponential-integrator step with a second-order blend of this and
 /// the previous estimate.
 pub(super) fn dpmpp_2m(walk: &mut Walk<'_>, x: Tensor) -> Result<Tensor> {
