@@ -158,6 +158,12 @@ fn skip_channels(config: &UnetConfig) -> Vec<usize> {
     channels
 }
 
+/// What a file given to the ControlNet loader holds.
+enum ControlFile {
+    Net(ControlLayout),
+    T2iAdapter,
+}
+
 /// How a ControlNet file names its tensors.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum ControlLayout {
@@ -203,31 +209,12 @@ impl ControlNetModel {
     pub fn load(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
         let file = WeightFile::open(path)?;
         let shapes = shapes_of(&file);
-        let layout = match detect_layout(path, &shapes) {
-            Err(ModelError::Unsupported { .. })
-                if is_adapter(shapes.keys().map(String::as_str)) =>
-            {
+        let layout = match detect_layout(path, &shapes)? {
+            ControlFile::Net(layout) => layout,
+            ControlFile::T2iAdapter => {
                 drop(file);
-                let adapter = T2iAdapter::load(path, device, dtype).map_err(|e| match e {
-                    ModelError::MissingTensor { path, tensor } => ModelError::Unsupported {
-                        path,
-                        reason: format!(
-                            "a T2I adapter in a layout sakuga does not know (no {tensor})"
-                        ),
-                    },
-                    other => other,
-                })?;
-                return Ok(Self {
-                    kind: ControlKind::Adapter {
-                        adapter,
-                        cache: Mutex::new(Vec::new()),
-                    },
-                    path: path.to_path_buf(),
-                    device: device.clone(),
-                    dtype,
-                });
+                return Self::load_adapter(path, device, dtype);
             }
-            other => other?,
         };
         let dim = dim_of(path, &shapes);
         let (inferred, hint_name) = match &layout {
@@ -273,6 +260,25 @@ impl ControlNetModel {
             kind: ControlKind::Net {
                 net: Box::new(net),
                 config,
+            },
+            path: path.to_path_buf(),
+            device: device.clone(),
+            dtype,
+        })
+    }
+
+    fn load_adapter(path: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let adapter = T2iAdapter::load(path, device, dtype).map_err(|e| match e {
+            ModelError::MissingTensor { path, tensor } => ModelError::Unsupported {
+                path,
+                reason: format!("a T2I adapter in a layout sakuga does not know (no {tensor})"),
+            },
+            other => other,
+        })?;
+        Ok(Self {
+            kind: ControlKind::Adapter {
+                adapter,
+                cache: Mutex::new(Vec::new()),
             },
             path: path.to_path_buf(),
             device: device.clone(),
@@ -403,7 +409,7 @@ impl ControlNetModel {
     }
 }
 
-fn detect_layout(path: &Path, shapes: &Shapes) -> Result<ControlLayout> {
+fn detect_layout(path: &Path, shapes: &Shapes) -> Result<ControlFile> {
     let has = |name: &str| shapes.contains_key(name);
     let unsupported = |reason: &str| ModelError::Unsupported {
         path: path.to_path_buf(),
@@ -429,12 +435,15 @@ fn detect_layout(path: &Path, shapes: &Shapes) -> Result<ControlLayout> {
         ));
     }
     if has("controlnet_cond_embedding.conv_in.weight") {
-        return Ok(ControlLayout::Diffusers);
+        return Ok(ControlFile::Net(ControlLayout::Diffusers));
     }
     for prefix in ["control_model.", ""] {
         if has(&format!("{prefix}zero_convs.0.0.weight")) {
-            return Ok(ControlLayout::Ldm(prefix.to_string()));
+            return Ok(ControlFile::Net(ControlLayout::Ldm(prefix.to_string())));
         }
+    }
+    if is_adapter(shapes.keys().map(String::as_str)) {
+        return Ok(ControlFile::T2iAdapter);
     }
     if shapes
         .keys()
