@@ -502,11 +502,17 @@ impl NodeSchema {
             .find_input(combo)
             .and_then(|c| c.dynamic.iter().find(|(key, _)| *key == choice))
             .map_or(&[][..], |(_, members)| *members);
-        members.iter().filter_map(move |member| {
-            self.inputs
-                .iter()
-                .find(|i| i.parent.is_some() && i.member_name() == *member)
-        })
+        let combo = combo.to_string();
+        members
+            .iter()
+            .filter_map(move |member| self.member(&combo, member))
+    }
+
+    /// The input `member` of dynamic combo `combo` (`width` of `resize_type`).
+    fn member(&self, combo: &str, member: &str) -> Option<&InputSpec> {
+        self.inputs
+            .iter()
+            .find(|i| i.parent == Some(combo) && i.member_name() == member)
     }
 
     /// The `/object_info` entry for this class; `list` resolves file-backed combos.
@@ -516,7 +522,7 @@ impl NodeSchema {
         for input in self.inputs.iter().filter(|i| i.parent.is_none()) {
             let entry = match input.dynamic {
                 [] => input_info(input, list),
-                options => self.dynamic_info(options, list),
+                options => self.dynamic_info(input.name, options, list),
             };
             if input.required {
                 required.insert(input.name.to_string(), entry);
@@ -548,6 +554,7 @@ impl NodeSchema {
     /// `["COMFY_DYNAMICCOMBO_V3", {"options": [{"key", "inputs": {"required": ...}}]}]`.
     fn dynamic_info(
         &self,
+        combo: &str,
         options: &[DynamicOption],
         list: &dyn Fn(&ComboOptions) -> Vec<String>,
     ) -> Json {
@@ -556,11 +563,7 @@ impl NodeSchema {
             .map(|(key, members)| {
                 let mut inputs = Map::new();
                 for member in *members {
-                    if let Some(spec) = self
-                        .inputs
-                        .iter()
-                        .find(|i| i.parent.is_some() && i.member_name() == *member)
-                    {
+                    if let Some(spec) = self.member(combo, member) {
                         inputs.insert(member.to_string(), input_info(spec, list));
                     }
                 }
